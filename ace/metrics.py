@@ -37,7 +37,9 @@ def mrr_at_k(rankings, targets, k: int = 10) -> float:
     if len(targets) == 0:
         raise ValueError("mrr_at_k needs at least one query")
     ranks = _hit_ranks(rankings, targets)
-    rr = np.where((ranks >= 0) & (ranks < k), 1.0 / (ranks + 1.0), 0.0)
+    hit = (ranks >= 0) & (ranks < k)
+    rr = np.zeros(len(ranks))
+    rr[hit] = 1.0 / (ranks[hit] + 1.0)
     return float(np.mean(rr))
 
 
