@@ -1,0 +1,90 @@
+"""ACE training loss: token cross-entropy + omega x R-Drop KL between two dropout passes.
+
+R-Drop (Liang et al., 2021): run the same batch through the model twice with independent
+dropout masks and pull the two token distributions together with a symmetric KL. The two passes
+are one forward over the batch stacked twice (dropout masks differ per row), as in the reference
+implementation; ``omega = 0`` turns R-Drop off and runs a single plain pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class AceLossOutput:
+    """Total loss (to backprop) and its detached parts for logging."""
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    kl: torch.Tensor
+
+
+def _check_logits(logits: torch.Tensor, name: str) -> None:
+    if logits.dim() != 3:
+        raise ValueError(f"{name} must be (B, T, V), got shape {tuple(logits.shape)}")
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over label positions that are not IGNORE_INDEX."""
+    _check_logits(logits, "logits")
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits (B, T) = {tuple(logits.shape[:2])}")
+    if not (labels != IGNORE_INDEX).any():
+        raise ValueError("token_cross_entropy: every label is IGNORE_INDEX, nothing to learn from")
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def rdrop_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """0.5 * (KL(p_a || p_b) + KL(p_b || p_a)) per token, averaged over tokens where mask is true."""
+    _check_logits(logits_a, "logits_a")
+    if logits_a.shape != logits_b.shape:
+        raise ValueError(f"rdrop_kl: logits shapes differ: {tuple(logits_a.shape)} vs {tuple(logits_b.shape)}")
+    if mask is None:
+        mask = torch.ones(logits_a.shape[:2], dtype=torch.bool, device=logits_a.device)
+    if mask.shape != logits_a.shape[:2]:
+        raise ValueError(f"rdrop_kl: mask shape {tuple(mask.shape)} does not match (B, T) = {tuple(logits_a.shape[:2])}")
+    mask = mask.bool()
+    if not mask.any():
+        raise ValueError("rdrop_kl: mask selects no token")
+    logp_a = F.log_softmax(logits_a.float(), dim=-1)  # (B, T, V)
+    logp_b = F.log_softmax(logits_b.float(), dim=-1)
+    kl_ab = (logp_a.exp() * (logp_a - logp_b)).sum(-1)  # (B, T)
+    kl_ba = (logp_b.exp() * (logp_b - logp_a)).sum(-1)
+    kl = 0.5 * (kl_ab + kl_ba)
+    return kl[mask].mean()
+
+
+def _batch_tensors(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    missing = [k for k in ("input_ids", "attention_mask", "decoder_input_ids", "labels") if k not in batch]
+    if missing:
+        raise KeyError(f"ace_loss: batch is missing {', '.join(missing)}")
+    return batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"], batch["labels"]
+
+
+def ace_loss(model: torch.nn.Module, batch: dict, omega: float = 0.15) -> AceLossOutput:
+    """CE averaged over two dropout passes + omega * rdrop_kl; one plain pass when omega == 0."""
+    if omega < 0:
+        raise ValueError(f"omega must be >= 0, got {omega}")
+    input_ids, attention_mask, decoder_input_ids, labels = _batch_tensors(batch)
+    if omega == 0:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
+        ce = token_cross_entropy(logits, labels)
+        zero = ce.new_zeros(())
+        return AceLossOutput(loss=ce, ce=ce.detach(), kl=zero)
+    # both passes in one forward: rows [0, B) and [B, 2B) get independent dropout masks
+    B = input_ids.shape[0]
+    logits = model(
+        input_ids=input_ids.repeat(2, 1),  # (2B, S)
+        attention_mask=attention_mask.repeat(2, 1),
+        decoder_input_ids=decoder_input_ids.repeat(2, 1),  # (2B, T)
+    ).logits  # (2B, T, V)
+    logits_a, logits_b = logits[:B], logits[B:]
+    ce = token_cross_entropy(logits, labels.repeat(2, 1))  # mean over both passes' tokens
+    kl = rdrop_kl(logits_a, logits_b, labels != IGNORE_INDEX)
+    loss = ce + omega * kl
+    return AceLossOutput(loss=loss, ce=ce.detach(), kl=kl.detach())

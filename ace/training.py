@@ -1,0 +1,520 @@
+"""Training loop for the ACE retriever on `accelerate`: one code path for CPU, one GPU, many GPUs.
+
+    result = train_retriever(model, query_tokenizer, id_tokenizer, vocab, train_pairs, val_pairs, cfg, run_dir)
+
+A *pair* is ``(query text, item)`` where item is a row index into ``id_tokenizer.codes`` or an
+item id string from ``id_tokenizer.item_ids``. Queries go through the query tokenizer, the item's
+identifier ``(k, v1..vM, u)`` through ``IdentifierVocab.encode`` into labels ``[t_1 .. t_L]``;
+the decoder input is the labels shifted right with BOS.
+
+``cfg.batch_size`` is the *global* batch: with N processes each takes a 1/N slice of it, so the
+optimisation trajectory (steps, schedule, effective batch) is the same for 1 or N processes.
+Each epoch is a fixed permutation seeded by ``(seed, epoch)``, so the data position is a
+function of the step alone and resume continues exactly where the killed run was.
+
+Run folder layout written here::
+
+    run_dir/checkpoints/step-N/   accelerate state (model, optimizer, scheduler, RNG) + trainer_state.json
+    run_dir/model/                save_pretrained of the best (or last) weights
+    run_dir/train_log.jsonl       one JSON line per log / eval event
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ace.config import to_dict
+from ace.losses import ace_loss
+from ace.metrics import retrieval_metrics
+
+
+class TrainingDataError(ValueError):
+    """Training or validation pairs are unusable (empty, unknown item, index out of range, ...)."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping of one training run (model sizes and dropout live in AceConfig)."""
+
+    lr: float = 1e-4  # peak learning rate, reached after warmup
+    warmup_steps: int = 1000
+    min_lr_ratio: float = 0.0  # cosine decays from lr to lr * min_lr_ratio
+    weight_decay: float = 0.01  # not applied to biases / norms
+    optimizer: str = "adamw"  # "adam" | "adamw"
+    beta1: float = 0.9
+    beta2: float = 0.999
+    batch_size: int = 256  # global batch (split across processes)
+    max_steps: int | None = None  # overrides epochs when set
+    epochs: int = 20
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    omega: float = 0.15  # R-Drop weight; 0 turns R-Drop off
+    max_query_length: int = 64
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2  # most recent step-N folders kept (the best one is kept too)
+    eval_every: int = 1000  # 0: only at the end
+    eval_batch_size: int = 100
+    max_eval_queries: int | None = None  # evaluate on a fixed subset during training
+    num_beams: int = 10  # beams of constrained search during eval (>= eval_top_k)
+    eval_top_k: int = 10
+    best_metric: str = "R@1"  # "R@1" | "R@5" | "R@10" | "MRR@10"
+    seed: int = 0
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16"; used only on GPU
+    log_every: int = 10
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.optimizer not in ("adam", "adamw"):
+            raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        if self.best_metric not in ("R@1", "R@5", "R@10", "MRR@10"):
+            raise ValueError(f"best_metric must be one of R@1, R@5, R@10, MRR@10, got {self.best_metric!r}")
+        for name in ("batch_size", "epochs", "checkpoint_every", "keep_checkpoints", "eval_batch_size",
+                     "num_beams", "eval_top_k", "log_every", "max_query_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "weight_decay", "grad_clip", "omega"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.eval_top_k > self.num_beams:
+            raise ValueError(f"eval_top_k ({self.eval_top_k}) cannot exceed num_beams ({self.num_beams})")
+
+
+# these fields define the optimisation trajectory; resuming with other values is an error
+_TRAJECTORY_FIELDS = ("lr", "warmup_steps", "min_lr_ratio", "weight_decay", "optimizer", "beta1", "beta2",
+                      "batch_size", "max_steps", "epochs", "grad_clip", "omega", "max_query_length", "seed")
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
+    """LR multiplier: linear 0 -> 1 over warmup_steps, then cosine 1 -> min_lr_ratio at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class EncodedPairs:
+    """Tokenised pairs: query tensors, identifier labels / decoder inputs, and target rows."""
+
+    input_ids: torch.Tensor  # (N, S) int64
+    attention_mask: torch.Tensor  # (N, S) int64
+    decoder_input_ids: torch.Tensor  # (N, L) int64
+    labels: torch.Tensor  # (N, L) int64
+    rows: torch.Tensor  # (N,) int64, row into id_tokenizer.codes
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": self.input_ids[index],
+            "attention_mask": self.attention_mask[index],
+            "decoder_input_ids": self.decoder_input_ids[index],
+            "labels": self.labels[index],
+        }
+
+
+def resolve_rows(items: Sequence[Any], id_tokenizer, *, what: str = "pairs") -> np.ndarray:
+    """Item ids (str) or row indices (int) -> int64 row indices, with errors naming the bad entry."""
+    n_items = int(np.asarray(id_tokenizer.codes).shape[0])
+    id_to_row = None
+    rows = np.empty(len(items), dtype=np.int64)
+    for i, item in enumerate(items):
+        if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+            if not 0 <= int(item) < n_items:
+                raise TrainingDataError(f"{what}[{i}]: item index {int(item)} is out of range for {n_items} items")
+            rows[i] = int(item)
+        elif isinstance(item, str):
+            if id_to_row is None:
+                id_to_row = {item_id: r for r, item_id in enumerate(id_tokenizer.item_ids)}
+            if item not in id_to_row:
+                raise TrainingDataError(f"{what}[{i}]: unknown item id {item!r} (not in the identifier tokenizer)")
+            rows[i] = id_to_row[item]
+        else:
+            raise TrainingDataError(f"{what}[{i}]: item must be a row index (int) or an item id (str), got {item!r}")
+    return rows
+
+
+def tokenize_queries(query_tokenizer, texts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query texts -> (input_ids, attention_mask), both int64 (N, S)."""
+    enc = query_tokenizer(list(texts), max_length=max_length)  # QueryBatch(input_ids, attention_mask)
+    return enc.input_ids.long(), enc.attention_mask.long()
+
+
+def identifier_targets(codes: np.ndarray, vocab) -> tuple[torch.Tensor, torch.Tensor]:
+    """Identifier codes (N, L) -> (decoder_input_ids [BOS, t_1..t_{L-1}], labels [t_1..t_L])."""
+    labels = torch.as_tensor(vocab.encode(np.asarray(codes, dtype=np.int64)), dtype=torch.long)  # (N, L)
+    return vocab.decoder_inputs(labels), labels  # (N, L) each
+
+
+def encode_pairs(pairs: Sequence[tuple[str, Any]], query_tokenizer, id_tokenizer, vocab, *,
+                 max_query_length: int, what: str = "pairs") -> EncodedPairs:
+    """(query, item) pairs -> EncodedPairs, validating every query and item."""
+    if pairs is None or len(pairs) == 0:
+        raise TrainingDataError(f"{what} is empty: need at least one (query, item) pair")
+    texts, items = [], []
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TrainingDataError(f"{what}[{i}] must be a (query, item) pair, got {pair!r}")
+        query, item = pair
+        if not isinstance(query, str) or not query.strip():
+            raise TrainingDataError(f"{what}[{i}]: query must be a non-empty string, got {query!r}")
+        texts.append(query)
+        items.append(item)
+    rows = resolve_rows(items, id_tokenizer, what=what)
+    input_ids, attention_mask = tokenize_queries(query_tokenizer, texts, max_query_length)
+    decoder_input_ids, labels = identifier_targets(np.asarray(id_tokenizer.codes)[rows], vocab)
+    return EncodedPairs(input_ids, attention_mask, decoder_input_ids, labels, torch.as_tensor(rows))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def rank_items(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, trie, vocab, *,
+               num_beams: int, top_k: int, batch_size: int, progress: bool = False) -> np.ndarray:
+    """Constrained beam search over all queries -> item rows int64 (N, top_k), -1 padded."""
+    from ace.decoding import constrained_beam_search
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="eval", disable=not progress, leave=False):
+            ids = input_ids[start:start + batch_size].to(device)
+            mask = attention_mask[start:start + batch_size].to(device)
+            items, _ = constrained_beam_search(model, ids, mask, trie, vocab, num_beams=num_beams, top_k=top_k)
+            out.append(torch.as_tensor(items).cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(out, axis=0) if out else np.zeros((0, top_k), dtype=np.int64)
+
+
+def _metrics_from_rows(ranked_rows: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    rankings = [[int(r) for r in row if r >= 0] for row in ranked_rows]
+    return retrieval_metrics(rankings, [int(t) for t in targets])
+
+
+def evaluate_retriever(model, query_tokenizer, id_tokenizer, vocab, pairs: Sequence[tuple[str, Any]], *,
+                       num_beams: int = 10, top_k: int = 10, batch_size: int = 100, max_query_length: int = 64,
+                       progress: bool = False) -> dict[str, float]:
+    """Recall@1/5/10 and MRR@10 (percent) of constrained beam search on (query, item) pairs."""
+    if top_k > num_beams:
+        raise ValueError(f"top_k ({top_k}) cannot exceed num_beams ({num_beams})")
+    data = encode_pairs(pairs, query_tokenizer, id_tokenizer, vocab, max_query_length=max_query_length,
+                        what="evaluation pairs")
+    ranked = rank_items(model, data.input_ids, data.attention_mask, id_tokenizer.trie.flat(), vocab,
+                        num_beams=num_beams, top_k=top_k, batch_size=batch_size, progress=progress)
+    return _metrics_from_rows(ranked, data.rows.numpy())
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (trainer_state.json written last), oldest first."""
+    out = []
+    if ckpt_root.is_dir():
+        for d in ckpt_root.glob("step-*"):
+            try:
+                step = int(d.name.split("-", 1)[1])
+            except ValueError:
+                continue
+            if (d / "trainer_state.json").is_file():
+                out.append((step, d))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The most recent complete run_dir/checkpoints/step-N folder, or None."""
+    dirs = _step_dirs(Path(run_dir) / "checkpoints")
+    return dirs[-1][1] if dirs else None
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: final step, where the model went, best eval, and the metric history."""
+
+    step: int
+    model_dir: Path
+    best_step: int | None
+    best_metrics: dict[str, float] | None
+    final_metrics: dict[str, float] | None
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _JsonlLog:
+    """Append-only train_log.jsonl written by the main process."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+        self.records: list[dict] = []
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop records the killed run wrote after its last checkpoint."""
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                if rec.get("step", 0) <= step:
+                    kept.append(rec)
+        self.records = kept
+        if self.enabled:
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+class _StepState:
+    """Step counter and best-so-far, checkpointed with accelerate's custom-state hook."""
+
+    def __init__(self):
+        self.step = 0
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+        self.best_metrics: dict | None = None
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "best_value": self.best_value, "best_step": self.best_step,
+                "best_metrics": self.best_metrics}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.best_value, self.best_step, self.best_metrics = state["best_value"], state["best_step"], state["best_metrics"]
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def make_accelerator(cfg: TrainConfig):
+    """Accelerator with mixed precision only when a GPU is present."""
+    from accelerate import Accelerator
+
+    mixed = cfg.mixed_precision if torch.cuda.is_available() else "no"
+    return Accelerator(mixed_precision=mixed)
+
+
+def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab,
+                    train_pairs: Sequence[tuple[str, Any]], val_pairs: Sequence[tuple[str, Any]] | None,
+                    cfg: TrainConfig, run_dir: str | Path, *, resume: bool = True, accelerator=None,
+                    stop_at: int | None = None) -> TrainResult:
+    """Train ``model`` on (query, item) pairs; checkpoints, resume, periodic eval, best-model export.
+
+    ``stop_at`` ends the run after that step (checkpointing it) as if the job had been killed
+    there; a later call with ``resume=True`` continues from it.
+    """
+    from accelerate.utils import gather_object, set_seed
+
+    t0 = time.time()
+    run_dir = Path(run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    accelerator = accelerator or make_accelerator(cfg)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
+
+    train = encode_pairs(train_pairs, query_tokenizer, id_tokenizer, vocab, max_query_length=cfg.max_query_length,
+                         what="train_pairs")
+    val = None
+    if val_pairs is not None and len(val_pairs) > 0:
+        val = encode_pairs(val_pairs, query_tokenizer, id_tokenizer, vocab, max_query_length=cfg.max_query_length,
+                           what="val_pairs")
+        if cfg.max_eval_queries is not None and len(val) > cfg.max_eval_queries:
+            keep = torch.randperm(len(val), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.max_eval_queries]
+            val = EncodedPairs(val.input_ids[keep], val.attention_mask[keep], val.decoder_input_ids[keep],
+                               val.labels[keep], val.rows[keep])
+
+    global_bs = min(cfg.batch_size, len(train) - len(train) % world) if len(train) < cfg.batch_size else cfg.batch_size
+    if global_bs < world:
+        raise TrainingDataError(f"{len(train)} training pairs cannot feed {world} processes")
+    steps_per_epoch = len(train) // global_bs
+    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    local_bs = global_bs // world
+
+    set_seed(cfg.seed)  # same init-time RNG everywhere; per-process dropout seeds below
+    optimizer = _optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
+                                           min_lr_ratio=cfg.min_lr_ratio))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = _StepState()
+    accelerator.register_for_checkpointing(scheduler, state)
+    set_seed(cfg.seed + rank)  # independent dropout per process
+
+    log = _JsonlLog(run_dir / "train_log.jsonl", enabled=main)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+    latest = latest_checkpoint(run_dir) if resume else None
+    if latest is not None:
+        saved_cfg = json.loads((latest / "trainer_state.json").read_text())["train_config"]
+        changed = [k for k in _TRAJECTORY_FIELDS if saved_cfg.get(k) != to_dict(cfg)[k]]
+        if changed:
+            raise ValueError(f"cannot resume from {latest}: TrainConfig fields changed since the checkpoint: "
+                             f"{', '.join(f'{k} {saved_cfg.get(k)!r} -> {to_dict(cfg)[k]!r}' for k in changed)}")
+        accelerator.load_state(str(latest))
+        log.truncate_after(state.step)
+    elif main:
+        if (run_dir / "train_log.jsonl").exists():
+            (run_dir / "train_log.jsonl").unlink()
+        for _, d in _step_dirs(ckpt_root):
+            shutil.rmtree(d)
+    accelerator.wait_for_everyone()
+
+    def evaluate() -> dict[str, float]:
+        """Sharded constrained beam search on the validation split; every process gets the metrics."""
+        shard = torch.arange(rank, len(val), world)
+        ranked = rank_items(accelerator.unwrap_model(model), val.input_ids[shard], val.attention_mask[shard],
+                            id_tokenizer.trie.flat(), vocab, num_beams=cfg.num_beams, top_k=cfg.eval_top_k,
+                            batch_size=cfg.eval_batch_size, progress=cfg.progress and main)
+        pieces = gather_object([(shard.tolist(), ranked.tolist())])
+        order, rows = [], []
+        for idx, rk in pieces:
+            order.extend(idx)
+            rows.extend(rk)
+        rows = np.asarray(rows, dtype=np.int64)[np.argsort(order)]
+        return _metrics_from_rows(rows, val.rows.numpy())
+
+    def save_checkpoint() -> None:
+        out = ckpt_root / f"step-{state.step}"
+        accelerator.save_state(str(out))
+        if main:
+            (out / "trainer_state.json").write_text(json.dumps({
+                "step": state.step, "epoch": state.step // steps_per_epoch, "batch_in_epoch": state.step % steps_per_epoch,
+                "total_steps": total_steps, "best_step": state.best_step, "train_config": to_dict(cfg)}, indent=1))
+            keep = {s for s, _ in _step_dirs(ckpt_root)[-cfg.keep_checkpoints:]} | {state.best_step}
+            for s, d in _step_dirs(ckpt_root):
+                if s not in keep:
+                    shutil.rmtree(d)
+        accelerator.wait_for_everyone()
+
+    def maybe_eval(force: bool = False) -> dict | None:
+        if val is None:
+            return None
+        if not force and not (cfg.eval_every and state.step % cfg.eval_every == 0):
+            return None
+        metrics = evaluate()
+        value = metrics[cfg.best_metric]
+        if state.best_value is None or value > state.best_value:
+            state.best_value, state.best_step, state.best_metrics = value, state.step, metrics
+        log.write({"step": state.step, "eval": metrics, "best_step": state.best_step})
+        return metrics
+
+    model.train()
+    end = total_steps if stop_at is None else min(total_steps, stop_at)
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not (cfg.progress and main),
+               dynamic_ncols=True)
+    final_metrics = None
+    running = torch.zeros(3, device=accelerator.device)  # sums of loss, ce, kl since the last log
+    n_running = 0
+    while state.step < end:
+        epoch, pos = divmod(state.step, steps_per_epoch)
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        index = perm[pos * global_bs:(pos + 1) * global_bs][rank * local_bs:(rank + 1) * local_bs]
+        batch = {k: v.to(accelerator.device) for k, v in train.batch(index).items()}
+        with accelerator.autocast():
+            out = ace_loss(model, batch, omega=cfg.omega)
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(f"loss is {out.loss.item()} at step {state.step}; lower lr or check the data")
+        accelerator.backward(out.loss)
+        grad_norm = None
+        if cfg.grad_clip > 0 and accelerator.sync_gradients:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        running += torch.stack([out.loss.detach().float(), out.ce.float(), out.kl.float()])
+        n_running += 1
+        bar.update(1)
+
+        if state.step % cfg.log_every == 0 or state.step == end:
+            avg = accelerator.reduce(running / n_running, reduction="mean").tolist()
+            rec = {"step": state.step, "epoch": state.step / steps_per_epoch, "loss": avg[0], "ce": avg[1],
+                   "kl": avg[2], "lr": scheduler.get_last_lr()[0]}
+            if grad_norm is not None:
+                rec["grad_norm"] = float(grad_norm)
+            log.write(rec)
+            bar.set_postfix(loss=f"{avg[0]:.4f}", lr=f"{rec['lr']:.2e}")
+            running.zero_()
+            n_running = 0
+        metrics = maybe_eval(force=state.step == total_steps)
+        if metrics is not None:
+            final_metrics = metrics
+        if state.step % cfg.checkpoint_every == 0 or state.step == end:
+            save_checkpoint()
+    bar.close()
+
+    if state.step < total_steps:  # stopped early on request: the checkpoint is the artefact
+        return TrainResult(step=state.step, model_dir=run_dir / "model", best_step=state.best_step,
+                           best_metrics=state.best_metrics, final_metrics=final_metrics, history=log.records,
+                           seconds=time.time() - t0)
+
+    if val is not None and final_metrics is None:
+        final_metrics = evaluate()  # resumed at the final step: its eval ran in the killed process
+    unwrapped = accelerator.unwrap_model(model)
+    export_step = state.step
+    if state.best_step is not None and state.best_step != state.step:
+        best_dir = ckpt_root / f"step-{state.best_step}"
+        accelerator.load_state(str(best_dir))  # restores best weights (and state); step is reset below
+        export_step = state.best_step
+        state.step = total_steps
+    if main:
+        _save_model(unwrapped, run_dir / "model")
+        (run_dir / "model" / "training_state.json").write_text(json.dumps(
+            {"exported_step": export_step, "total_steps": total_steps, "best_metric": cfg.best_metric,
+             "best_metrics": state.best_metrics, "train_config": to_dict(cfg)}, indent=1))
+    accelerator.wait_for_everyone()
+    return TrainResult(step=total_steps, model_dir=run_dir / "model", best_step=state.best_step,
+                       best_metrics=state.best_metrics, final_metrics=final_metrics, history=log.records,
+                       seconds=time.time() - t0)
+
+
+def _save_model(model: torch.nn.Module, out: Path) -> None:
+    """save_pretrained into ``out`` (the model must be a Hugging Face PreTrainedModel or offer the method)."""
+    if not hasattr(model, "save_pretrained"):
+        raise TypeError(f"{type(model).__name__} has no save_pretrained; train an AceModel (PreTrainedModel)")
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))

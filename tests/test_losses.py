@@ -1,0 +1,107 @@
+"""R-Drop KL and the ACE loss."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ace.losses import IGNORE_INDEX, ace_loss, rdrop_kl, token_cross_entropy
+
+
+class DropoutHead(nn.Module):
+    """Minimal seq2seq-shaped model: logits depend on query and decoder tokens, with dropout."""
+
+    def __init__(self, vocab=11, d=16, dropout=0.3):
+        super().__init__()
+        self.q, self.y = nn.Embedding(vocab, d), nn.Embedding(vocab, d)
+        self.drop, self.out = nn.Dropout(dropout), nn.Linear(d, vocab)
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids):
+        ctx = (self.q(input_ids) * attention_mask[..., None]).mean(1, keepdim=True)  # (B, 1, d)
+        return SimpleNamespace(logits=self.out(self.drop(ctx + self.y(decoder_input_ids))))  # (B, T, V)
+
+
+def make_batch(B=4, S=5, T=3, V=11):
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(3, V, (B, T), generator=g)
+    return {"input_ids": torch.randint(0, V, (B, S), generator=g), "attention_mask": torch.ones(B, S),
+            "decoder_input_ids": torch.cat([torch.ones(B, 1, dtype=torch.long), labels[:, :-1]], 1),
+            "labels": labels}
+
+
+def test_kl_zero_for_identical_passes():
+    logits = torch.randn(3, 4, 7)
+    assert rdrop_kl(logits, logits.clone(), torch.ones(3, 4, dtype=torch.bool)).item() == pytest.approx(0, abs=1e-7)
+
+
+def test_kl_positive_symmetric_and_matches_definition():
+    a, b = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    kl = rdrop_kl(a, b, mask)
+    assert kl.item() > 0
+    assert kl.item() == pytest.approx(rdrop_kl(b, a, mask).item(), rel=1e-6)
+    la, lb = F.log_softmax(a, -1), F.log_softmax(b, -1)
+    ref = 0.5 * (F.kl_div(lb, la, log_target=True, reduction="none").sum(-1)
+                 + F.kl_div(la, lb, log_target=True, reduction="none").sum(-1))
+    assert kl.item() == pytest.approx(ref[mask].mean().item(), rel=1e-5)
+    # masked positions do not count
+    b2 = b.clone()
+    b2[0, 2] += 100
+    assert rdrop_kl(a, b2, mask).item() == pytest.approx(kl.item(), rel=1e-6)
+
+
+def test_ace_loss_kl_zero_without_dropout_and_positive_with_it():
+    torch.manual_seed(0)
+    model, batch = DropoutHead(), make_batch()
+    model.eval()  # identical passes
+    out = ace_loss(model, batch, omega=0.15)
+    assert out.kl.item() == pytest.approx(0, abs=1e-7)
+    assert out.loss.item() == pytest.approx(out.ce.item(), rel=1e-6)
+    model.train()  # independent dropout masks
+    out = ace_loss(model, batch, omega=0.15)
+    assert out.kl.item() > 1e-4
+    assert out.loss.item() == pytest.approx(out.ce.item() + 0.15 * out.kl.item(), rel=1e-5)
+    out.loss.backward()
+    assert model.out.weight.grad is not None and torch.isfinite(model.out.weight.grad).all()
+
+
+def test_omega_zero_is_plain_cross_entropy_in_one_pass():
+    torch.manual_seed(0)
+    model, batch = DropoutHead(), make_batch()
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(1))
+    torch.manual_seed(5)
+    out = ace_loss(model, batch, omega=0.0)
+    torch.manual_seed(5)  # same dropout mask
+    ref = F.cross_entropy(model(**{k: v for k, v in batch.items() if k != "labels"}).logits.flatten(0, 1),
+                          batch["labels"].flatten())
+    assert len(calls) == 2  # one for ace_loss, one for the reference
+    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert out.kl.item() == 0
+
+
+def test_ignore_index_positions_are_skipped():
+    logits = torch.randn(2, 3, 6)
+    labels = torch.tensor([[1, 2, IGNORE_INDEX], [3, IGNORE_INDEX, IGNORE_INDEX]])
+    ref = F.cross_entropy(logits[labels != IGNORE_INDEX], labels[labels != IGNORE_INDEX])
+    assert token_cross_entropy(logits, labels).item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="shapes differ"):
+        rdrop_kl(torch.randn(2, 3, 4), torch.randn(2, 3, 5))
+    with pytest.raises(ValueError, match=r"\(B, T, V\)"):
+        rdrop_kl(torch.randn(3, 4), torch.randn(3, 4))
+    with pytest.raises(ValueError, match="selects no token"):
+        rdrop_kl(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="omega"):
+        ace_loss(DropoutHead(), make_batch(), omega=-1)
+    batch = make_batch()
+    del batch["labels"]
+    with pytest.raises(KeyError, match="labels"):
+        ace_loss(DropoutHead(), batch)
+    with pytest.raises(ValueError, match="does not match"):
+        token_cross_entropy(torch.randn(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))

@@ -1,0 +1,172 @@
+"""Training loop: LR schedule, checkpoints, exact resume after a kill, bad inputs."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ace.tokens import IdentifierVocab, QueryTokenizer
+from ace.training import (TrainConfig, TrainingDataError, encode_pairs, latest_checkpoint, train_retriever,
+                          warmup_cosine)
+
+LEVELS = [4, 3, 5]  # K, C_1, U
+
+
+class StandInSeq2Seq(nn.Module):
+    """Tiny model with AceModel's forward contract: (input_ids, attention_mask, decoder_input_ids) -> .logits."""
+
+    def __init__(self, *, query_vocab: int, id_vocab: int, d: int = 32, dropout: float = 0.1):
+        super().__init__()
+        self.q = nn.Embedding(query_vocab, d)
+        self.y = nn.Embedding(id_vocab, d)
+        self.pos = nn.Embedding(16, d)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, id_vocab))
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids):
+        m = attention_mask.unsqueeze(-1).float()
+        ctx = (self.q(input_ids) * m).sum(1) / m.sum(1).clamp(min=1)  # (B, d)
+        T = decoder_input_ids.shape[1]
+        h = self.y(decoder_input_ids) + self.pos(torch.arange(T, device=decoder_input_ids.device))  # (B, T, d)
+        h = h.cumsum(1) / torch.arange(1, T + 1, device=h.device)[:, None]  # causal mean of the prefix
+        logits = self.head(self.drop(torch.cat([ctx[:, None].expand_as(h), h], -1)))  # (B, T, V)
+        return SimpleNamespace(logits=logits)
+
+    def save_pretrained(self, path):
+        torch.save(self.state_dict(), f"{path}/standin.bin")
+
+
+@pytest.fixture(scope="module")
+def task():
+    rng = np.random.default_rng(0)
+    n = 12
+    codes = np.stack([rng.integers(0, s, n) for s in LEVELS], 1)
+    codes[:, -1] = np.arange(n) % LEVELS[-1]
+    item_ids = [f"item{i}" for i in range(n)]
+    colours = ["red", "blue", "green", "black", "white", "pink"]
+    pairs = [(f"a {colours[i % 6]} thing number {i} photo {j}", i) for i in range(n) for j in range(3)]
+    qtok = QueryTokenizer.train([q for q, _ in pairs], vocab_size=40, max_length=16)
+    return SimpleNamespace(idtok=SimpleNamespace(codes=codes, item_ids=item_ids), vocab=IdentifierVocab(LEVELS),
+                           qtok=qtok, pairs=pairs)
+
+
+def make_model(task, seed=0):
+    torch.manual_seed(seed)
+    return StandInSeq2Seq(query_vocab=task.qtok.vocab_size, id_vocab=task.vocab.vocab_size)
+
+
+def small_cfg(**kw):
+    base = dict(lr=3e-3, warmup_steps=2, batch_size=8, max_steps=8, checkpoint_every=4, log_every=1, eval_every=0,
+                progress=False, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_warmup_then_cosine():
+    lrs = [warmup_cosine(s, warmup_steps=10, total_steps=100, min_lr_ratio=0.1) for s in range(100)]
+    assert np.allclose(lrs[:10], np.arange(1, 11) / 10)  # linear ramp to the peak
+    assert lrs[9] == pytest.approx(1.0)
+    tail = np.asarray(lrs[10:])
+    assert np.all(np.diff(tail) < 0)  # strictly decaying after warmup
+    assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5)  # cosine midpoint
+    assert warmup_cosine(100, warmup_steps=10, total_steps=100, min_lr_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_logged_lr_follows_schedule(task, tmp_path):
+    cfg = small_cfg(max_steps=6, warmup_steps=2)
+    res = train_retriever(make_model(task), task.qtok, task.idtok, task.vocab, task.pairs, None, cfg, tmp_path)
+    lrs = [r["lr"] for r in res.history if "lr" in r]
+    want = [cfg.lr * warmup_cosine(s, warmup_steps=2, total_steps=6) for s in range(1, 7)]
+    assert np.allclose(lrs, want)
+
+
+def test_checkpoints_written_and_rotated(task, tmp_path):
+    cfg = small_cfg(max_steps=8, checkpoint_every=2, keep_checkpoints=2)
+    res = train_retriever(make_model(task), task.qtok, task.idtok, task.vocab, task.pairs, None, cfg, tmp_path)
+    assert res.step == 8
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step-6", "step-8"]
+    files = {p.name for p in (tmp_path / "checkpoints" / "step-8").iterdir()}
+    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "trainer_state.json"} <= files
+    state = json.loads((tmp_path / "checkpoints" / "step-8" / "trainer_state.json").read_text())
+    assert state["step"] == 8 and state["total_steps"] == 8
+    assert (tmp_path / "model" / "standin.bin").is_file()
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 9))
+    assert log[-1]["loss"] < log[0]["loss"]
+
+
+def test_resume_after_kill_matches_uninterrupted_run(task, tmp_path):
+    cfg = small_cfg(max_steps=8, checkpoint_every=4, omega=0.15)  # dropout + R-Drop: RNG state matters
+    full = make_model(task)
+    ref = train_retriever(full, task.qtok, task.idtok, task.vocab, task.pairs, None, cfg, tmp_path / "full")
+
+    killed = make_model(task)
+    part = train_retriever(killed, task.qtok, task.idtok, task.vocab, task.pairs, None, cfg, tmp_path / "resumed",
+                           stop_at=4)
+    assert part.step == 4 and latest_checkpoint(tmp_path / "resumed").name == "step-4"
+    assert not (tmp_path / "resumed" / "model").exists()
+    fresh = make_model(task, seed=123)  # a new process: different init, state comes from the checkpoint
+    res = train_retriever(fresh, task.qtok, task.idtok, task.vocab, task.pairs, None, cfg, tmp_path / "resumed",
+                          resume=True)
+    assert res.step == 8
+    losses_ref = [r["loss"] for r in ref.history]
+    losses_res = [r["loss"] for r in res.history]
+    assert [r["step"] for r in res.history] == list(range(1, 9))
+    assert losses_res == pytest.approx(losses_ref, rel=1e-6, abs=1e-7)
+    for (name, a), b in zip(full.state_dict().items(), fresh.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_resume_false_starts_over(task, tmp_path):
+    cfg = small_cfg(max_steps=4)
+    train_retriever(make_model(task), task.qtok, task.idtok, task.vocab, task.pairs, None, cfg, tmp_path, stop_at=2)
+    res = train_retriever(make_model(task), task.qtok, task.idtok, task.vocab, task.pairs, None, cfg, tmp_path,
+                          resume=False)
+    assert [r["step"] for r in res.history] == [1, 2, 3, 4]
+
+
+def test_resume_with_changed_trajectory_is_refused(task, tmp_path):
+    train_retriever(make_model(task), task.qtok, task.idtok, task.vocab, task.pairs, None, small_cfg(), tmp_path,
+                    stop_at=4)
+    with pytest.raises(ValueError, match="lr"):
+        train_retriever(make_model(task), task.qtok, task.idtok, task.vocab, task.pairs, None,
+                        small_cfg(lr=1e-2), tmp_path)
+
+
+def test_encode_pairs_builds_shifted_targets(task):
+    data = encode_pairs([("a red thing", 2), ("a blue thing", "item5")], task.qtok, task.idtok, task.vocab,
+                        max_query_length=16)
+    want = task.vocab.encode(task.idtok.codes[[2, 5]])
+    assert data.labels.tolist() == want.tolist()
+    assert data.decoder_input_ids[:, 0].tolist() == [1, 1]  # BOS
+    assert data.decoder_input_ids[:, 1:].tolist() == want[:, :-1].tolist()
+    assert data.rows.tolist() == [2, 5]
+
+
+@pytest.mark.parametrize("pairs, message", [
+    ([], "train_pairs is empty"),
+    ([("a red thing", 12)], "out of range"),
+    ([("a red thing", -1)], "out of range"),
+    ([("a red thing", "nope")], "unknown item id 'nope'"),
+    ([("   ", 0)], "non-empty string"),
+    ([("a red thing",)], r"\(query, item\) pair"),
+    ([("a red thing", 1.5)], "row index"),
+])
+def test_bad_training_pairs(task, tmp_path, pairs, message):
+    with pytest.raises(TrainingDataError, match=message):
+        train_retriever(make_model(task), task.qtok, task.idtok, task.vocab, pairs, None, small_cfg(), tmp_path)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(lr=0), "lr"), (dict(optimizer="sgd"), "optimizer"), (dict(mixed_precision="fp8"), "mixed_precision"),
+    (dict(batch_size=0), "batch_size"), (dict(best_metric="acc"), "best_metric"), (dict(max_steps=0), "max_steps"),
+    (dict(num_beams=2, eval_top_k=5), "eval_top_k"),
+])
+def test_bad_train_config(kw, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kw)
