@@ -1,0 +1,388 @@
+"""AceModel: a query encoder with S layers and an identifier decoder that fuses all of them.
+
+Every decoder layer is pre-LayerNorm: causal self-attention -> ``FusionCrossAttention`` (coarse +
+fine fusion over the S encoder layer outputs, ace/fusion.py) -> feed-forward. The output head
+scores identifier tokens (``IdentifierVocab``): logits (B, T, V_id).
+
+Teacher forcing: decoder input ``[BOS, t1 .. t_{L-1}]``, labels ``[t1 .. tL]`` (fixed length).
+
+Default size (CPU-friendly, see ``AceConfig``): d_model 256, 4 heads, 3 encoder + 3 decoder
+layers, ffn 1024, dropout 0.1 (~12M parameters with an 8k query vocabulary).
+
+Optionally the encoder is a pretrained BERT-style text encoder (``pretrained_encoder`` = a local
+folder, e.g. ``ace.encoders.minilm_path()``): its last S layers are fused, ``d_model`` must be its
+hidden size, and the query tokenizer must be its tokenizer (``QueryTokenizer.from_pretrained``).
+The architecture is stored in the config, so ``from_pretrained`` of a saved AceModel does not
+need that folder any more; fresh ``AceModel(config)`` copies the pretrained weights in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import ModelOutput, Seq2SeqLMOutput
+
+from .fusion import FusionCrossAttention
+from .tokens import BOS, EOS, NUM_SPECIAL, PAD
+
+
+class AceInputError(ValueError):
+    """Inputs to AceModel have the wrong shape, dtype or values; the message says which."""
+
+
+@strict
+class AceConfig(PretrainedConfig):
+    """Sizes of AceModel; defaults are a CPU-friendly model (d 256, 4 heads, 3+3 layers)."""
+
+    model_type = "ace"
+
+    d_model: int = 256
+    n_heads: int = 4
+    encoder_layers: int = 3          # S: number of encoder layers fused into every decoder layer
+    decoder_layers: int = 3
+    ffn_dim: int = 1024
+    dropout: float = 0.1
+    query_vocab_size: int = 8000
+    max_query_length: int = 32
+    level_sizes: list[int] | None = None   # identifier [K, C_1..C_M, U]; default [128, 128, 128, 32]
+    fusion: bool = True                    # False: plain cross-attention to the last encoder layer
+    pretrained_encoder: str | None = None  # local folder of a BERT-style encoder (optional)
+    encoder_config: dict | None = None     # its architecture (filled from pretrained_encoder)
+    pad_token_id: int | None = PAD
+    bos_token_id: int | None = BOS
+    eos_token_id: int | None = EOS
+    decoder_start_token_id: int | None = BOS
+    is_encoder_decoder: bool = True
+
+    def __post_init__(self, **kwargs):
+        if self.level_sizes is None:
+            self.level_sizes = [128, 128, 128, 32]
+        self.level_sizes = [int(s) for s in self.level_sizes]
+        if any(s < 1 for s in self.level_sizes):
+            raise ValueError(f"level_sizes must be positive, got {self.level_sizes}")
+        for name in ("d_model", "n_heads", "encoder_layers", "decoder_layers", "ffn_dim", "query_vocab_size",
+                     "max_query_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"AceConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.pretrained_encoder and self.encoder_config is None:
+            from transformers import AutoConfig
+            enc = AutoConfig.from_pretrained(self.pretrained_encoder)
+            self.encoder_config = enc.to_dict()
+        if self.encoder_config is not None:
+            hidden, layers = self.encoder_config["hidden_size"], self.encoder_config["num_hidden_layers"]
+            if hidden != self.d_model:
+                raise ValueError(f"pretrained encoder hidden size is {hidden}; set d_model={hidden}")
+            if self.encoder_layers > layers:
+                raise ValueError(f"encoder_layers={self.encoder_layers} > the pretrained encoder's {layers} layers")
+            self.query_vocab_size = int(self.encoder_config["vocab_size"])
+            self.max_query_length = min(self.max_query_length, int(self.encoder_config["max_position_embeddings"]))
+        super().__post_init__(**kwargs)
+
+    @property
+    def identifier_length(self) -> int:
+        return len(self.level_sizes)
+
+    @property
+    def identifier_vocab_size(self) -> int:
+        return NUM_SPECIAL + sum(self.level_sizes)
+
+
+@dataclass
+class AceEncoderOutput(ModelOutput):
+    """Encoder output; ``layer_states`` (B, S, N, d) holds the S fused layers (a tensor, so HF
+    generation expands it across beams)."""
+
+    last_hidden_state: torch.Tensor | None = None
+    layer_states: torch.Tensor | None = None
+
+
+# ---------------------------------------------------------------- building blocks
+
+class FeedForward(nn.Module):
+    def __init__(self, *, d_model: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d_model, ffn_dim), nn.Linear(ffn_dim, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention; padding mask (encoder), causal (decoder) or a key/value cache (step)."""
+
+    def __init__(self, *, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x, *, mask=None, causal=False, cache=None):
+        """x (B, T, d) -> (B, T, d), new cache ((B, H, t + T, dh) keys and values)."""
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(o.transpose(1, 2).reshape(B, T, d)), (k, v)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, *, d_model, n_heads, ffn_dim, dropout):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.attn = SelfAttention(d_model=d_model, n_heads=n_heads, dropout=dropout)
+        self.ffn = FeedForward(d_model=d_model, ffn_dim=ffn_dim, dropout=dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, mask):
+        x = x + self.drop(self.attn(self.ln1(x), mask=mask)[0])
+        return x + self.ffn(self.ln2(x))
+
+
+class DecoderLayer(nn.Module):
+    """Causal self-attention -> coarse-to-fine fusion over encoder layers -> feed-forward."""
+
+    def __init__(self, *, d_model, n_heads, ffn_dim, dropout, num_encoder_layers, fusion):
+        super().__init__()
+        self.ln1, self.ln2, self.ln3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.attn = SelfAttention(d_model=d_model, n_heads=n_heads, dropout=dropout)
+        self.cross = FusionCrossAttention(d_model=d_model, n_heads=n_heads, num_layers=num_encoder_layers,
+                                          dropout=dropout, fusion=fusion)
+        self.ffn = FeedForward(d_model=d_model, ffn_dim=ffn_dim, dropout=dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, memory, mask, cache=None):
+        """Full sequence (cache None): x (B, T, d), causal. Step: x (B, W, d) = one new token for
+        each of W beams, cache (B*W, H, t, dh) per beam. Returns x and the new cache."""
+        B, T, d = x.shape
+        if cache is None:
+            h, new_cache = self.attn(self.ln1(x), causal=True)
+        else:
+            h, new_cache = self.attn(self.ln1(x).reshape(B * T, 1, d), cache=cache or None)
+            h = h.view(B, T, d)
+        x = x + self.drop(h)
+        x = x + self.drop(self.cross(self.ln2(x), memory, mask))
+        return x + self.ffn(self.ln3(x)), new_cache
+
+
+# ---------------------------------------------------------------- encoder / decoder
+
+class AceEncoder(nn.Module):
+    """Query tokens -> the S encoder layer outputs stacked (B, S, N, d)."""
+
+    def __init__(self, config: AceConfig):
+        super().__init__()
+        self.config = config
+        S, d = config.encoder_layers, config.d_model
+        if config.encoder_config is not None:
+            from transformers import BertConfig, BertModel
+            self.bert = BertModel(BertConfig(**{k: v for k, v in config.encoder_config.items()
+                                                if k not in ("architectures", "transformers_version")}),
+                                  add_pooling_layer=False)
+        else:
+            self.bert = None
+            self.embed = nn.Embedding(config.query_vocab_size, d, padding_idx=PAD)
+            self.pos = nn.Embedding(config.max_query_length, d)
+            self.drop = nn.Dropout(config.dropout)
+            self.layers = nn.ModuleList(EncoderLayer(d_model=d, n_heads=config.n_heads, ffn_dim=config.ffn_dim,
+                                                     dropout=config.dropout) for _ in range(S))
+            self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(S))
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs) -> AceEncoderOutput:
+        if self.bert is not None:
+            out = self.bert(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+            layers = torch.stack(out.hidden_states[-self.config.encoder_layers:], dim=1)  # (B, S, N, d)
+        else:
+            B, N = input_ids.shape
+            x = self.drop(self.embed(input_ids) + self.pos(torch.arange(N, device=input_ids.device)))
+            mask = attention_mask.bool()[:, None, None, :]                             # (B, 1, 1, N)
+            outs = []
+            for layer, norm in zip(self.layers, self.norms):
+                x = layer(x, mask)
+                outs.append(norm(x))
+            layers = torch.stack(outs, dim=1)                                          # (B, S, N, d)
+        return AceEncoderOutput(last_hidden_state=layers[:, -1], layer_states=layers)
+
+
+class AceDecoder(nn.Module):
+    """Identifier tokens + fused encoder memory -> identifier-token logits."""
+
+    def __init__(self, config: AceConfig):
+        super().__init__()
+        d = config.d_model
+        self.embed = nn.Embedding(config.identifier_vocab_size, d, padding_idx=PAD)
+        self.pos = nn.Embedding(config.identifier_length, d)
+        self.drop = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(
+            DecoderLayer(d_model=d, n_heads=config.n_heads, ffn_dim=config.ffn_dim, dropout=config.dropout,
+                         num_encoder_layers=config.encoder_layers, fusion=config.fusion)
+            for _ in range(config.decoder_layers))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, config.identifier_vocab_size)
+
+    def memory(self, layer_states: torch.Tensor) -> list:
+        """Encoder layers (B, S, N, d) -> every decoder layer's cross-attention keys/values (once per query)."""
+        return [layer.cross.memory(layer_states) for layer in self.layers]
+
+    def forward(self, decoder_input_ids, memory, mask):
+        """decoder_input_ids (B, T) -> logits (B, T, V_id); teacher forcing, causal."""
+        T = decoder_input_ids.shape[1]
+        x = self.drop(self.embed(decoder_input_ids) + self.pos(torch.arange(T, device=decoder_input_ids.device)))
+        for layer, mem in zip(self.layers, memory):
+            x, _ = layer(x, mem, mask)
+        return self.head(self.norm(x))
+
+    def step(self, tokens, position: int, memory, mask, cache):
+        """tokens (B, W) at ``position`` for W beams per query -> logits (B, W, V_id), new cache.
+
+        ``cache`` is a list (one per layer) of (k, v) (B*W, H, position, dh), or [] at position 0."""
+        x = self.drop(self.embed(tokens) + self.pos.weight[position])                   # (B, W, d)
+        new_cache = []
+        for i, (layer, mem) in enumerate(zip(self.layers, memory)):
+            x, c = layer(x, mem, mask, cache=cache[i] if cache else ())
+            new_cache.append(c)
+        return self.head(self.norm(x)), new_cache
+
+
+# ---------------------------------------------------------------- the model
+
+class AcePreTrainedModel(PreTrainedModel):
+    config_class = AceConfig
+    base_model_prefix = "ace"
+    main_input_name = "input_ids"
+    _no_split_modules = ["EncoderLayer", "DecoderLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Xavier-uniform for linear maps and embeddings, zero biases, unit LayerNorms."""
+        if isinstance(module, nn.Linear):
+            init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.xavier_uniform_(module.weight)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+
+class AceModel(AcePreTrainedModel, GenerationMixin):
+    """Generative retrieval model: query -> identifier-token logits; works with HF ``generate``."""
+
+    def __init__(self, config: AceConfig):
+        super().__init__(config)
+        self.encoder = AceEncoder(config)
+        self.decoder = AceDecoder(config)
+        self.post_init()
+        if config.pretrained_encoder and self.encoder.bert is not None \
+                and next(self.parameters()).device.type != "meta":
+            self.load_pretrained_encoder(config.pretrained_encoder)
+
+    def load_pretrained_encoder(self, path: str) -> None:
+        """Copy the weights of a BERT-style encoder folder into the encoder (architecture must match)."""
+        from transformers import AutoModel
+        src = AutoModel.from_pretrained(path)
+        missing, unexpected = self.encoder.bert.load_state_dict(src.state_dict(), strict=False)
+        missing = [k for k in missing if "pooler" not in k]
+        unexpected = [k for k in unexpected if "pooler" not in k]
+        if missing or unexpected:
+            raise ValueError(f"pretrained encoder {path} does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+    @property
+    def identifier_vocab_size(self) -> int:
+        return self.config.identifier_vocab_size
+
+    def get_encoder(self):
+        return self.encoder
+
+    def get_decoder(self):
+        return self.decoder
+
+    # -------- input checks
+    def check_query_inputs(self, input_ids, attention_mask):
+        """Clear errors for wrong shapes/dtypes/values of the query tensors."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise AceInputError(f"input_ids must be a 2-D tensor (batch, length), got "
+                                f"{getattr(input_ids, 'shape', type(input_ids))}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise AceInputError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        B, N = input_ids.shape
+        if B == 0 or N == 0:
+            raise AceInputError(f"empty query batch: input_ids has shape {tuple(input_ids.shape)}")
+        if N > self.config.max_query_length:
+            raise AceInputError(f"query length {N} exceeds max_query_length={self.config.max_query_length}; "
+                                f"tokenize with max_length={self.config.max_query_length}")
+        if attention_mask is None:
+            raise AceInputError("attention_mask is required (1 = real token, 0 = padding)")
+        if attention_mask.shape != input_ids.shape:
+            raise AceInputError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        if not bool(attention_mask.bool().any(dim=1).all()):
+            raise AceInputError("a query has no tokens (attention_mask row is all zero): empty query")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.query_vocab_size:
+            raise AceInputError(f"query token ids must be in [0, {self.config.query_vocab_size}), got [{lo}, {hi}]")
+
+    def check_decoder_inputs(self, decoder_input_ids):
+        if not isinstance(decoder_input_ids, torch.Tensor) or decoder_input_ids.dim() != 2:
+            raise AceInputError(f"decoder_input_ids must be a 2-D tensor (batch, T), got "
+                                f"{getattr(decoder_input_ids, 'shape', type(decoder_input_ids))}")
+        T = decoder_input_ids.shape[1]
+        if not 1 <= T <= self.config.identifier_length:
+            raise AceInputError(f"decoder_input_ids length {T} must be in [1, {self.config.identifier_length}] "
+                                f"(identifier length)")
+        lo, hi = int(decoder_input_ids.min()), int(decoder_input_ids.max())
+        if lo < 0 or hi >= self.identifier_vocab_size:
+            raise AceInputError(f"identifier token ids must be in [0, {self.identifier_vocab_size}), got [{lo}, {hi}]")
+
+    # -------- forward
+    def encode(self, input_ids, attention_mask) -> torch.Tensor:
+        """Checked encoder pass: (B, N) -> encoder layers (B, S, N, d)."""
+        self.check_query_inputs(input_ids, attention_mask)
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).layer_states
+
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, labels=None,
+                encoder_outputs=None, return_dict=None, **kwargs) -> Seq2SeqLMOutput:
+        """(B, N) query + (B, T) decoder input -> logits (B, T, V_id); CE loss when labels (B, T) given."""
+        if encoder_outputs is None:
+            if input_ids is None:
+                raise AceInputError("pass input_ids (or encoder_outputs)")
+            self.check_query_inputs(input_ids, attention_mask)
+            encoder_outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+        elif attention_mask is None:
+            raise AceInputError("attention_mask is required together with encoder_outputs")
+        if decoder_input_ids is None:
+            if labels is None:
+                raise AceInputError("pass decoder_input_ids or labels")
+            bos = torch.full_like(labels[:, :1], self.config.decoder_start_token_id)
+            decoder_input_ids = torch.cat([bos, labels[:, :-1].clamp_min(0)], dim=1)
+        self.check_decoder_inputs(decoder_input_ids)
+        layer_states = encoder_outputs.layer_states
+        if decoder_input_ids.shape[0] != layer_states.shape[0]:
+            raise AceInputError(f"batch size of decoder_input_ids ({decoder_input_ids.shape[0]}) != queries "
+                                f"({layer_states.shape[0]})")
+        mask = attention_mask.bool()[:, None, None, :]
+        logits = self.decoder(decoder_input_ids, self.decoder.memory(layer_states), mask)
+        loss = None
+        if labels is not None:
+            if labels.shape != decoder_input_ids.shape:
+                raise AceInputError(f"labels shape {tuple(labels.shape)} != decoder_input_ids shape "
+                                    f"{tuple(decoder_input_ids.shape)}")
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return Seq2SeqLMOutput(loss=loss, logits=logits, encoder_last_hidden_state=encoder_outputs.last_hidden_state)
+
+    def prepare_inputs_for_generation(self, input_ids, encoder_outputs=None, attention_mask=None, **kwargs):
+        """HF generate hook (no cache): the whole decoder prefix is re-run every step."""
+        return {"decoder_input_ids": input_ids, "encoder_outputs": encoder_outputs, "attention_mask": attention_mask}
