@@ -181,6 +181,8 @@ class DecoderLayer(nn.Module):
 class AceEncoder(nn.Module):
     """Query tokens -> the S encoder layer outputs stacked (B, S, N, d)."""
 
+    main_input_name = "input_ids"
+
     def __init__(self, config: AceConfig):
         super().__init__()
         self.config = config

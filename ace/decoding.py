@@ -1,0 +1,179 @@
+"""Trie-constrained beam search over fixed-length identifiers (k, v1..vM, u).
+
+At step d every beam may only take a code that extends its prefix in the ``FlatTrie``. The mask
+is built from the trie arrays for all beams at once: the children slices of the beams' nodes are
+gathered with ``repeat_interleave`` and scattered into a (B*W, level_size) table, so each step
+costs O(beams x children) whatever the trie size, and no Python runs per beam.
+
+Speed levers (all used): encoder outputs and every decoder layer's cross-attention keys/values
+are computed once per query and shared by its beams (beams are the query rows of cross-
+attention, nothing is copied); decoder self-attention keys/values are cached across steps and
+reordered by index; ``torch.inference_mode``; ``quantize_dynamic_int8`` for CPU serving.
+
+Scores are sums of log-softmax over the full identifier vocabulary (masking comes after the
+softmax, as in transformers' beam search with ``prefix_allowed_tokens_fn``).
+"""
+from __future__ import annotations
+
+import copy
+import weakref
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .tokens import BOS, IdentifierVocab
+
+
+class DecodingError(ValueError):
+    """Beam search arguments do not fit together (sizes, levels, beams)."""
+
+
+_TRIE_TENSORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _trie_tensors(trie, device: torch.device) -> dict:
+    """The FlatTrie arrays as torch tensors on ``device`` (cached per trie and device)."""
+    per_trie = _TRIE_TENSORS.setdefault(trie, {})
+    key = str(device)
+    if key not in per_trie:
+        per_trie[key] = {name: torch.as_tensor(np.asarray(getattr(trie, name), dtype=np.int64)).to(device)
+                         for name in ("child_start", "child_count", "child_code", "child_node", "leaf_item")}
+    return per_trie[key]
+
+
+def _check(model, input_ids, trie, vocab: IdentifierVocab, num_beams: int, top_k: int | None) -> int:
+    if num_beams < 1:
+        raise DecodingError(f"num_beams must be >= 1, got {num_beams}")
+    top_k = num_beams if top_k is None else int(top_k)
+    if not 1 <= top_k <= num_beams:
+        raise DecodingError(f"top_k={top_k} must be in [1, num_beams={num_beams}]")
+    sizes = list(vocab.level_sizes)
+    if list(model.config.level_sizes) != sizes:
+        raise DecodingError(f"model level_sizes {list(model.config.level_sizes)} != vocabulary level_sizes {sizes}")
+    if trie is not None and list(trie.level_sizes) != sizes:
+        raise DecodingError(f"trie level_sizes {list(trie.level_sizes)} != vocabulary level_sizes {sizes}")
+    return top_k
+
+
+def _allowed_children(nodes: torch.Tensor, tt: dict, level_size: int):
+    """nodes (R,) trie nodes (-1 = dead beam) -> additive mask (R, C) (0 allowed, -inf not) and
+    child-node table (R, C) (-1 where no child); O(R x children)."""
+    R = nodes.shape[0]
+    safe = nodes.clamp_min(0)
+    count = torch.where(nodes >= 0, tt["child_count"][safe], 0)                    # (R,)
+    start = tt["child_start"][safe]                                                 # (R,)
+    rows = torch.repeat_interleave(torch.arange(R, device=nodes.device), count)    # (E,)
+    first = torch.cumsum(count, 0) - count                                          # (R,)
+    edge = start[rows] + torch.arange(rows.shape[0], device=nodes.device) - first[rows]  # (E,)
+    codes = tt["child_code"][edge]
+    mask = torch.full((R, level_size), float("-inf"), device=nodes.device)
+    mask[rows, codes] = 0.0
+    child = torch.full((R, level_size), -1, dtype=torch.long, device=nodes.device)
+    child[rows, codes] = tt["child_node"][edge]
+    return mask, child
+
+
+def _beam_search(model, input_ids, attention_mask, vocab: IdentifierVocab, num_beams: int, tt: dict | None):
+    """Shared loop: returns final tokens (B, W, L), scores (B, W) sorted, trie nodes (B, W) or None."""
+    L = vocab.length
+    layers = model.encode(input_ids, attention_mask)                                # (B, S, N, d)
+    B = layers.shape[0]
+    device = layers.device
+    memory = model.decoder.memory(layers)                                           # once per query
+    mask = attention_mask.bool()[:, None, None, :]                                  # (B, 1, 1, N)
+    scores = torch.zeros(B, 1, device=device)                                       # (B, W=1)
+    tokens = torch.full((B, 1, 0), BOS, dtype=torch.long, device=device)            # (B, W, t)
+    prev = torch.full((B, 1), BOS, dtype=torch.long, device=device)                 # (B, W)
+    nodes = torch.zeros(B, 1, dtype=torch.long, device=device) if tt is not None else None
+    cache: list = []
+    for d in range(L):
+        W = prev.shape[1]
+        logits, cache = model.decoder.step(prev, d, memory, mask, cache)           # (B, W, V)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        if tt is not None:
+            lo, hi = vocab.level_range(d)
+            C = hi - lo
+            allowed, child = _allowed_children(nodes.reshape(-1), tt, C)            # (B*W, C)
+            cand = logp[..., lo:hi] + allowed.view(B, W, C)
+        else:
+            lo, C = 0, logp.shape[-1]
+            cand = logp
+        cand = (scores[..., None] + cand).reshape(B, W * C)
+        W_new = min(num_beams, W * C)
+        scores, idx = cand.topk(W_new, dim=1)                                       # (B, W_new), sorted
+        src, code = idx // C, idx % C                                               # source beam, code
+        flat_src = (torch.arange(B, device=device)[:, None] * W + src).reshape(-1)  # (B*W_new,)
+        prev = code + lo                                                            # token ids
+        tokens = torch.cat([tokens.reshape(B * W, -1)[flat_src].view(B, W_new, -1), prev[..., None]], dim=2)
+        if tt is not None:
+            nodes = child[flat_src, code.reshape(-1)].view(B, W_new)
+            nodes = torch.where(torch.isfinite(scores), nodes, -1)
+        cache = [(k.index_select(0, flat_src), v.index_select(0, flat_src)) for k, v in cache]
+    return tokens, scores, nodes
+
+
+@torch.inference_mode()
+def constrained_beam_search(model, input_ids, attention_mask, trie, vocab: IdentifierVocab, num_beams: int = 5,
+                            top_k: int | None = None):
+    """Top-k distinct valid items per query: (item_index int64 (B, top_k), -1 padded; logprob (B, top_k)).
+
+    ``item_index`` are ``trie.leaf_item`` values (row indices into the identifier table);
+    ``logprob`` is the identifier's summed log-probability (-inf where padded)."""
+    top_k = _check(model, input_ids, trie, vocab, num_beams, top_k)
+    device = next(model.parameters()).device if any(True for _ in model.parameters()) else input_ids.device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    tt = _trie_tensors(trie, device)
+    _, scores, nodes = _beam_search(model, input_ids, attention_mask, vocab, num_beams, tt)
+    items = torch.where(nodes >= 0, tt["leaf_item"][nodes.clamp_min(0)], -1)
+    items = torch.where(torch.isfinite(scores), items, -1)
+    scores = torch.where(items >= 0, scores, float("-inf"))
+    return _pad_to(items[:, :top_k], scores[:, :top_k], top_k)
+
+
+@torch.inference_mode()
+def unconstrained_beam_search(model, input_ids, attention_mask, trie, vocab: IdentifierVocab, num_beams: int = 5,
+                              top_k: int | None = None):
+    """Ablation: beam search over the whole identifier vocabulary, no trie. Returned sequences that
+    are not identifiers of the trie are dropped and counted.
+
+    Returns (item_index (B, top_k) -1 padded, logprob (B, top_k), num_invalid int)."""
+    top_k = _check(model, input_ids, trie, vocab, num_beams, top_k)
+    device = next(model.parameters()).device
+    tokens, scores, _ = _beam_search(model, input_ids.to(device), attention_mask.to(device), vocab,
+                                     num_beams, None)
+    tokens, scores = tokens[:, :top_k].cpu().numpy(), scores[:, :top_k].cpu()
+    B, K, L = tokens.shape
+    codes = tokens.reshape(-1, L) - np.asarray(vocab.offsets)[None, :]             # (B*K, L)
+    in_range = ((codes >= 0) & (codes < np.asarray(vocab.level_sizes)[None, :])).all(1)
+    items = np.full(B * K, -1, dtype=np.int64)
+    if in_range.any():
+        items[in_range] = trie.lookup_rows(codes[in_range])
+    items = items.reshape(B, K)
+    num_invalid = int((items < 0).sum())
+    # drop invalid ones, keep the valid ones in score order at the front
+    order = np.argsort(items < 0, axis=1, kind="stable")
+    items = np.take_along_axis(items, order, 1)
+    scores = torch.gather(scores, 1, torch.from_numpy(order))
+    items_t = torch.from_numpy(items)
+    scores = torch.where(items_t >= 0, scores, float("-inf"))
+    return items_t, scores, num_invalid
+
+
+def _pad_to(items: torch.Tensor, scores: torch.Tensor, top_k: int):
+    """Pad (B, W) results with -1 / -inf to (B, top_k) (when fewer beams than top_k exist)."""
+    B, W = items.shape
+    if W < top_k:
+        items = torch.cat([items, items.new_full((B, top_k - W), -1)], 1)
+        scores = torch.cat([scores, scores.new_full((B, top_k - W), float("-inf"))], 1)
+    return items.cpu(), scores.cpu()
+
+
+def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with dynamic int8 Linear layers for CPU serving (weights int8,
+    activations quantised per batch on the fly)."""
+    from torch.ao.quantization import quantize_dynamic
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return quantize_dynamic(copy.deepcopy(model).cpu().eval(), {nn.Linear}, dtype=torch.qint8)
