@@ -60,7 +60,7 @@ class TrainConfig:
     epochs: int = 20
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     omega: float = 0.15  # R-Drop weight; 0 turns R-Drop off
-    max_query_length: int = 64
+    max_query_length: int | None = None  # None: the model's config.max_query_length
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2  # most recent step-N folders kept (the best one is kept too)
     eval_every: int = 1000  # 0: only at the end
@@ -84,12 +84,14 @@ class TrainConfig:
         if self.best_metric not in ("R@1", "R@5", "R@10", "MRR@10"):
             raise ValueError(f"best_metric must be one of R@1, R@5, R@10, MRR@10, got {self.best_metric!r}")
         for name in ("batch_size", "epochs", "checkpoint_every", "keep_checkpoints", "eval_batch_size",
-                     "num_beams", "eval_top_k", "log_every", "max_query_length"):
+                     "num_beams", "eval_top_k", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "weight_decay", "grad_clip", "omega"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_query_length is not None and self.max_query_length < 1:
+            raise ValueError(f"max_query_length must be >= 1 or None, got {self.max_query_length}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -219,13 +221,24 @@ def _metrics_from_rows(ranked_rows: np.ndarray, targets: np.ndarray) -> dict[str
     return retrieval_metrics(rankings, [int(t) for t in targets])
 
 
+def query_length(model, query_tokenizer, requested: int | None) -> int:
+    """Token budget per query: ``requested``, else the model's config.max_query_length, else the tokenizer's."""
+    model_max = getattr(getattr(model, "config", None), "max_query_length", None)
+    if requested is None:
+        return int(model_max or query_tokenizer.max_length)
+    if model_max is not None and requested > model_max:
+        raise ValueError(f"max_query_length={requested} exceeds the model's max_query_length={model_max}")
+    return int(requested)
+
+
 def evaluate_retriever(model, query_tokenizer, id_tokenizer, vocab, pairs: Sequence[tuple[str, Any]], *,
-                       num_beams: int = 10, top_k: int = 10, batch_size: int = 100, max_query_length: int = 64,
-                       progress: bool = False) -> dict[str, float]:
+                       num_beams: int = 10, top_k: int = 10, batch_size: int = 100,
+                       max_query_length: int | None = None, progress: bool = False) -> dict[str, float]:
     """Recall@1/5/10 and MRR@10 (percent) of constrained beam search on (query, item) pairs."""
     if top_k > num_beams:
         raise ValueError(f"top_k ({top_k}) cannot exceed num_beams ({num_beams})")
-    data = encode_pairs(pairs, query_tokenizer, id_tokenizer, vocab, max_query_length=max_query_length,
+    data = encode_pairs(pairs, query_tokenizer, id_tokenizer, vocab,
+                        max_query_length=query_length(model, query_tokenizer, max_query_length),
                         what="evaluation pairs")
     ranked = rank_items(model, data.input_ids, data.attention_mask, id_tokenizer.trie.flat(), vocab,
                         num_beams=num_beams, top_k=top_k, batch_size=batch_size, progress=progress)
@@ -353,11 +366,12 @@ def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
 
-    train = encode_pairs(train_pairs, query_tokenizer, id_tokenizer, vocab, max_query_length=cfg.max_query_length,
+    max_len = query_length(model, query_tokenizer, cfg.max_query_length)
+    train = encode_pairs(train_pairs, query_tokenizer, id_tokenizer, vocab, max_query_length=max_len,
                          what="train_pairs")
     val = None
     if val_pairs is not None and len(val_pairs) > 0:
-        val = encode_pairs(val_pairs, query_tokenizer, id_tokenizer, vocab, max_query_length=cfg.max_query_length,
+        val = encode_pairs(val_pairs, query_tokenizer, id_tokenizer, vocab, max_query_length=max_len,
                            what="val_pairs")
         if cfg.max_eval_queries is not None and len(val) > cfg.max_eval_queries:
             keep = torch.randperm(len(val), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.max_eval_queries]

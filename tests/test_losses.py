@@ -6,28 +6,22 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from ace.modeling import AceConfig, AceModel
 from ace.losses import IGNORE_INDEX, ace_loss, rdrop_kl, token_cross_entropy
 
 
-class DropoutHead(nn.Module):
-    """Minimal seq2seq-shaped model: logits depend on query and decoder tokens, with dropout."""
-
-    def __init__(self, vocab=11, d=16, dropout=0.3):
-        super().__init__()
-        self.q, self.y = nn.Embedding(vocab, d), nn.Embedding(vocab, d)
-        self.drop, self.out = nn.Dropout(dropout), nn.Linear(d, vocab)
-
-    def forward(self, input_ids, attention_mask, decoder_input_ids):
-        ctx = (self.q(input_ids) * attention_mask[..., None]).mean(1, keepdim=True)  # (B, 1, d)
-        return SimpleNamespace(logits=self.out(self.drop(ctx + self.y(decoder_input_ids))))  # (B, T, V)
+def tiny_model(V=11, dropout=0.3):
+    """A tiny AceModel: identifier vocab 3 specials + 4 + 4 tokens = 11, query vocab 11."""
+    torch.manual_seed(0)
+    return AceModel(AceConfig(d_model=16, n_heads=2, encoder_layers=2, decoder_layers=1, ffn_dim=32, dropout=dropout,
+                              query_vocab_size=V, max_query_length=8, level_sizes=[4, 4, 4]))
 
 
 def make_batch(B=4, S=5, T=3, V=11):
     g = torch.Generator().manual_seed(0)
-    labels = torch.randint(3, V, (B, T), generator=g)
-    return {"input_ids": torch.randint(0, V, (B, S), generator=g), "attention_mask": torch.ones(B, S),
+    labels = torch.stack([3 + 4 * i + torch.randint(0, 4, (B,), generator=g) for i in range(T)], 1)  # level tokens
+    return {"input_ids": torch.randint(0, V, (B, S), generator=g), "attention_mask": torch.ones(B, S, dtype=torch.long),
             "decoder_input_ids": torch.cat([torch.ones(B, 1, dtype=torch.long), labels[:, :-1]], 1),
             "labels": labels}
 
@@ -55,7 +49,7 @@ def test_kl_positive_symmetric_and_matches_definition():
 
 def test_ace_loss_kl_zero_without_dropout_and_positive_with_it():
     torch.manual_seed(0)
-    model, batch = DropoutHead(), make_batch()
+    model, batch = tiny_model(), make_batch()
     model.eval()  # identical passes
     out = ace_loss(model, batch, omega=0.15)
     assert out.kl.item() == pytest.approx(0, abs=1e-7)
@@ -65,12 +59,12 @@ def test_ace_loss_kl_zero_without_dropout_and_positive_with_it():
     assert out.kl.item() > 1e-4
     assert out.loss.item() == pytest.approx(out.ce.item() + 0.15 * out.kl.item(), rel=1e-5)
     out.loss.backward()
-    assert model.out.weight.grad is not None and torch.isfinite(model.out.weight.grad).all()
+    assert model.decoder.head.weight.grad is not None and torch.isfinite(model.decoder.head.weight.grad).all()
 
 
 def test_omega_zero_is_plain_cross_entropy_in_one_pass():
     torch.manual_seed(0)
-    model, batch = DropoutHead(), make_batch()
+    model, batch = tiny_model(), make_batch()
     calls = []
     model.register_forward_hook(lambda m, i, o: calls.append(1))
     torch.manual_seed(5)
@@ -98,10 +92,10 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="selects no token"):
         rdrop_kl(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="omega"):
-        ace_loss(DropoutHead(), make_batch(), omega=-1)
+        ace_loss(tiny_model(), make_batch(), omega=-1)
     batch = make_batch()
     del batch["labels"]
     with pytest.raises(KeyError, match="labels"):
-        ace_loss(DropoutHead(), batch)
+        ace_loss(tiny_model(), batch)
     with pytest.raises(ValueError, match="does not match"):
         token_cross_entropy(torch.randn(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))

@@ -7,37 +7,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
+from ace.modeling import AceConfig, AceModel
 from ace.tokens import IdentifierVocab, QueryTokenizer
 from ace.training import (TrainConfig, TrainingDataError, encode_pairs, latest_checkpoint, train_retriever,
                           warmup_cosine)
 
 LEVELS = [4, 3, 5]  # K, C_1, U
-
-
-class StandInSeq2Seq(nn.Module):
-    """Tiny model with AceModel's forward contract: (input_ids, attention_mask, decoder_input_ids) -> .logits."""
-
-    def __init__(self, *, query_vocab: int, id_vocab: int, d: int = 32, dropout: float = 0.1):
-        super().__init__()
-        self.q = nn.Embedding(query_vocab, d)
-        self.y = nn.Embedding(id_vocab, d)
-        self.pos = nn.Embedding(16, d)
-        self.drop = nn.Dropout(dropout)
-        self.head = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, id_vocab))
-
-    def forward(self, input_ids, attention_mask, decoder_input_ids):
-        m = attention_mask.unsqueeze(-1).float()
-        ctx = (self.q(input_ids) * m).sum(1) / m.sum(1).clamp(min=1)  # (B, d)
-        T = decoder_input_ids.shape[1]
-        h = self.y(decoder_input_ids) + self.pos(torch.arange(T, device=decoder_input_ids.device))  # (B, T, d)
-        h = h.cumsum(1) / torch.arange(1, T + 1, device=h.device)[:, None]  # causal mean of the prefix
-        logits = self.head(self.drop(torch.cat([ctx[:, None].expand_as(h), h], -1)))  # (B, T, V)
-        return SimpleNamespace(logits=logits)
-
-    def save_pretrained(self, path):
-        torch.save(self.state_dict(), f"{path}/standin.bin")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +31,8 @@ def task():
 
 def make_model(task, seed=0):
     torch.manual_seed(seed)
-    return StandInSeq2Seq(query_vocab=task.qtok.vocab_size, id_vocab=task.vocab.vocab_size)
+    return AceModel(AceConfig(d_model=16, n_heads=2, encoder_layers=1, decoder_layers=1, ffn_dim=32, dropout=0.1,
+                              query_vocab_size=task.qtok.vocab_size, max_query_length=16, level_sizes=LEVELS))
 
 
 def small_cfg(**kw):
@@ -86,7 +62,8 @@ def test_logged_lr_follows_schedule(task, tmp_path):
 
 def test_checkpoints_written_and_rotated(task, tmp_path):
     cfg = small_cfg(max_steps=8, checkpoint_every=2, keep_checkpoints=2)
-    res = train_retriever(make_model(task), task.qtok, task.idtok, task.vocab, task.pairs, None, cfg, tmp_path)
+    model = make_model(task)
+    res = train_retriever(model, task.qtok, task.idtok, task.vocab, task.pairs, None, cfg, tmp_path)
     assert res.step == 8
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step-6", "step-8"]
@@ -94,7 +71,10 @@ def test_checkpoints_written_and_rotated(task, tmp_path):
     assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "trainer_state.json"} <= files
     state = json.loads((tmp_path / "checkpoints" / "step-8" / "trainer_state.json").read_text())
     assert state["step"] == 8 and state["total_steps"] == 8
-    assert (tmp_path / "model" / "standin.bin").is_file()
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    reloaded = AceModel.from_pretrained(tmp_path / "model").state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, reloaded[name]), name
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 9))
     assert log[-1]["loss"] < log[0]["loss"]
@@ -170,3 +150,9 @@ def test_bad_training_pairs(task, tmp_path, pairs, message):
 def test_bad_train_config(kw, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**kw)
+
+
+def test_query_length_beyond_model_is_refused(task, tmp_path):
+    with pytest.raises(ValueError, match="exceeds the model's max_query_length=16"):
+        train_retriever(make_model(task), task.qtok, task.idtok, task.vocab, task.pairs, None,
+                        small_cfg(max_query_length=64), tmp_path)
