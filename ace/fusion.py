@@ -73,17 +73,20 @@ class FineFusion(nn.Module):
         super().__init__()
         self.attn = nn.ModuleList(CrossAttention(d_model=d_model, n_heads=n_heads, dropout=dropout)
                                   for _ in range(num_layers))
-        self.gate = nn.ModuleList(nn.Linear(2 * d_model, d_model) for _ in range(num_layers))
+        # W_i [Y; C_i] + b_i = W_i^Y Y + W_i^C C_i + b_i: the Y halves of all S gates are one matmul
+        self.gate_y = nn.Linear(d_model, num_layers * d_model)
+        self.gate_c = nn.ModuleList(nn.Linear(d_model, d_model, bias=False) for _ in range(num_layers))
 
     def memory(self, layers: torch.Tensor):
         """layers (B, S, N, d) -> S pairs of keys/values (B, H, N, dh)."""
         return [attn.memory(layers[:, i]) for i, attn in enumerate(self.attn)]
 
     def forward(self, y, memory, mask):
+        gy = self.gate_y(y).chunk(len(self.attn), dim=-1)           # S x (B, T, d)
         out = 0.0
-        for attn, gate, kv in zip(self.attn, self.gate, memory):
+        for attn, gate_c, g, kv in zip(self.attn, self.gate_c, gy, memory):
             c = attn(y, kv, mask)                                   # (B, T, d)
-            out = out + torch.sigmoid(gate(torch.cat([y, c], dim=-1))) * c
+            out = out + torch.sigmoid(g + gate_c(c)) * c
         return out
 
 

@@ -1,0 +1,144 @@
+"""Queries/second of constrained beam search vs trie size (default AceConfig, untrained weights).
+
+    python benchmarks/bench_decoding.py --sizes 1000 10000 100000 1000000 --out benchmarks/results/decoding.md
+
+Random identifiers with level_sizes [128, 128, 128, U]; random queries of ``--query-len`` tokens.
+Throughput is measured with batch ``--batch`` (default 100) and beam ``--beams`` (default 5), in
+fp32 and with dynamic int8 Linear layers; plus batch-1 latency. Flatness = max/min q/s over sizes.
+Weights are random: speed does not depend on training (beam search always runs L steps).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ace.decoding import constrained_beam_search, quantize_dynamic_int8  # noqa: E402
+from ace.modeling import AceConfig, AceModel  # noqa: E402
+from ace.tokens import IdentifierVocab  # noqa: E402
+from identifiers.trie import FlatTrie  # noqa: E402
+
+
+def random_codes(n: int, level_sizes, rng) -> np.ndarray:
+    """n distinct random identifiers (k, v1, v2, u)."""
+    out = np.zeros((0, len(level_sizes)), np.int64)
+    while out.shape[0] < n:
+        extra = np.stack([rng.integers(0, s, 2 * (n - out.shape[0]) + 16) for s in level_sizes], 1)
+        out = np.unique(np.concatenate([out, extra]), axis=0)
+    return out[rng.permutation(out.shape[0])[:n]]
+
+
+def time_qps(model, batches, trie, vocab, beams, repeats) -> float:
+    """Median queries/second over ``repeats`` passes of all batches (one warm-up pass first)."""
+    def one_pass():
+        t = time.perf_counter()
+        n = 0
+        for ids, mask in batches:
+            constrained_beam_search(model, ids, mask, trie, vocab, num_beams=beams)
+            n += ids.shape[0]
+        return n / (time.perf_counter() - t)
+    one_pass()
+    return statistics.median(one_pass() for _ in range(repeats))
+
+
+def time_latency_ms(model, queries, trie, vocab, beams) -> float:
+    ids, mask = queries
+    constrained_beam_search(model, ids[:1], mask[:1], trie, vocab, num_beams=beams)
+    times = []
+    for i in range(ids.shape[0]):
+        t = time.perf_counter()
+        constrained_beam_search(model, ids[i:i + 1], mask[i:i + 1], trie, vocab, num_beams=beams)
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000, 1000000])
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--num-batches", type=int, default=5)
+    ap.add_argument("--beams", type=int, default=5)
+    ap.add_argument("--u", type=int, default=32, help="size of the last (u) level")
+    ap.add_argument("--query-len", type=int, default=12)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--latency-queries", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=str, default=None, help="write a markdown report here")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    level_sizes = [128, 128, 128, args.u]
+    config = AceConfig(level_sizes=level_sizes)
+    vocab = IdentifierVocab(level_sizes)
+    models = {"fp32": AceModel(config).eval()}
+    models["int8-dynamic"] = quantize_dynamic_int8(models["fp32"])
+    n_params = sum(p.numel() for p in models["fp32"].parameters())
+
+    # queries of realistic length with some padding
+    def make_batch(b):
+        ids = torch.randint(3, config.query_vocab_size, (b, args.query_len))
+        lens = torch.randint(args.query_len // 2, args.query_len + 1, (b,))
+        mask = (torch.arange(args.query_len)[None] < lens[:, None]).long()
+        return ids * mask, mask
+    batches = [make_batch(args.batch) for _ in range(args.num_batches)]
+    lat_queries = make_batch(args.latency_queries)
+
+    rows = []
+    for n in args.sizes:
+        t = time.perf_counter()
+        trie = FlatTrie.from_codes(random_codes(n, level_sizes, rng), level_sizes)
+        build = time.perf_counter() - t
+        row = {"n": n, "build_s": build}
+        for name, model in models.items():
+            row[name] = time_qps(model, batches, trie, vocab, args.beams, args.repeats)
+            row[name + "_lat"] = time_latency_ms(model, lat_queries, trie, vocab, args.beams)
+        rows.append(row)
+        print(f"trie {n:>8}: build {build:.2f}s | " + " | ".join(
+            f"{k}: {row[k]:.0f} q/s, batch-1 {row[k + '_lat']:.1f} ms" for k in models), flush=True)
+
+    flat = {k: max(r[k] for r in rows) / min(r[k] for r in rows) for k in models}
+    load = os.getloadavg()
+    cmd = "python " + " ".join([sys.argv[0]] + sys.argv[1:])
+    lines = [
+        "# Constrained beam search throughput vs trie size",
+        "",
+        f"Command: `{cmd}`",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{args.threads} threads. Load average at the end of the run: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
+        f"(the machine was shared with other engineers' processes, so absolute figures are noisy).",
+        "",
+        f"Model: default AceConfig (d_model {config.d_model}, {config.n_heads} heads, {config.encoder_layers} encoder + "
+        f"{config.decoder_layers} decoder layers, ffn {config.ffn_dim}, fusion on, {n_params / 1e6:.1f}M parameters, "
+        f"random weights). Identifiers: level_sizes {level_sizes}, random distinct codes. Queries: "
+        f"{args.query_len // 2}-{args.query_len} tokens. Beam {args.beams}, batch {args.batch} "
+        f"({args.num_batches} batches x {args.repeats} timed passes, median), batch-1 latency = median over "
+        f"{args.latency_queries} single queries.",
+        "",
+        "| identifiers | trie build (s) | " + " | ".join(f"{k} q/s | {k} batch-1 ms" for k in models) + " |",
+        "|---:|---:|" + "---:|---:|" * len(models),
+    ]
+    for r in rows:
+        lines.append(f"| {r['n']:,} | {r['build_s']:.2f} | " + " | ".join(
+            f"{r[k]:.0f} | {r[k + '_lat']:.1f}" for k in models) + " |")
+    lines += ["", "Flatness (max/min q/s over trie sizes; target <= 1.15): " +
+              ", ".join(f"{k} {v:.3f}" for k, v in flat.items()), ""]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
