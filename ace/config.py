@@ -174,3 +174,37 @@ def config_hash(*parts: Any) -> str:
     """Stable short hash of configs / values, used to decide whether a stage's output is stale."""
     blob = json.dumps([to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    """HTTP serving (ace/server.py): limits, micro-batching, auth. api_key falls back to env ACE_API_KEY."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None           # required by write endpoints; None -> env ACE_API_KEY
+    read_requires_key: bool = False      # True: search/items/media/stats also need the key
+    max_batch: int = 32                  # micro-batching: most queries in one retriever.search call
+    max_wait_ms: float = 5.0             # ... and longest a query waits for others to join its batch
+    max_queue: int = 1024                # queued searches beyond this get 503 (load shedding)
+    search_timeout_s: float = 60.0       # a search not answered by then gets 504
+    max_query_chars: int = 512
+    max_k: int = 100
+    default_k: int = 10
+    max_beams: int = 128
+    max_body_bytes: int = 64 * 1024      # request bodies (JSON endpoints)
+    max_upload_bytes: int = 64 * 1024 * 1024  # bodies of POST /items (media uploads)
+    media_root: str | None = None        # None -> the run's corpus root
+    latency_window: int = 10_000         # recent searches kept for /stats percentiles
+
+    def __post_init__(self):
+        if self.max_batch < 1 or self.max_wait_ms < 0 or self.max_queue < 1:
+            raise ValueError("max_batch and max_queue must be >= 1 and max_wait_ms >= 0")
+        if not 1 <= self.default_k <= self.max_k <= 100:
+            raise ValueError(f"need 1 <= default_k ({self.default_k}) <= max_k ({self.max_k}) <= 100")
+        if self.max_query_chars < 1 or self.max_body_bytes < 1 or self.max_beams < 1:
+            raise ValueError("max_query_chars, max_beams and max_body_bytes must be >= 1")
+
+    def resolved_api_key(self) -> str | None:
+        """The configured key, else $ACE_API_KEY, else None (writes disabled)."""
+        import os
+        return self.api_key or os.environ.get("ACE_API_KEY") or None

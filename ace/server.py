@@ -1,0 +1,555 @@
+"""HTTP serving of a trained run: FastAPI app over a Retriever, with micro-batched search and a search page.
+
+    app = create_app(Retriever.from_run("runs/demo"), ServeConfig())
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Endpoints: ``POST /search``, ``GET /items/{item_id}``, ``GET /media/{item_id}``, ``GET /health``,
+``GET /stats``, ``GET /`` (the search page, ``ace/static``), ``/docs`` and ``/openapi.json``.
+
+Micro-batching: each ``POST /search`` puts its query on a pending list; one worker task takes up
+to ``max_batch`` pending queries (waiting at most ``max_wait_ms`` after the oldest arrived for
+others to join) and answers them with one ``retriever.search`` call per distinct
+``(k, beams, modality)`` in a single worker thread, so concurrent clients share one constrained
+beam search. Media are served only from files inside the corpus root, looked up by item id -
+never from a path in the request.
+
+The retriever is any object with ``search(queries, k, num_beams, modality) -> list[list[SearchHit]]``,
+``item(item_id) -> CorpusItem`` (KeyError for unknown ids) and ``info() -> dict``
+(see ``ace/retriever.py``).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import mimetypes
+import os
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Protocol, Sequence
+from urllib.parse import quote
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from ace.config import ServeConfig
+
+log = logging.getLogger("ace.server")
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+Modality = Literal["image", "audio", "video", "text"]
+
+
+class RetrieverLike(Protocol):
+    def search(self, queries: list[str], k: int = 10, num_beams: int | None = None,
+               modality: str | None = None) -> list[list[Any]]: ...
+    def item(self, item_id: str) -> Any: ...
+    def info(self) -> dict: ...
+
+
+# -- request / response models (they make the published OpenAPI schema) --------------------------
+
+class SearchRequest(BaseModel):
+    """A text query; k, modality filter and beam width are optional."""
+    model_config = ConfigDict(extra="forbid")
+    query: StrictStr = Field(description="text query (non-empty, at most max_query_chars characters)")
+    k: StrictInt | None = Field(None, ge=1, le=100, description="results to return (default: config default_k = 10)")
+    modality: Modality | None = Field(None, description="only items of this modality")
+    beams: StrictInt | None = Field(None, ge=1, description="beam width of the constrained beam search (default: the run's)")
+
+
+class SearchResult(BaseModel):
+    item_id: str
+    modality: str
+    score: float | None = Field(description="the retriever's score (generative: sequence log-probability); null if not finite")
+    identifier: list[int] = Field(description="semantic identifier (k, v1..vM, u)")
+    source: str = Field(description="'generative' or 'fallback'")
+    media_url: str | None
+    captions: list[str]
+
+
+class SearchResponse(BaseModel):
+    query: str
+    k: int
+    modality: str | None
+    results: list[SearchResult]
+    latency_ms: float
+
+
+class ItemResponse(BaseModel):
+    item_id: str
+    modality: str
+    media_url: str | None
+    captions: list[str]
+    metadata: dict[str, Any]
+    has_embedding: bool
+
+
+# -- micro-batching ------------------------------------------------------------------------------
+
+class ServerBusy(Exception):
+    """More searches are queued than ``max_queue``."""
+
+
+@dataclass
+class _Pending:
+    query: str
+    key: tuple                    # (k, beams, modality): one retriever call per distinct key
+    future: asyncio.Future
+    enqueued: float
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    queries: int = 0
+    max_size: int = 0
+    calls: int = 0                # retriever.search calls (one per distinct key per batch)
+
+
+class MicroBatcher:
+    """Gathers concurrent searches into batches run by one worker thread."""
+
+    def __init__(self, search_fn: Callable[[list[str], tuple], list[Any]], *, max_batch: int,
+                 max_wait_ms: float, max_queue: int):
+        self.search_fn = search_fn
+        self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
+        self.stats = BatchStats()
+        self._pending: collections.deque[_Pending] = collections.deque()
+        self._event: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def start(self) -> None:
+        self._event = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ace-search")
+        self._task = asyncio.create_task(self._worker(), name="ace-microbatcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for p in self._pending:
+            if not p.future.done():
+                p.future.set_exception(ServerBusy("server is shutting down"))
+        self._pending.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def submit(self, query: str, key: tuple) -> Any:
+        if not self.alive:
+            raise ServerBusy("search worker is not running")
+        if len(self._pending) >= self.max_queue:
+            raise ServerBusy(f"{len(self._pending)} searches queued (max_queue={self.max_queue})")
+        loop = asyncio.get_running_loop()
+        pending = _Pending(query, key, loop.create_future(), loop.time())
+        self._pending.append(pending)
+        self._event.set()
+        return await pending.future
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._pending:
+                self._event.clear()
+                await self._event.wait()
+            deadline = self._pending[0].enqueued + self.max_wait
+            while len(self._pending) < self.max_batch:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                self._event.clear()
+                try:
+                    await asyncio.wait_for(self._event.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
+            batch = [p for p in batch if not p.future.done()]  # clients that gave up
+            if not batch:
+                continue
+            try:
+                outcomes = await loop.run_in_executor(self._executor, self._run_batch, batch)
+            except Exception as exc:  # _run_batch catches per group; this is a bug guard, not a fallback
+                log.exception("micro-batch failed")
+                outcomes = [exc] * len(batch)
+            for p, out in zip(batch, outcomes):
+                if p.future.done():
+                    continue
+                if isinstance(out, BaseException):
+                    p.future.set_exception(out)
+                else:
+                    p.future.set_result(out)
+
+    def _run_batch(self, batch: list[_Pending]) -> list[Any]:
+        """Runs in the worker thread: one search_fn call per distinct key; a failing call is retried per query."""
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(batch):
+            groups.setdefault(p.key, []).append(i)
+        outcomes: list[Any] = [None] * len(batch)
+        for key, idx in groups.items():
+            queries = [batch[i].query for i in idx]
+            try:
+                results = self._call(queries, key)
+                for i, r in zip(idx, results):
+                    outcomes[i] = r
+            except Exception as exc:
+                if len(idx) == 1:
+                    outcomes[idx[0]] = exc
+                    continue
+                for i in idx:  # isolate the query that made the batch fail
+                    try:
+                        outcomes[i] = self._call([batch[i].query], key)[0]
+                    except Exception as single_exc:
+                        outcomes[i] = single_exc
+        self.stats.batches += 1
+        self.stats.queries += len(batch)
+        self.stats.max_size = max(self.stats.max_size, len(batch))
+        return outcomes
+
+    def _call(self, queries: list[str], key: tuple) -> list[Any]:
+        self.stats.calls += 1
+        results = self.search_fn(queries, key)
+        if len(results) != len(queries):
+            raise RuntimeError(f"retriever returned {len(results)} result lists for {len(queries)} queries")
+        return results
+
+
+# -- auth ----------------------------------------------------------------------------------------
+
+def _presented_key(request: Request) -> str | None:
+    key = request.headers.get("x-api-key")
+    if key:
+        return key
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip() or None
+    return None
+
+
+def _check_key(request: Request, what: str) -> None:
+    expected = request.app.state.api_key
+    if expected is None:
+        raise HTTPException(403, f"{what} disabled: no API key configured (set ServeConfig.api_key or ACE_API_KEY)")
+    presented = _presented_key(request)
+    if presented is None:
+        raise HTTPException(401, f"{what} require an API key (header 'X-API-Key: KEY' or 'Authorization: Bearer KEY')",
+                            headers={"WWW-Authenticate": "Bearer"})
+    if not secrets.compare_digest(presented.encode(), expected.encode()):
+        raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_write_key(request: Request) -> None:
+    """Dependency for write endpoints (POST /items, DELETE /items/{id}): always keyed."""
+    _check_key(request, "write endpoints are")
+
+
+def require_read_key(request: Request) -> None:
+    """Dependency for read endpoints: keyed only when ``read_requires_key``."""
+    if request.app.state.config.read_requires_key:
+        _check_key(request, "read endpoints")
+
+
+# -- body size limit -----------------------------------------------------------------------------
+
+class BodyLimitMiddleware:
+    """Refuses request bodies above a limit with 413: by Content-Length up front, else while streaming."""
+
+    def __init__(self, app, *, max_body_bytes: int, max_upload_bytes: int, upload_paths: Sequence[str] = ("/items",)):
+        self.app = app
+        self.max_body, self.max_upload, self.upload_paths = max_body_bytes, max_upload_bytes, tuple(upload_paths)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        is_upload = scope["method"] == "POST" and scope["path"].rstrip("/") in self.upload_paths
+        limit = self.max_upload if is_upload else self.max_body
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > limit
+            except ValueError:
+                return await _send_json(send, 400, "invalid Content-Length header")
+            if too_big:
+                return await _send_json(send, 413, f"request body of {int(length)} bytes exceeds the limit of {limit} bytes")
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise HTTPException(413, f"request body exceeds the limit of {limit} bytes")
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+
+async def _send_json(send, status: int, detail: str) -> None:
+    body = JSONResponse({"detail": detail}, status_code=status).body
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def _validation_message(exc: RequestValidationError) -> tuple[int, str, list[dict]]:
+    errors = []
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        errors.append({"field": ".".join(loc) or "body", "message": str(err.get("msg", "invalid"))})
+    kinds = {e.get("type") for e in exc.errors()}
+    if "json_invalid" in kinds:
+        err = next(e for e in exc.errors() if e.get("type") == "json_invalid")
+        reason = (err.get("ctx") or {}).get("error", "invalid JSON")
+        return 400, f"malformed JSON body: {reason}", errors
+    if any(e.get("type") == "missing" and tuple(e.get("loc", ())) == ("body",) for e in exc.errors()):
+        return 422, 'request body is required: a JSON object like {"query": "a dog on a beach"}', errors
+    if any(e.get("type") in ("model_attributes_type", "dict_type") and tuple(e.get("loc", ())) == ("body",)
+           for e in exc.errors()):
+        return 422, 'request body must be a JSON object (Content-Type: application/json) like {"query": "..."}', errors
+    return 422, "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors
+
+
+def _finite_or_none(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def media_url(item_id: str) -> str:
+    return "/media/" + quote(item_id, safe="")
+
+
+def resolve_media_file(media: str, root: Path) -> Path:
+    """Real path of an item's media file; PermissionError when it resolves outside ``root``."""
+    root_real = Path(os.path.realpath(root))
+    p = Path(media)
+    real = Path(os.path.realpath(p if p.is_absolute() else root_real / p))
+    if real != root_real and root_real not in real.parents:
+        raise PermissionError(f"media path resolves outside the corpus root")
+    return real
+
+
+def _media_root_of(retriever: Any) -> Path | None:
+    """The run's corpus root: ``retriever.corpus_root``, else ``retriever.corpus.root``."""
+    root = getattr(retriever, "corpus_root", None)
+    if root is None:
+        root = getattr(getattr(retriever, "corpus", None), "root", None)
+    return Path(root) if root is not None else None
+
+
+@dataclass
+class _Latency:
+    window: int
+    values: collections.deque = field(default_factory=collections.deque)
+    served: int = 0
+    failed: int = 0
+
+    def add(self, ms: float) -> None:
+        self.served += 1
+        self.values.append(ms)
+        while len(self.values) > self.window:
+            self.values.popleft()
+
+    def summary(self) -> dict:
+        if not self.values:
+            return {"count": 0, "p50": None, "p90": None, "p99": None, "mean": None}
+        v = np.fromiter(self.values, dtype=np.float64)
+        p50, p90, p99 = np.percentile(v, [50, 90, 99])
+        return {"count": int(v.size), "p50": round(float(p50), 3), "p90": round(float(p90), 3),
+                "p99": round(float(p99), 3), "mean": round(float(v.mean()), 3)}
+
+
+# -- the app -------------------------------------------------------------------------------------
+
+def create_app(retriever: RetrieverLike, config: ServeConfig | None = None, *, media_root: str | Path | None = None) -> FastAPI:
+    """FastAPI app serving ``retriever``; media from ``media_root`` (else config.media_root, else the run's corpus root)."""
+    config = config or ServeConfig()
+    root = media_root or config.media_root or _media_root_of(retriever)
+    root = Path(root).resolve() if root is not None else None
+    if root is not None and not root.is_dir():
+        raise ValueError(f"media root is not a directory: {root}")
+
+    def item_dict(item_id: str) -> dict:
+        item = retriever.item(item_id)
+        return {"item_id": item.item_id, "modality": item.modality,
+                "media_url": media_url(item.item_id) if item.media else None,
+                "captions": [str(c) for c in (item.captions or [])]}
+
+    def search_batch(queries: list[str], key: tuple) -> list[list[dict]]:
+        k, beams, modality = key
+        ranked = retriever.search(queries, k=k, num_beams=beams, modality=modality)
+        out = []
+        for hits in ranked:
+            rows = []
+            for h in hits:
+                try:
+                    meta = item_dict(h.item_id)
+                except KeyError:
+                    raise RuntimeError(f"retriever returned item {h.item_id!r} that its item() does not know") from None
+                rows.append({**meta, "modality": h.modality, "score": _finite_or_none(h.score),
+                             "identifier": [int(c) for c in h.identifier], "source": str(h.source)})
+            out.append(rows)
+        return out
+
+    batcher = MicroBatcher(search_batch, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
+                           max_queue=config.max_queue)
+    latency = _Latency(config.latency_window)
+    started = time.time()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.stop()
+
+    app = FastAPI(title="ACE retrieval server", version="1", lifespan=lifespan,
+                  description="Generative cross-modal retrieval: a text query is decoded into the "
+                              "identifiers of matching images, audio clips and videos.")
+    app.state.retriever, app.state.config, app.state.batcher = retriever, config, batcher
+    app.state.api_key = config.resolved_api_key()
+    app.state.media_root = root
+    app.state.latency = latency
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes,
+                       max_upload_bytes=config.max_upload_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(request: Request, exc: RequestValidationError):
+        status, message, errors = _validation_message(exc)
+        return JSONResponse({"detail": message, "errors": errors}, status_code=status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http_error(request: Request, exc: StarletteHTTPException):
+        detail = exc.detail
+        if exc.status_code == 400 and detail == "There was an error parsing the body":  # FastAPI's text, e.g. bad UTF-8
+            detail = "request body could not be parsed: send UTF-8 JSON with Content-Type: application/json"
+        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _on_error(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": f"internal server error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+    read = [Depends(require_read_key)]
+
+    @app.post("/search", response_model=SearchResponse, dependencies=read,
+              responses={400: {"description": "malformed JSON or rejected query"},
+                         422: {"description": "invalid field"}, 503: {"description": "server busy"}})
+    async def search(req: SearchRequest) -> dict:
+        """Ranked items for a text query (micro-batched with concurrent requests)."""
+        query = req.query.strip()
+        if not query:
+            raise HTTPException(422, "query: must not be empty")
+        if len(query) > config.max_query_chars:
+            raise HTTPException(422, f"query: {len(query)} characters, the limit is {config.max_query_chars}")
+        k = req.k if req.k is not None else config.default_k
+        if k > config.max_k:
+            raise HTTPException(422, f"k: {k} exceeds this server's max_k = {config.max_k}")
+        if req.beams is not None and req.beams > config.max_beams:
+            raise HTTPException(422, f"beams: {req.beams} exceeds this server's max_beams = {config.max_beams}")
+        t0 = time.perf_counter()
+        try:
+            results = await asyncio.wait_for(batcher.submit(query, (k, req.beams, req.modality)),
+                                             timeout=config.search_timeout_s)
+        except ServerBusy as exc:
+            latency.failed += 1
+            raise HTTPException(503, f"server busy: {exc}", headers={"Retry-After": "1"}) from None
+        except asyncio.TimeoutError:
+            latency.failed += 1
+            raise HTTPException(504, f"search not answered within {config.search_timeout_s} s") from None
+        except (ValueError, KeyError) as exc:
+            latency.failed += 1
+            raise HTTPException(400, f"search rejected: {exc}") from None
+        except Exception as exc:
+            latency.failed += 1
+            log.exception("search failed")
+            raise HTTPException(500, f"search failed: {type(exc).__name__}: {exc}") from None
+        ms = (time.perf_counter() - t0) * 1000.0
+        latency.add(ms)
+        return {"query": query, "k": k, "modality": req.modality, "results": results, "latency_ms": round(ms, 3)}
+
+    def lookup(item_id: str):
+        try:
+            return retriever.item(item_id)
+        except KeyError:
+            raise HTTPException(404, f"unknown item id: {item_id!r}") from None
+
+    @app.get("/items/{item_id:path}", response_model=ItemResponse, dependencies=read,
+             responses={404: {"description": "unknown item"}})
+    def get_item(item_id: str) -> dict:
+        """One item: modality, captions, metadata, media URL."""
+        item = lookup(item_id)
+        return {"item_id": item.item_id, "modality": item.modality,
+                "media_url": media_url(item.item_id) if item.media else None,
+                "captions": [str(c) for c in (item.captions or [])],
+                "metadata": jsonable_encoder(item.metadata or {}, custom_encoder={np.generic: lambda x: x.item()}),
+                "has_embedding": getattr(item, "embedding", None) is not None}
+
+    @app.get("/media/{item_id:path}", dependencies=read, response_class=FileResponse,
+             responses={403: {"description": "media file outside the corpus root"},
+                        404: {"description": "unknown item or no media file"}})
+    def get_media(item_id: str):
+        """Streams the item's media file (HTTP range requests supported); only files inside the corpus root."""
+        item = lookup(item_id)
+        if not item.media:
+            raise HTTPException(404, f"item {item_id!r} has no media file")
+        if root is None:
+            raise HTTPException(404, "media serving is disabled: no corpus root configured")
+        try:
+            path = resolve_media_file(str(item.media), root)
+        except PermissionError:
+            log.warning("refused media of item %r: %r resolves outside %s", item_id, item.media, root)
+            raise HTTPException(403, f"media of item {item_id!r} is outside the corpus root; refused") from None
+        if not path.is_file():
+            raise HTTPException(404, f"media file of item {item_id!r} is missing")
+        kind, _ = mimetypes.guess_type(path.name)
+        return FileResponse(path, media_type=kind or "application/octet-stream")
+
+    @app.get("/health")
+    def health() -> JSONResponse:
+        """Liveness: 200 while the search worker runs."""
+        ok = batcher.alive
+        return JSONResponse({"status": "ok" if ok else "search worker not running"}, status_code=200 if ok else 503)
+
+    @app.get("/stats", dependencies=read)
+    def stats() -> dict:
+        """Items, queries served, latency percentiles (ms), micro-batch sizes, model and identifier versions."""
+        info = jsonable_encoder(retriever.info(), custom_encoder={np.generic: lambda x: x.item()})
+        s = batcher.stats
+        return {"items": info.get("items", info.get("num_items")), "queries_served": latency.served,
+                "queries_failed": latency.failed, "latency_ms": latency.summary(),
+                "batches": {"count": s.batches, "retriever_calls": s.calls, "max_size": s.max_size,
+                            "mean_size": round(s.queries / s.batches, 3) if s.batches else None,
+                            "max_batch": config.max_batch, "max_wait_ms": config.max_wait_ms},
+                "model_version": info.get("model_version"), "identifier_version": info.get("identifier_version"),
+                "retriever": info, "uptime_s": round(time.time() - started, 1)}
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
