@@ -282,3 +282,13 @@ def test_media_root_must_exist(corpus, tmp_path):
     _, items, _ = corpus
     with pytest.raises(ValueError, match="media root is not a directory"):
         create_app(TokenOverlapRetriever(items), ServeConfig(), media_root=tmp_path / "nope")
+
+
+def test_serve_cli_rejects_bad_arguments(tmp_path, capsys):
+    import serve
+    assert serve.main(["--run", str(tmp_path / "no-run")]) == 2
+    assert "run folder not found" in capsys.readouterr().err
+    assert serve.main(["--run", str(tmp_path), "max_bach=3"]) == 2
+    assert "unknown config key" in capsys.readouterr().err
+    assert serve.main(["--run", str(tmp_path), "max_k=500"]) == 2
+    assert "max_k" in capsys.readouterr().err

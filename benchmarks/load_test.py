@@ -1,0 +1,281 @@
+"""Load test of the search server: N concurrent clients, M searches, loopback only, bounded in count and time.
+
+    # a trained run: starts `serve.py --run RUN_DIR` on a free loopback port, loads it, stops it
+    python benchmarks/load_test.py --run runs/demo --clients 100 --searches 10000
+    # a server already running on this machine
+    python benchmarks/load_test.py --url http://127.0.0.1:8000 --queries queries.txt
+    # server overhead only: a constant-cost synthetic retriever (no model)
+    python benchmarks/load_test.py --overhead
+
+Prints (and with --out appends as Markdown) errors, p50/p90/p99 latency, throughput, and the
+server's micro-batch sizes from /stats. With --run and --direct, also the retriever's own batched
+throughput (no HTTP) for comparison.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+# -- server-overhead mode: a synthetic retriever with constant cost -------------------------------
+
+class ConstantCostRetriever:
+    """Answers any query with k synthetic items (rotated by a query hash) after an optional fixed delay per batch."""
+
+    def __init__(self, num_items: int = 1000, delay_ms: float = 0.0):
+        from ace.corpus import CorpusItem
+        self.items = [CorpusItem(f"item{i}", "image", captions=[f"synthetic item {i}"]) for i in range(num_items)]
+        self.index = {it.item_id: it for it in self.items}
+        self.delay_s = delay_ms / 1000.0
+
+    def search(self, queries, k=10, num_beams=None, modality=None):
+        from dataclasses import dataclass
+
+        @dataclass
+        class Hit:
+            item_id: str
+            modality: str
+            score: float
+            identifier: tuple
+            source: str = "generative"
+
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        n = len(self.items)
+        out = []
+        for q in queries:
+            start = sum(map(ord, q)) % n
+            out.append([Hit(self.items[(start + j) % n].item_id, "image", -0.1 * j, (j % 7, j % 5, 0))
+                        for j in range(min(k, n))])
+        return out
+
+    def item(self, item_id):
+        try:
+            return self.index[item_id]
+        except KeyError:
+            raise KeyError(f"unknown item id: {item_id!r}") from None
+
+    def info(self):
+        return {"items": len(self.items), "model_version": "constant-cost (server overhead only)"}
+
+
+def _serve_overhead(port: int, delay_ms: float, overrides: list[str]) -> None:
+    import uvicorn
+
+    from ace.config import ServeConfig, load_config
+    from ace.server import create_app
+    config = load_config(ServeConfig, None, overrides)
+    app = create_app(ConstantCostRetriever(delay_ms=delay_ms), config)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+# -- client side ---------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _require_loopback(url: str) -> None:
+    host = urlparse(url).hostname or ""
+    ok = host == "localhost"
+    try:
+        ok = ok or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    if not ok:
+        raise SystemExit(f"load_test.py only targets loopback servers, not {host!r}")
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"server exited with code {proc.returncode} before becoming healthy")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise SystemExit(f"server at {url} not healthy after {timeout:.0f} s")
+
+
+def load_queries(args) -> list[str]:
+    if args.queries:
+        queries = [line.strip() for line in Path(args.queries).read_text().splitlines() if line.strip()]
+    elif args.run and (args.run / "corpus.jsonl").is_file():
+        queries = []
+        with open(args.run / "corpus.jsonl") as f:
+            for line in f:
+                queries.extend(c for c in json.loads(line).get("captions", [])[1:] if c.strip())
+                if len(queries) >= args.searches:
+                    break
+    else:
+        queries = [f"synthetic query number {i} about a dog on a beach" for i in range(1000)]
+    if not queries:
+        raise SystemExit("no queries: pass --queries FILE (one query a line)")
+    return queries
+
+
+async def run_load(url: str, queries: list[str], *, clients: int, searches: int, k: int,
+                   max_seconds: float, api_key: str | None) -> dict:
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    next_i = 0
+    deadline = time.monotonic() + max_seconds
+    headers = {"X-API-Key": api_key} if api_key else {}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits, headers=headers) as client:
+        async def worker():
+            nonlocal next_i
+            while next_i < searches and time.monotonic() < deadline:
+                i = next_i
+                next_i += 1
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post("/search", json={"query": queries[i % len(queries)], "k": k})
+                    if r.status_code == 200:
+                        latencies.append((time.perf_counter() - t0) * 1000.0)
+                    else:
+                        errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
+                except httpx.HTTPError as exc:
+                    errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - t0
+        stats = (await client.get("/stats")).json()
+    lat = np.asarray(latencies) if latencies else np.asarray([np.nan])
+    return {"clients": clients, "searches_sent": next_i, "ok": len(latencies), "errors": errors,
+            "wall_s": round(wall, 2), "throughput_qps": round(len(latencies) / wall, 1),
+            "p50_ms": round(float(np.percentile(lat, 50)), 1), "p90_ms": round(float(np.percentile(lat, 90)), 1),
+            "p99_ms": round(float(np.percentile(lat, 99)), 1), "stopped_by_time": next_i < searches,
+            "server_batches": stats.get("batches"), "server_latency_ms": stats.get("latency_ms"),
+            "model_version": stats.get("model_version")}
+
+
+def direct_throughput(run: Path, queries: list[str], *, batch: int, k: int, count: int, device: str | None) -> dict:
+    """The retriever's own batched throughput (no HTTP), for comparison with the served figure."""
+    from ace.retriever import Retriever
+    retriever = Retriever.from_run(run, device=device)
+    qs = [queries[i % len(queries)] for i in range(count)]
+    retriever.search(qs[:batch], k=k)  # warm-up
+    t0 = time.perf_counter()
+    for s in range(0, len(qs), batch):
+        retriever.search(qs[s:s + batch], k=k)
+    wall = time.perf_counter() - t0
+    return {"direct_batch": batch, "direct_queries": len(qs), "direct_qps": round(len(qs) / wall, 1)}
+
+
+def to_markdown(title: str, command: str, res: dict) -> str:
+    b = res.get("server_batches") or {}
+    lines = [f"### {title}", "", f"Command: `{command}`", "",
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, load average at start "
+             f"{res.get('loadavg')} (other engineers' processes were running).", "",
+             "| clients | searches ok | errors | throughput (q/s) | p50 (ms) | p90 (ms) | p99 (ms) | mean batch | max batch |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+             f"| {res['clients']} | {res['ok']} | {sum(res['errors'].values())} {res['errors'] or ''} | "
+             f"{res['throughput_qps']} | {res['p50_ms']} | {res['p90_ms']} | {res['p99_ms']} | "
+             f"{b.get('mean_size')} | {b.get('max_size')} |", ""]
+    if "direct_qps" in res:
+        lines += [f"Retriever alone (no HTTP), batches of {res['direct_batch']}: {res['direct_qps']} q/s "
+                  f"over {res['direct_queries']} queries.", ""]
+    if res.get("stopped_by_time"):
+        lines += [f"Stopped by the time bound after {res['searches_sent']} searches.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--run", type=Path, help="start serve.py on this run (loopback, free port)")
+    target.add_argument("--url", help="an already running loopback server")
+    target.add_argument("--overhead", action="store_true", help="server overhead only: constant-cost synthetic retriever")
+    p.add_argument("--clients", type=int, default=100)
+    p.add_argument("--searches", type=int, default=10_000)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--max-seconds", type=float, default=900.0, help="stop sending after this long")
+    p.add_argument("--queries", type=Path, help="file of queries, one a line")
+    p.add_argument("--overhead-delay-ms", type=float, default=0.0, help="--overhead: fixed cost per retriever call")
+    p.add_argument("--direct", action="store_true", help="--run: also measure the retriever's batched throughput")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", type=Path, help="append the result as Markdown to this file")
+    p.add_argument("--title", default=None)
+    p.add_argument("--api-key", default=os.environ.get("ACE_API_KEY"))
+    p.add_argument("--serve-overhead-port", type=int, help=argparse.SUPPRESS)  # internal: the overhead server
+    p.add_argument("overrides", nargs="*", help="ServeConfig overrides for the started server, key=value")
+    if "--serve-overhead-port" in (argv if argv is not None else sys.argv[1:]):
+        ns, rest = p.parse_known_args(argv)
+        _serve_overhead(ns.serve_overhead_port, ns.overhead_delay_ms, rest)
+        return 0
+    args = p.parse_args(argv)
+    if not (1 <= args.clients <= 1000 and 1 <= args.searches <= 1_000_000):
+        raise SystemExit("--clients must be 1..1000 and --searches 1..1,000,000")
+
+    proc = None
+    loadavg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    try:
+        if args.url:
+            url = args.url.rstrip("/")
+            _require_loopback(url)
+            _wait_healthy(url, None, 10)
+        else:
+            port = _free_port()
+            url = f"http://127.0.0.1:{port}"
+            if args.run:
+                cmd = [sys.executable, str(ROOT / "serve.py"), "--run", str(args.run), "--host", "127.0.0.1",
+                       "--port", str(port), "--log-level", "warning", *args.overrides]
+                if args.device:
+                    cmd += ["--device", args.device]
+            else:
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--overhead", "--serve-overhead-port", str(port),
+                       "--overhead-delay-ms", str(args.overhead_delay_ms), *args.overrides]
+            proc = subprocess.Popen(cmd, cwd=ROOT)
+            _wait_healthy(url, proc, 300)
+        queries = load_queries(args)
+        res = asyncio.run(run_load(url, queries, clients=args.clients, searches=args.searches, k=args.k,
+                                   max_seconds=args.max_seconds, api_key=args.api_key))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    res["loadavg"] = round(loadavg, 2) if loadavg is not None else None
+    if args.run and args.direct:
+        batch = next((int(o.split("=", 1)[1]) for o in args.overrides if o.startswith("max_batch=")), 32)
+        res.update(direct_throughput(args.run, queries, batch=batch, k=args.k, count=min(args.searches, 2000),
+                                     device=args.device))
+    print(json.dumps(res, indent=2))
+    if args.out:
+        title = args.title or ("Server overhead only (synthetic constant-cost retriever, no model)" if args.overhead
+                               else f"Served run {args.run or args.url}")
+        command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) if argv is None else " ".join(argv)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a") as f:
+            f.write(to_markdown(title, command, res))
+    return 0 if not res["errors"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
