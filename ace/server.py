@@ -14,7 +14,7 @@ beam search. Media are served only from files inside the corpus root, looked up 
 never from a path in the request.
 
 The retriever is any object with ``search(queries, k, num_beams, modality) -> list[list[SearchHit]]``,
-``item(item_id) -> CorpusItem`` (KeyError for unknown ids) and ``info() -> dict``
+``item(item_id) -> CorpusItem`` (KeyError or ValueError for unknown ids) and ``info() -> dict``
 (see ``ace/retriever.py``).
 """
 from __future__ import annotations
@@ -406,7 +406,7 @@ def create_app(retriever: RetrieverLike, config: ServeConfig | None = None, *, m
             for h in hits:
                 try:
                     meta = item_dict(h.item_id)
-                except KeyError:
+                except (KeyError, ValueError):
                     raise RuntimeError(f"retriever returned item {h.item_id!r} that its item() does not know") from None
                 rows.append({**meta, "modality": h.modality, "score": _finite_or_none(h.score),
                              "identifier": [int(c) for c in h.identifier], "source": str(h.source)})
@@ -494,7 +494,7 @@ def create_app(retriever: RetrieverLike, config: ServeConfig | None = None, *, m
     def lookup(item_id: str):
         try:
             return retriever.item(item_id)
-        except KeyError:
+        except (KeyError, ValueError):  # retriever.item's only failure is an unknown id (RetrieverError is a ValueError)
             raise HTTPException(404, f"unknown item id: {item_id!r}") from None
 
     @app.get("/items/{item_id:path}", response_model=ItemResponse, dependencies=read,

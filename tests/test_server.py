@@ -292,3 +292,21 @@ def test_serve_cli_rejects_bad_arguments(tmp_path, capsys):
     assert "unknown config key" in capsys.readouterr().err
     assert serve.main(["--run", str(tmp_path), "max_k=500"]) == 2
     assert "max_k" in capsys.readouterr().err
+
+
+class _ValueErrorItems(TokenOverlapRetriever):
+    """Like ace.retriever.Retriever: item() raises a ValueError subclass for unknown ids."""
+
+    def item(self, item_id):
+        if item_id not in self.items:
+            raise ValueError(f"unknown item id {item_id!r}")
+        return self.items[item_id]
+
+
+def test_unknown_item_as_value_error_is_404(corpus):
+    root, items, _ = corpus
+    app = create_app(_ValueErrorItems(items, root=root), ServeConfig())
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=20) as c:
+        assert c.get("/items/ghost").status_code == 404
+        assert c.get("/media/ghost").status_code == 404
+        assert c.get("/items/img/red").status_code == 200
