@@ -1,0 +1,130 @@
+import pytest
+import torch
+
+from ace.modeling import AceConfig, AceInputError, AceModel
+from ace.tokens import BOS
+
+SIZES = [6, 5, 4, 3]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread (two threads are ~50x slower on a loaded 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(**kw) -> AceModel:
+    torch.manual_seed(0)
+    cfg = dict(d_model=32, n_heads=2, encoder_layers=3, decoder_layers=2, ffn_dim=64, query_vocab_size=50,
+               max_query_length=8, level_sizes=SIZES)
+    cfg.update(kw)
+    return AceModel(AceConfig(**cfg)).eval()
+
+
+def batch():
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0]])
+    mask = (ids > 0).long()
+    labels = torch.tensor([[3, 9, 14, 18], [8, 11, 17, 20]])   # offsets 3, 9, 14, 18
+    dec = torch.cat([torch.full((2, 1), BOS), labels[:, :-1]], 1)
+    return ids, mask, dec, labels
+
+
+def test_forward_shapes_loss_and_default_size():
+    model = tiny()
+    ids, mask, dec, labels = batch()
+    out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, labels=labels)
+    assert out.logits.shape == (2, 4, 3 + sum(SIZES))
+    expect = torch.nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), labels.reshape(-1))
+    torch.testing.assert_close(out.loss, expect)
+    out2 = model(input_ids=ids, attention_mask=mask, labels=labels)        # decoder input built from labels
+    torch.testing.assert_close(out2.logits, out.logits)
+    d = AceConfig()
+    assert (d.d_model, d.n_heads, d.encoder_layers, d.decoder_layers, d.dropout, d.fusion) == (256, 4, 3, 3, 0.1, True)
+
+
+def test_decoder_is_causal_and_cached_steps_match_full_forward():
+    model = tiny()
+    ids, mask, dec, _ = batch()
+    full = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    dec2 = dec.clone()
+    dec2[:, 2:] = 4
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec2).logits[:, :2],
+                               full[:, :2])
+    with torch.no_grad():
+        memory = model.decoder.memory(model.encode(ids, mask))
+        cache = []
+        for t in range(4):
+            logits, cache = model.decoder.step(dec[:, t:t + 1], t, memory, mask.bool()[:, None, None, :], cache)
+            torch.testing.assert_close(logits[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
+
+
+def test_training_step_reduces_loss_and_dropout_is_active():
+    model = tiny(dropout=0.1).train()
+    ids, mask, dec, labels = batch()
+    a = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    b = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    assert not torch.allclose(a, b)                                          # R-Drop needs this
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(15):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+
+
+def test_xavier_init():
+    model = tiny()
+    w = model.decoder.layers[0].cross.fine.gate_c[0].weight
+    bound = (6 / (w.shape[0] + w.shape[1])) ** 0.5
+    assert w.abs().max() <= bound and w.abs().max() > 0.8 * bound
+    assert model.decoder.head.bias.abs().max() == 0
+
+
+@pytest.mark.parametrize("fusion", [True, False])
+def test_save_pretrained_round_trip_identical(tmp_path, fusion):
+    model = tiny(fusion=fusion)
+    ids, mask, dec, _ = batch()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    again = AceModel.from_pretrained(tmp_path).eval()
+    assert again.config.fusion is fusion and again.config.level_sizes == SIZES
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits,
+                                   model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits,
+                                   atol=0, rtol=0)
+
+
+def test_bad_inputs_give_clear_errors():
+    model = tiny()
+    ids, mask, dec, labels = batch()
+    with pytest.raises(AceInputError, match="2-D"):
+        model(input_ids=ids[0], attention_mask=mask[0], decoder_input_ids=dec)
+    with pytest.raises(AceInputError, match="empty query"):
+        model(input_ids=ids, attention_mask=torch.zeros_like(mask), decoder_input_ids=dec)
+    with pytest.raises(AceInputError, match="empty query batch"):
+        model(input_ids=ids[:, :0], attention_mask=mask[:, :0], decoder_input_ids=dec)
+    with pytest.raises(AceInputError, match="exceeds max_query_length=8"):
+        long = torch.ones(2, 9, dtype=torch.long)
+        model(input_ids=long, attention_mask=long, decoder_input_ids=dec)
+    with pytest.raises(AceInputError, match="attention_mask shape"):
+        model(input_ids=ids, attention_mask=mask[:, :3], decoder_input_ids=dec)
+    with pytest.raises(AceInputError, match=r"query token ids must be in \[0, 50\)"):
+        model(input_ids=ids + 100, attention_mask=mask, decoder_input_ids=dec)
+    with pytest.raises(AceInputError, match="identifier length"):
+        model(input_ids=ids, attention_mask=mask, decoder_input_ids=torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(AceInputError, match="identifier token ids"):
+        model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec + 100)
+    with pytest.raises(AceInputError, match="labels shape"):
+        model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, labels=labels[:, :2])
+    with pytest.raises(AceInputError, match="integer token ids"):
+        model(input_ids=ids.float(), attention_mask=mask, decoder_input_ids=dec)
+    with pytest.raises(ValueError, match="divisible"):
+        AceConfig(d_model=30, n_heads=4)
+    with pytest.raises(ValueError, match="level_sizes must be positive"):
+        AceConfig(level_sizes=[4, 0])
