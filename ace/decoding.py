@@ -175,5 +175,5 @@ def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
     from torch.ao.quantization import quantize_dynamic
     import warnings
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore")
         return quantize_dynamic(copy.deepcopy(model).cpu().eval(), {nn.Linear}, dtype=torch.qint8)
