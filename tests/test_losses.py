@@ -11,6 +11,15 @@ from ace.modeling import AceConfig, AceModel
 from ace.losses import IGNORE_INDEX, ace_loss, rdrop_kl, token_cross_entropy
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and do not thrash when the cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_model(V=11, dropout=0.3):
     """A tiny AceModel: identifier vocab 3 specials + 4 + 4 tokens = 11, query vocab 11."""
     torch.manual_seed(0)

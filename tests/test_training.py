@@ -15,6 +15,15 @@ from ace.training import (TrainConfig, TrainingDataError, encode_pairs, latest_c
 LEVELS = [4, 3, 5]  # K, C_1, U
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and do not thrash when the cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def task():
     rng = np.random.default_rng(0)

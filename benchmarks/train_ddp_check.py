@@ -1,0 +1,112 @@
+"""Same training code, 1 process vs 2 processes (DDP on CPU, gloo): do the metrics agree?
+
+    python benchmarks/train_ddp_check.py [--steps 400] [--items 240] [--out benchmarks/out/ddp_check]
+
+Trains the synthetic task (ace/synthetic.py) twice with identical TrainConfig (global batch 64,
+so the step count and schedule are the same for both) and prints held-out Recall@k of each:
+
+    1 process : python benchmarks/train_ddp_check.py --worker --run-dir OUT/1proc
+    2 processes: accelerate launch --multi_gpu --num_processes 2 benchmarks/train_ddp_check.py --worker ...
+
+(On a machine without GPUs ``--multi_gpu`` starts 2 torchrun workers that accelerate runs as
+MULTI_CPU over gloo. ``accelerate launch --cpu --num_processes 2`` starts only ONE process with
+accelerate 1.15 unless mpirun is used; the ``--probe`` step below shows what it starts.)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def worker(args) -> None:
+    """One training run under whatever launcher started this process; main process writes result.json."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from accelerate import Accelerator
+
+    from ace.synthetic import make_synthetic_task, train_synthetic
+    from ace.training import TrainConfig
+
+    accelerator = Accelerator(cpu=True)
+    if args.probe:
+        print(json.dumps({"probe": True, "process_index": accelerator.process_index,
+                          "num_processes": accelerator.num_processes,
+                          "distributed_type": str(accelerator.distributed_type)}), flush=True)
+        return
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    task = make_synthetic_task(args.items, seed=0)
+    cfg = TrainConfig(lr=3e-3, warmup_steps=50, batch_size=64, max_steps=args.steps, checkpoint_every=args.steps,
+                      eval_every=0, num_beams=10, eval_top_k=10, log_every=50, seed=0, progress=False)
+    t0 = time.time()
+    result, _ = train_synthetic(task, args.run_dir, cfg, accelerator=accelerator)
+    if accelerator.is_main_process:
+        losses = [r["loss"] for r in result.history if "loss" in r]
+        out = {"num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
+               "torch_threads_per_process": torch.get_num_threads(), "steps": result.step,
+               "final_train_loss": losses[-1], "metrics": result.final_metrics, "seconds": time.time() - t0}
+        Path(args.run_dir, "result.json").write_text(json.dumps(out, indent=1))
+        print(json.dumps(out), flush=True)
+
+
+def run(cmd: list[str], env: dict) -> str:
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"command failed with exit code {proc.returncode}: {' '.join(cmd)}")
+    return proc.stdout
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--items", type=int, default=240)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "ddp_check"))
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--run-dir", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
+    out = Path(args.out)
+    script = str(Path(__file__).resolve())
+    common = ["--worker", "--steps", str(args.steps), "--items", str(args.items)]
+
+    probe = run(["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                 "--mixed_precision", "no", "--dynamo_backend", "no", script, "--worker", "--probe"], env)
+    started = [json.loads(line) for line in probe.splitlines() if line.startswith('{"probe"')]
+    print(f"`accelerate launch --cpu --num_processes 2` started {len(started)} process(es): {started}")
+
+    results = {}
+    for name, launcher in [
+        ("1 process", [sys.executable]),
+        ("2 processes (DDP, gloo)", ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+                                    "1", "--mixed_precision", "no", "--dynamo_backend", "no"]),
+    ]:
+        run_dir = out / ("2proc" if "2" in name else "1proc")
+        run(launcher + [script] + common + ["--run-dir", str(run_dir)], env)
+        results[name] = json.loads((run_dir / "result.json").read_text())
+
+    print()
+    print("| run | processes | steps | final train loss | R@1 | R@5 | R@10 | MRR@10 | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        m = r["metrics"]
+        print(f"| {name} | {r['num_processes']} ({r['distributed_type']}) | {r['steps']} | {r['final_train_loss']:.4f} "
+              f"| {m['R@1']:.2f} | {m['R@5']:.2f} | {m['R@10']:.2f} | {m['MRR@10']:.2f} | {r['seconds']:.1f} |")
+    n2 = results["2 processes (DDP, gloo)"]["num_processes"]
+    if n2 != 2:
+        raise SystemExit(f"the 2-process launch ran {n2} process(es)")
+
+
+if __name__ == "__main__":
+    main()
