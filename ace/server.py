@@ -458,7 +458,7 @@ def create_app(retriever: RetrieverLike, config: ServeConfig | None = None, *, m
     @app.post("/search", response_model=SearchResponse, dependencies=read,
               responses={400: {"description": "malformed JSON or rejected query"},
                          422: {"description": "invalid field"}, 503: {"description": "server busy"}})
-    async def search(req: SearchRequest) -> dict:
+    async def search(req: SearchRequest) -> JSONResponse:
         """Ranked items for a text query (micro-batched with concurrent requests)."""
         query = req.query.strip()
         if not query:
@@ -489,7 +489,9 @@ def create_app(retriever: RetrieverLike, config: ServeConfig | None = None, *, m
             raise HTTPException(500, f"search failed: {type(exc).__name__}: {exc}") from None
         ms = (time.perf_counter() - t0) * 1000.0
         latency.add(ms)
-        return {"query": query, "k": k, "modality": req.modality, "results": results, "latency_ms": round(ms, 3)}
+        # built from plain str/int/float/list values already: skip response-model re-validation (hot path)
+        return JSONResponse({"query": query, "k": k, "modality": req.modality, "results": results,
+                             "latency_ms": round(ms, 3)})
 
     def lookup(item_id: str):
         try:

@@ -118,6 +118,17 @@ def _wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float) -> No
     raise SystemExit(f"server at {url} not healthy after {timeout:.0f} s")
 
 
+def _proc_cpu_s(proc: subprocess.Popen | None) -> float:
+    """User+system CPU seconds of a child process so far (Linux /proc; 0 elsewhere)."""
+    if proc is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def load_queries(args) -> list[str]:
     if args.queries:
         queries = [line.strip() for line in Path(args.queries).read_text().splitlines() if line.strip()]
@@ -135,6 +146,63 @@ def load_queries(args) -> list[str]:
     return queries
 
 
+class RawHttpClient:
+    """A minimal keep-alive HTTP/1.1 client on asyncio streams: the load generator must cost far less than the server."""
+
+    def __init__(self, host: str, port: int, headers: dict[str, str]):
+        self.host, self.port = host, port
+        self.extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.reader = self.writer = None
+
+    async def post_json(self, path: str, payload: dict) -> tuple[int, bytes]:
+        body = json.dumps(payload).encode()
+        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n{self.extra}\r\n").encode()
+        for attempt in range(2):  # one reconnect if the server closed an idle keep-alive connection
+            if self.writer is None:
+                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            try:
+                self.writer.write(head + body)
+                await self.writer.drain()
+                status_line = await self.reader.readline()
+                if not status_line:
+                    raise ConnectionResetError("server closed the connection")
+                status = int(status_line.split()[1])
+                length, close = None, False
+                while True:
+                    line = await self.reader.readline()
+                    if line in (b"\r\n", b"\n", b""):
+                        break
+                    name, _, value = line.decode("latin-1").partition(":")
+                    name = name.strip().lower()
+                    if name == "content-length":
+                        length = int(value)
+                    elif name == "connection" and value.strip().lower() == "close":
+                        close = True
+                    elif name == "transfer-encoding":
+                        raise RuntimeError("chunked responses are not expected from /search")
+                if length is None:
+                    raise RuntimeError("response without Content-Length")
+                data = await self.reader.readexactly(length)
+                if close:
+                    await self.close()
+                return status, data
+            except (ConnectionError, asyncio.IncompleteReadError):
+                await self.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await self.writer.wait_closed()
+            except ConnectionError:
+                pass
+        self.reader = self.writer = None
+
+
 async def run_load(url: str, queries: list[str], *, clients: int, searches: int, k: int,
                    max_seconds: float, api_key: str | None) -> dict:
     latencies: list[float] = []
@@ -142,28 +210,33 @@ async def run_load(url: str, queries: list[str], *, clients: int, searches: int,
     next_i = 0
     deadline = time.monotonic() + max_seconds
     headers = {"X-API-Key": api_key} if api_key else {}
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    u = urlparse(url)
 
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits, headers=headers) as client:
-        async def worker():
-            nonlocal next_i
+    async def worker():
+        nonlocal next_i
+        client = RawHttpClient(u.hostname, u.port or 80, headers)
+        try:
             while next_i < searches and time.monotonic() < deadline:
                 i = next_i
                 next_i += 1
                 t0 = time.perf_counter()
                 try:
-                    r = await client.post("/search", json={"query": queries[i % len(queries)], "k": k})
-                    if r.status_code == 200:
+                    status, data = await asyncio.wait_for(
+                        client.post_json("/search", {"query": queries[i % len(queries)], "k": k}), 120)
+                    if status == 200 and json.loads(data)["results"] is not None:
                         latencies.append((time.perf_counter() - t0) * 1000.0)
                     else:
-                        errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
-                except httpx.HTTPError as exc:
+                        errors[str(status)] = errors.get(str(status), 0) + 1
+                except (OSError, RuntimeError, ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
                     errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                    await client.close()
+        finally:
+            await client.close()
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        wall = time.perf_counter() - t0
-        stats = (await client.get("/stats")).json()
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    wall = time.perf_counter() - t0
+    stats = httpx.get(url + "/stats", headers=headers, timeout=30).json()
     lat = np.asarray(latencies) if latencies else np.asarray([np.nan])
     return {"clients": clients, "searches_sent": next_i, "ok": len(latencies), "errors": errors,
             "wall_s": round(wall, 2), "throughput_qps": round(len(latencies) / wall, 1),
@@ -196,6 +269,9 @@ def to_markdown(title: str, command: str, res: dict) -> str:
              f"| {res['clients']} | {res['ok']} | {sum(res['errors'].values())} {res['errors'] or ''} | "
              f"{res['throughput_qps']} | {res['p50_ms']} | {res['p90_ms']} | {res['p99_ms']} | "
              f"{b.get('mean_size')} | {b.get('max_size')} |", ""]
+    if "server_cpu_s" in res:
+        lines += [f"CPU time: server process {res['server_cpu_s']} s, load-test client {res['client_cpu_s']} s "
+                  f"for {res['ok']} searches in {res['wall_s']} s wall.", ""]
     if "direct_qps" in res:
         lines += [f"Retriever alone (no HTTP), batches of {res['direct_batch']}: {res['direct_qps']} q/s "
                   f"over {res['direct_queries']} queries.", ""]
@@ -252,8 +328,12 @@ def main(argv=None) -> int:
             proc = subprocess.Popen(cmd, cwd=ROOT)
             _wait_healthy(url, proc, 300)
         queries = load_queries(args)
+        cpu0, srv0 = time.process_time(), _proc_cpu_s(proc)
         res = asyncio.run(run_load(url, queries, clients=args.clients, searches=args.searches, k=args.k,
                                    max_seconds=args.max_seconds, api_key=args.api_key))
+        res["client_cpu_s"] = round(time.process_time() - cpu0, 1)
+        if proc is not None:
+            res["server_cpu_s"] = round(_proc_cpu_s(proc) - srv0, 1)
     finally:
         if proc is not None:
             proc.terminate()
