@@ -303,6 +303,35 @@ class AceModel(AcePreTrainedModel, GenerationMixin):
         if missing or unexpected:
             raise ValueError(f"pretrained encoder {path} does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
+    @torch.no_grad()
+    def init_identifier_embeddings(self, level_vectors, *, seed: int = 0) -> None:
+        """Initialise the identifier-token embeddings of level l from ``level_vectors[l]`` (C_l, D_l)
+        (K-Means centroids, RQ-VAE codebooks; None = keep), projected to d_model by PCA (random
+        Gaussian projection when D_l < d_model) and scaled to the current embedding norm."""
+        sizes, d = self.config.level_sizes, self.config.d_model
+        if len(level_vectors) > len(sizes):
+            raise ValueError(f"got vectors for {len(level_vectors)} levels, identifiers have {len(sizes)}")
+        weight = self.decoder.embed.weight
+        gen = torch.Generator().manual_seed(seed)
+        offset = NUM_SPECIAL
+        for level, (size, vecs) in enumerate(zip(sizes, list(level_vectors) + [None] * len(sizes))):
+            if vecs is not None:
+                v = torch.as_tensor(vecs, dtype=torch.float32)
+                if v.dim() != 2 or v.shape[0] != size:
+                    raise ValueError(f"level {level} vectors must have shape ({size}, D), got {tuple(v.shape)}")
+                if not torch.isfinite(v).all():
+                    raise ValueError(f"level {level} vectors contain NaN or inf")
+                v = v - v.mean(0)
+                if v.shape[1] >= d and v.shape[0] >= d:
+                    proj = torch.linalg.svd(v, full_matrices=False).Vh[:d].T           # (D, d) PCA
+                else:
+                    proj = torch.randn(v.shape[1], d, generator=gen) / v.shape[1] ** 0.5
+                e = v @ proj                                                            # (C, d)
+                cur = weight[offset:offset + size]
+                e = e / e.norm(dim=1, keepdim=True).mean().clamp_min(1e-8) * cur.norm(dim=1).mean()
+                weight[offset:offset + size] = e.to(weight.dtype)
+            offset += size
+
     @property
     def identifier_vocab_size(self) -> int:
         return self.config.identifier_vocab_size

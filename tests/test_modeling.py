@@ -128,3 +128,50 @@ def test_bad_inputs_give_clear_errors():
         AceConfig(d_model=30, n_heads=4)
     with pytest.raises(ValueError, match="level_sizes must be positive"):
         AceConfig(level_sizes=[4, 0])
+
+
+def test_identifier_embedding_init_from_centroids():
+    model = tiny()
+    rng = torch.Generator().manual_seed(0)
+    centroids = torch.randn(SIZES[0], 8, generator=rng)
+    before = model.decoder.embed.weight.detach().clone()
+    model.init_identifier_embeddings([centroids.numpy(), None])
+    after = model.decoder.embed.weight.detach()
+    assert not torch.equal(after[3:9], before[3:9]) and torch.equal(after[9:], before[9:])
+    # nearby centroids give nearby token embeddings (a linear projection keeps the geometry)
+    pair = torch.stack([centroids[0], centroids[0] + 1e-3])
+    model.init_identifier_embeddings([torch.cat([pair, centroids[2:]]).numpy()])
+    e = model.decoder.embed.weight
+    assert (e[3] - e[4]).norm() < 0.05 * (e[3] - e[5]).norm()
+    with pytest.raises(ValueError, match=r"level 0 vectors must have shape \(6, D\)"):
+        model.init_identifier_embeddings([centroids[:3].numpy()])
+    with pytest.raises(ValueError, match="NaN"):
+        model.init_identifier_embeddings([torch.full((6, 8), float("nan")).numpy()])
+
+
+def test_pretrained_minilm_encoder_fuses_its_last_layers(tmp_path):
+    from transformers import AutoModel
+
+    from ace.encoders import minilm_path
+    from ace.tokens import QueryTokenizer
+    path = minilm_path()
+    with pytest.raises(ValueError, match="set d_model=384"):
+        AceConfig(pretrained_encoder=path, d_model=256)
+    model = AceModel(AceConfig(pretrained_encoder=path, d_model=384, n_heads=4, decoder_layers=1, ffn_dim=64,
+                               level_sizes=SIZES)).eval()
+    assert model.config.query_vocab_size == 30522
+    tok = QueryTokenizer.from_pretrained(path, max_length=model.config.max_query_length)
+    ids, mask = tok(["a dog on the beach", "red car"])
+    bert = AutoModel.from_pretrained(path).eval()
+    with torch.no_grad():
+        hidden = bert(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        layers = model.encode(ids, mask)
+    assert layers.shape == (2, 3, ids.shape[1], 384)
+    torch.testing.assert_close(layers, torch.stack(hidden[-3:], 1))     # pretrained weights, last S=3 layers
+    dec = torch.tensor([[BOS, 3, 9, 14], [BOS, 4, 10, 15]])
+    model.save_pretrained(tmp_path)
+    again = AceModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits,
+                                   model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits,
+                                   atol=0, rtol=0)
