@@ -310,3 +310,18 @@ def test_unknown_item_as_value_error_is_404(corpus):
         assert c.get("/items/ghost").status_code == 404
         assert c.get("/media/ghost").status_code == 404
         assert c.get("/items/img/red").status_code == 200
+
+
+def test_load_test_client(served, corpus):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from load_test import run_load
+    _, _, url = served
+    res = asyncio.run(run_load(url, ["red square", "dog"], clients=4, searches=40, k=3, max_seconds=60, api_key=None))
+    assert res["ok"] == 40 and res["errors"] == {} and res["searches_sent"] == 40
+    assert res["p99_ms"] >= res["p50_ms"] > 0 and res["server_batches"]["count"] >= 1
+    app = _keyed_app(corpus, api_key="k", read_requires_key=True)
+    with running_server(app) as keyed:
+        res = asyncio.run(run_load(keyed, ["red"], clients=2, searches=6, k=3, max_seconds=60, api_key="wrong"))
+    assert res["ok"] == 0 and res["errors"] == {"401": 6}
