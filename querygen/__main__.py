@@ -25,9 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"backend={args.backend}"] if args.backend else [])
     try:
         config = load_config(QueryGenConfig, args.config, overrides)
-        if config.media_root is None:
-            config.media_root = str(Path(args.corpus).resolve().parent)
-        items = read_corpus(args.corpus, args.format, limit=config.limit)
+        items, root = read_corpus(args.corpus, args.format, limit=config.limit)
+        if config.media_root is None:  # relative media paths resolve against the corpus root (its folder)
+            config.media_root = str(root if root is not None else Path(args.corpus).resolve().parent)
         summary = run_querygen(items, build_backend(config), config=config, out_dir=args.out)
     except (QueryGenError, ConfigError) as exc:
         print(f"querygen: error: {exc}", file=sys.stderr)

