@@ -29,7 +29,7 @@ import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Protocol, Sequence
 from urllib.parse import quote
@@ -330,10 +330,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str, list[dic
 
 
 def _finite_or_none(x: Any) -> float | None:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
+    """JSON has no NaN/inf: a non-finite score is sent as null (a non-number score is a retriever bug and raises)."""
+    v = float(x)
     return v if math.isfinite(v) else None
 
 
@@ -347,7 +345,7 @@ def resolve_media_file(media: str, root: Path) -> Path:
     p = Path(media)
     real = Path(os.path.realpath(p if p.is_absolute() else root_real / p))
     if real != root_real and root_real not in real.parents:
-        raise PermissionError(f"media path resolves outside the corpus root")
+        raise PermissionError(f"media path {media!r} resolves outside the corpus root {root_real}")
     return real
 
 
@@ -359,18 +357,16 @@ def _media_root_of(retriever: Any) -> Path | None:
     return Path(root) if root is not None else None
 
 
-@dataclass
 class _Latency:
-    window: int
-    values: collections.deque = field(default_factory=collections.deque)
-    served: int = 0
-    failed: int = 0
+    """Counts of served/failed searches and the latencies (ms) of the most recent ``window``."""
+
+    def __init__(self, window: int):
+        self.values: collections.deque[float] = collections.deque(maxlen=window)
+        self.served = self.failed = 0
 
     def add(self, ms: float) -> None:
         self.served += 1
         self.values.append(ms)
-        while len(self.values) > self.window:
-            self.values.popleft()
 
     def summary(self) -> dict:
         if not self.values:

@@ -130,8 +130,11 @@ def _proc_cpu_s(proc: subprocess.Popen | None) -> float:
 
 
 def load_queries(args) -> list[str]:
+    """--queries FILE, else the run's held-out test queries, else its corpus captions, else synthetic."""
     if args.queries:
         queries = [line.strip() for line in Path(args.queries).read_text().splitlines() if line.strip()]
+    elif args.run and (args.run / "test_queries.json").is_file():  # [[query, item_id], ...] held-out queries
+        queries = [q for q, _ in json.loads((args.run / "test_queries.json").read_text())]
     elif args.run and (args.run / "corpus.jsonl").is_file():
         queries = []
         with open(args.run / "corpus.jsonl") as f:

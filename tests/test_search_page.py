@@ -1,5 +1,6 @@
 """The search page in a real headless Chromium: type a query, see image/audio/video result elements, filter by modality."""
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -7,6 +8,8 @@ import pytest
 
 from ace.config import ServeConfig
 from ace.server import create_app
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ may or may not be a package
 from serving_support import TokenOverlapRetriever, media_corpus, running_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -1,6 +1,8 @@
 """The HTTP server against a real uvicorn on 127.0.0.1: search = library call, media, traversal, 4xx, batching, auth."""
 import asyncio
 import http.client
+import sys
+from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
@@ -9,6 +11,8 @@ from fastapi import Depends
 
 from ace.config import ServeConfig
 from ace.server import create_app, require_write_key, resolve_media_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ may or may not be a package
 from serving_support import TokenOverlapRetriever, media_corpus, png_bytes, running_server
 
 
@@ -313,8 +317,6 @@ def test_unknown_item_as_value_error_is_404(corpus):
 
 
 def test_load_test_client(served, corpus):
-    import sys
-    from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from load_test import run_load
     _, _, url = served
