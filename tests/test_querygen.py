@@ -169,6 +169,48 @@ def test_mllm_video_frames_and_bad_media_are_skipped(tiny_vlm, media_dir, tmp_pa
     assert len(frames) == 3 and frames[0].size == (64, 64)
 
 
+AUDIO_CHAT = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'audio' %}"
+              "<|audio_bos|><|AUDIO|><|audio_eos|> {% else %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
+              "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tiny_audio_lm(tmp_path_factory) -> str:
+    """A randomly initialised tiny Qwen2-Audio (Whisper-style encoder + Qwen2) with its processor."""
+    from transformers import (Qwen2AudioConfig, Qwen2AudioEncoderConfig, Qwen2AudioForConditionalGeneration,
+                              Qwen2AudioProcessor, Qwen2Config, WhisperFeatureExtractor)
+
+    tok = word_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]})
+    tok.chat_template = AUDIO_CHAT
+    fe = WhisperFeatureExtractor(feature_size=16, sampling_rate=16000, chunk_length=2, n_fft=400, hop_length=160)
+    proc = Qwen2AudioProcessor(feature_extractor=fe, tokenizer=tok, chat_template=AUDIO_CHAT)
+    text = {k: v for k, v in llama_text_config(tok).to_dict().items()
+            if k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings", "pad_token_id", "bos_token_id", "eos_token_id")}
+    cfg = Qwen2AudioConfig(audio_config=Qwen2AudioEncoderConfig(num_mel_bins=16, encoder_layers=1, d_model=16,
+                                                                encoder_attention_heads=2, encoder_ffn_dim=32,
+                                                                max_source_positions=100),
+                           text_config=Qwen2Config(**text), audio_token_index=tok.convert_tokens_to_ids("<|AUDIO|>"))
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_qwen2_audio")
+    Qwen2AudioForConditionalGeneration(cfg).save_pretrained(folder)
+    proc.save_pretrained(folder)
+    return str(folder)
+
+
+def test_mllm_tiny_qwen2_audio_on_wav(tiny_audio_lm, media_dir):
+    items = [CorpusItem("tone", "audio", media="tone.wav"), CorpusItem("bad", "audio", media="broken.wav"),
+             CorpusItem("tone2", "audio", media=str(media_dir / "tone.wav"))]
+    backend = MLLMBackend(model=tiny_audio_lm, num_queries=2, max_new_tokens=5, media_root=media_dir)
+    queries = backend.generate(items)
+    assert [(f.item_id, "unreadable audio" in f.reason) for f in backend.pop_failures()] == [("bad", True)]
+    assert [(q.item_id, q.source) for q in queries] == [("tone", "mllm/0"), ("tone", "mllm/1"),
+                                                        ("tone2", "mllm/0"), ("tone2", "mllm/1")]
+    assert all(q.query.strip() and "AUDIO" not in q.query for q in queries)
+    assert [q.query for q in queries[:2]] == [q.query for q in queries[2:]]  # same audio, greedy: same output
+
+
 def test_mllm_unknown_model_path_is_a_clear_error(tmp_path, media_dir):
     backend = MLLMBackend(model=str(tmp_path / "no_such_model"), media_root=media_dir)
     with pytest.raises(QueryGenError, match="cannot load mllm model .*no_such_model.*not a local folder"):
