@@ -267,6 +267,8 @@ def load_corpus(path: str | Path, *, root: str | Path | None = None, validate: b
     suffix = path.suffix.lower()
     if fmt is not None or suffix not in TABLE_SUFFIXES or (suffix == ".csv" and not _is_table_csv(path)):
         return corpus_from_captions(path, fmt, media_root=root, check_media=check_media and root is not None)
+    if path.stat().st_size == 0:
+        raise CorpusError(f"empty corpus: {path} is an empty file")
     import datasets
 
     try:

@@ -21,6 +21,7 @@ changed items.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import uuid
@@ -660,13 +661,17 @@ class AisfxEncoder(ItemEncoder):
         return np.stack([spec[s:s + self.BLOCK] for s in starts])
 
     def _encode_batch(self, items, root):
-        out = np.zeros((len(items), self.dim), dtype=np.float32)
+        blocks, owner = [], []
         for i, it in enumerate(items):
             wav = read_audio(_media_path(it, root), self.SAMPLE_RATE, self.cfg.audio_seconds, item_id=it.item_id)
-            x = self.torch.from_numpy(self.blocks(self.log_mel(wav))).to(self.device)  # (nb, 100, 96)
-            with self.torch.no_grad():
-                out[i] = self.model.get_embedding(x).mean(0).float().cpu().numpy()  # (nb, 512) -> (512,)
-        return out
+            b = self.blocks(self.log_mel(wav))  # (nb, 100, 96)
+            blocks.append(b)
+            owner += [i] * b.shape[0]
+        x = self.torch.from_numpy(np.concatenate(blocks)).to(self.device)  # (sum nb, 100, 96)
+        with self.torch.no_grad():
+            emb = self.model.get_embedding(x).float().cpu().numpy()  # (sum nb, 512)
+        owner = np.asarray(owner)
+        return np.stack([emb[owner == i].mean(0) for i in range(len(items))])  # (B, 512): mean over blocks
 
 
 # ---- routing by modality -------------------------------------------------------------------------
@@ -680,7 +685,7 @@ class MultiModalEncoderConfig:
     """One EncoderConfig per modality + the common output dimension. Defaults: offline encoders."""
     image: EncoderConfig = _default("efficientnet")
     audio: EncoderConfig = _default("aisfx")
-    video: EncoderConfig = _default("efficientnet", video_pooling="mean+motion")
+    video: EncoderConfig = _default("efficientnet", spatial_grid=2, video_pooling="mean+motion")
     text: EncoderConfig = _default("sentence-transformers", name_or_path=MINILM)
     dim: int = 512                      # common D; 0 = the largest dimension among the modalities used
     projection: str = "orthogonal"      # orthogonal | pad  (see ModalityProjection)
@@ -692,6 +697,21 @@ class MultiModalEncoderConfig:
             raise ValueError(f"projection must be 'orthogonal' or 'pad', got '{self.projection}'")
         if self.dim < 0:
             raise ValueError(f"dim must be >= 0, got {self.dim}")
+
+
+@functools.lru_cache(maxsize=16)
+def _orthogonal_matrix(d_in: int, d_out: int, seed: int, modality: str) -> np.ndarray:
+    """Seeded random (d_in, d_out) matrix with orthonormal columns (d_in > d_out) or rows (d_in < d_out)."""
+    from ace.corpus import MODALITIES
+
+    rng = np.random.default_rng([seed, MODALITIES.index(modality)])
+    import torch  # torch's QR: numpy's multithreaded OpenBLAS QR can stall badly on a busy machine
+
+    gauss = torch.from_numpy(rng.standard_normal((max(d_in, d_out), min(d_in, d_out))))
+    q = torch.linalg.qr(gauss).Q.numpy()  # orthonormal columns
+    q = (q.T if d_in < d_out else q).astype(np.float32)
+    q.setflags(write=False)
+    return q
 
 
 class ModalityProjection:
@@ -713,11 +733,7 @@ class ModalityProjection:
                 raise EncoderError(f"projection 'pad' cannot shrink {modality} embeddings from {d_in} to {d_out}; "
                                    f"use projection=orthogonal or a larger dim")
             return
-        from ace.corpus import MODALITIES
-
-        rng = np.random.default_rng([seed, MODALITIES.index(modality)])
-        q, _ = np.linalg.qr(rng.standard_normal((max(d_in, d_out), min(d_in, d_out))))  # orthonormal columns
-        self.matrix = (q.T if d_in < d_out else q).astype(np.float32)  # (d_in, d_out)
+        self.matrix = _orthogonal_matrix(d_in, d_out, seed, modality)  # (d_in, d_out)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.d_in == self.d_out:

@@ -154,12 +154,12 @@ def background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
         img = np.full((size, size), base)
     elif kind == "striped":
         period = int(rng.integers(8, 14))
-        img = base + 35 * (((xx + yy) // (period // 2)) % 2 * 2 - 1)
+        img = base + 16 * (((xx + yy) // (period // 2)) % 2 * 2 - 1)
     elif kind == "checkered":
         cell = int(rng.integers(8, 16))
-        img = base + 35 * (((xx // cell) + (yy // cell)) % 2 * 2 - 1)
+        img = base + 16 * (((xx // cell) + (yy // cell)) % 2 * 2 - 1)
     else:  # speckled
-        img = base + rng.normal(0, 28, (size, size))
+        img = base + rng.normal(0, 14, (size, size))
     tint = rng.uniform(-8, 8, 3)
     return np.clip(img[..., None] + tint, 0, 255).astype(np.uint8)
 
@@ -169,7 +169,7 @@ def render_image(attrs: dict, size: int, rng: np.random.Generator) -> Image.Imag
     centre = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73), "centre": (0.5, 0.5)}
     fx, fy = centre[attrs["position"]]
     jitter = rng.uniform(-0.03, 0.03, 2)
-    r = size * (0.13 if attrs["size"] == "small" else 0.22) * rng.uniform(0.92, 1.08)
+    r = size * (0.14 if attrs["size"] == "small" else 0.24) * rng.uniform(0.92, 1.08)
     draw_shape(ImageDraw.Draw(img), attrs["shape"], (fx + jitter[0]) * size, (fy + jitter[1]) * size, r,
                COLOURS[attrs["colour"]][0])
     return img

