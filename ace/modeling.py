@@ -96,6 +96,27 @@ class AceConfig(PretrainedConfig):
         return NUM_SPECIAL + sum(self.level_sizes)
 
 
+MODEL_FIELDS = {"d_model": int, "n_heads": int, "encoder_layers": int, "decoder_layers": int, "ffn_dim": int,
+                "dropout": float, "query_vocab_size": int, "max_query_length": int, "level_sizes": list[int],
+                "fusion": bool, "pretrained_encoder": str | None}
+
+
+def load_ace_config(path=None, overrides=(), **fixed) -> AceConfig:
+    """AceConfig from a YAML mapping of MODEL_FIELDS + ``key=value`` overrides (ace/config.py rules:
+    unknown keys are errors); ``fixed`` (e.g. level_sizes from the identifier tokenizer) wins."""
+    from .config import ConfigError, _coerce, deep_merge, parse_overrides, read_yaml
+    data = deep_merge(read_yaml(path) if path else {}, parse_overrides(overrides))
+    unknown = sorted(set(data) - set(MODEL_FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown model config key(s) {', '.join(unknown)}; known: {', '.join(sorted(MODEL_FIELDS))}")
+    kwargs = {k: _coerce(v, MODEL_FIELDS[k], k) for k, v in data.items()}
+    kwargs.update(fixed)
+    try:
+        return AceConfig(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid model config: {exc}") from None
+
+
 @dataclass
 class AceEncoderOutput(ModelOutput):
     """Encoder output; ``layer_states`` (B, S, N, d) holds the S fused layers (a tensor, so HF
