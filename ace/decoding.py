@@ -74,7 +74,21 @@ def _allowed_children(nodes: torch.Tensor, tt: dict, level_size: int):
     return mask, child
 
 
-def _beam_search(model, input_ids, attention_mask, vocab: IdentifierVocab, num_beams: int, tt: dict | None):
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _beam_search(model, input_ids, attention_mask, vocab, num_beams, tt):
+    """Run the search in eval mode (dropout off), restoring the model's mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _beam_search_loop(model, input_ids, attention_mask, vocab, num_beams, tt)
+    finally:
+        model.train(was_training)
+
+
+def _beam_search_loop(model, input_ids, attention_mask, vocab: IdentifierVocab, num_beams: int, tt: dict | None):
     """Shared loop: returns final tokens (B, W, L), scores (B, W) sorted, trie nodes (B, W) or None."""
     L = vocab.length
     layers = model.encode(input_ids, attention_mask)                                # (B, S, N, d)
@@ -121,7 +135,7 @@ def constrained_beam_search(model, input_ids, attention_mask, trie, vocab: Ident
     ``item_index`` are ``trie.leaf_item`` values (row indices into the identifier table);
     ``logprob`` is the identifier's summed log-probability (-inf where padded)."""
     top_k = _check(model, input_ids, trie, vocab, num_beams, top_k)
-    device = next(model.parameters()).device if any(True for _ in model.parameters()) else input_ids.device
+    device = _model_device(model)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     tt = _trie_tensors(trie, device)
     _, scores, nodes = _beam_search(model, input_ids, attention_mask, vocab, num_beams, tt)
@@ -139,7 +153,7 @@ def unconstrained_beam_search(model, input_ids, attention_mask, trie, vocab: Ide
 
     Returns (item_index (B, top_k) -1 padded, logprob (B, top_k), num_invalid int)."""
     top_k = _check(model, input_ids, trie, vocab, num_beams, top_k)
-    device = next(model.parameters()).device
+    device = _model_device(model)
     tokens, scores, _ = _beam_search(model, input_ids.to(device), attention_mask.to(device), vocab,
                                      num_beams, None)
     tokens, scores = tokens[:, :top_k].cpu().numpy(), scores[:, :top_k].cpu()

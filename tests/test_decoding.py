@@ -170,3 +170,15 @@ def test_bad_arguments_give_clear_errors(setup):
     with pytest.raises(AceInputError, match="exceeds max_query_length"):
         constrained_beam_search(model, torch.ones(1, 9, dtype=torch.long), torch.ones(1, 9, dtype=torch.long),
                                 trie, vocab)
+
+
+def test_search_runs_in_eval_mode_and_restores_training_mode(setup):
+    model, trie, codes, vocab, ids, mask = setup
+    ref = constrained_beam_search(model, ids, mask, trie, vocab, num_beams=5)
+    model.train()
+    try:
+        got = constrained_beam_search(model, ids, mask, trie, vocab, num_beams=5)
+        assert model.training
+    finally:
+        model.eval()
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
