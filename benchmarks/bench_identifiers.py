@@ -1,7 +1,7 @@
 """Identifier benchmarks: caption-proxy MSCOCO val (quality) and synthetic 10k/100k/1M x 1024 (scale).
 
     python benchmarks/bench_identifiers.py caption [key=value ...]
-    python benchmarks/bench_identifiers.py synthetic --sizes 10000 100000 1000000 [key=value ...]
+    python benchmarks/bench_identifiers.py synthetic --sizes 10000,100000,1000000 [key=value ...]
 
 caption: item document = caption 1 of ../shared/data/mscoco/mscoco_val.json, MiniLM embeddings
 (cached in benchmarks/out/), identifiers with the IdentifierConfig defaults (+ overrides); prints
@@ -130,7 +130,8 @@ def main() -> None:
     c = sub.add_parser("caption")
     c.add_argument("overrides", nargs="*")
     s = sub.add_parser("synthetic")
-    s.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    s.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")], default=[10_000, 100_000, 1_000_000],
+                   help="comma-separated sizes, e.g. 10000,100000,1000000")
     s.add_argument("--dim", type=int, default=1024)
     s.add_argument("overrides", nargs="*")
     o = sub.add_parser("_one")

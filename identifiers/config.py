@@ -33,7 +33,7 @@ class IdentifierConfig:
     fit_sample: int = 100_000        # rows (random subsample) used to fit K-Means and the RQ-VAE
     encode_batch_size: int = 65_536  # rows per chunk when normalising / predicting / encoding
     seed: int = 0
-    num_threads: int = 0             # >0: cap torch / BLAS / OpenMP threads while fitting and encoding
+    num_threads: int = 0             # >0: cap torch/BLAS/OpenMP threads; 0: auto (1 for small jobs)
 
     def __post_init__(self):
         self.hidden_dims = tuple(int(h) for h in self.hidden_dims)

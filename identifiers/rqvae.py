@@ -12,6 +12,7 @@ Gradients pass the quantiser straight-through (rotation trick off).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -21,6 +22,28 @@ from tqdm.auto import tqdm
 from vector_quantize_pytorch import ResidualVQ
 
 from .config import IdentifierConfig
+
+
+def auto_threads(work_per_step: float) -> int:
+    """1 thread for small steps (where OpenMP threads only add overhead - and on a busy CPU can
+    make a step 100x slower), 0 = leave the torch / BLAS default for big ones."""
+    return 1 if work_per_step < 5e7 else 0
+
+
+@contextlib.contextmanager
+def thread_limit(n: int):
+    """Cap torch and BLAS/OpenMP threads to ``n`` inside the block (n <= 0: no change)."""
+    if n <= 0:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(limits=n):
+            yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def mlp(dims: list[int]) -> nn.Sequential:
@@ -86,6 +109,14 @@ class RQVAE(nn.Module):
 def fit_rqvae(residuals: np.ndarray, config: IdentifierConfig, *, device: str = "cpu",
               progress: bool = True) -> tuple[RQVAE, dict]:
     """Train on (n, D) residuals for at most ``rqvae_max_steps`` steps; returns (model, history)."""
+    params = sum(a * b for a, b in zip([residuals.shape[1], *config.hidden_dims, config.latent_dim],
+                                       [*config.hidden_dims, config.latent_dim]))
+    work = min(config.rqvae_batch_size, residuals.shape[0]) * params
+    with thread_limit(config.num_threads or auto_threads(work)):
+        return _fit_rqvae(residuals, config, device=device, progress=progress)
+
+
+def _fit_rqvae(residuals: np.ndarray, config: IdentifierConfig, *, device: str, progress: bool):
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     n, D = residuals.shape

@@ -11,7 +11,6 @@ the residual x - centroid[k], u = ID-table counter of the (k, v1..vM) prefix.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import time
@@ -26,7 +25,7 @@ from .config import IdentifierConfig
 from .id_table import IdTable, IdTableError
 from .inputs import IdentifierInputError, check_embeddings, check_item_ids, l2_normalise
 from .kmeans import KMeansClusterer, sample_rows
-from .rqvae import RQVAE, fit_rqvae
+from .rqvae import RQVAE, auto_threads, fit_rqvae, thread_limit
 from .trie import IdentifierTrie, TrieError
 
 FORMAT_NAME = "ace-semantic-ids"
@@ -41,25 +40,6 @@ class TokenizerFormatError(ValueError):
 
 def _default_device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@contextlib.contextmanager
-def thread_limit(n: int):
-    """Cap torch and BLAS/OpenMP threads to ``n`` inside the block (n <= 0: no change).
-
-    On a shared, oversubscribed CPU, spinning OpenMP threads can make small models 100x slower.
-    """
-    if n <= 0:
-        yield
-        return
-    from threadpoolctl import threadpool_limits
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        with threadpool_limits(limits=n):
-            yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _sha256(path: Path) -> str:
@@ -90,7 +70,7 @@ class SemanticIdTokenizer:
             device: str | None = None, progress: bool = True) -> "SemanticIdTokenizer":
         """Fit K-Means and the RQ-VAE on (a sample of) ``embeddings`` and give every item an identifier."""
         config = config or IdentifierConfig()
-        with thread_limit(config.num_threads):
+        with thread_limit(config.num_threads):              # 0: per-stage choice below
             return cls._fit(embeddings, item_ids, config, device=device, progress=progress)
 
     @classmethod
@@ -109,7 +89,9 @@ class SemanticIdTokenizer:
         xs = l2_normalise(x[sample])                                   # (n, D)
         kmeans = KMeansClusterer(K=config.K, batch_size=config.kmeans_batch_size,
                                  max_iter=config.kmeans_max_iter, n_init=config.kmeans_n_init,
-                                 seed=config.seed, chunk=config.encode_batch_size).fit(xs)
+                                 seed=config.seed, chunk=config.encode_batch_size)
+        with thread_limit(config.num_threads or auto_threads(min(config.kmeans_batch_size, N) * D * config.K)):
+            kmeans.fit(xs)
         times["kmeans_fit_s"] = time.time() - t
 
         t = time.time()

@@ -263,7 +263,8 @@ class IdentifierTrie:
 
     @property
     def item_ids(self) -> list[str]:
-        return list(self._item_ids)
+        """Item ids by row (the trie's own list, not a copy: do not mutate it)."""
+        return self._item_ids
 
     def __contains__(self, item_id) -> bool:
         return self.row_of(item_id) >= 0
