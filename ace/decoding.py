@@ -171,6 +171,7 @@ def unconstrained_beam_search(model, input_ids, attention_mask, trie, vocab: Ide
     scores = torch.gather(scores, 1, torch.from_numpy(order))
     items_t = torch.from_numpy(items)
     scores = torch.where(items_t >= 0, scores, float("-inf"))
+    items_t, scores = _pad_to(items_t, scores, top_k)
     return items_t, scores, num_invalid
 
 
