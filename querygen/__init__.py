@@ -17,7 +17,7 @@ def build_backend(config: QueryGenConfig) -> QueryBackend:
         return TemplateBackend(templates=config.templates, num_queries=config.num_queries, seed=config.seed, **common)
     gen = dict(num_queries=config.num_queries, prompts=config.prompts, max_new_tokens=config.max_new_tokens,
                do_sample=config.do_sample, temperature=config.temperature, top_p=config.top_p, seed=config.seed,
-               device=config.device, **common)
+               device=config.device, dtype=config.dtype, **common)
     if config.backend == "paraphrase":
         from .paraphrase import ParaphraseBackend
         return ParaphraseBackend(model=config.model, system_prompt=config.system_prompt,

@@ -22,6 +22,7 @@ class QueryGenConfig:
     top_p: float = 0.95
     seed: int = 0
     device: str = "auto"                    # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"                     # auto (checkpoint dtype on GPU, float32 on CPU) | float32 | bfloat16 | float16
     video_frames: int = 4                   # frames sampled per video for mllm
     # filtering and dedup (applied at the end over cached + new generations; not part of the cache key)
     min_words: int = 2                      # fewer words -> "too_short"

@@ -9,6 +9,16 @@ import torch
 from .base import BackendStats, QueryGenError
 
 
+def model_dtype(name: str, device: str):
+    """'auto' -> the checkpoint's dtype on GPU, float32 on CPU (half precision is slow there); or a torch dtype name."""
+    if name == "auto":
+        return "auto" if device.startswith("cuda") else torch.float32
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise QueryGenError(f"dtype must be auto, float32, float16 or bfloat16, got '{name}'")
+    return dtype
+
+
 def load_error(kind: str, name_or_path: str, exc: Exception) -> QueryGenError:
     """A clear message for a model that will not load (unknown path, offline hub, wrong architecture)."""
     hint = ""

@@ -6,7 +6,7 @@ import logging
 from ace.corpus import CorpusItem
 
 from .base import GeneratedQuery, QueryBackend, QueryGenError, resolve_device
-from .lm import generate_new_tokens, load_error
+from .lm import generate_new_tokens, load_error, model_dtype
 from .media import MediaError, load_audio, load_image, sample_video_frames
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ DEFAULT_PROMPTS = {
 }
 
 
-def load_multimodal_model(name_or_path: str):
+def load_multimodal_model(name_or_path: str, dtype="auto"):
     """(processor, model) for an image-text-to-text or audio-text model from any id or local path."""
     import transformers
     from transformers import AutoConfig, AutoProcessor
@@ -55,7 +55,7 @@ def load_multimodal_model(name_or_path: str):
     errors = []
     for cls in [c for c in classes if c is not None]:
         try:
-            return processor, cls.from_pretrained(name_or_path)
+            return processor, cls.from_pretrained(name_or_path, dtype=dtype)
         except ValueError as exc:  # "Unrecognized configuration class ... for this kind of AutoModel"
             errors.append(f"{cls.__name__}: {exc}".splitlines()[0])
         except Exception as exc:  # noqa: BLE001
@@ -71,8 +71,8 @@ class MLLMBackend(QueryBackend):
 
     def __init__(self, *, model: str | None, num_queries: int = 4, prompts: list[str] | None = None,
                  max_new_tokens: int = 32, do_sample: bool | None = None, temperature: float = 0.8,
-                 top_p: float = 0.95, seed: int = 0, device: str = "auto", video_frames: int = 4,
-                 batch_size: int = 8, media_root=None):
+                 top_p: float = 0.95, seed: int = 0, device: str = "auto", dtype: str = "auto",
+                 video_frames: int = 4, batch_size: int = 8, media_root=None):
         super().__init__(media_root=media_root)
         if not model:
             raise QueryGenError("the mllm backend needs model=<id or local path> of a vision/audio-language model "
@@ -82,18 +82,18 @@ class MLLMBackend(QueryBackend):
         self.prompts = {m: list(prompts) for m in DEFAULT_PROMPTS} if prompts else DEFAULT_PROMPTS
         self.max_new_tokens, self.temperature, self.top_p, self.seed = max_new_tokens, temperature, top_p, seed
         self.do_sample = False if do_sample is None else do_sample
-        self.device, self.video_frames, self.batch_size = device, video_frames, batch_size
+        self.device, self.dtype, self.video_frames, self.batch_size = device, dtype, video_frames, batch_size
         self._processor = self._model = None
 
     def settings(self) -> dict:
         return {"model": self.model_name, "num_queries": self.num_queries, "prompts": self.prompts,
                 "max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "temperature": self.temperature,
-                "top_p": self.top_p, "seed": self.seed, "video_frames": self.video_frames}
+                "top_p": self.top_p, "seed": self.seed, "dtype": self.dtype, "video_frames": self.video_frames}
 
     def load(self) -> None:
         if self._model is None:
             device = resolve_device(self.device)
-            processor, model = load_multimodal_model(self.model_name)
+            processor, model = load_multimodal_model(self.model_name, model_dtype(self.dtype, device))
             tok = getattr(processor, "tokenizer", None)
             if tok is not None:
                 tok.padding_side = "left"  # decoder-only batching
@@ -135,7 +135,13 @@ class MLLMBackend(QueryBackend):
         else:
             images = [fr for m in media for fr in m] if modality == "video" else media
             enc = self._processor(text=texts, images=images, return_tensors="pt", padding=True)
-        return {k: v.to(self._model.device) if hasattr(v, "to") else v for k, v in enc.items()}
+        out = {}
+        for k, v in enc.items():  # floating inputs (pixels, mel features) follow the model's dtype (bf16/fp16 on GPU)
+            if hasattr(v, "to"):
+                dtype = self._model.dtype if v.is_floating_point() else None
+                v = v.to(self._model.device, dtype=dtype)
+            out[k] = v
+        return out
 
     def _run(self, modality: str, rows: list[tuple]) -> list[str]:
         """Decode one model batch of (item, media, prompt index, prompt) rows into text."""

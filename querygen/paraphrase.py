@@ -10,7 +10,7 @@ from pathlib import Path
 from ace.corpus import CorpusItem
 
 from .base import GeneratedQuery, QueryBackend, QueryGenError, resolve_device
-from .lm import generate_new_tokens, load_error
+from .lm import generate_new_tokens, load_error, model_dtype
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,8 @@ class ParaphraseBackend(QueryBackend):
     def __init__(self, *, model: str | None = None, num_queries: int = 4, prompts: list[str] | None = None,
                  system_prompt: str | None = None, caption_indices: list[int] | None = None,
                  max_new_tokens: int = 32, do_sample: bool | None = None, temperature: float = 0.8,
-                 top_p: float = 0.95, seed: int = 0, device: str = "auto", media_root=None):
+                 top_p: float = 0.95, seed: int = 0, device: str = "auto", dtype: str = "auto",
+                 media_root=None):
         super().__init__(media_root=media_root)
         self.model_name = model or SMOLLM2
         self.num_queries = num_queries
@@ -98,14 +99,14 @@ class ParaphraseBackend(QueryBackend):
         self.caption_indices = list(caption_indices) if caption_indices is not None else None
         self.max_new_tokens, self.temperature, self.top_p, self.seed = max_new_tokens, temperature, top_p, seed
         self.do_sample = True if do_sample is None else do_sample
-        self.device = device
+        self.device, self.dtype = device, dtype
         self._model = self._tok = None
 
     def settings(self) -> dict:
         return {"model": self.model_name, "num_queries": self.num_queries, "prompts": self.prompts,
                 "system_prompt": self.system_prompt, "caption_indices": self.caption_indices,
                 "max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
-                "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
+                "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed, "dtype": self.dtype}
 
     def load(self) -> None:
         if self._model is not None:
@@ -116,7 +117,9 @@ class ParaphraseBackend(QueryBackend):
         device = resolve_device(self.device)
         try:
             tok = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=model_dtype(self.dtype, device))
+        except QueryGenError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any loading failure becomes one clear message
             raise load_error("paraphrase", path, exc) from exc
         tok.padding_side = "left"  # decoder-only batching: prompts end where generation starts

@@ -394,6 +394,11 @@ def test_config_from_yaml_and_overrides(tmp_path):
         load_config(QueryGenConfig, None, ["backend=gpt"])
     with pytest.raises(ConfigError, match="unknown config key"):
         load_config(QueryGenConfig, None, ["num_querys=3"])
+    from querygen.lm import model_dtype
+    assert model_dtype("auto", "cpu") == torch.float32 and model_dtype("auto", "cuda") == "auto"
+    assert model_dtype("bfloat16", "cpu") == torch.bfloat16
+    with pytest.raises(QueryGenError, match="dtype must be"):
+        model_dtype("int8", "cpu")
 
 
 def test_time_budget_stops_cleanly_and_a_rerun_continues(tmp_path):
