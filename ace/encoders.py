@@ -16,8 +16,8 @@ to one common dimension D (see ``ModalityProjection``). Identifiers are fit per 
 what matters downstream is one D and a fixed, deterministic map, not a shared space.
 
 Cache: with ``cache_dir`` set, embeddings are stored under ``cache_dir/<kind>-<config hash>/``
-keyed by (item id, media path, media mtime and size, item text); a re-run encodes only new or
-changed items.
+keyed by (item id, modality, media path, media mtime and size, and the item's text for encoders
+that read it); a re-run encodes only new or changed items.
 """
 from __future__ import annotations
 
@@ -197,6 +197,7 @@ class ItemEncoder:
     """Base class: batching, disk cache, normalisation. Subclasses implement ``_encode_batch``."""
     modalities: tuple[str, ...] = ()
     cacheable = True
+    uses_text = False  # True: the embedding depends on the item's text (description / caption 1)
 
     def __init__(self, cfg: EncoderConfig):
         self.cfg = cfg
@@ -214,14 +215,15 @@ class ItemEncoder:
 
     def cache_key(self, item: "CorpusItem", root: Path | None) -> str:
         parts = [item.item_id, item.modality]
-        if item.media is not None:
+        if item.media is not None and not self.uses_text:
             path = _media_path(item, root)
             try:
                 st = path.stat()
             except OSError:
                 raise EncoderError(f"media file of item {item.item_id!r} not found: {path}") from None
             parts += [str(path.resolve()), str(st.st_mtime_ns), str(st.st_size)]
-        parts.append(item_text(item, root) or "")
+        if self.uses_text or item.media is None:  # media encoders ignore captions: editing them keeps the cache
+            parts.append(item_text(item, root) or "")
         return hashlib.sha1("\0".join(parts).encode()).hexdigest()
 
     def encode(self, items: list["CorpusItem"], *, root: str | Path | None = None, progress: bool = False) -> np.ndarray:
@@ -417,6 +419,7 @@ class HFDualEncoder(ItemEncoder):
 class SentenceItemEncoder(ItemEncoder):
     """Encodes each item's text (metadata['text'] / .txt media / caption 1) with a TextEncoder."""
     modalities = ("image", "audio", "video", "text")
+    uses_text = True
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__(cfg)

@@ -192,6 +192,12 @@ def test_cache_skips_encoded_items(tiny_clip, media, tmp_path, monkeypatch):
     assert third.calls == 1
     np.testing.assert_allclose(y[3], x[1], atol=1e-5)
 
+    # captions are not part of a media encoder's key: editing them keeps the cache
+    fourth = build_encoder(cfg)
+    recaptioned = [CorpusItem(it.item_id, "image", it.media, captions=["a new caption"]) for it in IMAGES]
+    np.testing.assert_array_equal(fourth.encode(recaptioned, root=media), x)
+    assert fourth.calls == 0
+
     # a config change that alters embeddings uses another cache folder
     other = build_encoder(EncoderConfig(**{**cfg.__dict__, "frames_per_video": 3}))
     other.encode(IMAGES[:1], root=media)
@@ -328,13 +334,19 @@ def test_precomputed_inline_embeddings():
 
 def test_sentence_encoder_describes_items(tmp_path):
     (tmp_path / "doc.txt").write_text("a long text document about boats")
-    enc = build_encoder(EncoderConfig(kind="sentence-transformers", name_or_path="minilm"))
+    enc = build_encoder(EncoderConfig(kind="sentence-transformers", name_or_path="minilm",
+                                      cache_dir=str(tmp_path / "cache")))
     items = [CorpusItem("i", "image", "x.png", captions=["a dog runs on the beach", "dog"]),
              CorpusItem("t", "text", "doc.txt"), CorpusItem("m", "audio", metadata={"text": "a dog runs on the beach"})]
     x = enc.encode(items, root=tmp_path)
     assert_normalised(x, 3, 384)
     np.testing.assert_allclose(x[0], x[2], atol=1e-5)  # caption 1 == metadata text
     np.testing.assert_allclose(x[1], enc.text_encoder.encode(["a long text document about boats"])[0], atol=1e-5)
+    calls = enc.calls
+    enc.encode(items, root=tmp_path)
+    assert enc.calls == calls  # cached
+    enc.encode([CorpusItem("i", "image", "x.png", captions=["a cat sleeps"])], root=tmp_path)
+    assert enc.calls == calls + 1  # the text is this encoder's input: a new caption 1 is re-encoded
     with pytest.raises(EncoderError, match=r"no text to encode .*\['bare'\]"):
         enc.encode([CorpusItem("bare", "image", "x.png")], root=tmp_path)
 
