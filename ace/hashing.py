@@ -1,14 +1,18 @@
 """Semantic-preserving binary hash codes and a faiss binary index with float re-ranking.
 
 ``HashHead`` is a learned head (Linear or small MLP) whose output signs are the B bits of a code.
-It is trained so that Hamming distance tracks embedding similarity: on random batches of item
-embeddings, the scaled inner products of the tanh-relaxed codes, ``h_i . h_j / B`` (which equal
-``1 - 2 * hamming / B`` for exact codes), are regressed onto the cosine similarities of the float
-embeddings, plus a quantisation term (|h| -> 1) and a bit-balance term (each bit used half the time).
+A linear head starts as random hyperplanes (SimHash) and is trained so that Hamming distance
+tracks embedding similarity: on random batches of vectors, the scaled inner products of the
+tanh-relaxed codes, ``h_i . h_j / B`` (equal to ``1 - 2 * hamming / B`` for exact codes), are
+regressed onto the angular similarity ``1 - 2 * angle / pi`` of the float vectors (the value
+random hyperplanes give in expectation), plus a quantisation term (|h| -> 1) and a bit-balance
+term (each bit set half the time).
 
-``BinaryIndex`` keeps packed codes (uint8, B/8 bytes per item) in a faiss binary index
-(flat, HNSW or IVF) wrapped in ``IndexBinaryIDMap2`` so items are added and removed by int64
-id, and keeps the float embeddings so the Hamming candidates are re-ranked by exact cosine.
+``BinaryIndex`` keeps packed codes (uint8, B/8 bytes per item) in a faiss binary index (flat,
+HNSW or IVF) under int64 ids: flat and HNSW are wrapped in ``IndexBinaryIDMap2``, IVF stores the
+ids itself; HNSW cannot delete, so removed ids are tombstoned, filtered out of results and the
+graph is rebuilt once they exceed ``rebuild_ratio``. It also keeps the float embeddings, so the
+Hamming candidates are re-ranked by exact cosine.
 """
 from __future__ import annotations
 
@@ -250,9 +254,10 @@ class BinaryIndex:
             inner = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(self.bits), self.bits, nlist)
             inner.train(train_codes)
             inner.nprobe = min(cfg.ivf_nprobe, nlist)
-        index = faiss.IndexBinaryIDMap2(inner)
-        self._inner = inner  # Python owns the inner index; keep it alive as long as the wrapper
-        return index
+        self._inner = inner
+        if cfg.kind == "ivf":  # IVF stores user ids itself (IDMap2 would renumber them after a removal)
+            return inner
+        return faiss.IndexBinaryIDMap2(inner)  # Python owns `inner`; self._inner keeps it alive
 
     def _check_ids(self, ids) -> np.ndarray:
         ids = np.asarray(ids)
@@ -390,7 +395,7 @@ class BinaryIndex:
                 raise HashingError(f"cannot read faiss binary index at {path}: {exc}") from None
             if out.index.ntotal != len(ids):
                 raise HashingError(f"faiss index at {path} holds {out.index.ntotal} codes, store has {len(ids)}")
-            inner = faiss.downcast_IndexBinary(out.index.index)
+            inner = faiss.downcast_IndexBinary(out.index.index if out.config.kind != "ivf" else out.index)
             if out.config.kind == "hnsw":
                 inner.hnsw.efSearch = out.config.ef_search
             elif out.config.kind == "ivf":

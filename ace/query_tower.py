@@ -250,7 +250,7 @@ class QueryTower:
                 sched.step()
                 with torch.no_grad():
                     log_scale.clamp_(0.0, math.log(100.0))
-                total += float(loss) * len(b)
+                total += loss.item() * len(b)
                 n += len(b)
             self.history.append({"epoch": epoch, "loss": total / max(n, 1),
                                  "temperature": float(torch.exp(-log_scale.detach()))})

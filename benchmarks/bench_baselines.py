@@ -65,8 +65,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--new-frac", type=float, default=0.0, help="share of items added after training")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tower", nargs="*", default=[], help="QueryTowerConfig overrides key=value")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     ap.add_argument("--out", default=None, help="JSON output path")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        import faiss
+        faiss.omp_set_num_threads(args.threads)
 
     from ace.config import from_dict, parse_overrides
     tower_cfg = from_dict(QueryTowerConfig, {"seed": args.seed, **parse_overrides(args.tower)})
@@ -112,17 +117,18 @@ def main(argv=None) -> dict:
         record(f"DT trained [{b}]", dt_trained(split, emb, enc, backend=b, tower=tower)[0])
 
     # ---- fallback over all items (tower + hash head trained on the full split)
-    def build_fallback(tw, ids, docs, fit_docs):
+    def build_fallback(tw, ids, docs, fit_docs, fit_queries):
         head = HashHead(dim=docs.shape[1], config=hash_cfg)
         t = time.perf_counter()
-        head.fit(fit_docs, progress=True)
+        head.fit(fit_docs, extra=tw.project(fit_queries), progress=True)
         t_head = time.perf_counter() - t
         fb = FallbackIndex(tower=tw, head=head, config=index_cfg)
         t = time.perf_counter()
         fb.add(ids, docs)
         return fb, t_head, len(ids) / (time.perf_counter() - t)
 
-    fb, t_head, add_rate = build_fallback(tower, split.item_ids, emb.documents, emb.documents)
+    fb, t_head, add_rate = build_fallback(tower, split.item_ids, emb.documents, emb.documents,
+                                             emb.train_queries)
     qv = tower.project(emb.test_queries)
     t0 = time.perf_counter()
     res = fb.search_vectors(qv, 10)
@@ -150,7 +156,8 @@ def main(argv=None) -> dict:
         emb_old = SplitEmbeddings(emb.documents[sel(old)], emb.train_queries[tr_rows(old)], emb.test_queries[te_rows(old)])
         tower_old = train_query_tower(old, emb_old, enc, config=tower_cfg, progress=True)
         new_docs = emb.documents[sel(new)]
-        fb_new, _, add_rate_new = build_fallback(tower_old, new.item_ids, new_docs, emb_old.documents)
+        fb_new, _, add_rate_new = build_fallback(tower_old, new.item_ids, new_docs, emb_old.documents,
+                                                    emb_old.train_queries)
         q_new = tower_old.project(emb.test_queries[te_rows(new)])
         tgt_new = query_targets(new)
         exact_new_tw_old = record(f"new {args.new_frac:.0%}: DT trained (old-item tower), exact",
