@@ -128,6 +128,17 @@ def _check_matrix(name: str, x: np.ndarray, dim: int | None = None) -> np.ndarra
     return x
 
 
+class _TextsAdapter:
+    """``encode(texts)`` over an item encoder's ``encode_texts`` (its text tower)."""
+
+    def __init__(self, item_encoder):
+        self.item_encoder = item_encoder
+        self.dim = int(item_encoder.dim)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return self.item_encoder.encode_texts(list(texts))
+
+
 class QueryTower:
     """Text -> item-embedding space: a dual encoder's text tower, or frozen encoder + projection."""
 
@@ -156,6 +167,15 @@ class QueryTower:
         torch.manual_seed(self.config.seed)
         self.projection = Projection(in_dim=self.text_dim, out_dim=self.item_dim, kind=self.config.projection,
                                      hidden=self.config.hidden, init_identity=self.config.init_identity).to(self.device)
+
+    @classmethod
+    def for_item_encoder(cls, item_encoder, *, config: QueryTowerConfig | None = None,
+                         text_encoder: TextTower | None = None) -> "QueryTower":
+        """The dual encoder's own text tower when the item encoder has one (``encode_texts``,
+        e.g. ace.encoders.HFDualEncoder), else a frozen text encoder + projection to its dim."""
+        if callable(getattr(item_encoder, "encode_texts", None)):
+            return cls(config=config, dual_encoder=_TextsAdapter(item_encoder), item_dim=int(item_encoder.dim))
+        return cls(config=config, text_encoder=text_encoder, item_dim=int(item_encoder.dim))
 
     @property
     def is_dual(self) -> bool:

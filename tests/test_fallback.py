@@ -105,6 +105,26 @@ def test_dual_encoder_tower_passes_text_tower_through(tmp_path):
     assert QueryTower.load(tmp_path / "dual", dual_encoder=enc).is_dual
 
 
+def test_for_item_encoder_picks_the_text_tower_of_a_dual_encoder():
+    _, _, enc, _, test = synthetic_task(n_items=5)
+
+    class Dual:  # stands in for ace.encoders.HFDualEncoder
+        dim = enc.dim
+
+        def encode_texts(self, texts):
+            return enc.encode(texts)
+
+    class MediaOnly:
+        dim = 12
+
+    texts = [t for _, t in test]
+    dual = QueryTower.for_item_encoder(Dual())
+    assert dual.is_dual and dual.projection is None
+    np.testing.assert_allclose(dual.encode(texts), enc.encode(texts), atol=1e-6)
+    projected = QueryTower.for_item_encoder(MediaOnly(), config=QueryTowerConfig(**TOWER), text_encoder=enc)
+    assert not projected.is_dual and projected.encode(texts).shape == (len(texts), 12)
+
+
 # ------------------------------------------------------------------------------ hashing
 def _neighbour_recall(codes, x, k=5):
     """Share of each point's true k cosine neighbours found among its k Hamming neighbours."""
