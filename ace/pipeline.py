@@ -1,0 +1,402 @@
+"""The training pipeline: corpus -> encode -> identifiers -> querygen -> train -> evaluate -> report.
+
+Each stage writes its artefact into the run folder and a marker keyed by the hash of its config
+and of the keys of the stages it reads; a re-run skips stages that are up to date and resumes
+training from its last checkpoint. ``train.py`` is the command-line front of this module.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ace.config import config_hash, save_config, to_dict
+from ace.corpus import Corpus, CorpusItem, corpus_from_captions, load_corpus
+from ace.encoders import MultiModalEncoderConfig, build_encoder, minilm_path
+from ace.metrics import retrieval_metrics
+from ace.run_folder import RunFolder, write_json_atomic
+from ace.training import TrainConfig
+from identifiers import IdentifierConfig, SemanticIdTokenizer
+from querygen import QueryGenConfig
+
+log = logging.getLogger("ace.pipeline")
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("corpus", "encode", "identifiers", "querygen", "train", "eval", "report")
+
+
+class PipelineError(RuntimeError):
+    """A stage cannot run with the given inputs; the message says which and why."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class CorpusConfig:
+    path: str = ""                  # corpus table (JSONL/CSV/Parquet) or a public caption file
+    format: str = "auto"            # auto | table | karpathy | flickr8k | clotho | audiocaps | msvd | didemo
+    root: str | None = None         # media root for relative media paths (table corpora)
+    demo: bool = False              # make the embedded demonstration corpus (data/make_demo.py) and use it
+    demo_dir: str = "data/demo"
+    demo_seed: int = 0
+    limit: int | None = None        # first N items only (quick trials)
+    min_captions: int = 0           # drop items with fewer captions (caption proxy: 5)
+
+
+@dataclass
+class SplitConfig:
+    """Which captions of an item are held out as test queries (never seen by querygen or training)."""
+    test_captions: list[int] = field(default_factory=lambda: [-2, -1])
+    val_queries: int = 0            # training queries also used for periodic eval (0 = eval at the end only)
+
+
+@dataclass
+class ModelSection:
+    """AceConfig sizes (ace/modeling.py); the identifier levels come from the identifiers stage."""
+    d_model: int = 256
+    n_heads: int = 4
+    encoder_layers: int = 3
+    decoder_layers: int = 3
+    ffn_dim: int = 1024
+    dropout: float = 0.1
+    max_query_length: int = 32
+    fusion: bool = True
+    pretrained_encoder: str | None = None   # local folder of a BERT-style encoder, or "minilm" (offline default)
+    query_vocab_size: int = 8000            # SentencePiece vocabulary (when no pretrained encoder)
+    query_tokenizer_type: str = "unigram"   # unigram | bpe
+
+
+@dataclass
+class EvalConfig:
+    num_beams: list[int] = field(default_factory=lambda: [10])   # first = headline; others reported too
+    top_k: int = 10
+    batch_size: int = 100
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    run_dir: str = "runs/run"
+    seed: int = 0
+    device: str = "auto"
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    encoder: MultiModalEncoderConfig = field(default_factory=MultiModalEncoderConfig)
+    identifiers: IdentifierConfig = field(default_factory=IdentifierConfig)
+    querygen: QueryGenConfig = field(default_factory=QueryGenConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    training: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def _load_demo_module():
+    spec = importlib.util.spec_from_file_location("ace_make_demo", ROOT / "data" / "make_demo.py")
+    mod = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the module executes
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def load_source_corpus(cfg: CorpusConfig) -> Corpus:
+    """The corpus named by the config: the demo, a corpus table, or a public caption file."""
+    if cfg.demo:
+        demo = _load_demo_module()
+        out = Path(cfg.demo_dir)
+        out = out if out.is_absolute() else ROOT / out
+        if not (out / "corpus.jsonl").is_file():
+            log.info("making the demonstration corpus in %s", out)
+            demo.make_demo(demo.DemoConfig(out=str(out), seed=cfg.demo_seed))
+        corpus = load_corpus(out / "corpus.jsonl", root=out)
+    elif not cfg.path:
+        raise PipelineError("no corpus: set corpus.path=FILE (a corpus table or a caption file) or corpus.demo=true")
+    elif cfg.format == "table" or (cfg.format == "auto" and Path(cfg.path).suffix.lower() in (".jsonl", ".parquet")):
+        corpus = load_corpus(cfg.path, root=cfg.root)
+    else:
+        corpus = corpus_from_captions(cfg.path, None if cfg.format == "auto" else cfg.format, media_root=cfg.root)
+    items = [it for it in corpus.items if len(it.captions) >= cfg.min_captions]
+    if cfg.limit:
+        items = items[: cfg.limit]
+    if not items:
+        raise PipelineError(f"the corpus {cfg.path or cfg.demo_dir} has no items with >= {cfg.min_captions} captions")
+    return Corpus(items=items, root=corpus.root, source=corpus.source)
+
+
+def split_captions(corpus: Corpus, split: SplitConfig) -> tuple[Corpus, list[tuple[str, str]]]:
+    """(training corpus whose items keep only non-test captions, held-out (query, item_id) pairs)."""
+    train_items, test_pairs = [], []
+    for it in corpus.items:
+        n = len(it.captions)
+        held = sorted({i % n for i in split.test_captions if -n <= i < n}) if n else []
+        if n and len(held) == n:
+            raise PipelineError(f"item {it.item_id!r}: all its {n} captions are test captions; "
+                                f"nothing is left for the item document or training queries")
+        test_pairs += [(it.captions[i], it.item_id) for i in held]
+        keep = [c for i, c in enumerate(it.captions) if i not in held]
+        train_items.append(dataclasses.replace(it, captions=keep))
+    return Corpus(items=train_items, root=corpus.root, source=corpus.source), test_pairs
+
+
+def read_pairs(path: Path) -> list[tuple[str, str]]:
+    return [tuple(r) for r in json.loads(path.read_text())]
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+class Pipeline:
+    def __init__(self, cfg: RunConfig, *, progress: bool = True):
+        self.cfg = cfg
+        self.run = RunFolder(cfg.run_dir)
+        self.progress = progress
+        self.device = _device(cfg.device)
+        self.keys: dict[str, str] = {}
+        self.timings: dict[str, float] = {}
+
+    def _stage(self, name: str, key: str, fn, force: bool = False) -> bool:
+        """Run ``fn`` unless the stage is up to date; returns True when it ran."""
+        self.keys[name] = key
+        if not force and self.run.is_done(name, key):
+            log.info("[%s] up to date, skipped", name)
+            print(f"[{name}] up to date (key {key}), skipped")
+            return False
+        print(f"[{name}] running")
+        t = time.time()
+        info = fn() or {}
+        self.timings[name] = time.time() - t
+        self.run.mark_done(name, key, {"seconds": self.timings[name], **info})
+        print(f"[{name}] done in {self.timings[name]:.1f}s")
+        return True
+
+    # corpus ----------------------------------------------------------------------------------
+    def stage_corpus(self):
+        cfg = self.cfg
+
+        def run():
+            corpus = load_source_corpus(cfg.corpus)
+            corpus.validate(check_media=not cfg.corpus.path.endswith((".json", ".csv", ".tsv", ".txt")) or cfg.corpus.demo)
+            train_corpus, test_pairs = split_captions(corpus, cfg.split)
+            corpus.save_jsonl(self.run / "corpus.jsonl")
+            train_corpus.save_jsonl(self.run / "corpus_train.jsonl")
+            write_json_atomic(self.run / "test_queries.json", test_pairs)
+            write_json_atomic(self.run / "corpus_root.json", {"root": str(corpus.root) if corpus.root else None})
+            return {"items": len(corpus), "test_queries": len(test_pairs),
+                    "modalities": {m: len(v) for m, v in corpus.by_modality().items()}}
+
+        self._stage("corpus", config_hash(cfg.corpus, cfg.split), run)
+
+    def _corpus(self, name: str = "corpus_train.jsonl") -> Corpus:
+        root = json.loads((self.run / "corpus_root.json").read_text())["root"]
+        return load_corpus(self.run / name, root=root, validate=False)
+
+    # encode ----------------------------------------------------------------------------------
+    def stage_encode(self):
+        cfg = self.cfg
+
+        def run():
+            corpus = self._corpus()
+            enc_cfg = dataclasses.replace(cfg.encoder, cache_dir=cfg.encoder.cache_dir or str(self.run / "cache" / "embeddings"))
+            emb = build_encoder(enc_cfg).encode_corpus(corpus, progress=self.progress)
+            if not np.isfinite(emb).all():
+                bad = np.where(~np.isfinite(emb).all(1))[0][:10]
+                raise PipelineError(f"the encoder returned NaN/inf embeddings for items {[corpus.items[i].item_id for i in bad]}")
+            np.save(self.run / "embeddings.npy", emb)
+            write_json_atomic(self.run / "item_ids.json", corpus.item_ids)
+            return {"shape": list(emb.shape)}
+
+        self._stage("encode", config_hash(self.keys["corpus"], cfg.encoder), run)
+
+    # identifiers -----------------------------------------------------------------------------
+    def stage_identifiers(self):
+        cfg = self.cfg
+
+        def run():
+            emb = np.load(self.run / "embeddings.npy")
+            ids = json.loads((self.run / "item_ids.json").read_text())
+            tok = SemanticIdTokenizer.fit(emb, ids, cfg.identifiers, device=self.device, progress=self.progress)
+            out = self.run / "identifiers"
+            if out.exists():
+                shutil.rmtree(out)
+            tok.save(out)
+            summary = tok.summary()
+            print("[identifiers]", json.dumps({k: summary[k] for k in summary if k != "times"}, default=str)[:600])
+            return {"summary": summary}
+
+        self._stage("identifiers", config_hash(self.keys["encode"], cfg.identifiers), run)
+
+    # querygen --------------------------------------------------------------------------------
+    def stage_querygen(self):
+        cfg = self.cfg
+
+        def run():
+            from querygen import build_backend, run_querygen
+
+            corpus = self._corpus()
+            qcfg = dataclasses.replace(cfg.querygen, media_root=cfg.querygen.media_root or (str(corpus.root) if corpus.root else None))
+            summary = run_querygen(corpus.items, build_backend(qcfg), config=qcfg, out_dir=self.run / "queries")
+            print(summary.format())
+            pairs = _read_query_dataset(Path(summary.dataset_path))
+            write_json_atomic(self.run / "train_queries.json", pairs)
+            return {"queries": len(pairs)}
+
+        self._stage("querygen", config_hash(self.keys["corpus"], cfg.querygen), run)
+
+    # train -----------------------------------------------------------------------------------
+    def model_config(self, level_sizes: list[int]):
+        from ace.modeling import AceConfig
+
+        m = self.cfg.model
+        kw = {k: v for k, v in to_dict(m).items() if k not in ("pretrained_encoder", "query_vocab_size", "query_tokenizer_type")}
+        enc = m.pretrained_encoder
+        if enc in ("minilm", "all-MiniLM-L6-v2"):
+            enc = minilm_path()
+        return AceConfig(**kw, level_sizes=list(level_sizes), pretrained_encoder=enc,
+                         query_vocab_size=m.query_vocab_size), enc
+
+    def stage_train(self):
+        cfg = self.cfg
+        key = config_hash(self.keys["identifiers"], self.keys["querygen"], cfg.split, cfg.model, cfg.training, cfg.seed)
+
+        def run():
+            import torch
+
+            from ace.modeling import AceModel
+            from ace.tokens import IdentifierVocab, QueryTokenizer
+            from ace.training import latest_checkpoint, train_retriever
+
+            torch.manual_seed(cfg.seed)
+            tok = SemanticIdTokenizer.load(self.run / "identifiers", device=self.device)
+            pairs = read_pairs(self.run / "train_queries.json")
+            ace_cfg, enc_path = self.model_config(tok.level_sizes)
+            if enc_path:
+                qtok = QueryTokenizer.from_pretrained(enc_path, max_length=ace_cfg.max_query_length)
+            else:
+                qtok = QueryTokenizer.train([q for q, _ in pairs], vocab_size=cfg.model.query_vocab_size,
+                                            model_type=cfg.model.query_tokenizer_type,
+                                            max_length=ace_cfg.max_query_length)
+                ace_cfg.query_vocab_size = qtok.vocab_size
+            vocab = IdentifierVocab(tok.level_sizes)
+            ckpt_key = self.run / "checkpoints" / "KEY"
+            if ckpt_key.is_file() and ckpt_key.read_text() != key:
+                print("[train] config changed since the last checkpoints: starting afresh")
+                shutil.rmtree(self.run / "checkpoints")
+            (self.run / "checkpoints").mkdir(exist_ok=True)
+            ckpt_key.write_text(key)
+            model = AceModel(ace_cfg)
+            latest = latest_checkpoint(self.run.path)
+            if latest is not None:
+                print(f"[train] resuming from checkpoint {latest.name}")
+            rng = np.random.default_rng(cfg.seed)
+            val = [pairs[i] for i in rng.permutation(len(pairs))[: cfg.split.val_queries]] if cfg.split.val_queries else None
+            result = train_retriever(model, qtok, tok, vocab, pairs, val, cfg.training, self.run.path, resume=True)
+            qtok.save(self.run / "query_tokenizer")
+            vocab.save(self.run / "identifier_vocab.json")
+            return {"steps": getattr(result, "steps", None), "seconds_train": getattr(result, "seconds", None)}
+
+        self._stage("train", key, run)
+
+    # eval ------------------------------------------------------------------------------------
+    def stage_eval(self):
+        cfg = self.cfg
+
+        def run():
+            metrics = evaluate_run(self.run.path, cfg.eval, device=self.device, progress=self.progress)
+            write_json_atomic(self.run / "metrics.json", metrics)
+            head = metrics["by_group"]["all"]
+            print(f"[eval] R@1 {head['R@1']:.1f}  R@5 {head['R@5']:.1f}  R@10 {head['R@10']:.1f}  "
+                  f"MRR@10 {head['MRR@10']:.1f}  ({head['queries']} held-out queries)")
+            return {"headline": head}
+
+        self._stage("eval", config_hash(self.keys["train"], cfg.eval), run)
+
+    # report ----------------------------------------------------------------------------------
+    def stage_report(self):
+        from ace.report import plot_identifier_distribution, plot_recall, plot_training_curves, read_jsonl, write_report
+
+        plots_dir = self.run / "plots"
+        plots_dir.mkdir(exist_ok=True)
+        metrics = json.loads((self.run / "metrics.json").read_text())
+        tok_summary = (self.run.stage_record("identifiers") or {}).get("summary", {})
+        codes = np.load(self.run / "identifiers" / "codes.npy") if (self.run / "identifiers" / "codes.npy").is_file() \
+            else SemanticIdTokenizer.load(self.run / "identifiers", device="cpu").codes
+        M = codes.shape[1] - 2
+        plots = [
+            plot_training_curves(read_jsonl(self.run / "train_log.jsonl"), plots_dir / "training_curves.png"),
+            plot_recall(metrics["by_group"], plots_dir / "recall.png"),
+            plot_identifier_distribution(codes, ["k"] + [f"v{i + 1}" for i in range(M)] + ["u"], plots_dir / "identifiers.png"),
+        ]
+        sections = {
+            "Run": f"config: `config.yaml` · items: {codes.shape[0]} · stages: "
+                   + ", ".join(f"{s} {self.timings[s]:.0f}s" for s in self.timings),
+            "Identifiers": "```json\n" + json.dumps({k: v for k, v in tok_summary.items() if k != "times"}, indent=1, default=str)[:3000] + "\n```",
+        }
+        if metrics.get("beams"):
+            sections["Beam sizes"] = "\n".join(f"- beams {b}: R@1 {m['R@1']:.1f}, R@10 {m['R@10']:.1f}" for b, m in metrics["beams"].items())
+        write_report(self.run.path, title=f"ACE run: {self.cfg.name}", metrics=metrics, sections=sections, plots=plots)
+        print(f"[report] {self.run / 'report.md'}")
+
+    def run_all(self, until: str = "report"):
+        save_config(self.cfg, self.run / "config.yaml")
+        steps = [self.stage_corpus, self.stage_encode, self.stage_identifiers, self.stage_querygen,
+                 self.stage_train, self.stage_eval, self.stage_report]
+        for name, step in zip(STAGES, steps):
+            step()
+            if name == until:
+                break
+
+
+def _read_query_dataset(path: Path) -> list[tuple[str, str]]:
+    """(query, item_id) pairs from the querygen dataset (Arrow folder or JSONL)."""
+    if path.is_dir():
+        from datasets import load_from_disk
+
+        ds = load_from_disk(str(path))
+        return list(zip(ds["query"], ds["item_id"]))
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return [(r["query"], r["item_id"]) for r in rows]
+
+
+def evaluate_run(run_dir: str | Path, eval_cfg: EvalConfig, *, device: str = "cpu", progress: bool = False) -> dict:
+    """Held-out query metrics of a trained run, overall and per modality, for each beam size."""
+    from ace.retriever import Retriever
+
+    run_dir = Path(run_dir)
+    retriever = Retriever.from_run(run_dir, device=device)
+    test = read_pairs(run_dir / "test_queries.json")
+    if not test:
+        raise PipelineError(f"{run_dir} has no held-out test queries (split.test_captions)")
+    queries, targets = [q for q, _ in test], [t for _, t in test]
+    modality = {it.item_id: it.modality for it in retriever.corpus.items}
+    out: dict = {"beams": {}}
+    for b in eval_cfg.num_beams:
+        hits = retriever.search(queries, k=min(eval_cfg.top_k, b), num_beams=b, batch_size=eval_cfg.batch_size,
+                                progress=progress)
+        rankings = [[h.item_id for h in row] for row in hits]
+        groups = {"all": retrieval_metrics(rankings, targets)}
+        for m in sorted(set(modality.values())):
+            idx = [i for i, t in enumerate(targets) if modality.get(t) == m]
+            if idx and len(set(modality.values())) > 1:
+                groups[m] = retrieval_metrics([rankings[i] for i in idx], [targets[i] for i in idx])
+        out["beams"][str(b)] = groups["all"]
+        if "by_group" not in out:
+            out["by_group"] = groups
+            out["headline_beams"] = b
+    return out
