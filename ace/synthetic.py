@@ -84,32 +84,41 @@ def synthetic_model_config(query_vocab_size: int, level_sizes, **overrides):
     return AceConfig(**kw)
 
 
-def train_synthetic(task: SyntheticTask, run_dir: str | Path, cfg, *, accelerator=None, model_overrides=None,
-                    resume: bool = False):
-    """Identifiers -> query tokenizer -> AceModel -> train_retriever; returns (TrainResult, parts dict)."""
+def fit_synthetic_artefacts(task: SyntheticTask):
+    """Identifiers (SemanticIdTokenizer) and a SentencePiece query tokenizer for the task."""
+    from ace.tokens import QueryTokenizer
+    from identifiers.semantic_ids import SemanticIdTokenizer
+
+    id_tok = SemanticIdTokenizer.fit(task.embeddings, task.item_ids, synthetic_identifier_config(), progress=False)
+    qtok = QueryTokenizer.train([q for q, _ in task.train_pairs], vocab_size=200, max_length=24)
+    return id_tok, qtok
+
+
+def train_synthetic(task: SyntheticTask, run_dir: str | Path, cfg, *, id_tokenizer=None, query_tokenizer=None,
+                    accelerator=None, model_overrides=None, resume: bool = False):
+    """(Identifiers, query tokenizer) -> AceModel -> train_retriever; returns (TrainResult, parts dict).
+
+    Under several processes pass ``id_tokenizer`` and ``query_tokenizer`` fitted beforehand (as the
+    pipeline's identifier stage does): every process must train on the same identifiers, and
+    fitting the RQ-VAE inside a distributed job would run vector-quantize-pytorch's codebook sync
+    collectives.
+    """
     import torch
 
     from ace.modeling import AceModel
-    from ace.tokens import IdentifierVocab, QueryTokenizer
+    from ace.tokens import IdentifierVocab
     from ace.training import make_accelerator, train_retriever
-    from identifiers.semantic_ids import SemanticIdTokenizer
 
     accelerator = accelerator or make_accelerator(cfg)
-    run_dir = Path(run_dir)
-    # fitted once on the main process; the other processes load the same artefacts
-    if accelerator.is_main_process:
-        id_tok = SemanticIdTokenizer.fit(task.embeddings, task.item_ids, synthetic_identifier_config())
-        qtok = QueryTokenizer.train([q for q, _ in task.train_pairs], vocab_size=200, max_length=24)
+    if id_tokenizer is None or query_tokenizer is None:
         if accelerator.num_processes > 1:
-            id_tok.save(run_dir / "identifiers")
-            qtok.save(run_dir / "query_tokenizer")
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        id_tok = SemanticIdTokenizer.load(run_dir / "identifiers")
-        qtok = QueryTokenizer.load(run_dir / "query_tokenizer")
-    vocab = IdentifierVocab(id_tok.level_sizes)
+            raise ValueError("train_synthetic under several processes needs id_tokenizer and query_tokenizer "
+                             "fitted beforehand (see fit_synthetic_artefacts)")
+        id_tokenizer, query_tokenizer = fit_synthetic_artefacts(task)
+    vocab = IdentifierVocab(id_tokenizer.level_sizes)
     torch.manual_seed(cfg.seed)
-    model = AceModel(synthetic_model_config(qtok.vocab_size, id_tok.level_sizes, **(model_overrides or {})))
-    result = train_retriever(model, qtok, id_tok, vocab, task.train_pairs, task.val_pairs, cfg, run_dir,
-                             resume=resume, accelerator=accelerator)
-    return result, {"model": model, "query_tokenizer": qtok, "id_tokenizer": id_tok, "vocab": vocab}
+    model = AceModel(synthetic_model_config(query_tokenizer.vocab_size, id_tokenizer.level_sizes,
+                                            **(model_overrides or {})))
+    result = train_retriever(model, query_tokenizer, id_tokenizer, vocab, task.train_pairs, task.val_pairs, cfg,
+                             run_dir, resume=resume, accelerator=accelerator)
+    return result, {"model": model, "query_tokenizer": query_tokenizer, "id_tokenizer": id_tokenizer, "vocab": vocab}

@@ -1,6 +1,6 @@
 """Same training code, 1 process vs 2 processes (DDP on CPU, gloo): do the metrics agree?
 
-    python benchmarks/train_ddp_check.py [--steps 400] [--items 240] [--out benchmarks/out/ddp_check]
+    python benchmarks/train_ddp_check.py [--steps 300] [--items 240] [--threads 1] [--out benchmarks/out/ddp_check]
 
 Trains the synthetic task (ace/synthetic.py) twice with identical TrainConfig (global batch 64,
 so the step count and schedule are the same for both) and prints held-out Recall@k of each:
@@ -32,7 +32,9 @@ def worker(args) -> None:
     from accelerate import Accelerator
 
     from ace.synthetic import make_synthetic_task, train_synthetic
+    from ace.tokens import QueryTokenizer
     from ace.training import TrainConfig
+    from identifiers.semantic_ids import SemanticIdTokenizer
 
     accelerator = Accelerator(cpu=True)
     if args.probe:
@@ -40,12 +42,16 @@ def worker(args) -> None:
                           "num_processes": accelerator.num_processes,
                           "distributed_type": str(accelerator.distributed_type)}), flush=True)
         return
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    torch.set_num_threads(args.threads)
     task = make_synthetic_task(args.items, seed=0)
-    cfg = TrainConfig(lr=3e-3, warmup_steps=50, batch_size=64, max_steps=args.steps, checkpoint_every=args.steps,
+    artefacts = Path(args.artefacts)
+    id_tok = SemanticIdTokenizer.load(artefacts / "identifiers")
+    qtok = QueryTokenizer.load(artefacts / "query_tokenizer")
+    cfg = TrainConfig(lr=5e-3, warmup_steps=50, batch_size=64, max_steps=args.steps, checkpoint_every=args.steps,
                       eval_every=0, num_beams=10, eval_top_k=10, log_every=50, seed=0, progress=False)
     t0 = time.time()
-    result, _ = train_synthetic(task, args.run_dir, cfg, accelerator=accelerator)
+    result, _ = train_synthetic(task, args.run_dir, cfg, id_tokenizer=id_tok, query_tokenizer=qtok,
+                                accelerator=accelerator)
     if accelerator.is_main_process:
         losses = [r["loss"] for r in result.history if "loss" in r]
         out = {"num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
@@ -66,10 +72,12 @@ def run(cmd: list[str], env: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--items", type=int, default=240)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "ddp_check"))
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (same for both runs)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--artefacts", help=argparse.SUPPRESS)
     p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -79,7 +87,16 @@ def main() -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
     out = Path(args.out)
     script = str(Path(__file__).resolve())
-    common = ["--worker", "--steps", str(args.steps), "--items", str(args.items)]
+    # identifiers + query tokenizer are fitted once, outside the distributed job (the pipeline's
+    # identifier stage); both runs load the same artefacts
+    sys.path.insert(0, str(ROOT))
+    from ace.synthetic import fit_synthetic_artefacts, make_synthetic_task
+
+    id_tok, qtok = fit_synthetic_artefacts(make_synthetic_task(args.items, seed=0))
+    id_tok.save(out / "artefacts" / "identifiers")
+    qtok.save(out / "artefacts" / "query_tokenizer")
+    common = ["--worker", "--steps", str(args.steps), "--items", str(args.items), "--threads", str(args.threads),
+              "--artefacts", str(out / "artefacts")]
 
     probe = run(["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
                  "--mixed_precision", "no", "--dynamo_backend", "no", script, "--worker", "--probe"], env)
@@ -97,6 +114,8 @@ def main() -> None:
         results[name] = json.loads((run_dir / "result.json").read_text())
 
     print()
+    print(f"synthetic task: {args.items} items, {args.steps} steps, global batch 64, {args.threads} torch thread(s) "
+          f"per process, held-out paraphrase queries, constrained beam search (10 beams)")
     print("| run | processes | steps | final train loss | R@1 | R@5 | R@10 | MRR@10 | seconds |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 from ace.modeling import AceConfig, AceModel
+from ace import training
 from ace.tokens import IdentifierVocab, QueryTokenizer
-from ace.training import (TrainConfig, TrainingDataError, encode_pairs, latest_checkpoint, train_retriever,
-                          warmup_cosine)
+from ace.training import (TrainConfig, TrainingDataError, encode_pairs, evaluate_retriever, latest_checkpoint,
+                          train_retriever, warmup_cosine)
+from identifiers.trie import IdentifierTrie
 
 LEVELS = [4, 3, 5]  # K, C_1, U
 
@@ -34,7 +36,9 @@ def task():
     colours = ["red", "blue", "green", "black", "white", "pink"]
     pairs = [(f"a {colours[i % 6]} thing number {i} photo {j}", i) for i in range(n) for j in range(3)]
     qtok = QueryTokenizer.train([q for q, _ in pairs], vocab_size=40, max_length=16)
-    return SimpleNamespace(idtok=SimpleNamespace(codes=codes, item_ids=item_ids), vocab=IdentifierVocab(LEVELS),
+    trie = IdentifierTrie.from_codes(codes, item_ids, LEVELS)
+    idtok = SimpleNamespace(codes=codes, item_ids=item_ids, level_sizes=LEVELS, trie=trie)
+    return SimpleNamespace(idtok=idtok, vocab=IdentifierVocab(LEVELS),
                            qtok=qtok, pairs=pairs)
 
 
@@ -165,3 +169,46 @@ def test_query_length_beyond_model_is_refused(task, tmp_path):
     with pytest.raises(ValueError, match="exceeds the model's max_query_length=16"):
         train_retriever(make_model(task), task.qtok, task.idtok, task.vocab, task.pairs, None,
                         small_cfg(max_query_length=64), tmp_path)
+
+
+def test_periodic_eval_with_constrained_search(task, tmp_path):
+    cfg = small_cfg(max_steps=8, eval_every=4, num_beams=3, eval_top_k=3)
+    model = make_model(task)
+    res = train_retriever(model, task.qtok, task.idtok, task.vocab, task.pairs, task.pairs[::3], cfg, tmp_path)
+    evals = [r for r in res.history if "eval" in r]
+    assert [r["step"] for r in evals] == [4, 8]
+    assert evals[-1]["eval"]["queries"] == len(task.pairs[::3])
+    assert set(evals[-1]["eval"]) >= {"R@1", "R@5", "R@10", "MRR@10"}
+    assert res.best_step in (4, 8)
+    assert res.best_metrics == evals[[4, 8].index(res.best_step)]["eval"]
+    # evaluate_retriever (what the pipeline and benchmarks call) agrees with the in-loop eval of the exported model
+    if res.best_step == 8:
+        again = evaluate_retriever(model, task.qtok, task.idtok, task.vocab, task.pairs[::3], num_beams=3, top_k=3)
+        assert again["R@1"] == pytest.approx(evals[-1]["eval"]["R@1"])
+
+
+def test_best_checkpoint_is_kept_and_exported(task, tmp_path, monkeypatch):
+    """A fake ranker scores step 4 perfectly and step 8 badly: step-4 survives rotation and becomes the model."""
+    val = task.pairs[::3]
+    rows = np.asarray([i for _, i in val])
+    calls = []
+
+    def fake_rank_items(model, input_ids, attention_mask, trie, vocab, *, num_beams, top_k, batch_size, progress):
+        calls.append(1)
+        guess = rows if len(calls) == 1 else (rows + 1) % len(task.idtok.item_ids)
+        return np.pad(guess[:, None], ((0, 0), (0, top_k - 1)), constant_values=-1)
+
+    monkeypatch.setattr(training, "rank_items", fake_rank_items)
+    cfg = small_cfg(max_steps=8, eval_every=4, checkpoint_every=2, keep_checkpoints=1, num_beams=2, eval_top_k=2)
+    model = make_model(task)
+    res = train_retriever(model, task.qtok, task.idtok, task.vocab, task.pairs, val, cfg, tmp_path)
+    assert res.best_step == 4 and res.best_metrics["R@1"] == 100.0 and res.final_metrics["R@1"] == 0.0
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-4", "step-8"]
+    exported = json.loads((tmp_path / "model" / "training_state.json").read_text())
+    assert exported["exported_step"] == 4
+    from safetensors.torch import load_file
+
+    step4 = load_file(tmp_path / "checkpoints" / "step-4" / "model.safetensors")
+    saved = AceModel.from_pretrained(tmp_path / "model").state_dict()
+    for name, value in step4.items():
+        assert torch.equal(value, saved[name]), name
