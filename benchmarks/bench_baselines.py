@@ -65,6 +65,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--new-frac", type=float, default=0.0, help="share of items added after training")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tower", nargs="*", default=[], help="QueryTowerConfig overrides key=value")
+    ap.add_argument("--hash", nargs="*", default=[], help="HashConfig overrides key=value (steps=0: SimHash)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     ap.add_argument("--out", default=None, help="JSON output path")
     args = ap.parse_args(argv)
@@ -75,7 +76,7 @@ def main(argv=None) -> dict:
 
     from ace.config import from_dict, parse_overrides
     tower_cfg = from_dict(QueryTowerConfig, {"seed": args.seed, **parse_overrides(args.tower)})
-    hash_cfg = HashConfig(bits=args.bits, seed=args.seed)
+    hash_cfg = from_dict(HashConfig, {"bits": args.bits, "seed": args.seed, **parse_overrides(args.hash)})
     index_cfg = BinaryIndexConfig(kind=args.index, candidates=args.candidates)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
