@@ -403,7 +403,11 @@ def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab
 
     latest = latest_checkpoint(run_dir) if resume else None
     if latest is not None:
-        saved_cfg = json.loads((latest / "trainer_state.json").read_text())["train_config"]
+        saved = json.loads((latest / "trainer_state.json").read_text())
+        saved_cfg = saved["train_config"]
+        if saved.get("num_train_pairs") != len(train):
+            raise ValueError(f"cannot resume from {latest}: it was trained on {saved.get('num_train_pairs')} pairs, "
+                             f"now {len(train)} are given (the data position would not match)")
         changed = [k for k in _TRAJECTORY_FIELDS if saved_cfg.get(k) != to_dict(cfg)[k]]
         if changed:
             raise ValueError(f"cannot resume from {latest}: TrainConfig fields changed since the checkpoint: "
@@ -434,27 +438,32 @@ def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab
     def save_checkpoint() -> None:
         out = ckpt_root / f"step-{state.step}"
         accelerator.save_state(str(out))
-        if main:
-            (out / "trainer_state.json").write_text(json.dumps({
+        if main:  # trainer_state.json last and atomically: its presence marks a complete checkpoint
+            tmp = out / "trainer_state.json.tmp"
+            tmp.write_text(json.dumps({
                 "step": state.step, "epoch": state.step // steps_per_epoch, "batch_in_epoch": state.step % steps_per_epoch,
-                "total_steps": total_steps, "best_step": state.best_step, "train_config": to_dict(cfg)}, indent=1))
+                "total_steps": total_steps, "num_train_pairs": len(train), "best_step": state.best_step,
+                "train_config": to_dict(cfg)}, indent=1))
+            tmp.replace(out / "trainer_state.json")
             keep = {s for s, _ in _step_dirs(ckpt_root)[-cfg.keep_checkpoints:]} | {state.best_step}
             for s, d in _step_dirs(ckpt_root):
                 if s not in keep:
                     shutil.rmtree(d)
         accelerator.wait_for_everyone()
 
-    def maybe_eval(force: bool = False) -> dict | None:
+    def maybe_eval(force: bool = False) -> tuple[dict | None, bool]:
+        """(metrics or None, whether this step is the new best)."""
         if val is None:
-            return None
+            return None, False
         if not force and not (cfg.eval_every and state.step % cfg.eval_every == 0):
-            return None
+            return None, False
         metrics = evaluate()
         value = metrics[cfg.best_metric]
-        if state.best_value is None or value > state.best_value:
+        improved = state.best_value is None or value > state.best_value
+        if improved:
             state.best_value, state.best_step, state.best_metrics = value, state.step, metrics
         log.write({"step": state.step, "eval": metrics, "best_step": state.best_step})
-        return metrics
+        return metrics, improved
 
     model.train()
     end = total_steps if stop_at is None else min(total_steps, stop_at)
@@ -494,11 +503,11 @@ def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab
             bar.set_postfix(loss=f"{avg[0]:.4f}", lr=f"{rec['lr']:.2e}")
             running.zero_()
             n_running = 0
-        metrics = maybe_eval(force=state.step == total_steps)
+        metrics, improved = maybe_eval(force=state.step == total_steps)
         if metrics is not None:
             final_metrics = metrics
-        if state.step % cfg.checkpoint_every == 0 or state.step == end:
-            save_checkpoint()
+        if state.step % cfg.checkpoint_every == 0 or state.step == end or improved:
+            save_checkpoint()  # a new best is always checkpointed so that it can be exported
     bar.close()
 
     if state.step < total_steps:  # stopped early on request: the checkpoint is the artefact

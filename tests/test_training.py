@@ -212,3 +212,11 @@ def test_best_checkpoint_is_kept_and_exported(task, tmp_path, monkeypatch):
     saved = AceModel.from_pretrained(tmp_path / "model").state_dict()
     for name, value in step4.items():
         assert torch.equal(value, saved[name]), name
+
+
+def test_resume_with_other_training_data_is_refused(task, tmp_path):
+    train_retriever(make_model(task), task.qtok, task.idtok, task.vocab, task.pairs, None, small_cfg(), tmp_path,
+                    stop_at=4)
+    with pytest.raises(ValueError, match="pairs"):
+        train_retriever(make_model(task), task.qtok, task.idtok, task.vocab, task.pairs[:-1], None, small_cfg(),
+                        tmp_path)
