@@ -22,6 +22,7 @@ class QueryGenConfig:
     top_p: float = 0.95
     seed: int = 0
     device: str = "auto"                    # auto | cpu | cuda | cuda:N
+    num_threads: int | None = None          # torch CPU threads (None = torch default; 1 is far faster on a busy machine)
     dtype: str = "auto"                     # auto (checkpoint dtype on GPU, float32 on CPU) | float32 | bfloat16 | float16
     video_frames: int = 4                   # frames sampled per video for mllm
     # filtering and dedup (applied at the end over cached + new generations; not part of the cache key)
@@ -56,5 +57,7 @@ class QueryGenConfig:
             raise ValueError(f"output_format must be arrow or jsonl, got '{self.output_format}'")
         if self.video_frames < 1:
             raise ValueError(f"video_frames must be >= 1, got {self.video_frames}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")

@@ -161,6 +161,10 @@ def run_querygen(items: list[CorpusItem], backend: QueryBackend, *, config: Quer
     dup = [k for k, n in Counter(it.item_id for it in items).items() if n > 1]
     if dup:
         raise QueryGenError(f"duplicate item ids in the corpus (e.g. {dup[:3]}); item ids must be unique")
+    if config.num_threads is not None:
+        import torch
+
+        torch.set_num_threads(config.num_threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = QueryCache(config.cache_file or out_dir / "cache.jsonl", backend=backend.name,

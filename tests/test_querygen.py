@@ -394,6 +394,8 @@ def test_config_from_yaml_and_overrides(tmp_path):
         load_config(QueryGenConfig, None, ["backend=gpt"])
     with pytest.raises(ConfigError, match="unknown config key"):
         load_config(QueryGenConfig, None, ["num_querys=3"])
+    with pytest.raises(ConfigError, match="num_threads must be >= 1"):
+        load_config(QueryGenConfig, None, ["num_threads=0"])
     from querygen.lm import model_dtype
     assert model_dtype("auto", "cpu") == torch.float32 and model_dtype("auto", "cuda") == "auto"
     assert model_dtype("bfloat16", "cpu") == torch.bfloat16
