@@ -19,15 +19,15 @@ ranking is sorted by that probability, and every result keeps its source.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Hashable, Sequence
 
 import numpy as np
 
 from ace.config import ConfigError, from_dict, to_dict
-from ace.hashing import BinaryIndex, BinaryIndexConfig, HashHead, HashingError, check_embeddings
-from ace.query_tower import QueryTower, TextTower
+from ace.hashing import BinaryIndex, BinaryIndexConfig, HashConfig, HashHead, HashingError, check_embeddings
+from ace.query_tower import QueryTower, QueryTowerConfig, TextTower
 
 FORMAT_VERSION = 1
 SOURCES = ("generative", "fallback")
@@ -35,6 +35,14 @@ SOURCES = ("generative", "fallback")
 
 class FallbackError(ValueError):
     """Bad input to the fallback index or merge (unknown/duplicate ids, NaN, shapes, bad files)."""
+
+
+@dataclass
+class FallbackConfig:
+    """Everything the fallback path needs: query tower, hash head, binary index (YAML section)."""
+    tower: QueryTowerConfig = field(default_factory=QueryTowerConfig)
+    hash: HashConfig = field(default_factory=HashConfig)
+    index: BinaryIndexConfig = field(default_factory=BinaryIndexConfig)
 
 
 class FallbackIndex:
@@ -48,6 +56,26 @@ class FallbackIndex:
         self.id_of: dict[str, int] = {}   # item id -> int64 faiss id
         self.item_of: dict[int, str] = {}  # int64 faiss id -> item id
         self.next_id = 0
+
+    @classmethod
+    def train(cls, *, config: FallbackConfig, pairs: Sequence[tuple[str, str]], item_ids: Sequence[str],
+              item_embeddings: np.ndarray, text_encoder: TextTower | None = None,
+              dual_encoder: TextTower | None = None, progress: bool = False) -> "FallbackIndex":
+        """Train the query tower on (item_id, query) pairs (unless a dual encoder's text tower is given)
+        and the hash head on the item embeddings + projected queries; returns an empty index."""
+        dim = np.asarray(item_embeddings).shape[-1]
+        if dual_encoder is not None:
+            tower = QueryTower(config=config.tower, dual_encoder=dual_encoder, item_dim=dim)
+        else:
+            tower = QueryTower(config=config.tower, text_encoder=text_encoder, item_dim=dim)
+            tower.fit(pairs, item_ids, item_embeddings, progress=progress)
+        queries = tower.encode([q for _, q in pairs]) if len(pairs) else None
+        head = HashHead(dim=dim, config=config.hash)
+        try:
+            head.fit(item_embeddings, extra=queries, progress=progress)
+        except HashingError as exc:
+            raise FallbackError(str(exc)) from None
+        return cls(tower=tower, head=head, config=config.index)
 
     def __len__(self) -> int:
         return len(self.id_of)

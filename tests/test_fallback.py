@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from ace.fallback import (Calibration, FallbackError, FallbackIndex, PlattCalibration, calibration_samples,
-                          fit_calibration, merge_rankings)
+from ace.config import load_config
+from ace.fallback import (Calibration, FallbackConfig, FallbackError, FallbackIndex, PlattCalibration,
+                          calibration_samples, fit_calibration, merge_rankings)
 from ace.hashing import BinaryIndex, BinaryIndexConfig, HashConfig, HashHead, HashingError, hamming
 from ace.metrics import recall_at_k
 from ace.query_tower import QueryTower, QueryTowerConfig, QueryTowerError, info_nce
@@ -269,6 +270,19 @@ def test_fallback_index_add_search_remove_save_load(tmp_path, trained_fallback):
     assert not {i for r in res2 for i, _ in r} & set(gone)
     assert [r[0][0] for r in res2] == [r[0][0] for r in res]
     assert loaded.bytes_per_item() == {"code": 8, "float": 4 * z.shape[1]}
+
+
+def test_fallback_train_from_config_overrides():
+    item_ids, z, enc, train, test = synthetic_task(n_items=30, seed=2)
+    cfg = load_config(FallbackConfig, None, ["tower.epochs=40", "tower.batch_size=32", "tower.lr=3e-3",
+                                             "tower.device=cpu", "hash.bits=32", "hash.steps=50",
+                                             "hash.device=cpu", "index.kind=flat"])
+    assert cfg.hash.bits == 32 and cfg.index.kind == "flat"
+    fb = FallbackIndex.train(config=cfg, pairs=train, item_ids=item_ids, item_embeddings=z, text_encoder=enc)
+    assert len(fb) == 0 and fb.head.bits == 32
+    fb.add(item_ids, z)
+    res = fb.search([t for _, t in test], k=5)
+    assert recall_at_k([[i for i, _ in r] for r in res], [iid for iid, _ in test], 5) > 0.7
 
 
 def test_fallback_index_bad_inputs(trained_fallback):
