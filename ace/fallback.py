@@ -64,12 +64,15 @@ class FallbackIndex:
         """Train the query tower on (item_id, query) pairs (unless a dual encoder's text tower is given)
         and the hash head on the item embeddings + projected queries; returns an empty index."""
         dim = np.asarray(item_embeddings).shape[-1]
+        texts = [q for _, q in pairs]
         if dual_encoder is not None:
             tower = QueryTower(config=config.tower, dual_encoder=dual_encoder, item_dim=dim)
+            queries = tower.encode(texts) if texts else None
         else:
             tower = QueryTower(config=config.tower, text_encoder=text_encoder, item_dim=dim)
-            tower.fit(pairs, item_ids, item_embeddings, progress=progress)
-        queries = tower.encode([q for _, q in pairs]) if len(pairs) else None
+            text_emb = tower.embed_text(texts)  # frozen embeddings computed once
+            tower.fit(pairs, item_ids, item_embeddings, text_emb=text_emb, progress=progress)
+            queries = tower.project(text_emb)
         head = HashHead(dim=dim, config=config.hash)
         try:
             head.fit(item_embeddings, extra=queries, progress=progress)
