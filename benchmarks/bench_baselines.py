@@ -67,6 +67,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--tower", nargs="*", default=[], help="QueryTowerConfig overrides key=value")
     ap.add_argument("--hash", nargs="*", default=[], help="HashConfig overrides key=value (steps=0: SimHash)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    ap.add_argument("--cache-dir", default=str(OUT / "cache"), help="where split embeddings are cached")
     ap.add_argument("--out", default=None, help="JSON output path")
     args = ap.parse_args(argv)
     if args.threads:
@@ -84,7 +85,7 @@ def main(argv=None) -> dict:
     split = load_proxy_split(args.captions, args.format)
     enc = TextEncoder(args.encoder)
     t0 = time.perf_counter()
-    emb = encode_split(split, enc, cache_dir=OUT / "cache", encoder_name=args.encoder)
+    emb = encode_split(split, enc, cache_dir=args.cache_dir, encoder_name=args.encoder)
     t_enc = time.perf_counter() - t0
     targets = query_targets(split)
     print(f"{split.source}: {len(split)} items, {len(split.train_queries)} train / {len(targets)} test queries "

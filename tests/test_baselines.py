@@ -116,3 +116,33 @@ def test_baselines_bad_inputs():
     nan.documents[0, 0] = np.nan
     with pytest.raises(BaselineError, match="NaN"):
         dt_doc_plus_queries(split, nan)
+
+
+def test_bench_baselines_cli_on_a_tiny_caption_file(tmp_path):
+    """The benchmark script end to end (real offline MiniLM) on a 24-item Karpathy-format file."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_baselines.py"
+    spec = importlib.util.spec_from_file_location("bench_baselines", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    animals = ["dog", "cat", "horse", "bird", "cow", "goat", "duck", "fox"]
+    places = ["beach", "kitchen", "forest"]
+    data = [{"split": "val", "image_name": f"{a}_{p}.jpg",
+             "captions": [f"a {a} in the {p}", f"the {a} stands in a {p}", f"photo of a {a} at the {p}",
+                          f"a {a} seen in the {p}", f"{p} with a {a}"]} for a in animals for p in places]
+    path = tmp_path / "tiny_val.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "out.json"
+    res = bench.main([str(path), "--backends", "torch,faiss_flat", "--bits", "32", "--candidates", "8",
+                      "--index", "flat", "--new-frac", "0.25", "--tower", "epochs=3", "--hash", "steps=20",
+                      "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["items"] == 24 and saved["test_queries"] == 48
+    rows = saved["rows"]
+    assert rows["DT zero-shot [torch]"]["R@10"] == rows["DT zero-shot [faiss_flat]"]["R@10"] > 50
+    assert rows["DT doc+queries [torch]"]["queries"] == 48
+    assert saved["new_items"]["n"] == 6
+    assert "| DT trained [torch] |" in res["table"]
