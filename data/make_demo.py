@@ -71,6 +71,7 @@ SOUNDS = {  # timbre / kind of sound
 }
 PITCHES = {"low": ["low", "deep", "low-pitched", "bass"], "mid": ["medium-pitched", "mid-range", "middle-pitch", "moderate-pitch"],
            "high": ["high", "shrill", "high-pitched", "piercing"]}
+PITCH_LEVELS = {"low": ["low", "deep"], "mid": ["medium", "middle"], "high": ["high", "very high"]}  # "at a ... pitch"
 PITCH_HZ = {"low": 160.0, "mid": 480.0, "high": 1400.0}
 RHYTHMS = {
     "steady": ["steady", "continuous", "sustained", "unbroken"],
@@ -186,7 +187,7 @@ def image_templates(a: dict) -> list:
         lambda r: f"{with_article(c(r) + ' ' + s(r))} {p(r)}, drawn on {b(r)}",
         lambda r: f"a picture of {with_article(z(r) + ' ' + c(r) + ' ' + s(r))} {p(r)}",
         lambda r: f"{b(r)} with {with_article(z(r) + ' ' + c(r) + ' ' + s(r))} {p(r)}",
-        lambda r: f"there is {with_article(c(r) + ' ' + s(r))} {p(r)} of the image",
+        lambda r: f"there is {with_article(c(r) + ' ' + s(r))} {p(r)}",
         lambda r: f"{p(r)} sits {with_article(z(r) + ' ' + s(r))} coloured {c(r)}",
         lambda r: f"image showing {with_article(c(r) + ' ' + s(r))}, {z(r)}, placed {p(r)}",
         lambda r: f"{with_article(s(r))} in {c(r)}, {z(r)}, on {b(r)}",
@@ -251,13 +252,14 @@ def sound_templates(a: dict) -> list:
     k = lambda r: pick(r, SOUNDS[a["sound"]])
     p = lambda r: pick(r, PITCHES[a["pitch"]])
     m = lambda r: pick(r, RHYTHMS[a["rhythm"]])
+    lv = lambda r: pick(r, PITCH_LEVELS[a["pitch"]])
     return [
         lambda r: f"{with_article(m(r) + ' ' + p(r) + ' ' + k(r))}",
         lambda r: f"the sound of {with_article(p(r) + ' ' + k(r))}, {m(r)}",
-        lambda r: f"{with_article(k(r))} at a {p(r)} pitch, {m(r)}",
+        lambda r: f"{with_article(k(r))} at a {lv(r)} pitch, {m(r)}",
         lambda r: f"you can hear {with_article(m(r) + ' ' + k(r))} that is {p(r)}",
         lambda r: f"audio of {with_article(p(r) + ' ' + k(r))} which is {m(r)}",
-        lambda r: f"{m(r)} {k(r)}, {p(r)} in pitch",
+        lambda r: f"{m(r)} {k(r)}, {lv(r)} in pitch",
         lambda r: f"{with_article(p(r) + ' ' + k(r))} playing, {m(r)}",
         lambda r: f"recording: {k(r)}, {p(r)}, {m(r)}",
         lambda r: f"a synthetic {k(r)} with a {p(r)} sound, {m(r)}",
