@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     from ace.retriever import Retriever
     from ace.server import create_app
 
+    if config.torch_threads:
+        import torch
+        torch.set_num_threads(config.torch_threads)
+
     retriever = Retriever.from_run(args.run, device=args.device, quantize=args.quantize)
     app = create_app(retriever, config, media_root=args.media_root)
     logging.info("serving %s on http://%s:%d (search page at /, API docs at /docs)", args.run, config.host, config.port)

@@ -346,9 +346,13 @@ def main(argv=None) -> int:
                 proc.kill()
     res["loadavg"] = round(loadavg, 2) if loadavg is not None else None
     if args.run and args.direct:
-        batch = next((int(o.split("=", 1)[1]) for o in args.overrides if o.startswith("max_batch=")), 32)
-        res.update(direct_throughput(args.run, queries, batch=batch, k=args.k, count=min(args.searches, 2000),
-                                     device=args.device))
+        from ace.config import ServeConfig, load_config
+        serve_cfg = load_config(ServeConfig, None, args.overrides)
+        if serve_cfg.torch_threads:
+            import torch
+            torch.set_num_threads(serve_cfg.torch_threads)
+        res.update(direct_throughput(args.run, queries, batch=serve_cfg.max_batch, k=args.k,
+                                     count=min(args.searches, 2000), device=args.device))
     print(json.dumps(res, indent=2))
     if args.out:
         title = args.title or ("Server overhead only (synthetic constant-cost retriever, no model)" if args.overhead

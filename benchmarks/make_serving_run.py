@@ -1,0 +1,67 @@
+"""A serving-benchmark run with real parts but untrained model weights, for load tests before a trained run exists.
+
+    python benchmarks/make_serving_run.py --from runs/demo --out runs/serving_bench [--config configs/demo.yaml]
+
+Copies the identifiers, corpus and held-out queries of a run that has reached the identifiers
+stage, trains a query tokenizer on the corpus captions, and saves an AceModel of the config's
+size with *random* weights. Decoding cost (the serving cost) is the same for trained and
+untrained weights of one size - constrained beam search always decodes L tokens over the same
+trie - but the rankings are meaningless: figures from such a run are latency/throughput only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--from", dest="src", type=Path, required=True, help="run folder with identifiers/ and corpus.jsonl")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml", help="run config whose model: section sizes the model")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from ace.config import read_yaml
+    from ace.corpus import load_corpus
+    from ace.modeling import AceConfig, AceModel
+    from ace.tokens import IdentifierVocab, QueryTokenizer
+    from identifiers.semantic_ids import SemanticIdTokenizer
+
+    for need in ("identifiers", "corpus.jsonl"):
+        if not (args.src / need).exists():
+            raise SystemExit(f"{args.src} has no {need}: run train.py --until identifiers first")
+    args.out.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(args.src / "identifiers", args.out / "identifiers", dirs_exist_ok=True)
+    for name in ("corpus.jsonl", "corpus_root.json", "test_queries.json"):
+        if (args.src / name).is_file():
+            shutil.copy2(args.src / name, args.out / name)
+
+    model_cfg = dict(read_yaml(args.config).get("model", {}))
+    vocab_size = int(model_cfg.pop("query_vocab_size", 400))
+    for key in ("pretrained_encoder", "query_tokenizer_type"):
+        model_cfg.pop(key, None)
+    id_tok = SemanticIdTokenizer.load(args.out / "identifiers", device="cpu")
+    corpus = load_corpus(args.out / "corpus.jsonl", validate=False)
+    texts = [c for it in corpus.items for c in it.captions]
+    qtok = QueryTokenizer.train(texts, vocab_size=vocab_size, max_length=int(model_cfg.get("max_query_length", 32)))
+    torch.manual_seed(0)
+    model = AceModel(AceConfig(**model_cfg, query_vocab_size=qtok.vocab_size, level_sizes=list(id_tok.level_sizes)))
+    model.save_pretrained(str(args.out / "model"))
+    qtok.save(args.out / "query_tokenizer")
+    IdentifierVocab(id_tok.level_sizes).save(args.out / "identifier_vocab.json")
+    (args.out / "UNTRAINED").write_text("model weights are random: latency/throughput benchmarks only\n")
+    print(json.dumps({"run": str(args.out), "items": len(corpus), "level_sizes": list(id_tok.level_sizes),
+                      "parameters": sum(p.numel() for p in model.parameters())}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
