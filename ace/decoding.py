@@ -61,17 +61,18 @@ def _allowed_children(nodes: torch.Tensor, tt: dict, level_size: int):
     child-node table (R, C) (-1 where no child); O(R x children)."""
     R = nodes.shape[0]
     safe = nodes.clamp_min(0)
-    count = torch.where(nodes >= 0, tt["child_count"][safe], 0)                    # (R,)
-    start = tt["child_start"][safe]                                                 # (R,)
-    rows = torch.repeat_interleave(torch.arange(R, device=nodes.device), count)    # (E,)
-    first = torch.cumsum(count, 0) - count                                          # (R,)
-    edge = start[rows] + torch.arange(rows.shape[0], device=nodes.device) - first[rows]  # (E,)
-    codes = tt["child_code"][edge]
-    mask = torch.full((R, level_size), float("-inf"), device=nodes.device)
-    mask[rows, codes] = 0.0
-    child = torch.full((R, level_size), -1, dtype=torch.long, device=nodes.device)
-    child[rows, codes] = tt["child_node"][edge]
-    return mask, child
+    count = torch.where(nodes >= 0, tt["child_count"].index_select(0, safe), 0)      # (R,)
+    start = tt["child_start"].index_select(0, safe)                                  # (R,)
+    first = torch.cumsum(count, 0) - count                                            # (R,)
+    E = int(count.sum())
+    rows = torch.repeat_interleave(torch.arange(R, device=nodes.device), count, output_size=E)   # (E,)
+    edge = torch.arange(E, device=nodes.device) + torch.repeat_interleave(start - first, count, output_size=E)
+    flat = rows * level_size + tt["child_code"].index_select(0, edge)                # (E,) cell of each edge
+    mask = torch.full((R * level_size,), float("-inf"), device=nodes.device)
+    mask.index_fill_(0, flat, 0.0)
+    child = torch.full((R * level_size,), -1, dtype=torch.long, device=nodes.device)
+    child.index_copy_(0, flat, tt["child_node"].index_select(0, edge))
+    return mask.view(R, level_size), child.view(R, level_size)
 
 
 def _model_device(model) -> torch.device:
