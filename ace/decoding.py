@@ -9,6 +9,8 @@ Speed levers (all used): encoder outputs and every decoder layer's cross-attenti
 are computed once per query and shared by its beams (beams are the query rows of cross-
 attention, nothing is copied); decoder self-attention keys/values are cached across steps and
 reordered by index; ``torch.inference_mode``; ``quantize_dynamic_int8`` for CPU serving.
+On a busy CPU, one intra-op thread per process (``torch.set_num_threads(1)``) is much faster than
+two: see benchmarks/results/decoding.md.
 
 Scores are sums of log-softmax over the full identifier vocabulary (masking comes after the
 softmax, as in transformers' beam search with ``prefix_allowed_tokens_fn``).
@@ -43,6 +45,8 @@ def _trie_tensors(trie, device: torch.device) -> dict:
 
 
 def _check(model, input_ids, trie, vocab: IdentifierVocab, num_beams: int, top_k: int | None) -> int:
+    if not isinstance(input_ids, torch.Tensor):
+        raise DecodingError(f"input_ids must be a torch tensor (B, N) from QueryTokenizer, got {type(input_ids).__name__}")
     if num_beams < 1:
         raise DecodingError(f"num_beams must be >= 1, got {num_beams}")
     top_k = num_beams if top_k is None else int(top_k)

@@ -159,6 +159,8 @@ def test_bad_arguments_give_clear_errors(setup):
     model, trie, codes, vocab, ids, mask = setup
     with pytest.raises(DecodingError, match="top_k=6 must be in"):
         constrained_beam_search(model, ids, mask, trie, vocab, num_beams=5, top_k=6)
+    with pytest.raises(DecodingError, match="input_ids must be a torch tensor"):
+        constrained_beam_search(model, ids.tolist(), mask, trie, vocab)
     with pytest.raises(DecodingError, match="num_beams must be >= 1"):
         constrained_beam_search(model, ids, mask, trie, vocab, num_beams=0)
     with pytest.raises(DecodingError, match="trie level_sizes"):
