@@ -1,6 +1,6 @@
 """Same training code, 1 process vs 2 processes (DDP on CPU, gloo): do the metrics agree?
 
-    python benchmarks/train_ddp_check.py [--steps 300] [--items 240] [--threads 1] [--out benchmarks/out/ddp_check]
+    python benchmarks/train_ddp_check.py [--steps 300] [--items 240] [--threads 1] [--seeds 0,1,2] [--out benchmarks/out/ddp_check]
 
 Trains the synthetic task (ace/synthetic.py) twice with identical TrainConfig (global batch 64,
 so the step count and schedule are the same for both) and prints held-out Recall@k of each:
@@ -48,13 +48,13 @@ def worker(args) -> None:
     id_tok = SemanticIdTokenizer.load(artefacts / "identifiers")
     qtok = QueryTokenizer.load(artefacts / "query_tokenizer")
     cfg = TrainConfig(lr=5e-3, warmup_steps=50, batch_size=64, max_steps=args.steps, checkpoint_every=args.steps,
-                      eval_every=0, num_beams=10, eval_top_k=10, log_every=50, seed=0, progress=False)
+                      eval_every=0, num_beams=10, eval_top_k=10, log_every=50, seed=args.seed, progress=False)
     t0 = time.time()
     result, _ = train_synthetic(task, args.run_dir, cfg, id_tokenizer=id_tok, query_tokenizer=qtok,
                                 accelerator=accelerator)
     if accelerator.is_main_process:
         losses = [r["loss"] for r in result.history if "loss" in r]
-        out = {"num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
+        out = {"seed": args.seed, "num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
                "torch_threads_per_process": torch.get_num_threads(), "steps": result.step,
                "final_train_loss": losses[-1], "metrics": result.final_metrics, "seconds": time.time() - t0}
         Path(args.run_dir, "result.json").write_text(json.dumps(out, indent=1))
@@ -76,6 +76,8 @@ def main() -> None:
     p.add_argument("--items", type=int, default=240)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "ddp_check"))
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (same for both runs)")
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds (init, dropout, batch order)")
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--artefacts", help=argparse.SUPPRESS)
     p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
@@ -104,27 +106,28 @@ def main() -> None:
     print(f"`accelerate launch --cpu --num_processes 2` started {len(started)} process(es): {started}")
 
     results = {}
-    for name, launcher in [
-        ("1 process", [sys.executable]),
-        ("2 processes (DDP, gloo)", ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-                                    "1", "--mixed_precision", "no", "--dynamo_backend", "no"]),
-    ]:
-        run_dir = out / ("2proc" if "2" in name else "1proc")
-        run(launcher + [script] + common + ["--run-dir", str(run_dir)], env)
-        results[name] = json.loads((run_dir / "result.json").read_text())
+    for seed in [int(x) for x in args.seeds.split(",")]:
+        for name, launcher in [
+            ("1 process", [sys.executable]),
+            ("2 processes (DDP, gloo)", ["accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+                                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]),
+        ]:
+            run_dir = out / f"{'2proc' if '2' in name else '1proc'}-seed{seed}"
+            run(launcher + [script] + common + ["--seed", str(seed), "--run-dir", str(run_dir)], env)
+            results[(name, seed)] = json.loads((run_dir / "result.json").read_text())
 
     print()
     print(f"synthetic task: {args.items} items, {args.steps} steps, global batch 64, {args.threads} torch thread(s) "
           f"per process, held-out paraphrase queries, constrained beam search (10 beams)")
-    print("| run | processes | steps | final train loss | R@1 | R@5 | R@10 | MRR@10 | seconds |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, r in results.items():
+    print("| run | seed | processes | steps | final train loss | R@1 | R@5 | R@10 | MRR@10 | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (name, seed), r in results.items():
         m = r["metrics"]
-        print(f"| {name} | {r['num_processes']} ({r['distributed_type']}) | {r['steps']} | {r['final_train_loss']:.4f} "
+        print(f"| {name} | {seed} | {r['num_processes']} ({r['distributed_type']}) | {r['steps']} | {r['final_train_loss']:.4f} "
               f"| {m['R@1']:.2f} | {m['R@5']:.2f} | {m['R@10']:.2f} | {m['MRR@10']:.2f} | {r['seconds']:.1f} |")
-    n2 = results["2 processes (DDP, gloo)"]["num_processes"]
-    if n2 != 2:
-        raise SystemExit(f"the 2-process launch ran {n2} process(es)")
+    for (name, seed), r in results.items():
+        if name.startswith("2") and r["num_processes"] != 2:
+            raise SystemExit(f"the 2-process launch ran {r['num_processes']} process(es)")
 
 
 if __name__ == "__main__":
