@@ -68,8 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         torch.set_num_threads(config.torch_threads)
 
-    retriever = Retriever.from_run(args.run, device=args.device, quantize=args.quantize)
-    app = create_app(retriever, config, media_root=args.media_root)
+    try:
+        retriever = Retriever.from_run(args.run, device=args.device, quantize=args.quantize)
+        app = create_app(retriever, config, media_root=args.media_root)
+    except ValueError as exc:  # RetrieverError (incomplete run), missing media root, ...
+        print(f"serve.py: {exc}", file=sys.stderr)
+        return 2
     logging.info("serving %s on http://%s:%d (search page at /, API docs at /docs)", args.run, config.host, config.port)
     uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level, timeout_keep_alive=5)
     return 0

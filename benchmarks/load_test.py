@@ -255,11 +255,12 @@ def direct_throughput(run: Path, queries: list[str], *, batch: int, k: int, coun
     retriever = Retriever.from_run(run, device=device)
     qs = [queries[i % len(queries)] for i in range(count)]
     retriever.search(qs[:batch], k=k)  # warm-up
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for s in range(0, len(qs), batch):
         retriever.search(qs[s:s + batch], k=k)
-    wall = time.perf_counter() - t0
-    return {"direct_batch": batch, "direct_queries": len(qs), "direct_qps": round(len(qs) / wall, 1)}
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"direct_batch": batch, "direct_queries": len(qs), "direct_qps": round(len(qs) / wall, 1),
+            "direct_q_per_cpu_s": round(len(qs) / cpu, 1)}
 
 
 def to_markdown(title: str, command: str, res: dict) -> str:
@@ -273,11 +274,13 @@ def to_markdown(title: str, command: str, res: dict) -> str:
              f"{res['throughput_qps']} | {res['p50_ms']} | {res['p90_ms']} | {res['p99_ms']} | "
              f"{b.get('mean_size')} | {b.get('max_size')} |", ""]
     if "server_cpu_s" in res:
-        lines += [f"CPU time: server process {res['server_cpu_s']} s, load-test client {res['client_cpu_s']} s "
-                  f"for {res['ok']} searches in {res['wall_s']} s wall.", ""]
+        per_cpu = round(res["ok"] / res["server_cpu_s"], 1) if res["server_cpu_s"] else None
+        lines += [f"CPU time: server process {res['server_cpu_s']} s ({per_cpu} searches per server CPU-second), "
+                  f"load-test client {res['client_cpu_s']} s, for {res['ok']} searches in {res['wall_s']} s wall.", ""]
     if "direct_qps" in res:
-        lines += [f"Retriever alone (no HTTP), batches of {res['direct_batch']}: {res['direct_qps']} q/s "
-                  f"over {res['direct_queries']} queries.", ""]
+        lines += [f"Retriever alone (no HTTP, same process settings), batches of {res['direct_batch']}: "
+                  f"{res['direct_qps']} q/s wall, {res['direct_q_per_cpu_s']} queries per CPU-second, "
+                  f"over {res['direct_queries']} queries (measured right after the load test).", ""]
     if res.get("stopped_by_time"):
         lines += [f"Stopped by the time bound after {res['searches_sent']} searches.", ""]
     return "\n".join(lines) + "\n"

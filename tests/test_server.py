@@ -327,3 +327,11 @@ def test_load_test_client(served, corpus):
     with running_server(app) as keyed:
         res = asyncio.run(run_load(keyed, ["red"], clients=2, searches=6, k=3, max_seconds=60, api_key="wrong"))
     assert res["ok"] == 0 and res["errors"] == {"401": 6}
+
+
+def test_serve_cli_reports_an_incomplete_run(tmp_path, capsys):
+    pytest.importorskip("ace.retriever", reason="ace/retriever.py not in the tree yet")
+    import serve
+    (tmp_path / "corpus.jsonl").write_text("")
+    assert serve.main(["--run", str(tmp_path)]) == 2
+    assert "not a trained run" in capsys.readouterr().err
