@@ -2,6 +2,7 @@
 
     python benchmarks/bench_identifiers.py caption [key=value ...]
     python benchmarks/bench_identifiers.py synthetic --sizes 10000,100000,1000000 [key=value ...]
+    python benchmarks/bench_identifiers.py trie --sizes 1000,100000,1000000
 
 caption: item document = caption 1 of ../shared/data/mscoco/mscoco_val.json, MiniLM embeddings
 (cached in benchmarks/out/), identifiers with the IdentifierConfig defaults (+ overrides); prints
@@ -124,6 +125,25 @@ def synthetic(args) -> None:
               f"{100 * s['collision_rate']:.2f} | {s['max_u']} | {usage} |")
 
 
+def trie(args) -> None:
+    """FlatTrie.from_codes / lookup_rows and IdentifierTrie.from_codes on random unique identifiers."""
+    from identifiers.trie import FlatTrie, IdentifierTrie
+
+    levels = (128, 128, 128, 1024)
+    rng = np.random.default_rng(0)
+    print("| N | FlatTrie.from_codes s | nodes | lookup_rows(all) s | IdentifierTrie.from_codes s |")
+    print("| --- | --- | --- | --- | --- |")
+    for n in args.sizes:
+        codes = np.unique(np.stack([rng.integers(0, s, int(n * 1.01)) for s in levels], 1), axis=0)[:n]
+        codes = codes[rng.permutation(codes.shape[0])]
+        t = time.time(); flat = FlatTrie.from_codes(codes, levels); t_build = time.time() - t
+        t = time.time(); rows = flat.lookup_rows(codes); t_lookup = time.time() - t
+        assert (rows == np.arange(codes.shape[0])).all()
+        ids = [f"i{i}" for i in range(codes.shape[0])]
+        t = time.time(); IdentifierTrie.from_codes(codes, ids, levels); t_id = time.time() - t
+        print(f"| {codes.shape[0]} | {t_build:.2f} | {flat.num_nodes} | {t_lookup:.2f} | {t_id:.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -134,11 +154,13 @@ def main() -> None:
                    help="comma-separated sizes, e.g. 10000,100000,1000000")
     s.add_argument("--dim", type=int, default=1024)
     s.add_argument("overrides", nargs="*")
+    t = sub.add_parser("trie")
+    t.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")], default=[1000, 100_000, 1_000_000])
     o = sub.add_parser("_one")
     o.add_argument("--file", required=True)
     o.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    {"caption": caption, "synthetic": synthetic, "_one": synthetic_one}[args.mode](args)
+    {"caption": caption, "synthetic": synthetic, "trie": trie, "_one": synthetic_one}[args.mode](args)
 
 
 if __name__ == "__main__":
