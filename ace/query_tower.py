@@ -49,7 +49,7 @@ class QueryTowerConfig:
     temperature: float = 0.05               # initial InfoNCE temperature
     learn_temperature: bool = True
     negatives: str = "in_batch"             # "in_batch" | "all_items" (every item is a negative)
-    symmetric: bool = True                  # add the item -> query direction (in-batch only)
+    symmetric: bool = False                 # add the item -> query direction (in-batch only)
     epochs: int = 30
     batch_size: int = 256
     lr: float = 1e-3
@@ -83,14 +83,22 @@ def info_nce(q: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, log_sc
 
     ``same_item`` (B, C) bool marks columns that hold the query's own item besides the target
     (duplicates in the batch); they are masked out rather than counted as negatives.
+    ``symmetric`` adds the item -> query direction over the batch's own items: each column's
+    positives are all the rows whose target it is (several when an item has several queries).
     """
-    logits = log_scale.exp() * q @ items.T  # (B, C)
+    raw = log_scale.exp() * q @ items.T  # (B, C)
+    logits = raw
     if same_item is not None:
-        pos = F.one_hot(targets, logits.shape[1]).bool()
-        logits = logits.masked_fill(same_item & ~pos, float("-inf"))
+        pos = F.one_hot(targets, raw.shape[1]).bool()
+        logits = raw.masked_fill(same_item & ~pos, float("-inf"))
     loss = F.cross_entropy(logits, targets)
-    if symmetric:  # items -> queries; only valid when columns are the batch's own positives
-        loss = 0.5 * (loss + F.cross_entropy(logits.T, torch.arange(logits.shape[1], device=q.device)))
+    if symmetric:
+        pos_t = targets[None, :] == torch.arange(raw.shape[1], device=q.device)[:, None]  # (C, B)
+        if not pos_t.any(dim=1).all():
+            raise ValueError("symmetric InfoNCE needs every item column to be some query's target")
+        lsm = F.log_softmax(raw.T, dim=1)                                                  # (C, B)
+        loss_t = -torch.logsumexp(lsm.masked_fill(~pos_t, float("-inf")), dim=1)           # (C,)
+        loss = 0.5 * (loss + loss_t.mean())
     return loss
 
 
@@ -263,7 +271,7 @@ class QueryTower:
                     uniq, local = torch.unique(tgt, return_inverse=True)        # (C,), (B,)
                     same = tgt[:, None] == uniq[None, :]                        # (B, C)
                     loss = info_nce(q, item_all[uniq], local, log_scale, same_item=same,
-                                    symmetric=cfg.symmetric and len(uniq) == len(b))
+                                    symmetric=cfg.symmetric)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

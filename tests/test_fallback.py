@@ -46,6 +46,20 @@ def test_info_nce_masks_duplicate_items_in_batch():
     assert torch.isfinite(loss)
 
 
+def test_symmetric_info_nce_pairs_each_item_with_its_own_query():
+    items = torch.eye(3)
+    perm = torch.tensor([2, 0, 1])              # query i belongs to item perm[i]
+    q = items[perm]                              # every query equals its own item
+    scale = torch.tensor(3.0)                    # exp(3) ~ 20: near one-hot softmax
+    loss = info_nce(q, items, perm, scale, symmetric=True)
+    wrong = info_nce(q, items, torch.tensor([0, 1, 2]), scale, symmetric=True)
+    assert loss < 0.01 < wrong
+    two = info_nce(items[[0, 0, 1, 2]], items, torch.tensor([0, 0, 1, 2]), scale, symmetric=True)
+    assert torch.isfinite(two) and two < 0.5  # item 0 with two queries: both count as positives
+    with pytest.raises(ValueError, match="every item column"):
+        info_nce(q, items, torch.tensor([0, 0, 1]), scale, symmetric=True)
+
+
 def test_all_items_negatives_and_mlp_projection_train():
     item_ids, z, enc, train, test = synthetic_task(seed=1)
     for kw in (dict(negatives="all_items"), dict(projection="mlp", hidden=32)):
