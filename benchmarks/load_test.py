@@ -19,6 +19,7 @@ import ipaddress
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -360,7 +361,7 @@ def main(argv=None) -> int:
     if args.out:
         title = args.title or ("Server overhead only (synthetic constant-cost retriever, no model)" if args.overhead
                                else f"Served run {args.run or args.url}")
-        command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) if argv is None else " ".join(argv)
+        command = "python " + shlex.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) if argv is None else shlex.join(argv)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "a") as f:
             f.write(to_markdown(title, command, res))
