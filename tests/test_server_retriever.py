@@ -14,12 +14,11 @@ import pytest
 
 from ace.config import ServeConfig
 from ace.corpus import Corpus, CorpusItem
+from ace.retriever import Retriever
 from ace.server import create_app
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ may or may not be a package
 from serving_support import png_bytes, running_server, wav_bytes  # noqa: E402
-
-retriever_mod = pytest.importorskip("ace.retriever", reason="ace/retriever.py not in the tree yet")
 
 
 def build_tiny_run(run: Path, media_root: Path, n_items: int = 40) -> list[tuple[str, str]]:
@@ -63,7 +62,7 @@ def build_tiny_run(run: Path, media_root: Path, n_items: int = 40) -> list[tuple
 def tiny(tmp_path_factory):
     base = tmp_path_factory.mktemp("tinyrun")
     queries = build_tiny_run(base / "run", base / "media")
-    retriever = retriever_mod.Retriever.from_run(base / "run", device="cpu")
+    retriever = Retriever.from_run(base / "run", device="cpu")
     return retriever, [q for q, _ in queries], base / "media"
 
 
