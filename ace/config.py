@@ -195,6 +195,7 @@ class ServeConfig:
     max_upload_bytes: int = 64 * 1024 * 1024  # bodies of POST /items (media uploads)
     media_root: str | None = None        # None -> the run's corpus root
     latency_window: int = 10_000         # recent searches kept for /stats percentiles
+    result_captions: int = 1             # captions per search result (GET /items/{id} gives all)
     torch_threads: int = 0               # >0: torch.set_num_threads(n) before loading (1 is far faster on a busy CPU)
 
     def __post_init__(self):
@@ -204,6 +205,8 @@ class ServeConfig:
             raise ValueError(f"need 1 <= default_k ({self.default_k}) <= max_k ({self.max_k}) <= 100")
         if self.max_query_chars < 1 or self.max_body_bytes < 1 or self.max_beams < 1:
             raise ValueError("max_query_chars, max_beams and max_body_bytes must be >= 1")
+        if self.result_captions < 0:
+            raise ValueError(f"result_captions must be >= 0, got {self.result_captions}")
         if self.torch_threads < 0:
             raise ValueError(f"torch_threads must be >= 0 (0 = torch's default), got {self.torch_threads}")
 

@@ -75,7 +75,7 @@ class SearchResult(BaseModel):
     identifier: list[int] = Field(description="semantic identifier (k, v1..vM, u)")
     source: str = Field(description="'generative' or 'fallback'")
     media_url: str | None
-    captions: list[str]
+    captions: list[str] = Field(description="the item's first captions (config result_captions; all via GET /items/{item_id})")
 
 
 class SearchResponse(BaseModel):
@@ -391,7 +391,7 @@ def create_app(retriever: RetrieverLike, config: ServeConfig | None = None, *, m
         item = retriever.item(item_id)
         return {"item_id": item.item_id, "modality": item.modality,
                 "media_url": media_url(item.item_id) if item.media else None,
-                "captions": [str(c) for c in (item.captions or [])]}
+                "captions": [str(c) for c in (item.captions or [])[:config.result_captions]]}
 
     def search_batch(queries: list[str], key: tuple) -> list[list[dict]]:
         k, beams, modality = key
