@@ -48,10 +48,11 @@ def worker(args) -> None:
     id_tok = SemanticIdTokenizer.load(artefacts / "identifiers")
     qtok = QueryTokenizer.load(artefacts / "query_tokenizer")
     cfg = TrainConfig(lr=5e-3, warmup_steps=50, batch_size=64, max_steps=args.steps, checkpoint_every=args.steps,
-                      eval_every=0, num_beams=10, eval_top_k=10, log_every=50, seed=args.seed, progress=False)
+                      eval_every=0, num_beams=10, eval_top_k=10, log_every=50, seed=args.seed, omega=args.omega,
+                      progress=False)
     t0 = time.time()
     result, _ = train_synthetic(task, args.run_dir, cfg, id_tokenizer=id_tok, query_tokenizer=qtok,
-                                accelerator=accelerator)
+                                accelerator=accelerator, model_overrides={"dropout": args.dropout})
     if accelerator.is_main_process:
         losses = [r["loss"] for r in result.history if "loss" in r]
         out = {"seed": args.seed, "num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
@@ -78,6 +79,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (same for both runs)")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds (init, dropout, batch order)")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--dropout", type=float, default=0.1, help="model dropout (0 with --omega 0: deterministic runs)")
+    p.add_argument("--omega", type=float, default=0.15, help="R-Drop weight")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--artefacts", help=argparse.SUPPRESS)
     p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
@@ -98,7 +101,7 @@ def main() -> None:
     id_tok.save(out / "artefacts" / "identifiers")
     qtok.save(out / "artefacts" / "query_tokenizer")
     common = ["--worker", "--steps", str(args.steps), "--items", str(args.items), "--threads", str(args.threads),
-              "--artefacts", str(out / "artefacts")]
+              "--artefacts", str(out / "artefacts"), "--dropout", str(args.dropout), "--omega", str(args.omega)]
 
     probe = run(["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
                  "--mixed_precision", "no", "--dynamo_backend", "no", script, "--worker", "--probe"], env)
@@ -116,15 +119,24 @@ def main() -> None:
             run(launcher + [script] + common + ["--seed", str(seed), "--run-dir", str(run_dir)], env)
             results[(name, seed)] = json.loads((run_dir / "result.json").read_text())
 
+    from safetensors.torch import load_file
+
+    def max_param_diff(seed: int) -> float:
+        a = load_file(out / f"1proc-seed{seed}" / "model" / "model.safetensors")
+        b = load_file(out / f"2proc-seed{seed}" / "model" / "model.safetensors")
+        return max(float((a[k] - b[k]).abs().max()) for k in a)
+
     print()
-    print(f"synthetic task: {args.items} items, {args.steps} steps, global batch 64, {args.threads} torch thread(s) "
-          f"per process, held-out paraphrase queries, constrained beam search (10 beams)")
-    print("| run | seed | processes | steps | final train loss | R@1 | R@5 | R@10 | MRR@10 | seconds |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"synthetic task: {args.items} items, {args.steps} steps, global batch 64, dropout {args.dropout}, "
+          f"omega {args.omega}, {args.threads} torch thread(s) per process, held-out paraphrase queries, "
+          f"constrained beam search (10 beams)")
+    print("| run | seed | processes | steps | final train loss | R@1 | R@5 | R@10 | MRR@10 | max abs param diff vs 1 process | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (name, seed), r in results.items():
         m = r["metrics"]
+        diff = f"{max_param_diff(seed):.2e}" if name.startswith("2") else "-"
         print(f"| {name} | {seed} | {r['num_processes']} ({r['distributed_type']}) | {r['steps']} | {r['final_train_loss']:.4f} "
-              f"| {m['R@1']:.2f} | {m['R@5']:.2f} | {m['R@10']:.2f} | {m['MRR@10']:.2f} | {r['seconds']:.1f} |")
+              f"| {m['R@1']:.2f} | {m['R@5']:.2f} | {m['R@10']:.2f} | {m['MRR@10']:.2f} | {diff} | {r['seconds']:.1f} |")
     for (name, seed), r in results.items():
         if name.startswith("2") and r["num_processes"] != 2:
             raise SystemExit(f"the 2-process launch ran {r['num_processes']} process(es)")

@@ -220,3 +220,14 @@ def test_resume_with_other_training_data_is_refused(task, tmp_path):
     with pytest.raises(ValueError, match="pairs"):
         train_retriever(make_model(task), task.qtok, task.idtok, task.vocab, task.pairs[:-1], None, small_cfg(),
                         tmp_path)
+
+
+def test_train_config_from_yaml_overrides(tmp_path):
+    from ace.config import ConfigError, load_config
+
+    path = tmp_path / "train.yaml"
+    path.write_text("lr: 3.0e-4\nomega: 0\n")
+    cfg = load_config(TrainConfig, path, ["max_steps=10", "mixed_precision=bf16"])
+    assert (cfg.lr, cfg.omega, cfg.max_steps, cfg.mixed_precision) == (3e-4, 0.0, 10, "bf16")
+    with pytest.raises(ConfigError, match="warmup"):
+        load_config(TrainConfig, None, ["warmup=5"])
