@@ -535,6 +535,9 @@ def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab
                        seconds=time.time() - t0)
 
 
+train = train_retriever  # the name docs/ARCHITECTURE.md uses for this entry point
+
+
 def _save_model(model: torch.nn.Module, out: Path) -> None:
     """save_pretrained into ``out`` (the model must be a Hugging Face PreTrainedModel or offer the method)."""
     if not hasattr(model, "save_pretrained"):
