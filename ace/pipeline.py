@@ -309,7 +309,7 @@ class Pipeline:
             result = train_retriever(model, qtok, tok, vocab, pairs, val, cfg.training, self.run.path, resume=True)
             qtok.save(self.run / "query_tokenizer")
             vocab.save(self.run / "identifier_vocab.json")
-            return {"steps": getattr(result, "steps", None), "seconds_train": getattr(result, "seconds", None)}
+            return {"steps": result.step, "best_step": result.best_step, "seconds_train": result.seconds}
 
         self._stage("train", key, run)
 
