@@ -229,10 +229,10 @@ def test_failing_query_does_not_fail_its_batch(corpus):
 
 def test_queue_full_gets_503(corpus):
     root, items, _ = corpus
-    retriever = TokenOverlapRetriever(items, root=root, delay_s=0.3)
+    retriever = TokenOverlapRetriever(items, root=root, delay_s=0.5)
     app = create_app(retriever, ServeConfig(max_batch=1, max_wait_ms=0.0, max_queue=1))
     with running_server(app) as url:
-        responses = asyncio.run(_concurrent(url, [{"query": f"red {i}"} for i in range(5)]))
+        responses = asyncio.run(_concurrent(url, [{"query": f"red {i}"} for i in range(8)]))
     codes = sorted(r.status_code for r in responses)
     assert 503 in codes and 200 in codes and set(codes) <= {200, 503}, codes
     busy = next(r for r in responses if r.status_code == 503)
