@@ -69,7 +69,10 @@ class RQVAE(nn.Module):
             dim=config.latent_dim, num_quantizers=config.M, codebook_size=config.codebook_size,
             kmeans_init=True, kmeans_iters=config.codebook_kmeans_iters, decay=config.ema_decay,
             threshold_ema_dead_code=config.dead_code_threshold, commitment_weight=config.alpha,
-            rotation_trick=False)
+            rotation_trick=False,
+            # identifiers are fitted by one process; without this the library syncs codebooks
+            # whenever a process group exists and a fit inside a multi-process job deadlocks
+            sync_codebook=False)
         # residuals are divided by this before the encoder (set from data in fit_rqvae)
         self.register_buffer("input_scale", torch.ones(()))
 
