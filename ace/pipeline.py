@@ -343,10 +343,14 @@ class Pipeline:
             plot_recall(metrics["by_group"], plots_dir / "recall.png"),
             plot_identifier_distribution(codes, ["k"] + [f"v{i + 1}" for i in range(M)] + ["u"], plots_dir / "identifiers.png"),
         ]
+        seconds = {s: (self.run.stage_record(s) or {}).get("seconds") for s in STAGES[:-1]}
+        usage = ", ".join(f"{u['level']} {u['used']}/{u['size']}" for u in tok_summary.get("codebook_usage", []))
         sections = {
-            "Run": f"config: `config.yaml` · items: {codes.shape[0]} · stages: "
-                   + ", ".join(f"{s} {self.timings[s]:.0f}s" for s in self.timings),
-            "Identifiers": "```json\n" + json.dumps({k: v for k, v in tok_summary.items() if k != "times"}, indent=1, default=str)[:3000] + "\n```",
+            "Run": f"config: `config.yaml` · items: {codes.shape[0]} · stage seconds (last run of each): "
+                   + ", ".join(f"{s} {v:.0f}" for s, v in seconds.items() if v is not None),
+            "Identifiers": f"items {tok_summary.get('N')} · collision rate (u > 0) {100 * tok_summary.get('collision_rate', 0):.1f}% · "
+                           f"max u {tok_summary.get('max_u')} · distinct prefixes {tok_summary.get('distinct_prefixes')} · "
+                           f"codes used per level: {usage}",
         }
         if metrics.get("beams"):
             sections["Beam sizes"] = "\n".join(f"- beams {b}: R@1 {m['R@1']:.1f}, R@10 {m['R@10']:.1f}" for b, m in metrics["beams"].items())

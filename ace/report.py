@@ -34,7 +34,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
 def plot_training_curves(log_rows: list[dict], out: Path) -> Path | None:
     """Loss and validation recall against step."""
     train = [r for r in log_rows if "loss" in r and "step" in r]
-    evals = [r for r in log_rows if any(k.startswith("R@") or k.startswith("val/R@") for k in r) and "step" in r]
+    # eval rows are {"step": s, "eval": {"R@1": ..}} (ace.training) or flat {"step": s, "val/R@1": ..}
+    flat = [{"step": r["step"], **r["eval"]} if isinstance(r.get("eval"), dict) else r for r in log_rows]
+    evals = [r for r in flat if any(k.startswith("R@") or k.startswith("val/R@") for k in r) and "step" in r]
     if not train:
         return None
     plt = _plt()
@@ -45,7 +47,7 @@ def plot_training_curves(log_rows: list[dict], out: Path) -> Path | None:
         for key in sorted({k for r in evals for k in r if k.split("/")[-1].startswith("R@")}):
             pts = [(r["step"], r[key]) for r in evals if key in r]
             ax[0, 1].plot(*zip(*pts), marker="o", ms=3, label=key.split("/")[-1])
-        ax[0, 1].set(xlabel="step", ylabel="%", title="validation recall")
+        ax[0, 1].set(xlabel="step", ylabel="%", title="periodic eval recall")
         ax[0, 1].legend()
     fig.tight_layout()
     fig.savefig(out, dpi=110)
