@@ -139,6 +139,17 @@ class Retriever:
                             for r, sc in zip(r_row, s_row) if r >= 0])
         return out
 
+    def _model_version(self) -> str | None:
+        """Short hash of the saved model's config + weights file names and sizes (changes when retrained)."""
+        if self.run_dir is None:
+            return None
+        import hashlib
+
+        h = hashlib.sha256()
+        for p in sorted((self.run_dir / "model").glob("*")):
+            h.update(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode())
+        return h.hexdigest()[:12]
+
     def item(self, item_id: str) -> CorpusItem:
         try:
             return self.corpus.get(item_id)
@@ -146,7 +157,10 @@ class Retriever:
             raise RetrieverError(f"unknown item id {item_id!r}") from None
 
     def info(self) -> dict:
+        from identifiers import FORMAT_VERSION
+
         return {"items": len(self.id_tokenizer.trie), "corpus_items": len(self.corpus),
+                "model_version": self._model_version(), "identifier_version": FORMAT_VERSION,
                 "identifier_levels": list(self.id_tokenizer.level_sizes),
                 "model": {"d_model": self.model.config.d_model, "fusion": self.model.config.fusion,
                           "parameters": sum(p.numel() for p in self.model.parameters())},
