@@ -6,13 +6,6 @@ from ace.fusion import CoarseFusion, FineFusion, FusionCrossAttention
 B, T, N, S, D, H = 2, 3, 5, 3, 16, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (two threads are ~50x slower on a loaded 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _inputs():

@@ -1,6 +1,5 @@
 """Semantic identifiers (k, v1..vM, u): uniqueness, determinism, trie, assign/remove, save/load, bad input."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,8 +1,6 @@
 """R-Drop KL and the ACE loss."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,13 +9,6 @@ from ace.modeling import AceConfig, AceModel
 from ace.losses import IGNORE_INDEX, ace_loss, rdrop_kl, token_cross_entropy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and do not thrash when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_model(V=11, dropout=0.3):

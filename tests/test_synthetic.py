@@ -11,14 +11,6 @@ from ace.synthetic import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, make_synthetic_tas
 from ace.training import TrainConfig, evaluate_retriever
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_synthetic_task_shape():
     task = make_synthetic_task(50, seed=1)
     assert len(set(task.attributes)) == 50 and len(task.item_ids) == 50

@@ -17,13 +17,6 @@ from identifiers.trie import IdentifierTrie
 LEVELS = [4, 3, 5]  # K, C_1, U
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and do not thrash when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
