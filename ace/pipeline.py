@@ -10,7 +10,6 @@ import dataclasses
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ace.config import config_hash, save_config, to_dict
-from ace.corpus import Corpus, CorpusItem, corpus_from_captions, load_corpus
+from ace.corpus import Corpus, corpus_from_captions, load_corpus
 from ace.encoders import MultiModalEncoderConfig, build_encoder, minilm_path
 from ace.metrics import retrieval_metrics
 from ace.run_folder import RunFolder, write_json_atomic
