@@ -131,9 +131,11 @@ class EncodedPairs:
         return self.rows.shape[0]
 
     def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        mask = self.attention_mask[index]                                  # (B, S)
+        width = max(1, int(mask.sum(1).max()))                             # longest query in this batch
         return {
-            "input_ids": self.input_ids[index],
-            "attention_mask": self.attention_mask[index],
+            "input_ids": self.input_ids[index, :width],                    # (B, width): no all-pad columns
+            "attention_mask": mask[:, :width],
             "decoder_input_ids": self.decoder_input_ids[index],
             "labels": self.labels[index],
         }
