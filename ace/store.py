@@ -272,13 +272,8 @@ class ItemStore:
             raise StoreError(f"status must be one of {STATUSES} or None, got {status!r}")
         if source is not None and source not in SOURCES:
             raise StoreError(f"source must be one of {SOURCES} or None, got {source!r}")
-        where, params = ["seq > ?"], []
-        if status is not None:
-            where.append("status = ?")
-            params.append(status)
-        if source is not None:
-            where.append("source = ?")
-            params.append(source)
+        filters, params = _filters(status, source)
+        where = ["seq > ?", *filters]
         last = 0
         while True:
             with self._lock:
@@ -299,13 +294,7 @@ class ItemStore:
             return {r[0] for r in self._conn.execute("SELECT item_id FROM items WHERE status='deleted'")}
 
     def count(self, *, status: str | None = "active", source: str | None = None) -> int:
-        where, params = [], []
-        if status is not None:
-            where.append("status = ?")
-            params.append(status)
-        if source is not None:
-            where.append("source = ?")
-            params.append(source)
+        where, params = _filters(status, source)
         q = "SELECT COUNT(*) FROM items" + (f" WHERE {' AND '.join(where)}" if where else "")
         with self._lock:
             return int(self._conn.execute(q, params).fetchone()[0])
@@ -342,3 +331,13 @@ class ItemStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _filters(status: str | None, source: str | None) -> tuple[list[str], list[str]]:
+    """SQL conditions and their parameters for an optional status and source."""
+    where, params = [], []
+    for column, value in (("status", status), ("source", source)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    return where, params
