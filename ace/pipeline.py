@@ -21,7 +21,7 @@ from ace.config import config_hash, save_config, to_dict
 from ace.corpus import Corpus, corpus_from_captions, load_corpus
 from ace.encoders import MultiModalEncoderConfig, build_encoder, minilm_path
 from ace.metrics import retrieval_metrics
-from ace.run_folder import RunFolder, write_json_atomic
+from ace.run_folder import RunFolder, load_run_corpus, write_json_atomic
 from ace.training import TrainConfig
 from identifiers import IdentifierConfig, SemanticIdTokenizer
 from querygen import QueryGenConfig
@@ -190,8 +190,7 @@ class Pipeline:
         cfg = self.cfg
 
         def run():
-            corpus = load_source_corpus(cfg.corpus)
-            corpus.validate(check_media=not cfg.corpus.path.endswith((".json", ".csv", ".tsv", ".txt")) or cfg.corpus.demo)
+            corpus = load_source_corpus(cfg.corpus)  # the loaders validate (rows named in errors)
             train_corpus, test_pairs = split_captions(corpus, cfg.split)
             corpus.save_jsonl(self.run / "corpus.jsonl")
             train_corpus.save_jsonl(self.run / "corpus_train.jsonl")
@@ -203,8 +202,7 @@ class Pipeline:
         self._stage("corpus", config_hash(cfg.corpus, cfg.split), run)
 
     def _corpus(self, name: str = "corpus_train.jsonl") -> Corpus:
-        root = json.loads((self.run / "corpus_root.json").read_text())["root"]
-        return load_corpus(self.run / name, root=root, validate=False)
+        return load_run_corpus(self.run.path, name)
 
     # encode ----------------------------------------------------------------------------------
     def stage_encode(self):

@@ -8,7 +8,6 @@ computed: items come from beam search over the identifier trie, scored by sequen
 """
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ace.corpus import Corpus, CorpusItem, load_corpus
+from ace.corpus import Corpus, CorpusItem
 from ace.decoding import constrained_beam_search, quantize_dynamic_int8
 from ace.modeling import AceModel
+from ace.run_folder import load_run_corpus
 from ace.tokens import IdentifierVocab, QueryTokenizer
 from identifiers import FlatTrie, SemanticIdTokenizer
 
@@ -72,12 +72,10 @@ class Retriever:
             if device != "cpu":
                 raise RetrieverError("dynamic int8 quantisation is for CPU serving; use device='cpu'")
             model = quantize_dynamic_int8(model)
-        root_file = run_dir / "corpus_root.json"
-        root = json.loads(root_file.read_text())["root"] if root_file.is_file() else None
         return cls(model=model, query_tokenizer=QueryTokenizer.load(run_dir / "query_tokenizer"),
                    vocab=IdentifierVocab.load(run_dir / "identifier_vocab.json"),
                    id_tokenizer=SemanticIdTokenizer.load(run_dir / "identifiers", device="cpu"),
-                   corpus=load_corpus(run_dir / "corpus.jsonl", root=root, validate=False),
+                   corpus=load_run_corpus(run_dir),
                    default_beams=default_beams, run_dir=run_dir)
 
     # ---- tries -----------------------------------------------------------------------------

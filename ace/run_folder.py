@@ -45,6 +45,16 @@ class RunFolder:
         self._marker(stage).unlink(missing_ok=True)
 
 
+def load_run_corpus(run_dir: str | Path, name: str = "corpus.jsonl"):
+    """A corpus table saved in a run folder, with the media root recorded beside it (already validated)."""
+    from ace.corpus import load_corpus
+
+    run_dir = Path(run_dir)
+    root_file = run_dir / "corpus_root.json"
+    root = json.loads(root_file.read_text())["root"] if root_file.is_file() else None
+    return load_corpus(run_dir / name, root=root, validate=False)
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON through a temp file + rename, so a kill never leaves a half-written file."""
     path = Path(path)
