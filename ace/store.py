@@ -1,8 +1,10 @@
 """Durable item store: one SQLite file (WAL, synchronous=FULL) holding the run's items and their status.
 
 Every item the server knows beyond the trained snapshot lives here: items added after training
-(``source="added"``, with their embedding and identifier) and deletions of any item (trained or
-added) as ``status="deleted"``. Each ``add``/``delete`` call is one transaction: when it returns,
+(``source="added"``, with their embedding and identifier; served by the fallback index), items
+later folded into the generative model (``source="folded"``, see ``mark_folded``) and deletions
+of any item (trained, added or folded) as ``status="deleted"`` (a trained item is recorded with
+``source="trained"`` when it is first deleted). Each ``add``/``delete`` call is one transaction: when it returns,
 the batch is committed to disk (acknowledged = committed); a crash mid-batch leaves none of it.
 
     store = ItemStore(run_dir / "store.sqlite")
@@ -10,6 +12,9 @@ the batch is committed to disk (acknowledged = committed); a crash mid-batch lea
               identifiers=[(3, 17, 5, 0)])
     store.delete(["x1"])
     store.close()
+
+Schema version 2 added the "folded" source; a version-1 file is migrated in place on open (one
+transaction that rebuilds the items table with the wider CHECK constraint).
 """
 from __future__ import annotations
 
@@ -25,13 +30,12 @@ import numpy as np
 
 from ace.corpus import MODALITIES, CorpusItem
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATUSES = ("active", "deleted")
-SOURCES = ("trained", "added")
+SOURCES = ("trained", "added", "folded")
 
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS items (
+_ITEMS_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {{table}} (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     item_id TEXT NOT NULL UNIQUE,
     modality TEXT NOT NULL,
@@ -45,7 +49,10 @@ CREATE TABLE IF NOT EXISTS items (
     source TEXT NOT NULL CHECK (source IN {SOURCES}),
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
-);
+)"""
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+{_ITEMS_TABLE.format(table="items")};
 CREATE INDEX IF NOT EXISTS items_status ON items (status, source);
 """
 _COLUMNS = ("item_id, modality, media, captions, metadata, embedding, embedding_dim, identifier, "
@@ -165,8 +172,26 @@ class ItemStore:
                 self._conn.execute("ROLLBACK")
                 raise
         row = self._conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is not None and row[0] == "1":
+            self._migrate_v1()
+            row = (str(SCHEMA_VERSION),)
         if row is None or row[0] != str(SCHEMA_VERSION):
             raise StoreCorruptError(f"{self.path}: schema version {row[0] if row else None!r}, expected {SCHEMA_VERSION}")
+
+    def _migrate_v1(self) -> None:
+        """Version 1 -> 2 in one transaction: rebuild the items table with the "folded" source allowed."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._conn.execute(_ITEMS_TABLE.format(table="items_v2"))
+            self._conn.execute(f"INSERT INTO items_v2 (seq, {_COLUMNS}) SELECT seq, {_COLUMNS} FROM items ORDER BY seq")
+            self._conn.execute("DROP TABLE items")
+            self._conn.execute("ALTER TABLE items_v2 RENAME TO items")
+            self._conn.execute("CREATE INDEX IF NOT EXISTS items_status ON items (status, source)")
+            self._conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
 
     # -- writes: one transaction per call -------------------------------------------------------
 
@@ -211,15 +236,36 @@ class ItemStore:
                 raise
         return len(rows)
 
-    def delete(self, item_ids: Iterable[str]) -> int:
-        """Mark active items deleted, atomically; unknown or already-deleted ids abort the whole call."""
+    def delete(self, item_ids: Iterable[str], *, trained: Sequence[tuple[CorpusItem, Any]] = ()) -> int:
+        """Mark active items deleted, atomically; unknown or already-deleted ids abort the whole call.
+
+        ``trained``: (item, identifier) of trained-snapshot items among ``item_ids`` that the store
+        has not seen yet; they are inserted as ``source="trained", status="deleted"`` in the same
+        transaction.
+        """
         ids = list(dict.fromkeys(item_ids))
         if not ids:
             return 0
+        now = time.time()
+        tomb = {}
+        for item, identifier in trained:
+            _check_item(item)
+            if item.item_id not in ids:
+                raise StoreError(f"trained item {item.item_id!r} is not among the ids to delete")
+            tomb[item.item_id] = (item.item_id, item.modality, item.media, json.dumps(list(item.captions)),
+                                  json.dumps(item.metadata), None, None, _encode_identifier(item.item_id, identifier),
+                                  "deleted", "trained", now, now)
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 existing = self._existing(ids)
+                clash = [i for i in tomb if i in existing]
+                if clash:
+                    raise DuplicateItemError(f"trained item(s) already recorded in the store: {clash[:5]}")
+                if tomb:
+                    self._conn.executemany(f"INSERT INTO items ({_COLUMNS}) VALUES ({', '.join('?' * 12)})",
+                                           list(tomb.values()))
+                    existing.update({i: "tombstone" for i in tomb})
                 missing = [i for i in ids if i not in existing]
                 if missing:
                     raise UnknownItemError(f"unknown item id(s): {', '.join(map(repr, missing[:5]))}"
@@ -227,8 +273,38 @@ class ItemStore:
                 gone = [i for i in ids if existing[i] == "deleted"]
                 if gone:
                     raise UnknownItemError(f"item id(s) already deleted: {', '.join(map(repr, gone[:5]))}")
-                now = time.time()
                 self._conn.executemany("UPDATE items SET status='deleted', updated_at=? WHERE item_id=?",
+                                       [(now, i) for i in ids if i not in tomb])
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return len(ids)
+
+    def mark_folded(self, item_ids: Iterable[str]) -> int:
+        """Move active "added" items to source "folded" (now served by the generative model), atomically.
+
+        Ids that are unknown, deleted or not "added" abort the whole call.
+        """
+        ids = list(dict.fromkeys(item_ids))
+        if not ids:
+            return 0
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                rows = {}
+                for start in range(0, len(ids), 500):
+                    chunk = ids[start:start + 500]
+                    q = f"SELECT item_id, status, source FROM items WHERE item_id IN ({', '.join('?' * len(chunk))})"
+                    rows.update({r[0]: r[1:] for r in self._conn.execute(q, chunk).fetchall()})
+                missing = [i for i in ids if i not in rows]
+                if missing:
+                    raise UnknownItemError(f"cannot fold unknown item id(s): {', '.join(map(repr, missing[:5]))}")
+                bad = [f"{i!r} ({st}, {src})" for i in ids for st, src in [rows[i]] if (st, src) != ("active", "added")]
+                if bad:
+                    raise StoreError(f"only active 'added' items can be folded; not: {', '.join(bad[:5])}")
+                now = time.time()
+                self._conn.executemany("UPDATE items SET source='folded', updated_at=? WHERE item_id=?",
                                        [(now, i) for i in ids])
                 self._conn.execute("COMMIT")
             except BaseException:
