@@ -39,10 +39,18 @@ class FallbackError(ValueError):
 
 @dataclass
 class FallbackConfig:
-    """Everything the fallback path needs: query tower, hash head, binary index (YAML section)."""
+    """Everything the fallback path needs: query tower, hash head, binary index, calibration (YAML section)."""
     tower: QueryTowerConfig = field(default_factory=QueryTowerConfig)
     hash: HashConfig = field(default_factory=HashConfig)
     index: BinaryIndexConfig = field(default_factory=BinaryIndexConfig)
+    enabled: bool = True               # the pipeline's `fallback` stage builds RUN/fallback
+    calibration_queries: int = 200     # training queries held out of the query tower, used to fit the calibration
+    calibration_k: int = 10            # results per source and calibration query
+
+    def __post_init__(self):
+        if self.calibration_queries < 2 or self.calibration_k < 1:
+            raise ValueError(f"calibration_queries must be >= 2 and calibration_k >= 1, "
+                             f"got {self.calibration_queries} and {self.calibration_k}")
 
 
 class FallbackIndex:
@@ -289,3 +297,138 @@ def merge_rankings(generative: Sequence[tuple[str, float]], fallback: Sequence[t
                 best[item_id] = MergedResult(item_id, float(p), source, float(r))
     merged = sorted(best.values(), key=lambda m: (-m.score, SOURCES.index(m.source)))
     return merged[:k] if k is not None else merged
+
+
+# ---------------------------------------------------------------------------------- run folder
+class RunTextTower:
+    """A dual encoder's text tower mapped into a run's item space (the run's fixed modality projection)."""
+
+    def __init__(self, encoder, projection):
+        self.encoder, self.projection = encoder, projection
+        self.dim = int(projection.d_out)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return self.projection(np.asarray(self.encoder.encode_texts(list(texts)), dtype=np.float32))
+
+
+def run_text_tower(encoder_config, modalities: Sequence[str]) -> RunTextTower | None:
+    """The item encoder's own text tower when the run's items all come from one dual encoder (CLIP/CLAP,
+    kind "hf") whose space the text can share; None otherwise (frozen text encoder + trained projection).
+
+    Several modalities share one text tower only when their projection to the common dimension is the
+    identity (each modality gets its own seeded projection otherwise).
+    """
+    from ace.encoders import ModalityProjection, build_encoder
+
+    modalities = sorted(set(modalities))
+    subs = [getattr(encoder_config, m) for m in modalities]
+    if not subs or any(s.kind != "hf" for s in subs) or len({s.name_or_path for s in subs}) != 1:
+        return None
+    encoder = build_encoder(subs[0])
+    d_out = encoder_config.dim or encoder.dim
+    if len(modalities) > 1 and d_out != encoder.dim:
+        return None
+    return RunTextTower(encoder, ModalityProjection(encoder.dim, d_out, kind=encoder_config.projection,
+                                                    seed=encoder_config.seed, modality=modalities[0]))
+
+
+def read_encoder_config(run_dir: str | Path):
+    """The run's item-encoder config (RUN/config.yaml, section ``encoder``), or None when absent."""
+    import yaml
+
+    from ace.encoders import MultiModalEncoderConfig
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        return from_dict(MultiModalEncoderConfig, data.get("encoder") or {}, prefix="encoder.")
+    except ConfigError as exc:
+        raise FallbackError(f"{path}: {exc}") from None
+
+
+def build_run_fallback(run_dir: str | Path, config: FallbackConfig, *, seed: int = 0, device: str = "cpu",
+                       text_encoder: TextTower | None = None, progress: bool = False) -> dict:
+    """The pipeline's ``fallback`` stage: train the query tower + hash head on the run's training pairs,
+    fit the calibration on held-out training queries, save RUN/fallback (empty index) atomically.
+
+    Calibration samples: ``calibration_queries`` training queries kept out of the query tower's
+    training; the generative model answers them over the trained items (it has seen these queries in
+    training, so its confidence is optimistic), the fallback answers them over all trained items
+    put into a scratch index. Returns a summary (also written to RUN/fallback/summary.json).
+    """
+    import shutil
+
+    from ace.metrics import retrieval_metrics
+    from ace.retriever import Retriever
+    from ace.run_folder import load_run_corpus
+
+    run_dir = Path(run_dir)
+    pairs = [tuple(p) for p in json.loads((run_dir / "train_queries.json").read_text())]  # (query, item_id)
+    emb = np.load(run_dir / "embeddings.npy")
+    item_ids = json.loads((run_dir / "item_ids.json").read_text())
+    n_cal = min(config.calibration_queries, len(pairs) // 2)
+    if n_cal < 2:
+        raise FallbackError(f"{run_dir} has {len(pairs)} training queries: too few to hold out calibration queries")
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    cal = [pairs[i] for i in order[:n_cal]]
+    fit_pairs = [(pairs[i][1], pairs[i][0]) for i in order[n_cal:]]  # (item_id, query)
+    modalities = {it.modality for it in load_run_corpus(run_dir).items}
+    enc_cfg = read_encoder_config(run_dir)
+    dual = run_text_tower(enc_cfg, modalities) if enc_cfg is not None else None
+    fb = FallbackIndex.train(config=config, pairs=fit_pairs, item_ids=item_ids, item_embeddings=emb,
+                             text_encoder=None if dual else text_encoder, dual_encoder=dual, progress=progress)
+
+    queries, targets = [q for q, _ in cal], [t for _, t in cal]
+    scratch = FallbackIndex(tower=fb.tower, head=fb.head, config=config.index)
+    scratch.add(item_ids, emb)
+    fb_res = scratch.search(queries, k=config.calibration_k)
+    gen = Retriever.from_run(run_dir, device=device, fallback=False)
+    gen_res = [[(h.item_id, h.score) for h in row] for row in gen.search_generative(queries, k=config.calibration_k)]
+    gen.close()
+    samples = {"generative": calibration_samples(gen_res, targets), "fallback": calibration_samples(fb_res, targets)}
+    cal_fit = {}
+    for source, (scores, ok) in samples.items():
+        if ok.all() or not ok.any():
+            raise FallbackError(f"calibration: the {source} results of {n_cal} held-out queries are all "
+                                f"{'correct' if ok.all() else 'wrong'}; cannot fit a score mapping "
+                                f"(raise fallback.calibration_queries or check the {source} path)")
+        cal_fit[source] = fit_calibration(scores, ok)
+        if cal_fit[source].a <= 0:
+            raise FallbackError(f"calibration: higher {source} scores are not more often correct on the held-out "
+                                f"queries (slope {cal_fit[source].a:.3g}); the merged ranking would be meaningless")
+    calibration = Calibration(**cal_fit)
+    summary = {
+        "tower": "dual" if dual else "projected", "bits": config.hash.bits, "index": config.index.kind,
+        "tower_pairs": len(fit_pairs), "calibration_queries": n_cal, "calibration": calibration.to_dict(),
+        "bytes_per_item": fb.bytes_per_item(),
+        "held_out_recall": {"fallback_over_trained_items": retrieval_metrics([[i for i, _ in r] for r in fb_res], targets),
+                            "generative": retrieval_metrics([[i for i, _ in r] for r in gen_res], targets)},
+    }
+    staging = run_dir / "fallback.staging"
+    if staging.exists():
+        shutil.rmtree(staging)
+    fb.save(staging)
+    (staging / "calibration.json").write_text(json.dumps(calibration.to_dict(), indent=1))
+    (staging / "summary.json").write_text(json.dumps(summary, indent=1))
+    final, old = run_dir / "fallback", run_dir / "fallback.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+    return summary
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """RUN/fallback/calibration.json -> Calibration."""
+    path = Path(path)
+    try:
+        return Calibration.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise FallbackError(f"no calibration at {path}") from None
+    except json.JSONDecodeError as exc:
+        raise FallbackError(f"corrupt calibration file {path}: {exc}") from None

@@ -1,4 +1,4 @@
-"""The training pipeline: corpus -> encode -> identifiers -> querygen -> train -> evaluate -> report.
+"""The training pipeline: corpus -> encode -> identifiers -> querygen -> train -> fallback -> evaluate -> report.
 
 Each stage writes its artefact into the run folder and a marker keyed by the hash of its config
 and of the keys of the stages it reads; a re-run skips stages that are up to date and resumes
@@ -20,6 +20,7 @@ import numpy as np
 from ace.config import config_hash, save_config, to_dict
 from ace.corpus import Corpus, corpus_from_captions, load_corpus
 from ace.encoders import MultiModalEncoderConfig, build_encoder, minilm_path
+from ace.fallback import FallbackConfig
 from ace.metrics import retrieval_metrics
 from ace.run_folder import RunFolder, load_run_corpus, write_json_atomic
 from ace.training import TrainConfig
@@ -28,7 +29,7 @@ from querygen import QueryGenConfig
 
 log = logging.getLogger("ace.pipeline")
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("corpus", "encode", "identifiers", "querygen", "train", "eval", "report")
+STAGES = ("corpus", "encode", "identifiers", "querygen", "train", "fallback", "eval", "report")
 
 
 class PipelineError(RuntimeError):
@@ -94,9 +95,22 @@ class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     training: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    fallback: FallbackConfig = field(default_factory=FallbackConfig)   # items added after training (RUN/fallback)
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def ace_model_config(m: ModelSection, level_sizes: list[int]):
+    """(AceConfig, pretrained encoder folder or None) for a run config's model section."""
+    from ace.modeling import AceConfig
+
+    kw = {k: v for k, v in to_dict(m).items() if k not in ("pretrained_encoder", "query_vocab_size", "query_tokenizer_type")}
+    enc = m.pretrained_encoder
+    if enc in ("minilm", "all-MiniLM-L6-v2"):
+        enc = minilm_path()
+    return AceConfig(**kw, level_sizes=list(level_sizes), pretrained_encoder=enc,
+                     query_vocab_size=m.query_vocab_size), enc
 
 
 def _device(name: str) -> str:
@@ -258,15 +272,7 @@ class Pipeline:
 
     # train -----------------------------------------------------------------------------------
     def model_config(self, level_sizes: list[int]):
-        from ace.modeling import AceConfig
-
-        m = self.cfg.model
-        kw = {k: v for k, v in to_dict(m).items() if k not in ("pretrained_encoder", "query_vocab_size", "query_tokenizer_type")}
-        enc = m.pretrained_encoder
-        if enc in ("minilm", "all-MiniLM-L6-v2"):
-            enc = minilm_path()
-        return AceConfig(**kw, level_sizes=list(level_sizes), pretrained_encoder=enc,
-                         query_vocab_size=m.query_vocab_size), enc
+        return ace_model_config(self.cfg.model, level_sizes)
 
     def stage_train(self):
         cfg = self.cfg
@@ -309,6 +315,27 @@ class Pipeline:
             return {"steps": result.step, "best_step": result.best_step, "seconds_train": result.seconds}
 
         self._stage("train", key, run)
+
+    # fallback --------------------------------------------------------------------------------
+    def stage_fallback(self):
+        """Query tower + hash head + calibration for items added after training (RUN/fallback)."""
+        cfg = self.cfg
+        if not cfg.fallback.enabled:
+            print("[fallback] disabled (fallback.enabled=false): the run serves the generative path only")
+            return
+
+        def run():
+            from ace.fallback import build_run_fallback
+
+            summary = build_run_fallback(self.run.path, cfg.fallback, seed=cfg.seed, device=self.device,
+                                         progress=self.progress)
+            rec = summary["held_out_recall"]
+            print(f"[fallback] {summary['tower']} query tower, {summary['bits']}-bit codes; held-out training queries: "
+                  f"fallback R@10 {rec['fallback_over_trained_items']['R@10']:.1f} over all trained items, "
+                  f"generative R@10 {rec['generative']['R@10']:.1f}")
+            return {"summary": summary}
+
+        self._stage("fallback", config_hash(self.keys["train"], cfg.encoder, cfg.fallback, cfg.seed), run)
 
     # eval ------------------------------------------------------------------------------------
     def stage_eval(self):
@@ -357,7 +384,7 @@ class Pipeline:
     def run_all(self, until: str = "report"):
         save_config(self.cfg, self.run / "config.yaml")
         steps = [self.stage_corpus, self.stage_encode, self.stage_identifiers, self.stage_querygen,
-                 self.stage_train, self.stage_eval, self.stage_report]
+                 self.stage_train, self.stage_fallback, self.stage_eval, self.stage_report]
         for name, step in zip(STAGES, steps):
             step()
             if name == until:

@@ -1,48 +1,86 @@
-"""A trained run, loaded for search: text queries -> ranked items, by constrained identifier decoding.
+"""A trained run, loaded for search: text queries -> ranked items, by constrained identifier decoding,
+plus a dynamic index of items added after training.
 
     retriever = Retriever.from_run("runs/demo")
     hits = retriever.search(["a red circle on grass"], k=5)   # list (per query) of SearchHit
+    retriever.add_items([CorpusItem("new1", "image", media="new/1.png", captions=["..."])])
+    retriever.delete_items(["img_0003"])
 
-This is what evaluation, the benchmarks and the HTTP server call. No query-item similarity is
-computed: items come from beam search over the identifier trie, scored by sequence log-prob.
+This is what evaluation, the benchmarks and the HTTP server call. The generative path computes no
+query-item similarity: items come from beam search over the identifier trie, scored by sequence
+log-prob. Items added after training are served by the fallback index (``ace/fallback.py``: query
+tower -> hash codes -> Hamming ANN -> cosine re-rank) until ``train.py fold`` moves them into the
+model; ``search`` merges both paths with the run's calibration, and every hit names its source.
+
+State, rebuilt on every load from RUN/identifiers, RUN/fallback and RUN/store.sqlite:
+- identifiers: the trained items' plus every stored item's (restored unchanged, u never reused);
+- the generative trie: trained + folded items, minus deleted ones;
+- the fallback index: stored items with source "added" that are active.
+Every ``add_items``/``delete_items`` batch is one SQLite transaction, committed before the call
+returns and before the in-memory indexes change: acknowledged = durable. Only one process may write
+a run's items at a time (a lock file, taken at the first write); a running server sees changes made
+by another process (``python -m ace.items``) only after a restart.
 """
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from ace.corpus import Corpus, CorpusItem
+from ace.corpus import MODALITIES, Corpus, CorpusItem
 from ace.decoding import constrained_beam_search, quantize_dynamic_int8
+from ace.fallback import Calibration, FallbackIndex, load_calibration, merge_rankings, read_encoder_config, run_text_tower
 from ace.modeling import AceModel
 from ace.run_folder import load_run_corpus
+from ace.store import ItemStore, StoreError, check_item
 from ace.tokens import IdentifierVocab, QueryTokenizer
 from identifiers import FlatTrie, SemanticIdTokenizer
+
+log = logging.getLogger("ace.retriever")
 
 
 class RetrieverError(ValueError):
     """A run folder is incomplete, or a search request is malformed; the message names the problem."""
 
 
+class ItemConflictError(RetrieverError):
+    """An added item id is already known (trained, added, folded or deleted: ids are never reused)."""
+
+
+class ItemNotFoundError(RetrieverError, KeyError):
+    """An item id is unknown, or already deleted."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return self.args[0] if self.args else ""
+
+
 @dataclass
 class SearchHit:
     item_id: str
     modality: str
-    score: float                      # identifier log-probability (generative) or calibrated score
+    score: float                      # generative log-probability, fallback cosine, or calibrated probability (search)
     identifier: tuple[int, ...]
     source: str = "generative"        # "generative" | "fallback"
+    raw_score: float | None = None    # in merged results: the source's own score
 
 
 class Retriever:
     def __init__(self, *, model: AceModel, query_tokenizer: QueryTokenizer, vocab: IdentifierVocab,
                  id_tokenizer: SemanticIdTokenizer, corpus: Corpus, default_beams: int = 10,
-                 run_dir: Path | None = None):
+                 run_dir: Path | None = None, fallback: FallbackIndex | None = None,
+                 calibration: Calibration | None = None):
         if vocab.level_sizes != list(id_tokenizer.level_sizes):
             raise RetrieverError(f"identifier vocabulary {vocab.level_sizes} does not match the identifier "
                                  f"tokenizer's levels {id_tokenizer.level_sizes}")
+        if (fallback is None) != (calibration is None):
+            raise RetrieverError("a fallback index needs its calibration (and vice versa)")
         self.model = model.eval()
         self.query_tokenizer = query_tokenizer
         self.vocab = vocab
@@ -50,16 +88,27 @@ class Retriever:
         self.corpus = corpus
         self.default_beams = default_beams
         self.run_dir = run_dir
+        self.fallback, self.calibration = fallback, calibration
         self.device = next(model.parameters()).device
         self._modality = {it.item_id: it.modality for it in corpus.items}
-        self._tries: dict[str | None, FlatTrie] = {}
-        self._lock = threading.Lock()
+        self._stored: dict[str, CorpusItem] = {}      # active added + folded items (not in the corpus file)
+        self._deleted: set[str] = set()
+        self._tries: dict[str | None, FlatTrie | None] = {}
+        self._lock = threading.Lock()                 # guards the trie cache
+        self._state = threading.RLock()               # searches vs add/delete (rows shift on delete)
+        self._store: ItemStore | None = None
+        self._writer_lock = None                      # open lock file while this process writes the run's items
+        self._encoder = None
 
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
     def from_run(cls, run_dir: str | Path, *, device: str | None = None, quantize: bool = False,
-                 default_beams: int = 10) -> "Retriever":
-        """Load model, tokenizers, identifiers and corpus of a run folder written by train.py."""
+                 default_beams: int = 10, fallback: bool = True, text_encoder=None) -> "Retriever":
+        """Load model, tokenizers, identifiers and corpus of a run folder written by train.py, then
+        RUN/fallback (unless ``fallback=False``) and the items added/deleted since (RUN/store.sqlite).
+
+        ``text_encoder``: the fallback query tower's frozen text encoder, when already loaded.
+        """
         run_dir = Path(run_dir)
         needed = ["model", "query_tokenizer", "identifier_vocab.json", "identifiers", "corpus.jsonl"]
         missing = [n for n in needed if not (run_dir / n).exists()]
@@ -72,27 +121,115 @@ class Retriever:
             if device != "cpu":
                 raise RetrieverError("dynamic int8 quantisation is for CPU serving; use device='cpu'")
             model = quantize_dynamic_int8(model)
-        return cls(model=model, query_tokenizer=QueryTokenizer.load(run_dir / "query_tokenizer"),
-                   vocab=IdentifierVocab.load(run_dir / "identifier_vocab.json"),
-                   id_tokenizer=SemanticIdTokenizer.load(run_dir / "identifiers", device="cpu"),
-                   corpus=load_run_corpus(run_dir),
-                   default_beams=default_beams, run_dir=run_dir)
+        corpus = load_run_corpus(run_dir)
+        fb = cal = None
+        if fallback and (run_dir / "fallback").is_dir():
+            enc_cfg = read_encoder_config(run_dir)
+            dual = run_text_tower(enc_cfg, {it.modality for it in corpus.items}) if enc_cfg is not None else None
+            fb = FallbackIndex.load(run_dir / "fallback", text_encoder=None if dual else text_encoder, dual_encoder=dual)
+            if len(fb):
+                raise RetrieverError(f"{run_dir / 'fallback'} holds {len(fb)} items; the saved fallback index must be "
+                                     f"empty (added items live in store.sqlite)")
+            cal = load_calibration(run_dir / "fallback" / "calibration.json")
+        out = cls(model=model, query_tokenizer=QueryTokenizer.load(run_dir / "query_tokenizer"),
+                  vocab=IdentifierVocab.load(run_dir / "identifier_vocab.json"),
+                  id_tokenizer=SemanticIdTokenizer.load(run_dir / "identifiers", device="cpu"),
+                  corpus=corpus, default_beams=default_beams, run_dir=run_dir, fallback=fb, calibration=cal)
+        if (run_dir / "store.sqlite").is_file():
+            out._load_store()
+        return out
 
-    # ---- tries -----------------------------------------------------------------------------
+    def _load_store(self) -> None:
+        """Rebuild identifiers, tries and the fallback index from every row of RUN/store.sqlite."""
+        store = self._open_store()
+        rows = list(store.iterate(status=None))
+        tok = self.id_tokenizer
+        restore = [r for r in rows if r.identifier is not None and r.source != "trained"]
+        for r in [r for r in restore if r.item_id in tok.trie]:  # e.g. folded items saved with RUN/identifiers
+            if tuple(int(c) for c in tok.codes_of([r.item_id])[0]) != tuple(r.identifier):
+                raise RetrieverError(f"item {r.item_id!r}: identifier {r.identifier} in store.sqlite differs from "
+                                     f"RUN/identifiers {tok.codes_of([r.item_id])[0].tolist()}")
+        restore = [r for r in restore if r.item_id not in tok.trie]
+        if restore:
+            tok.restore(np.asarray([r.identifier for r in restore], dtype=np.int64), [r.item_id for r in restore])
+        self._deleted = {r.item_id for r in rows if r.status == "deleted"}
+        gone = [i for i in self._deleted if i in tok.trie]
+        if gone:
+            tok.remove(gone)
+        added = [r for r in rows if r.status == "active" and r.source == "added"]
+        for r in rows:
+            if r.status == "active" and r.source in ("added", "folded"):
+                self._stored[r.item_id] = r.to_corpus_item()
+                self._modality[r.item_id] = r.modality
+        if added:
+            if self.fallback is None:
+                raise RetrieverError(f"{self.run_dir}: store.sqlite holds {len(added)} added items but the run has no "
+                                     f"fallback index (RUN/fallback) to serve them")
+            missing = [r.item_id for r in added if r.embedding is None]
+            if missing:
+                raise RetrieverError(f"store.sqlite: added items without an embedding: {missing[:5]}")
+            self.fallback.add([r.item_id for r in added], np.stack([r.embedding for r in added]))
+        self.invalidate_tries()
+
+    def _open_store(self) -> ItemStore:
+        if self._store is None:
+            if self.run_dir is None:
+                raise RetrieverError("this retriever was not loaded from a run folder: it has no item store")
+            self._store = ItemStore(self.run_dir / "store.sqlite")
+        return self._store
+
+    def _writer(self) -> ItemStore:
+        """The store, with this process holding the run's writer lock (one writing process per run)."""
+        store = self._open_store()
+        if self._writer_lock is None:
+            f = open(self.run_dir / "store.lock", "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "?"
+                f.close()
+                raise RetrieverError(f"another process (pid {holder}) is writing the items of {self.run_dir}; "
+                                     f"stop it, or send the change to its HTTP API") from None
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            self._writer_lock = f
+        return store
+
+    def close(self) -> None:
+        """Release the item store and the writer lock."""
+        with self._state:
+            if self._writer_lock is not None:
+                self._writer_lock.close()  # closing the file drops the flock
+                self._writer_lock = None
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+    # ---- tries ---------------------------------------------------------------------------
     def trie(self, modality: str | None = None) -> FlatTrie:
-        """The flat trie of all live identifiers, or of one modality's (so decoding filters by modality)."""
+        """The flat trie of the generative path's live identifiers (trained + folded, minus deleted;
+        added items are the fallback's), or of one modality's (so decoding filters by modality)."""
+        trie = self._generative_trie(modality)
+        if trie is None:
+            raise RetrieverError(f"no items of modality '{modality}' on the generative path of this run"
+                                 if modality else "no items left on the generative path of this run")
+        return trie
+
+    def _generative_trie(self, modality: str | None) -> FlatTrie | None:
         with self._lock:
             if modality not in self._tries:
                 full = self.id_tokenizer.trie
-                if modality is None:
-                    self._tries[None] = full.flat()
+                fb = self.fallback
+                if modality is None and (fb is None or len(fb) == 0):
+                    self._tries[None] = full.flat() if len(full) else None
                 else:
-                    rows = [r for r, i in enumerate(full.item_ids) if self._modality.get(i) == modality]
-                    if not rows:
-                        raise RetrieverError(f"no items of modality '{modality}' in this run")
-                    codes = np.asarray(full.codes)[rows]
-                    self._tries[modality] = FlatTrie.from_codes(codes, self.id_tokenizer.level_sizes,
-                                                                items=np.asarray(rows, dtype=np.int64))
+                    rows = [r for r, i in enumerate(full.item_ids)
+                            if (modality is None or self._modality.get(i) == modality) and (fb is None or i not in fb)]
+                    self._tries[modality] = (FlatTrie.from_codes(np.asarray(full.codes)[rows], self.id_tokenizer.level_sizes,
+                                                                 items=np.asarray(rows, dtype=np.int64)) if rows else None)
             return self._tries[modality]
 
     def invalidate_tries(self) -> None:
@@ -101,41 +238,246 @@ class Retriever:
             self._tries.clear()
 
     # ---- search ----------------------------------------------------------------------------
-    @torch.inference_mode()
-    def search(self, queries: list[str], k: int = 10, num_beams: int | None = None, modality: str | None = None,
-               *, batch_size: int = 100, progress: bool = False) -> list[list[SearchHit]]:
-        """Top-k items per query by trie-constrained beam search (beams are raised to k when fewer)."""
+    @staticmethod
+    def _check_queries(queries, k: int) -> None:
         if isinstance(queries, str):
             raise RetrieverError("search() takes a list of query strings, not a single string")
-        if not queries:
-            return []
         if k < 1:
             raise RetrieverError(f"k must be >= 1, got {k}")
         for i, q in enumerate(queries):
             if not isinstance(q, str) or not q.strip():
                 raise RetrieverError(f"query {i} is empty")
-        beams = max(int(num_beams or self.default_beams), k)
-        trie = self.trie(modality)
-        item_ids = self.id_tokenizer.trie.item_ids
-        codes = np.asarray(self.id_tokenizer.trie.codes)
-        out: list[list[SearchHit]] = []
-        starts = range(0, len(queries), batch_size)
-        if progress:
-            from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc="search", unit="batch")
-        max_len = self.model.config.max_query_length
-        for s in starts:
-            enc = self.query_tokenizer(queries[s:s + batch_size], max_length=max_len)
-            rows, scores = constrained_beam_search(self.model, enc.input_ids.to(self.device),
-                                                   enc.attention_mask.to(self.device), trie, self.vocab,
-                                                   num_beams=beams, top_k=k)
-            rows, scores = np.asarray(rows), np.asarray(scores, dtype=np.float64)
-            for r_row, s_row in zip(rows, scores):
-                out.append([SearchHit(item_ids[r], self._modality.get(item_ids[r], "unknown"), float(sc),
-                                      tuple(int(c) for c in codes[r]))
-                            for r, sc in zip(r_row, s_row) if r >= 0])
+    def search(self, queries: list[str], k: int = 10, num_beams: int | None = None, modality: str | None = None,
+               *, batch_size: int = 100, progress: bool = False) -> list[list[SearchHit]]:
+        """Top-k items per query. Without a fallback index: the generative path alone (log-prob scores).
+        With one: generative and fallback results merged by calibrated probability of being the right item
+        (``score``; ``raw_score`` keeps the source's own score), each hit naming its source."""
+        if self.calibration is None:
+            return self.search_generative(queries, k, num_beams, modality, batch_size=batch_size, progress=progress)
+        self._check_queries(queries, k)
+        if not queries:
+            return []
+        with self._state:
+            gen_ok = self._generative_trie(modality) is not None
+            gen = (self.search_generative(queries, k, num_beams, modality, batch_size=batch_size, progress=progress)
+                   if gen_ok else [[] for _ in queries])
+            fb = self.search_fallback(queries, k, modality) if len(self.fallback) else [[] for _ in queries]
+            if not gen_ok and not len(self.fallback):
+                self.trie(modality)  # raises the "no items" error
+            out = []
+            for g_row, f_row in zip(gen, fb):
+                hits = {("generative", h.item_id): h for h in g_row} | {("fallback", h.item_id): h for h in f_row}
+                merged = merge_rankings([(h.item_id, h.score) for h in g_row], [(h.item_id, h.score) for h in f_row],
+                                        self.calibration, k=k)
+                out.append([SearchHit(m.item_id, hits[m.source, m.item_id].modality, m.score,
+                                      hits[m.source, m.item_id].identifier, m.source, m.raw_score) for m in merged])
+            return out
+
+    @torch.inference_mode()
+    def search_generative(self, queries: list[str], k: int = 10, num_beams: int | None = None,
+                          modality: str | None = None, *, batch_size: int = 100,
+                          progress: bool = False) -> list[list[SearchHit]]:
+        """Top-k items per query by trie-constrained beam search (beams are raised to k when fewer)."""
+        self._check_queries(queries, k)
+        if not queries:
+            return []
+        beams = max(int(num_beams or self.default_beams), k)
+        with self._state:
+            trie = self.trie(modality)
+            item_ids = self.id_tokenizer.trie.item_ids
+            codes = np.asarray(self.id_tokenizer.trie.codes)
+            out: list[list[SearchHit]] = []
+            starts = range(0, len(queries), batch_size)
+            if progress:
+                from tqdm.auto import tqdm
+
+                starts = tqdm(starts, desc="search", unit="batch")
+            max_len = self.model.config.max_query_length
+            for s in starts:
+                enc = self.query_tokenizer(queries[s:s + batch_size], max_length=max_len)
+                rows, scores = constrained_beam_search(self.model, enc.input_ids.to(self.device),
+                                                       enc.attention_mask.to(self.device), trie, self.vocab,
+                                                       num_beams=beams, top_k=k)
+                rows, scores = np.asarray(rows), np.asarray(scores, dtype=np.float64)
+                for r_row, s_row in zip(rows, scores):
+                    out.append([SearchHit(item_ids[r], self._modality.get(item_ids[r], "unknown"), float(sc),
+                                          tuple(int(c) for c in codes[r]))
+                                for r, sc in zip(r_row, s_row) if r >= 0])
+            return out
+
+    def search_fallback(self, queries: list[str], k: int = 10, modality: str | None = None) -> list[list[SearchHit]]:
+        """Top-k added items per query from the fallback index alone (score = cosine after re-ranking)."""
+        if self.fallback is None:
+            raise RetrieverError("this run has no fallback index (RUN/fallback): run the pipeline's `fallback` stage")
+        self._check_queries(queries, k)
+        if modality is not None and modality not in MODALITIES:
+            raise RetrieverError(f"unknown modality {modality!r}; known: {', '.join(MODALITIES)}")
+        if not queries:
+            return []
+        with self._state:
+            n = len(self.fallback)
+            if n == 0:
+                return [[] for _ in queries]
+            want = min(k, n) if modality is None else n  # filtering by modality: rank them all, keep the first k
+            results = self.fallback.search(list(queries), k=want)
+            tok = self.id_tokenizer
+            out = []
+            for row in results:
+                row = [(i, s) for i, s in row if modality is None or self._modality.get(i) == modality][:k]
+                codes = tok.codes_of([i for i, _ in row]) if row else []
+                out.append([SearchHit(i, self._modality.get(i, "unknown"), float(s), tuple(int(c) for c in cc), "fallback")
+                            for (i, s), cc in zip(row, codes)])
+            return out
+
+    # ---- adding and deleting items --------------------------------------------------------------
+    def _check_new_items(self, items: Sequence[CorpusItem]) -> None:
+        if isinstance(items, CorpusItem) or not isinstance(items, (list, tuple)):
+            raise RetrieverError("add_items() takes a list of CorpusItem")
+        if not items:
+            raise RetrieverError("add_items() got no items")
+        seen: set[str] = set()
+        for n, it in enumerate(items):
+            if not isinstance(it, CorpusItem):
+                raise RetrieverError(f"item {n} is a {type(it).__name__}, not a CorpusItem")
+            try:
+                check_item(it)
+            except StoreError as exc:
+                raise RetrieverError(str(exc)) from None
+            if it.item_id in seen:
+                raise ItemConflictError(f"item id {it.item_id!r} appears twice in one batch")
+            seen.add(it.item_id)
+            if it.embedding is None and not it.media:
+                raise RetrieverError(f"item {it.item_id!r}: give an embedding or a media file")
+        self._check_ids_free(seen)
+
+    def _check_ids_free(self, ids) -> None:
+        taken = [i for i in ids if i in self._modality or i in self._deleted or i in self.id_tokenizer.trie]
+        if taken:
+            raise ItemConflictError(f"item id(s) already used in this run (trained, added or deleted; ids are never "
+                                    f"reused): {', '.join(map(repr, taken[:5]))}{' ...' if len(taken) > 5 else ''}")
+
+    def _embed(self, items: Sequence[CorpusItem]) -> np.ndarray:
+        """(N, D) float32: the given embeddings, or the run's encoder on the media files (inside the corpus root)."""
+        from ace.server import resolve_media_file
+
+        dim = self.id_tokenizer.dim
+        out = np.zeros((len(items), dim), dtype=np.float32)
+        todo = []
+        for n, it in enumerate(items):
+            if it.embedding is not None:
+                vec = np.asarray(it.embedding, dtype=np.float32)
+                if vec.ndim != 1 or vec.shape[0] != dim:
+                    raise RetrieverError(f"item {it.item_id!r}: embedding has shape {tuple(vec.shape)}, this run's "
+                                         f"items are {dim}-d vectors")
+                if not np.isfinite(vec).all():
+                    raise RetrieverError(f"item {it.item_id!r}: embedding contains NaN or infinite values")
+                if np.linalg.norm(vec) < 1e-12:
+                    raise RetrieverError(f"item {it.item_id!r}: embedding is all zeros")
+                out[n] = vec
+                continue
+            root = self.corpus_root
+            if root is None:
+                raise RetrieverError(f"item {it.item_id!r}: this run has no corpus root, so media files cannot be "
+                                     f"resolved; give an embedding")
+            try:
+                path = resolve_media_file(str(it.media), root)
+            except PermissionError:
+                raise RetrieverError(f"item {it.item_id!r}: media path {it.media!r} is outside the corpus root") from None
+            if not path.is_file():
+                raise RetrieverError(f"item {it.item_id!r}: media file not found: {it.media!r} (under {root})")
+            todo.append(n)
+        if todo:
+            emb = self._encode_media([items[n] for n in todo])
+            if emb.shape != (len(todo), dim):
+                raise RetrieverError(f"the run's encoder gives {emb.shape[1]}-d vectors, the run's identifiers "
+                                     f"are {dim}-d (set encoder.dim in the run's config)")
+            out[todo] = emb
         return out
+
+    def _encode_media(self, items: list[CorpusItem]) -> np.ndarray:
+        from ace.encoders import build_encoder
+
+        if self._encoder is None:
+            cfg = read_encoder_config(self.run_dir) if self.run_dir is not None else None
+            if cfg is None:
+                raise RetrieverError("this run has no encoder config (RUN/config.yaml): give embeddings, not media")
+            self._encoder = build_encoder(cfg)
+        kinds = {it.modality: getattr(self._encoder.cfg, it.modality).kind for it in items}
+        pre = [m for m, kind in kinds.items() if kind == "precomputed"]
+        if pre:
+            raise RetrieverError(f"this run's {'/'.join(pre)} encoder is 'precomputed': it cannot encode media "
+                                 f"files; give the item's embedding")
+        try:
+            return np.asarray(self._encoder.encode(items, root=self.corpus_root), dtype=np.float32)
+        except (ValueError, OSError) as exc:  # EncoderError names the item
+            raise RetrieverError(f"cannot encode media: {exc}") from None
+
+    @property
+    def corpus_root(self) -> Path | None:
+        return self.corpus.root
+
+    def add_items(self, items: Sequence[CorpusItem]) -> list[tuple[int, ...]]:
+        """Validate, embed, assign identifiers, store durably (one transaction), add to the fallback index.
+
+        Returns each item's identifier (k, v1..vM, u). Searchable as soon as this returns.
+        """
+        if self.fallback is None:
+            raise RetrieverError("this run has no fallback index (RUN/fallback), so it cannot serve added items: "
+                                 "run the pipeline's `fallback` stage (python train.py --config ...)")
+        self._check_new_items(items)
+        emb = self._embed(items)  # may run the encoder: outside the state lock
+        with self._state:
+            store = self._writer()
+            ids = [it.item_id for it in items]
+            self._check_ids_free(ids)  # again: another request may have added them meanwhile
+            codes = self.id_tokenizer.assign(emb, ids)
+            stored = [CorpusItem(it.item_id, it.modality, media=it.media, embedding=e, captions=list(it.captions),
+                                 metadata=dict(it.metadata)) for it, e in zip(items, emb)]
+            try:
+                store.add(stored, identifiers=codes, source="added")
+            except BaseException:
+                self.id_tokenizer.remove(ids)  # nothing committed: forget the identifiers
+                raise
+            self.fallback.add(ids, emb)  # validated above; the store already holds the items
+            for it in stored:
+                self._stored[it.item_id] = it
+                self._modality[it.item_id] = it.modality
+            self.invalidate_tries()
+        return [tuple(int(c) for c in row) for row in codes]
+
+    def delete_items(self, item_ids: Sequence[str]) -> int:
+        """Delete items of any source, durably (one transaction); they are never returned again."""
+        if isinstance(item_ids, str) or not isinstance(item_ids, (list, tuple)):
+            raise RetrieverError("delete_items() takes a list of item ids")
+        ids = list(item_ids)
+        if not ids:
+            raise RetrieverError("delete_items() got no item ids")
+        if len(set(ids)) != len(ids):
+            raise RetrieverError("duplicate item ids in one delete")
+        with self._state:
+            gone = [i for i in ids if i in self._deleted]
+            if gone:
+                raise ItemNotFoundError(f"item id(s) already deleted: {', '.join(map(repr, gone[:5]))}")
+            unknown = [i for i in ids if not isinstance(i, str) or i not in self._modality]
+            if unknown:
+                raise ItemNotFoundError(f"unknown item id(s): {', '.join(map(repr, unknown[:5]))}")
+            tok = self.id_tokenizer
+            trained = [(self.corpus.get(i), tok.codes_of([i])[0] if i in tok.trie else None)
+                       for i in ids if i not in self._stored]
+            self._writer().delete(ids, trained=trained)
+            in_fb = [i for i in ids if self.fallback is not None and i in self.fallback]
+            if in_fb:
+                self.fallback.remove(in_fb)
+            in_tok = [i for i in ids if i in tok.trie]
+            if in_tok:
+                tok.remove(in_tok)
+            self._deleted.update(ids)
+            for i in ids:
+                self._stored.pop(i, None)
+                self._modality.pop(i, None)
+            self.invalidate_tries()
+        return len(ids)
 
     def _model_version(self) -> str | None:
         """Short hash of the saved model's config + weights file names and sizes (changes when retrained)."""
@@ -149,17 +491,36 @@ class Retriever:
         return h.hexdigest()[:12]
 
     def item(self, item_id: str) -> CorpusItem:
+        if item_id in self._deleted:
+            raise ItemNotFoundError(f"item {item_id!r} was deleted")
+        if item_id in self._stored:
+            return self._stored[item_id]
         try:
             return self.corpus.get(item_id)
         except (KeyError, ValueError):
-            raise RetrieverError(f"unknown item id {item_id!r}") from None
+            raise ItemNotFoundError(f"unknown item id {item_id!r}") from None
+
+    def counts(self) -> dict:
+        """Live items by source: generative (trained + folded), fallback (added), and deleted ones."""
+        with self._state:
+            n_fb = len(self.fallback) if self.fallback is not None else 0
+            folded = sum(1 for i in self._stored if self.fallback is None or i not in self.fallback)
+            return {"generative": len(self.id_tokenizer.trie) - n_fb, "fallback": n_fb, "folded": folded,
+                    "deleted": len(self._deleted)}
 
     def info(self) -> dict:
         from identifiers import FORMAT_VERSION
 
-        return {"items": len(self.id_tokenizer.trie), "corpus_items": len(self.corpus),
-                "model_version": self._model_version(), "identifier_version": FORMAT_VERSION,
-                "identifier_levels": list(self.id_tokenizer.level_sizes),
-                "model": {"d_model": self.model.config.d_model, "fusion": self.model.config.fusion,
-                          "parameters": sum(p.numel() for p in self.model.parameters())},
-                "run_dir": str(self.run_dir) if self.run_dir else None}
+        counts = self.counts()
+        out = {"items": counts["generative"] + counts["fallback"], "corpus_items": len(self.corpus),
+               "by_source": counts,
+               "model_version": self._model_version(), "identifier_version": FORMAT_VERSION,
+               "identifier_levels": list(self.id_tokenizer.level_sizes),
+               "model": {"d_model": self.model.config.d_model, "fusion": self.model.config.fusion,
+                         "parameters": sum(p.numel() for p in self.model.parameters())},
+               "run_dir": str(self.run_dir) if self.run_dir else None}
+        if self.fallback is not None:
+            out["fallback"] = {"bits": self.fallback.head.bits, "index": self.fallback.index.config.kind,
+                               "tower": "dual" if self.fallback.tower.is_dual else "projected",
+                               "bytes_per_item": self.fallback.bytes_per_item()}
+        return out

@@ -98,7 +98,7 @@ class StoredItem:
                           embedding=self.embedding, captions=list(self.captions), metadata=dict(self.metadata))
 
 
-def _check_item(item: CorpusItem) -> None:
+def check_item(item: CorpusItem) -> None:
     if not isinstance(item.item_id, str) or not item.item_id.strip():
         raise StoreError(f"item id must be a non-empty string, got {item.item_id!r}")
     if item.modality not in MODALITIES:
@@ -209,7 +209,7 @@ class ItemStore:
         rows = []
         now = time.time()
         for i, item in enumerate(items):
-            _check_item(item)
+            check_item(item)
             if item.item_id in seen:
                 raise DuplicateItemError(f"item id {item.item_id!r} appears twice in one batch")
             seen.add(item.item_id)
@@ -249,7 +249,7 @@ class ItemStore:
         now = time.time()
         tomb = {}
         for item, identifier in trained:
-            _check_item(item)
+            check_item(item)
             if item.item_id not in ids:
                 raise StoreError(f"trained item {item.item_id!r} is not among the ids to delete")
             tomb[item.item_id] = (item.item_id, item.modality, item.media, json.dumps(list(item.captions)),

@@ -69,6 +69,25 @@ class IdTable:
             self.keys, self.next_u = keys_all[srt], next_all[srt]
         return u
 
+    def reserve(self, prefixes: np.ndarray, u: np.ndarray) -> None:
+        """Mark (prefix, u) pairs assigned earlier (e.g. restored from a store) as taken: next u > each."""
+        keys = self.key(prefixes)
+        u = np.asarray(u, dtype=np.int64).reshape(-1)
+        if u.shape != keys.shape or (u < 0).any() or (u >= self.max_u).any():
+            raise IdTableError(f"u must be {keys.size} values in [0, {self.max_u}), got {u.tolist()[:10]}")
+        if keys.size == 0:
+            return
+        order = np.lexsort((u, keys))
+        keys, u = keys[order], u[order]
+        last = np.r_[keys[1:] != keys[:-1], True]                   # max u per key comes last
+        uniq, need = keys[last], u[last] + 1
+        keys_all = np.concatenate([self.keys, uniq])
+        next_all = np.concatenate([self.next_u, need])
+        srt = np.lexsort((-next_all, keys_all))                       # per key, the largest next_u first
+        keys_all, next_all = keys_all[srt], next_all[srt]
+        first = np.r_[True, keys_all[1:] != keys_all[:-1]]
+        self.keys, self.next_u = keys_all[first], next_all[first]
+
     def state(self) -> dict:
         return {"keys": self.keys, "next_u": self.next_u,
                 "prefix_sizes": np.asarray(self.prefix_sizes, np.int64), "max_u": np.int64(self.max_u)}

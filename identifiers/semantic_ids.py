@@ -8,6 +8,8 @@
 
 k = nearest MiniBatch K-Means centroid of the L2-normalised embedding, v1..vM = RQ-VAE codes of
 the residual x - centroid[k], u = ID-table counter of the (k, v1..vM) prefix.
+Ablations (IdentifierConfig): ``quantizer=kmeans`` gives v1..vM by hierarchical K-Means instead of
+the RQ-VAE; ``use_kmeans=False`` makes k one constant code (see ``IdentifierConfig.num_clusters``).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ace.config import ConfigError, load_config, save_config
 from .config import IdentifierConfig
+from .hierarchical_kmeans import HierarchicalKMeans
 from .id_table import IdTable, IdTableError
 from .inputs import IdentifierInputError, check_embeddings, check_item_ids, l2_normalise
 from .kmeans import KMeansClusterer, sample_rows
@@ -30,8 +33,13 @@ from .trie import IdentifierTrie, TrieError
 
 FORMAT_NAME = "ace-semantic-ids"
 FORMAT_VERSION = 1
-_FILES = ("config.yaml", "centroids.npy", "rqvae.safetensors", "id_table.npz", "stats.json",
+_FILES = ("config.yaml", "centroids.npy", "id_table.npz", "stats.json",
           "trie/codes.npy", "trie/item_ids.marisa", "trie/item_id_rows.npy", "trie/flat_trie.npz")
+QUANTIZER_FILES = {"rqvae": "rqvae.safetensors", "kmeans": "hkmeans.npz"}
+
+
+def _files(quantizer: str) -> tuple[str, ...]:
+    return _FILES + (QUANTIZER_FILES[quantizer],)
 
 
 class TokenizerFormatError(ValueError):
@@ -51,15 +59,20 @@ def _sha256(path: Path) -> str:
 
 
 class SemanticIdTokenizer:
-    """K-Means centroids + RQ-VAE + ID table + identifier trie, fitted together."""
+    """K-Means centroids + RQ-VAE (or hierarchical K-Means) + ID table + identifier trie, fitted together."""
 
-    def __init__(self, *, config: IdentifierConfig, centroids: np.ndarray, rqvae: RQVAE,
-                 table: IdTable, trie: IdentifierTrie, stats: dict | None = None, device: str | None = None):
+    def __init__(self, *, config: IdentifierConfig, centroids: np.ndarray, rqvae: RQVAE | None = None,
+                 hkmeans: HierarchicalKMeans | None = None, table: IdTable, trie: IdentifierTrie,
+                 stats: dict | None = None, device: str | None = None):
+        if (rqvae is None) == (hkmeans is None) or (hkmeans is not None) != (config.quantizer == "kmeans"):
+            raise ValueError(f"quantizer={config.quantizer!r} needs exactly its own model "
+                             f"(rqvae for 'rqvae', hkmeans for 'kmeans')")
         self.config = config
         self.device = _default_device(device)
-        self.kmeans = KMeansClusterer(K=config.K, chunk=config.encode_batch_size, seed=config.seed)
+        self.kmeans = KMeansClusterer(K=config.num_clusters, chunk=config.encode_batch_size, seed=config.seed)
         self.kmeans.centroids = np.asarray(centroids, dtype=np.float32)
-        self.rqvae = rqvae.to(self.device).eval()
+        self.rqvae = rqvae.to(self.device).eval() if rqvae is not None else None
+        self.hkmeans = hkmeans
         self.table = table
         self.trie = trie
         self.stats = dict(stats or {})
@@ -80,31 +93,47 @@ class SemanticIdTokenizer:
         x = check_embeddings(embeddings, chunk=config.encode_batch_size)
         N, D = x.shape
         ids = check_item_ids(item_ids, N)
-        if N < config.K:
-            raise IdentifierInputError(f"need at least K={config.K} items to fit {config.K} clusters, "
+        K = config.num_clusters
+        if N < K:
+            raise IdentifierInputError(f"need at least K={K} items to fit {K} clusters, "
                                        f"got N={N}; lower K (e.g. K={max(1, N // 4)})")
         times = {}
         t = time.time()
         sample = sample_rows(N, config.fit_sample, config.seed)
         xs = l2_normalise(x[sample])                                   # (n, D)
-        kmeans = KMeansClusterer(K=config.K, batch_size=config.kmeans_batch_size,
+        kmeans = KMeansClusterer(K=K, batch_size=config.kmeans_batch_size,
                                  max_iter=config.kmeans_max_iter, n_init=config.kmeans_n_init,
                                  seed=config.seed, chunk=config.encode_batch_size)
-        with thread_limit(config.num_threads or auto_threads(min(config.kmeans_batch_size, N) * D * config.K)):
-            kmeans.fit(xs)
+        if config.use_kmeans:
+            with thread_limit(config.num_threads or auto_threads(min(config.kmeans_batch_size, N) * D * K)):
+                kmeans.fit(xs)
+        else:                                                          # K-Means with K = 1: the mean
+            kmeans.centroids = xs.mean(0, keepdims=True).astype(np.float32)   # (1, D)
         times["kmeans_fit_s"] = time.time() - t
 
         t = time.time()
         ks = kmeans.predict(xs, normalise=False)
         residuals = xs - kmeans.centroids[ks]                          # (n, D)
         del xs
-        rqvae, history = fit_rqvae(residuals, config, device=device, progress=progress)
-        times["rqvae_fit_s"] = time.time() - t
-        recon = cls._recon_error(rqvae, residuals, config.encode_batch_size, device)
+        rqvae = hkmeans = None
+        if config.quantizer == "kmeans":
+            hkmeans = HierarchicalKMeans(M=config.M, codebook_size=config.codebook_size,
+                                         max_iter=config.kmeans_max_iter, n_init=config.kmeans_n_init,
+                                         seed=config.seed)
+            with thread_limit(config.num_threads or 1):
+                hkmeans.fit(residuals, ks, progress=progress)
+            history = {"steps": 0, "loss": []}
+            times["hkmeans_fit_s"] = time.time() - t
+            err = ((hkmeans.reconstruct(residuals, ks) - residuals) ** 2).sum()
+            recon = {"relative": float(err / max((residuals ** 2).sum(), 1e-30)), "mse": float(err / residuals.size)}
+        else:
+            rqvae, history = fit_rqvae(residuals, config, device=device, progress=progress)
+            times["rqvae_fit_s"] = time.time() - t
+            recon = cls._recon_error(rqvae, residuals, config.encode_batch_size, device)
         del residuals
 
         table = IdTable(prefix_sizes=config.level_sizes[:-1], max_u=config.max_u)
-        tok = cls(config=config, centroids=kmeans.centroids, rqvae=rqvae, table=table,
+        tok = cls(config=config, centroids=kmeans.centroids, rqvae=rqvae, hkmeans=hkmeans, table=table,
                   trie=IdentifierTrie(level_sizes=config.level_sizes), device=device)
         t = time.time()
         prefixes = tok.encode_prefixes(x, progress=progress)           # (N, M+1)
@@ -144,10 +173,15 @@ class SemanticIdTokenizer:
         for s in tqdm(range(0, x.shape[0], chunk), desc="encode", disable=not progress, leave=False):
             xn = l2_normalise(x[s:s + chunk])                          # (B, D)
             k = np.argmax(xn @ c.T - half_sq, axis=1)                  # (B,)
-            r = torch.from_numpy(xn - c[k]).to(self.device)            # (B, D)
             out[s:s + xn.shape[0], 0] = k
-            out[s:s + xn.shape[0], 1:] = self.rqvae.encode(r).cpu().numpy()
+            out[s:s + xn.shape[0], 1:] = self._quantize(xn - c[k], k)  # (B, M)
         return out
+
+    def _quantize(self, r: np.ndarray, k: np.ndarray) -> np.ndarray:
+        """Residuals (B, D) of clusters k (B,) -> (B, M) codes v1..vM."""
+        if self.hkmeans is not None:
+            return self.hkmeans.encode(r, k)
+        return self.rqvae.encode(torch.from_numpy(np.ascontiguousarray(r)).to(self.device)).cpu().numpy()
 
     def assign(self, embeddings, item_ids, *, progress: bool = False) -> np.ndarray:
         """Identifiers for new items (nearest centroid + RQ-VAE + next free u); old rows unchanged."""
@@ -163,6 +197,15 @@ class SemanticIdTokenizer:
         codes = np.concatenate([prefixes, u[:, None]], axis=1)           # (n, L)
         self.trie.add(codes, ids)
         return codes
+
+    def restore(self, codes, item_ids) -> None:
+        """Re-insert identifiers assigned earlier (e.g. read back from the item store) unchanged;
+        their u values stay taken, so later ``assign`` calls never reuse them."""
+        codes = np.asarray(codes, dtype=np.int64)
+        if codes.ndim != 2 or codes.shape[1] != self.length:
+            raise IdentifierInputError(f"identifiers to restore must have shape (n, {self.length}), got {codes.shape}")
+        self.trie.add(codes, list(item_ids))
+        self.table.reserve(codes[:, :-1], codes[:, -1])
 
     def remove(self, item_ids) -> None:
         """Drop items; their identifiers never decode again (u counters are not reused)."""
@@ -195,7 +238,8 @@ class SemanticIdTokenizer:
 
     @property
     def codebooks(self) -> list[np.ndarray]:
-        return self.rqvae.codebooks
+        """M arrays (C, latent) (RQ-VAE) or (C, D) (hierarchical K-Means: mean step per code)."""
+        return self.hkmeans.codebooks if self.hkmeans is not None else self.rqvae.codebooks
 
     def __len__(self) -> int:
         return len(self.trie)
@@ -238,13 +282,18 @@ class SemanticIdTokenizer:
         folder.mkdir(parents=True, exist_ok=True)
         save_config(self.config, folder / "config.yaml")
         np.save(folder / "centroids.npy", self.centroids)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.rqvae.state_dict().items()}
-        save_file(state, str(folder / "rqvae.safetensors"))
+        if self.hkmeans is not None:
+            np.savez(folder / "hkmeans.npz", **self.hkmeans.state())
+        else:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.rqvae.state_dict().items()}
+            save_file(state, str(folder / "rqvae.safetensors"))
         np.savez(folder / "id_table.npz", **self.table.state())
         (folder / "stats.json").write_text(json.dumps(self.stats, indent=2))
         self.trie.save(folder / "trie")
+        files = _files(self.config.quantizer)
         manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "input_dim": self.dim,
-                    "num_items": len(self), "files": {f: _sha256(folder / f) for f in _FILES}}
+                    "quantizer": self.config.quantizer, "num_items": len(self),
+                    "files": {f: _sha256(folder / f) for f in files}}
         (folder / "format.json").write_text(json.dumps(manifest, indent=2))
         return folder
 
@@ -269,7 +318,10 @@ class SemanticIdTokenizer:
             raise TokenizerFormatError(f"{folder} holds tokenizer format version {meta.get('version')}; "
                                        f"this code reads version {FORMAT_VERSION} - rebuild the identifiers")
         files = meta.get("files") or {}
-        for name in _FILES:
+        quantizer = meta.get("quantizer", "rqvae")                    # folders from before the ablations: rqvae
+        if quantizer not in QUANTIZER_FILES:
+            raise TokenizerFormatError(f"{meta_path} names an unknown quantizer {quantizer!r}")
+        for name in _files(quantizer):
             path = folder / name
             if not path.is_file():
                 raise TokenizerFormatError(f"{folder} is incomplete: missing {name}")
@@ -277,12 +329,24 @@ class SemanticIdTokenizer:
                 raise TokenizerFormatError(f"{path} is corrupt (checksum does not match format.json)")
         try:
             config = load_config(IdentifierConfig, folder / "config.yaml")
+            if config.quantizer != quantizer:
+                raise TokenizerFormatError(f"{folder}: config.yaml says quantizer {config.quantizer!r}, "
+                                           f"format.json {quantizer!r}")
             centroids = np.load(folder / "centroids.npy", allow_pickle=False)
-            if centroids.shape != (config.K, meta["input_dim"]):
+            if centroids.shape != (config.num_clusters, meta["input_dim"]):
                 raise TokenizerFormatError(f"centroids.npy has shape {centroids.shape}, expected "
-                                           f"({config.K}, {meta['input_dim']})")
-            rqvae = RQVAE(input_dim=int(meta["input_dim"]), config=config)
-            rqvae.load_state_dict(load_file(str(folder / "rqvae.safetensors")), strict=True)
+                                           f"({config.num_clusters}, {meta['input_dim']})")
+            rqvae = hkmeans = None
+            if quantizer == "kmeans":
+                with np.load(folder / "hkmeans.npz") as z:
+                    hkmeans = HierarchicalKMeans.from_state({k: z[k] for k in z.files}, max_iter=config.kmeans_max_iter,
+                                                            n_init=config.kmeans_n_init, seed=config.seed)
+                if (hkmeans.M, hkmeans.C) != (config.M, config.codebook_size):
+                    raise TokenizerFormatError(f"hkmeans.npz has M={hkmeans.M}, C={hkmeans.C}; config.yaml "
+                                               f"M={config.M}, codebook_size={config.codebook_size}")
+            else:
+                rqvae = RQVAE(input_dim=int(meta["input_dim"]), config=config)
+                rqvae.load_state_dict(load_file(str(folder / "rqvae.safetensors")), strict=True)
             with np.load(folder / "id_table.npz") as z:
                 table = IdTable.from_state({k: z[k] for k in z.files})
             trie = IdentifierTrie.load(folder / "trie", config.level_sizes)
@@ -291,6 +355,7 @@ class SemanticIdTokenizer:
             raise
         except (ConfigError, TrieError, IdTableError, OSError, ValueError, KeyError, RuntimeError) as exc:
             raise TokenizerFormatError(f"cannot load tokenizer from {folder}: {type(exc).__name__}: {exc}") from None
-        rqvae.quantizer.eval()
-        return cls(config=config, centroids=centroids, rqvae=rqvae, table=table, trie=trie,
+        if rqvae is not None:
+            rqvae.quantizer.eval()
+        return cls(config=config, centroids=centroids, rqvae=rqvae, hkmeans=hkmeans, table=table, trie=trie,
                    stats=stats, device=device)
