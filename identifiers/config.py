@@ -6,13 +6,16 @@ from dataclasses import dataclass
 
 @dataclass
 class IdentifierConfig:
-    """K-Means + RQ-VAE + ID table settings (load with ace.config.load_config)."""
+    """K-Means + RQ-VAE (or hierarchical K-Means) + ID table settings (load with ace.config.load_config)."""
 
     # identifier shape: (k, v1..vM, u)
     K: int = 128                     # K-Means clusters -> k in [0, K)
     M: int = 2                       # residual quantiser levels -> v1..vM
     codebook_size: int = 128         # codes per level C
     max_u: int = 1024                # U: size of the u vocabulary (items sharing one (k, v) prefix)
+    # ablations: quantizer of v1..vM, and whether k is a K-Means cluster at all
+    quantizer: str = "rqvae"         # rqvae | kmeans (hierarchical K-Means: identifiers/hierarchical_kmeans.py)
+    use_kmeans: bool = True          # False: k is one constant code (K = 1, centroid = mean), see num_clusters
     # K-Means (MiniBatchKMeans on L2-normalised embeddings)
     kmeans_batch_size: int = 4096
     kmeans_max_iter: int = 100
@@ -43,6 +46,8 @@ class IdentifierConfig:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.quantizer not in ("rqvae", "kmeans"):
+            raise ValueError(f"quantizer must be 'rqvae' or 'kmeans', got {self.quantizer!r}")
         if self.codebook_size < 2:
             raise ValueError(f"codebook_size must be >= 2, got {self.codebook_size}")
         if any(h < 1 for h in self.hidden_dims):
@@ -56,5 +61,15 @@ class IdentifierConfig:
         return self.M + 2
 
     @property
+    def num_clusters(self) -> int:
+        """Size of the k level: K, or 1 without the K-Means token (use_kmeans=False).
+
+        Without K-Means the level is kept as one constant code rather than removed, so every
+        identifier still has L = M + 2 columns (k, v1..vM, u) and the tokenizer, trie, vocabulary
+        and decoder contracts hold unchanged; the one centroid is the mean embedding (K-Means with
+        K = 1), so v1..vM quantise x - mean. The decoder's first step then has a single choice."""
+        return self.K if self.use_kmeans else 1
+
+    @property
     def level_sizes(self) -> list[int]:
-        return [self.K] + [self.codebook_size] * self.M + [self.max_u]
+        return [self.num_clusters] + [self.codebook_size] * self.M + [self.max_u]
