@@ -152,9 +152,10 @@ def constrained_beam_search(model, input_ids, attention_mask, trie, vocab: Ident
 
 @torch.inference_mode()
 def unconstrained_beam_search(model, input_ids, attention_mask, trie, vocab: IdentifierVocab, num_beams: int = 5,
-                              top_k: int | None = None):
+                              top_k: int | None = None, keep_invalid: bool = False):
     """Ablation: beam search over the whole identifier vocabulary, no trie. Returned sequences that
-    are not identifiers of the trie are dropped and counted.
+    are not identifiers of the trie are dropped and counted; with ``keep_invalid`` they keep their
+    rank as -1 (a miss that still takes its slot) instead of the valid ones moving up.
 
     Returns (item_index (B, top_k) -1 padded, logprob (B, top_k), num_invalid int)."""
     top_k = _check(model, input_ids, trie, vocab, num_beams, top_k)
@@ -170,8 +171,8 @@ def unconstrained_beam_search(model, input_ids, attention_mask, trie, vocab: Ide
         items[in_range] = trie.lookup_rows(codes[in_range])
     items = items.reshape(B, K)
     num_invalid = int((items < 0).sum())
-    # drop invalid ones, keep the valid ones in score order at the front
-    order = np.argsort(items < 0, axis=1, kind="stable")
+    # drop invalid ones, keep the valid ones in score order at the front (or in place: keep_invalid)
+    order = np.argsort(items < 0, axis=1, kind="stable") if not keep_invalid else np.tile(np.arange(K), (B, 1))
     items = np.take_along_axis(items, order, 1)
     scores = torch.gather(scores, 1, torch.from_numpy(order))
     items_t = torch.from_numpy(items)

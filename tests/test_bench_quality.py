@@ -1,0 +1,133 @@
+"""``python -m ace.bench quality`` on tiny caption files: outputs, every method, shared stages, bad input."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ace.bench.quality import ACE_VARIANTS, LABELS, METHODS, main
+from tests.conftest import ROOT
+
+COLOURS = ["red", "green", "blue", "yellow", "black", "white"]
+THINGS = ["car", "dog", "house", "boat", "tree"]
+TEMPLATES = ["a {c} {t}", "the {t} is {c}", "photo of a {c} {t}", "{c} coloured {t}", "picture showing one {c} {t}"]
+TINY = ["model.pretrained_encoder=null", "model.d_model=32", "model.n_heads=2", "model.encoder_layers=1",
+        "model.decoder_layers=1", "model.ffn_dim=64", "model.query_vocab_size=60", "model.max_query_length=16",
+        "training.batch_size=30", "training.max_steps=8", "training.warmup_steps=2", "training.checkpoint_every=1000",
+        "training.progress=false", "identifiers.K=4", "identifiers.codebook_size=4", "identifiers.max_u=16",
+        "identifiers.hidden_dims=[16]", "identifiers.latent_dim=8", "identifiers.rqvae_max_steps=20",
+        "identifiers.kmeans_n_init=1", "identifiers.codebook_kmeans_iters=3", "identifiers.num_threads=1",
+        "dt_tower.epochs=1", "--device", "cpu", "--quiet"]
+
+
+def items(n_captions=5):
+    return [(f"{c}_{t}.jpg", [tpl.format(c=c, t=t) for tpl in TEMPLATES][:n_captions]) for c in COLOURS for t in THINGS]
+
+
+def karpathy(path, n_captions=5):
+    rows = [{"split": "val", "image_name": name, "captions": caps} for name, caps in items(n_captions)]
+    rows.append({"split": "val", "image_name": "short.jpg", "captions": ["only", "three", "captions"]})  # skipped
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def clotho(path):
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file_name"] + [f"caption_{i}" for i in range(1, 6)])
+        for name, caps in items():
+            w.writerow([name.replace(".jpg", ".wav")] + caps)
+    return path
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "out"
+    code = main(["--captions", str(karpathy(tmp / "caps.json")), "--beams", "2", "5", "--seeds", "0",
+                 "--out", str(out), *TINY])
+    return code, out
+
+
+def test_every_method_in_json_and_markdown(full_run):
+    code, out = full_run
+    assert code == 0
+    res = json.loads((out / "quality.json").read_text())
+    assert res["items"] == 30 and res["test_queries"] == 60 and res["seeds"] == [0]
+    rows = res["rows"]
+    assert {r["method"] for r in rows} == set(METHODS)
+    for m in ACE_VARIANTS:
+        assert sorted(r["beams"] for r in rows if r["method"] == m) == [2, 5]
+    for r in rows:
+        assert 0 <= r["R@1"] <= r["R@5"] <= r["R@10"] <= 100 and 0 <= r["MRR@10"] <= 100 and r["queries"] == 60
+        assert r["seed"] == 0 and r["seconds"]
+    # DT zero-shot on these templates: the test caption names colour and thing, so it is far above chance
+    zs = next(r for r in rows if r["method"] == "dt_zero_shot")
+    assert zs["R@10"] > 50
+    assert all("invalid_share" in r for r in rows if r["method"] == "ace_no_cbs")
+    md = (out / "quality.md").read_text()
+    for m in METHODS:
+        assert LABELS[m] in md
+    assert "python -m ace.bench quality --captions" in md
+
+
+def test_variant_configs_and_shared_stages(full_run):
+    _, out = full_run
+    res = json.loads((out / "quality.json").read_text())
+    folders = {v[0] for v in ACE_VARIANTS.values()}
+    assert set(res["configs"]) == {f"{f}/seed0" for f in folders} | {"dt_trained/seed0"}
+    cfg = res["configs"]
+    assert cfg["ace_no_kl/seed0"]["training"]["omega"] == 0 and cfg["ace/seed0"]["training"]["omega"] > 0
+    assert cfg["ace_no_fusion/seed0"]["model"]["fusion"] is False
+    assert cfg["ace_no_kmeans/seed0"]["identifiers"]["use_kmeans"] is False
+    assert cfg["ace_no_rqvae/seed0"]["identifiers"]["quantizer"] == "kmeans"
+    assert cfg["ace/seed0"]["corpus"]["path"].endswith("caps.json") and cfg["ace/seed0"]["training"]["seed"] == 0
+    runs = res["runs"]
+    assert "identifiers" in runs["ace/seed0"]["stages_ran"]
+    # same identifiers config: copied from the earlier run, not refitted; other identifiers: refitted
+    assert "identifiers" not in runs["ace_no_kl/seed0"]["stages_ran"] and "train" in runs["ace_no_kl/seed0"]["stages_ran"]
+    assert "identifiers" in runs["ace_no_kmeans/seed0"]["stages_ran"]
+    assert "encode" not in runs["ace_no_rqvae/seed0"]["stages_ran"]
+    assert runs["ace_no_kmeans/seed0"]["identifiers"]["codebook_usage"][0]["size"] == 1
+    for f in folders:
+        assert (out / "runs" / "seed0" / f / "model").is_dir()
+
+
+def test_csv_file_and_method_subset(tmp_path):
+    out = tmp_path / "out"
+    code = main(["--captions", str(clotho(tmp_path / "clotho_captions_x.csv")), "--methods", "dt_doc_plus_queries",
+                 "ace", "--beams", "3", "--out", str(out), *TINY])
+    assert code == 0
+    res = json.loads((out / "quality.json").read_text())
+    assert [r["method"] for r in res["rows"]] == ["dt_doc_plus_queries", "ace"]
+    assert res["rows"][1]["beams"] == 3 and res["format"] == "auto"
+
+
+def run_cli(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "ace.bench", "quality", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_missing_file_exits_2_without_traceback(tmp_path):
+    p = run_cli("--captions", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o"))
+    assert p.returncode == 2 and "caption file not found" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "ace", "bm25"], "unknown method(s) bm25"),
+    (["--beams", "0"], "beam sizes must be >= 1"),
+    (["model.no_such_key=1"], "unknown config key"),
+])
+def test_bad_arguments(tmp_path, capsys, args, message):
+    code = main(["--captions", str(karpathy(tmp_path / "c.json")), "--out", str(tmp_path / "o"), *args, "--quiet"])
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_fewer_than_five_captions(tmp_path, capsys):
+    code = main(["--captions", str(karpathy(tmp_path / "c.json", n_captions=4)), "--out", str(tmp_path / "o"),
+                 "--methods", "dt_zero_shot", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "has 5 captions" in err and "Traceback" not in err
