@@ -37,3 +37,20 @@ def test_topk_from_scores_order():
     s = np.array([[0.1, 0.9, 0.5, 0.7], [3, 2, 1, 0]], dtype=float)
     assert topk_from_scores(s, 3).tolist() == [[1, 3, 2], [0, 1, 2]]
     assert topk_from_scores(s, 10).shape == (2, 4)
+
+
+def test_hand_computed_r5_r10_mrr10_with_invalid_slots():
+    # 5 queries; None marks an invalid identifier (unconstrained decoding) that keeps its slot as a miss
+    rankings = [
+        ["t0", "x", "y"],                                  # rank 1
+        [None, None, "t1"],                                # rank 3 (invalid ids do not move it up)
+        ["a", "b", "c", "d", "e", "t2"],                   # rank 6: R@10 but not R@5
+        ["a"] * 10 + ["t3"],                               # rank 11: beyond @10
+        [None] * 10,                                       # never
+    ]
+    targets = ["t0", "t1", "t2", "t3", "t4"]
+    m = retrieval_metrics(rankings, targets)
+    assert m["R@1"] == pytest.approx(100 * 1 / 5)
+    assert m["R@5"] == pytest.approx(100 * 2 / 5)
+    assert m["R@10"] == pytest.approx(100 * 3 / 5)
+    assert m["MRR@10"] == pytest.approx(100 * (1 + 1 / 3 + 1 / 6) / 5)   # = 30.0

@@ -193,7 +193,7 @@ def decode_run(run_dir: Path, queries: list[str], beams: int, *, constrained: bo
     from ace.decoding import constrained_beam_search, unconstrained_beam_search
     from ace.retriever import Retriever
 
-    retriever = Retriever.from_run(run_dir, device=None if device == "auto" else device)
+    retriever = Retriever.from_run(run_dir, device=None if device == "auto" else device, fallback=False)
     model, qtok, vocab, trie = retriever.model, retriever.query_tokenizer, retriever.vocab, retriever.trie()
     item_ids = retriever.id_tokenizer.trie.item_ids
     top_k = min(TOP_K, beams)
