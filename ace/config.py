@@ -193,6 +193,7 @@ class ServeConfig:
     max_beams: int = 128
     max_body_bytes: int = 64 * 1024      # request bodies (JSON endpoints)
     max_upload_bytes: int = 64 * 1024 * 1024  # bodies of POST /items (media uploads)
+    max_items_per_request: int = 1000    # POST /items: items in one batch
     media_root: str | None = None        # None -> the run's corpus root
     latency_window: int = 10_000         # recent searches kept for /stats percentiles
     result_captions: int = 1             # captions per search result (GET /items/{id} gives all)
@@ -203,8 +204,8 @@ class ServeConfig:
             raise ValueError("max_batch and max_queue must be >= 1 and max_wait_ms >= 0")
         if not 1 <= self.default_k <= self.max_k <= 100:
             raise ValueError(f"need 1 <= default_k ({self.default_k}) <= max_k ({self.max_k}) <= 100")
-        if self.max_query_chars < 1 or self.max_body_bytes < 1 or self.max_beams < 1:
-            raise ValueError("max_query_chars, max_beams and max_body_bytes must be >= 1")
+        if self.max_query_chars < 1 or self.max_body_bytes < 1 or self.max_beams < 1 or self.max_items_per_request < 1:
+            raise ValueError("max_query_chars, max_beams, max_body_bytes and max_items_per_request must be >= 1")
         if self.result_captions < 0:
             raise ValueError(f"result_captions must be >= 0, got {self.result_captions}")
         if self.torch_threads < 0:

@@ -54,6 +54,10 @@ class ItemConflictError(RetrieverError):
     """An added item id is already known (trained, added, folded or deleted: ids are never reused)."""
 
 
+class WriterLockError(RetrieverError):
+    """Another process holds the run's writer lock (it is adding or deleting items)."""
+
+
 class ItemNotFoundError(RetrieverError, KeyError):
     """An item id is unknown, or already deleted."""
 
@@ -189,7 +193,7 @@ class Retriever:
                 f.seek(0)
                 holder = f.read().strip() or "?"
                 f.close()
-                raise RetrieverError(f"another process (pid {holder}) is writing the items of {self.run_dir}; "
+                raise WriterLockError(f"another process (pid {holder}) is writing the items of {self.run_dir}; "
                                      f"stop it, or send the change to its HTTP API") from None
             f.seek(0)
             f.truncate()
@@ -349,7 +353,7 @@ class Retriever:
             seen.add(it.item_id)
             if it.embedding is None and not it.media:
                 raise RetrieverError(f"item {it.item_id!r}: give an embedding or a media file")
-        self._check_ids_free(seen)
+        self._check_ids_free([it.item_id for it in items])
 
     def _check_ids_free(self, ids) -> None:
         taken = [i for i in ids if i in self._modality or i in self._deleted or i in self.id_tokenizer.trie]

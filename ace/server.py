@@ -4,7 +4,10 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Endpoints: ``POST /search``, ``GET /items/{item_id}``, ``GET /media/{item_id}``, ``GET /health``,
-``GET /stats``, ``GET /`` (the search page, ``ace/static``), ``/docs`` and ``/openapi.json``.
+``GET /stats``, ``GET /`` (the search page, ``ace/static``), ``/docs`` and ``/openapi.json``; behind
+the write API key: ``POST /items`` (one item or a batch, JSON with an embedding or a media path
+inside the corpus root, or a multipart upload of one media file) and ``DELETE /items/{item_id}``.
+An acknowledged (2xx) add or delete is committed to RUN/store.sqlite and searchable at once.
 
 Micro-batching: each ``POST /search`` puts its query on a pending list; one worker task takes up
 to ``max_batch`` pending queries (waiting at most ``max_wait_ms`` after the oldest arrived for
@@ -15,12 +18,15 @@ never from a path in the request.
 
 The retriever is any object with ``search(queries, k, num_beams, modality) -> list[list[SearchHit]]``,
 ``item(item_id) -> CorpusItem`` (KeyError or ValueError for unknown ids) and ``info() -> dict``
-(see ``ace/retriever.py``).
+(see ``ace/retriever.py``); the write endpoints also need ``add_items(items) -> identifiers`` and
+``delete_items(ids) -> int`` (501 without them).
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
+import json
 import logging
 import math
 import mimetypes
@@ -40,8 +46,10 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError
 
 from ace.config import ServeConfig
 
@@ -93,6 +101,129 @@ class ItemResponse(BaseModel):
     captions: list[str]
     metadata: dict[str, Any]
     has_embedding: bool
+
+
+class NewItem(BaseModel):
+    """An item to add: an embedding (the run's dimension) or a media path inside the corpus root."""
+    model_config = ConfigDict(extra="forbid")
+    item_id: StrictStr = Field(min_length=1, max_length=512, description="new, never used before in this run")
+    modality: Modality
+    embedding: list[float] | None = Field(None, description="item embedding; else the run's encoder reads `media`")
+    media: StrictStr | None = Field(None, description="media file path, relative to the corpus root (or absolute inside it)")
+    captions: list[StrictStr] = Field(default_factory=list)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class AddItemsRequest(BaseModel):
+    """A batch of items, added in one transaction (all or none)."""
+    model_config = ConfigDict(extra="forbid")
+    items: list[NewItem]
+
+
+class AddedItem(BaseModel):
+    item_id: str
+    identifier: list[int]
+    source: str
+
+
+class AddItemsResponse(BaseModel):
+    added: int
+    items: list[AddedItem]
+
+
+_ITEM, _ITEMS = TypeAdapter(NewItem), TypeAdapter(list[NewItem])
+
+
+def _pydantic_message(exc: ValidationError, prefix: str = "") -> str:
+    parts = []
+    for err in exc.errors()[:10]:
+        loc = ".".join(str(x) for x in err.get("loc", ()))
+        parts.append(f"{prefix}{loc or 'body'}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+class ItemsFormatError(ValueError):
+    """A body or file row that is not a valid item (or batch of items); the message names the field."""
+
+
+def items_from_json(data: Any) -> list:
+    """Parsed JSON -> CorpusItems: one item object, a list of them, or {"items": [...]}."""
+    from ace.corpus import CorpusItem
+
+    if isinstance(data, dict) and "items" in data:
+        if set(data) != {"items"}:
+            raise ItemsFormatError('a batch is {"items": [...]} with no other keys')
+        rows, prefix = data["items"], "items."
+    elif isinstance(data, dict):
+        rows, prefix = [data], ""
+    elif isinstance(data, list):
+        rows, prefix = data, "items."
+    else:
+        raise ItemsFormatError('expected an item object, a list of items, or {"items": [...]}')
+    if not isinstance(rows, list) or not rows:
+        raise ItemsFormatError("no items to add: the batch is empty")
+    try:
+        items = _ITEMS.validate_python(rows) if prefix else [_ITEM.validate_python(rows[0])]
+    except ValidationError as exc:
+        raise ItemsFormatError(_pydantic_message(exc, prefix)) from None
+    return [CorpusItem(it.item_id, it.modality, media=it.media,
+                       embedding=np.asarray(it.embedding, dtype=np.float32) if it.embedding is not None else None,
+                       captions=list(it.captions), metadata=dict(it.metadata)) for it in items]
+
+
+def parse_new_items(data: Any, *, max_items: int) -> list:
+    """items_from_json for a request body: HTTPException 413 (too many) or 422 (invalid)."""
+    rows = data["items"] if isinstance(data, dict) and "items" in data else data
+    if isinstance(rows, list) and len(rows) > max_items:
+        raise HTTPException(413, f"{len(rows)} items in one request; this server's max_items_per_request is {max_items}")
+    try:
+        return items_from_json(data)
+    except ItemsFormatError as exc:
+        raise HTTPException(422, str(exc)) from None
+
+
+def _write_error(exc: Exception) -> HTTPException:
+    """Add/delete failures -> 404 (unknown id), 409 (id already used, or another writer), 422 (bad item)."""
+    from ace.store import DuplicateItemError, UnknownItemError
+
+    kinds = {type(c).__name__ for c in type(exc).__mro__}
+    if isinstance(exc, UnknownItemError) or "ItemNotFoundError" in kinds:
+        return HTTPException(404, str(exc))
+    if isinstance(exc, DuplicateItemError) or kinds & {"ItemConflictError", "WriterLockError"}:
+        return HTTPException(409, str(exc))
+    if isinstance(exc, (ValueError, KeyError)):
+        return HTTPException(422, str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))
+    log.exception("item write failed")
+    return HTTPException(500, f"item write failed: {type(exc).__name__}: {exc}")
+
+
+def _upload_name(item_id: str, filename: str | None) -> str:
+    """A safe file name for an upload: a hash of the item id + the original (sanitised) suffix."""
+    suffix = Path(filename or "").suffix.lower()
+    if not (1 < len(suffix) <= 10 and suffix[1:].isalnum()):
+        suffix = ""
+    return hashlib.sha1(item_id.encode()).hexdigest()[:20] + suffix
+
+
+async def save_upload(upload: UploadFile, folder: Path, name: str) -> Path:
+    """Write an uploaded file durably (temp file, fsync, rename) into ``folder``; returns its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / name
+    if final.exists():
+        raise HTTPException(409, f"an uploaded file named {name} already exists in {folder}")
+    tmp = folder / f".{name}.part"
+    size = 0
+    with open(tmp, "wb") as f:
+        while chunk := await upload.read(1 << 20):
+            size += len(chunk)
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    if size == 0:
+        tmp.unlink()
+        raise HTTPException(422, "file: the uploaded file is empty")
+    os.replace(tmp, final)
+    return final
 
 
 # -- micro-batching ------------------------------------------------------------------------------
@@ -506,6 +637,89 @@ def create_app(retriever: RetrieverLike, config: ServeConfig | None = None, *, m
                 "metadata": jsonable_encoder(item.metadata or {}, custom_encoder={np.generic: lambda x: x.item()}),
                 "has_embedding": getattr(item, "embedding", None) is not None}
 
+    write = [Depends(require_write_key)]
+
+    @app.post("/items", dependencies=write, status_code=201, response_model=AddItemsResponse,
+              responses={400: {"description": "malformed body"}, 404: {"description": "unknown item"},
+                         409: {"description": "item id already used"}, 413: {"description": "too large"},
+                         422: {"description": "invalid item"}, 501: {"description": "retriever is read-only"}})
+    async def add_items(request: Request) -> JSONResponse:
+        """Add one item or a batch (one transaction): JSON (an item, a list, or {"items": [...]}) with an
+        embedding or a media path inside the corpus root; or multipart/form-data with a field `item`
+        (the item as JSON, without media) and a field `file` (the media file, stored under the corpus
+        root's uploads/). Each item gets its identifier at once and is searchable when this returns."""
+        add = getattr(retriever, "add_items", None)
+        if add is None:
+            raise HTTPException(501, "this server's retriever cannot add items (read-only)")
+        uploaded: Path | None = None
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            items, uploaded = await _upload_item(request)
+        else:
+            raw = await request.body()
+            if not raw.strip():
+                raise HTTPException(422, 'request body is required: an item like {"item_id": "x1", "modality": '
+                                         '"image", "embedding": [...]} or {"items": [...]}')
+            try:
+                data = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise HTTPException(400, f"malformed JSON body: {exc}") from None
+            items = parse_new_items(data, max_items=config.max_items_per_request)
+        try:
+            identifiers = await run_in_threadpool(add, items)
+        except Exception as exc:
+            if uploaded is not None:
+                uploaded.unlink(missing_ok=True)
+            raise _write_error(exc) from None
+        return JSONResponse({"added": len(items), "items": [
+            {"item_id": it.item_id, "identifier": [int(c) for c in ident], "source": "fallback"}
+            for it, ident in zip(items, identifiers)]}, status_code=201)
+
+    async def _upload_item(request: Request) -> tuple[list, Path]:
+        upload_root = _media_root_of(retriever)
+        if upload_root is None:
+            raise HTTPException(422, "uploads need a corpus root; this run has none: send an embedding instead")
+        try:
+            form = await request.form(max_files=1, max_fields=4)
+        except Exception as exc:  # malformed multipart / too many parts
+            raise HTTPException(400, f"malformed multipart body: {exc}") from None
+        extra = set(form.keys()) - {"item", "file"}
+        if extra:
+            raise HTTPException(422, f"unknown form field(s) {sorted(extra)}: send `item` (JSON) and `file`")
+        upload, raw = form.get("file"), form.get("item")
+        if not isinstance(upload, UploadFile):
+            raise HTTPException(422, "file: a multipart upload needs a file field named `file`")
+        if not isinstance(raw, str):
+            raise HTTPException(422, 'item: a multipart upload needs a field `item` with the item as JSON, '
+                                     'e.g. {"item_id": "x1", "modality": "image", "captions": ["..."]}')
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise HTTPException(400, f"item: malformed JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise HTTPException(422, "item: must be one JSON object (one file per request)")
+        if data.get("media") is not None or data.get("embedding") is not None:
+            raise HTTPException(422, "item: an uploaded item takes its media from `file`; leave out media and embedding")
+        (item,) = parse_new_items(data, max_items=1)
+        name = _upload_name(item.item_id, upload.filename)
+        if (Path(upload_root) / "uploads" / name).exists():
+            raise HTTPException(409, f"item {item.item_id!r} already has an uploaded file; item ids are never reused")
+        path = await save_upload(upload, Path(upload_root) / "uploads", name)
+        item.media = str(path.relative_to(Path(upload_root)))
+        return [item], path
+
+    @app.delete("/items/{item_id:path}", dependencies=write,
+                responses={404: {"description": "unknown or already deleted"}, 501: {"description": "read-only"}})
+    def delete_item(item_id: str) -> dict:
+        """Delete an item of any source (trained, added or folded), durably; it is never returned again."""
+        delete = getattr(retriever, "delete_items", None)
+        if delete is None:
+            raise HTTPException(501, "this server's retriever cannot delete items (read-only)")
+        try:
+            delete([item_id])
+        except Exception as exc:
+            raise _write_error(exc) from None
+        return {"deleted": item_id}
+
     @app.get("/media/{item_id:path}", dependencies=read, response_class=FileResponse,
              responses={403: {"description": "media file outside the corpus root"},
                         404: {"description": "unknown item or no media file"}})
@@ -537,7 +751,8 @@ def create_app(retriever: RetrieverLike, config: ServeConfig | None = None, *, m
         """Items, queries served, latency percentiles (ms), micro-batch sizes, model and identifier versions."""
         info = jsonable_encoder(retriever.info(), custom_encoder={np.generic: lambda x: x.item()})
         s = batcher.stats
-        return {"items": info.get("items", info.get("num_items")), "queries_served": latency.served,
+        return {"items": info.get("items", info.get("num_items")), "items_by_source": info.get("by_source"),
+                "queries_served": latency.served,
                 "queries_failed": latency.failed, "latency_ms": latency.summary(),
                 "batches": {"count": s.batches, "retriever_calls": s.calls, "max_size": s.max_size,
                             "mean_size": round(s.queries / s.batches, 3) if s.batches else None,

@@ -7,10 +7,9 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
-from fastapi import Depends
 
 from ace.config import ServeConfig
-from ace.server import create_app, require_write_key, resolve_media_file
+from ace.server import create_app, resolve_media_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ may or may not be a package
 from serving_support import TokenOverlapRetriever, media_corpus, png_bytes, running_server
@@ -241,13 +240,9 @@ def test_queue_full_gets_503(corpus):
 
 def _keyed_app(corpus, **cfg):
     root, items, _ = corpus
-    app = create_app(TokenOverlapRetriever(items, root=root), ServeConfig(**cfg))
-
-    @app.post("/items", dependencies=[Depends(require_write_key)])
-    def add_item() -> dict:  # stands in for issue 8's write endpoint: only the key check is tested
-        return {"ok": True}
-
-    return app
+    # the write endpoints are keyed before anything else: this retriever is read-only, so a request
+    # that passes the key check gets 501
+    return create_app(TokenOverlapRetriever(items, root=root), ServeConfig(**cfg))
 
 
 def test_api_key_for_reads_and_writes(corpus):
@@ -260,7 +255,10 @@ def test_api_key_for_reads_and_writes(corpus):
         assert c.post("/search", json={"query": "red"}, headers={"X-API-Key": "s3cret"}).status_code == 200
         assert c.get("/media/img/red", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert c.get("/media/img/red").status_code == 401
-        assert c.post("/items", headers={"X-API-Key": "s3cret"}).json() == {"ok": True}
+        r = c.post("/items", headers={"X-API-Key": "s3cret"})
+        assert r.status_code == 501 and "cannot add items" in r.json()["detail"]
+        assert c.delete("/items/img/red", headers={"X-API-Key": "s3cret"}).status_code == 501
+        assert c.delete("/items/img/red").status_code == 401
         assert c.post("/items").status_code == 401
 
 
@@ -274,7 +272,7 @@ def test_writes_disabled_without_key_reads_open(corpus, monkeypatch):
     monkeypatch.setenv("ACE_API_KEY", "from-env")
     app = _keyed_app(corpus)
     with running_server(app) as url, httpx.Client(base_url=url, timeout=20) as c:
-        assert c.post("/items", headers={"X-API-Key": "from-env"}).status_code == 200
+        assert c.post("/items", headers={"X-API-Key": "from-env"}).status_code == 501
 
 
 def test_serve_config_validation():
