@@ -3,6 +3,7 @@
     python train.py --config configs/demo.yaml [key=value ...]      # encode -> identifiers -> querygen -> train -> eval -> report
     python train.py --config configs/demo.yaml --until identifiers  # stop after a stage
     python train.py --config configs/demo.yaml --force train        # re-run a stage (and the ones after it)
+    python train.py fold --run runs/demo [steps=500 ...]             # fold items added since training into the model
 
 Re-running the same command skips stages that are up to date and resumes training from the
 last checkpoint; the run folder (``run_dir``) holds config, identifiers, model, metrics, report, plots.
@@ -17,7 +18,35 @@ import sys
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def fold_main(argv: list[str]) -> int:
+    """``train.py fold``: fine-tune the run's model on its added items (ace/fold.py)."""
+    from ace.fold import FoldConfig
+
+    ap = argparse.ArgumentParser(prog="train.py fold", description="Fold the items added to a trained run "
+                                 "(served by the fallback index) into its generative model.")
+    ap.add_argument("--run", required=True, help="run folder written by train.py (run_dir)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("overrides", nargs="*", help=f"key=value FoldConfig settings: {', '.join(FoldConfig.__dataclass_fields__)}")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    from ace.config import load_config
+    from ace.fold import FoldError, fold_run
+
+    try:
+        cfg = load_config(FoldConfig, None, args.overrides + (["progress=false"] if args.quiet else []))
+        result = fold_run(args.run, cfg)
+    except (FoldError, ValueError, FileNotFoundError) as exc:  # ConfigError, store/retriever/training errors
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(result.message)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fold"]:
+        return fold_main(argv[1:])
     ap = argparse.ArgumentParser(description="Train an ACE generative retriever end to end.",
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--config", help="YAML config (configs/*.yaml)")
