@@ -186,7 +186,7 @@ def _write_error(exc: Exception) -> HTTPException:
     """Add/delete failures -> 404 (unknown id), 409 (id already used, or another writer), 422 (bad item)."""
     from ace.store import DuplicateItemError, UnknownItemError
 
-    kinds = {type(c).__name__ for c in type(exc).__mro__}
+    kinds = {c.__name__ for c in type(exc).__mro__}
     if isinstance(exc, UnknownItemError) or "ItemNotFoundError" in kinds:
         return HTTPException(404, str(exc))
     if isinstance(exc, DuplicateItemError) or kinds & {"ItemConflictError", "WriterLockError"}:

@@ -1,0 +1,410 @@
+"""Items added and deleted after training: fallback stage, Retriever.add_items/delete_items, POST/DELETE /items,
+the items CLI, durability under SIGKILL and identifier stability, on a tiny run trained once per session."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from ace.config import ServeConfig, load_config
+from ace.corpus import CorpusItem
+from ace.retriever import ItemConflictError, ItemNotFoundError, Retriever, RetrieverError, WriterLockError
+from ace.server import create_app
+from ace.store import ItemStore
+from tests.conftest import ROOT
+from tests.serving_support import free_port, png_bytes, running_server, wav_bytes
+from tests.test_pipeline import make_corpus
+
+KEY = {"X-API-Key": "k3y"}
+DIM = 24
+
+
+@pytest.fixture(scope="session")
+def base_run(tmp_path_factory) -> Path:
+    """The tiny pipeline run of tests/test_pipeline.py (36 items, 24-d inline embeddings) + the fallback stage."""
+    from ace.pipeline import Pipeline, RunConfig
+
+    tmp = tmp_path_factory.mktemp("items_run")
+    corpus = make_corpus(tmp / "corpus.jsonl", dim=DIM)
+    cfg_path = tmp / "tiny.yaml"
+    cfg_path.write_text(f"""
+name: tiny-items
+run_dir: {tmp / 'run'}
+corpus: {{path: {corpus}}}
+split: {{test_captions: [-1]}}
+encoder: {{image: {{kind: precomputed}}, dim: {DIM}}}
+identifiers: {{K: 4, codebook_size: 4, M: 2, max_u: 1024, rqvae_max_steps: 60, kmeans_n_init: 1}}
+querygen: {{backend: captions}}
+model: {{d_model: 32, n_heads: 2, encoder_layers: 2, decoder_layers: 1, ffn_dim: 64, query_vocab_size: 60}}
+training: {{batch_size: 30, max_steps: 150, warmup_steps: 10, lr: 3.0e-3, checkpoint_every: 150, eval_every: 0, num_beams: 5, eval_top_k: 5, progress: false}}
+eval: {{num_beams: [5], top_k: 5}}
+fallback: {{calibration_queries: 36, tower: {{epochs: 20, batch_size: 32, device: cpu}}, hash: {{bits: 64, steps: 100, device: cpu}}, index: {{kind: flat}}}}
+""")
+    Pipeline(load_config(RunConfig, cfg_path), progress=False).run_all()
+    return tmp / "run"
+
+
+@pytest.fixture(scope="session")
+def text_encoder():
+    from ace.encoders import TextEncoder
+
+    return TextEncoder()
+
+
+@pytest.fixture
+def run(base_run, tmp_path) -> Path:
+    """A private copy of the trained run, with its own (empty) corpus root for media and uploads."""
+    out = tmp_path / "run"
+    shutil.copytree(base_run, out, ignore=shutil.ignore_patterns("checkpoints", "cache", "plots"))
+    (tmp_path / "media").mkdir()
+    (out / "corpus_root.json").write_text(json.dumps({"root": str(tmp_path / "media")}))
+    return out
+
+
+def load(run: Path, text_encoder) -> Retriever:
+    return Retriever.from_run(run, device="cpu", text_encoder=text_encoder)
+
+
+def query_item(r: Retriever, item_id: str, query: str, **kw) -> CorpusItem:
+    """An item whose embedding is exactly where the fallback's query tower puts ``query``."""
+    return CorpusItem(item_id, "image", embedding=r.fallback.tower.encode([query])[0], captions=[query], **kw)
+
+
+def ids(hits) -> list[str]:
+    return [h.item_id for h in hits]
+
+
+def all_trained_codes(r: Retriever) -> dict[str, tuple]:
+    return {i: tuple(c) for i, c in zip(r.corpus.item_ids, r.id_tokenizer.codes_of(r.corpus.item_ids).tolist())}
+
+
+# ---------------------------------------------------------------------------------- fallback stage
+def test_fallback_stage_writes_an_empty_index_and_calibration(base_run):
+    fb = base_run / "fallback"
+    for name in ("calibration.json", "summary.json", "ids.json", "tower/meta.json", "hash/hash_head.json", "index/meta.json"):
+        assert (fb / name).is_file(), name
+    summary = json.loads((fb / "summary.json").read_text())
+    assert summary["tower"] == "projected" and summary["bits"] == 64 and summary["calibration_queries"] == 36
+    cal = summary["calibration"]
+    assert cal["generative"]["a"] > 0 and cal["fallback"]["a"] > 0
+    # the trained query tower finds held-out training queries' items among all 36 trained items
+    assert summary["held_out_recall"]["fallback_over_trained_items"]["R@10"] > 50
+    assert json.loads((fb / "ids.json").read_text())["id_of"] == {}
+    marker = json.loads((base_run / "stages" / "fallback.json").read_text())
+    assert marker["key"] and "summary" in marker
+
+
+# ---------------------------------------------------------------------------------- library
+def test_added_items_are_searchable_at_once_and_old_identifiers_stay(run, text_encoder):
+    r = load(run, text_encoder)
+    before = all_trained_codes(r)
+    gen_before = [ids(h) for h in r.search_generative(["a red car", "the dog is blue"], k=5)]
+    items = [query_item(r, "new/violet-kite", "a violet kite in the sky"),
+             query_item(r, "new/orange-lamp", "an orange lamp on a desk", metadata={"shop": "x"})]
+    codes = r.add_items(items)
+    assert len(codes) == 2 and all(len(c) == len(r.id_tokenizer.level_sizes) for c in codes)
+    assert len(set(map(tuple, r.id_tokenizer.codes.tolist()))) == len(r.id_tokenizer)  # identifiers stay unique
+    fb = r.search_fallback(["a violet kite in the sky"], k=2)[0]
+    assert fb[0].item_id == "new/violet-kite" and fb[0].source == "fallback" and fb[0].identifier == codes[0]
+    merged = r.search(["a violet kite in the sky"], k=5)[0]
+    assert "new/violet-kite" in ids(merged)
+    hit = next(h for h in merged if h.item_id == "new/violet-kite")
+    assert hit.source == "fallback" and 0.0 <= hit.score <= 1.0 and hit.raw_score == pytest.approx(fb[0].score)
+    assert {h.source for h in merged} <= {"generative", "fallback"}
+    # the generative path is untouched by adds: same results, same identifiers for old items
+    assert [ids(h) for h in r.search_generative(["a red car", "the dog is blue"], k=5)] == gen_before
+    assert all_trained_codes(r) == before
+    assert r.item("new/orange-lamp").metadata == {"shop": "x"}
+    assert r.counts() == {"generative": 36, "fallback": 2, "folded": 0, "deleted": 0}
+    r.close()
+    r2 = load(run, text_encoder)  # restart: rebuilt from store.sqlite
+    assert all_trained_codes(r2) == before
+    assert tuple(r2.id_tokenizer.codes_of(["new/violet-kite"])[0]) == codes[0]
+    assert r2.search_fallback(["a violet kite in the sky"], k=1)[0][0].item_id == "new/violet-kite"
+    r2.close()
+
+
+def test_deleted_items_never_come_back_across_restart(run, text_encoder):
+    r = load(run, text_encoder)
+    r.add_items([query_item(r, "new/kite", "a violet kite in the sky")])
+    trained = r.search_generative(["a red car"], k=1)[0][0].item_id
+    before = all_trained_codes(r)
+    assert r.delete_items([trained, "new/kite"]) == 2
+    everything = [ids(h) for h in r.search(["a red car", "a violet kite in the sky"], k=36, num_beams=40)]
+    assert all(trained not in row and "new/kite" not in row for row in everything)
+    assert r.search_fallback(["a violet kite in the sky"], k=5) == [[]]
+    with pytest.raises(ItemNotFoundError, match="deleted"):
+        r.item(trained)
+    with pytest.raises(ItemNotFoundError, match="already deleted"):
+        r.delete_items([trained])
+    with pytest.raises(ItemConflictError, match="never reused"):
+        r.add_items([CorpusItem("new/kite", "image", embedding=np.ones(DIM))])
+    r.close()
+    r2 = load(run, text_encoder)
+    assert r2.counts() == {"generative": 35, "fallback": 0, "folded": 0, "deleted": 2}
+    rows = [ids(h) for h in r2.search(["a red car", "a violet kite in the sky"], k=36, num_beams=40)]
+    assert all(trained not in row and "new/kite" not in row for row in rows)
+    assert sum(len(row) for row in rows) > 0
+    del before[trained]
+    assert {i: c for i, c in all_trained_codes_live(r2).items()} == before
+    # a new item after restart never takes the deleted items' identifiers
+    deleted_codes = {row.identifier for row in ItemStore(run / "store.sqlite").iterate(status="deleted")}
+    (code,) = r2.add_items([CorpusItem("new/other", "image", embedding=r2.fallback.tower.encode(["kite"])[0])])
+    assert code not in deleted_codes
+    r2.close()
+
+
+def all_trained_codes_live(r: Retriever) -> dict[str, tuple]:
+    live = [i for i in r.corpus.item_ids if i in r.id_tokenizer.trie]
+    return {i: tuple(c) for i, c in zip(live, r.id_tokenizer.codes_of(live).tolist())}
+
+
+def test_folded_items_move_to_the_generative_path_on_restart(run, text_encoder):
+    r = load(run, text_encoder)
+    (code,) = r.add_items([query_item(r, "new/kite", "a violet kite in the sky")])
+    r.close()
+    with ItemStore(run / "store.sqlite") as store:  # what `train.py fold` does after retraining
+        assert store.mark_folded(["new/kite"]) == 1
+    r2 = load(run, text_encoder)
+    assert "new/kite" not in r2.fallback and r2.counts()["folded"] == 1
+    assert tuple(r2.id_tokenizer.codes_of(["new/kite"])[0]) == code
+    rows = r2.trie().leaf_item[r2.trie().leaf_item >= 0]
+    assert "new/kite" in {r2.id_tokenizer.item_ids[i] for i in rows}  # decodable by the generative model
+    assert r2.item("new/kite").captions == ["a violet kite in the sky"]
+    r2.close()
+
+
+def test_bad_items_get_clear_errors_and_change_nothing(run, text_encoder, tmp_path):
+    r = load(run, text_encoder)
+    ok = np.ones(DIM, np.float32)
+    (tmp_path / "outside.png").write_bytes(png_bytes())
+    (tmp_path / "media" / "pic.png").write_bytes(png_bytes())
+    cases = [
+        ([], "no items"),
+        ([CorpusItem("a", "image", embedding=np.full(DIM, np.nan))], "NaN"),
+        ([CorpusItem("a", "image", embedding=np.ones(5))], "24-d"),
+        ([CorpusItem("a", "image", embedding=np.zeros(DIM))], "all zeros"),
+        ([CorpusItem("a", "image", embedding=ok), CorpusItem("a", "image", embedding=ok)], "twice"),
+        ([CorpusItem("red-car", "image", embedding=ok)], "already used"),
+        ([CorpusItem("a", "sculpture", embedding=ok)], "modality"),
+        ([CorpusItem("a", "image")], "embedding or a media file"),
+        ([CorpusItem("a", "image", media="missing.png")], "not found"),
+        ([CorpusItem("a", "image", media=str(tmp_path / "outside.png"))], "outside the corpus root"),
+        ([CorpusItem("a", "image", media="../outside.png")], "outside the corpus root"),
+        ([CorpusItem("a", "image", media="pic.png")], "precomputed"),
+        ([CorpusItem("a", "image", embedding=ok, metadata={"x": object()})], "JSON"),
+    ]
+    for items, message in cases:
+        with pytest.raises((RetrieverError, ValueError), match=message):
+            r.add_items(items)
+    for bad, message in ((["nope"], "unknown"), ([], "no item ids"), ("red-car", "list"), (["red-car", "red-car"], "duplicate")):
+        with pytest.raises(RetrieverError, match=message):
+            r.delete_items(bad)
+    assert r.counts() == {"generative": 36, "fallback": 0, "folded": 0, "deleted": 0}
+    assert not (run / "store.sqlite").exists() or len(ItemStore(run / "store.sqlite")) == 0
+    r.close()
+
+
+def test_media_items_are_encoded_by_the_runs_encoder(run, text_encoder):
+    (run.parent / "media" / "bark.wav").write_bytes(wav_bytes(0.3))
+    r = load(run, text_encoder)
+    (code,) = r.add_items([CorpusItem("new/bark", "audio", media="bark.wav", captions=["a dog barks"])])
+    emb = ItemStore(run / "store.sqlite").get("new/bark").embedding
+    assert emb.shape == (DIM,) and np.isfinite(emb).all() and code == tuple(r.id_tokenizer.codes_of(["new/bark"])[0])
+    assert r.search_fallback(["a dog barks"], k=1, modality="audio")[0][0].item_id == "new/bark"
+    assert r.search_fallback(["a dog barks"], k=1, modality="video") == [[]]
+    r.close()
+
+
+def test_one_writer_per_run_and_the_cli(run, text_encoder, capsys):
+    from ace.items import main
+
+    rows = [{"item_id": f"cli/{i}", "modality": "image", "embedding": np.random.default_rng(i).standard_normal(DIM).tolist(),
+             "captions": [f"cli item {i}"]} for i in range(3)]
+    items_file = run.parent / "items.jsonl"
+    items_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["add", "--run", str(run), "--file", str(items_file), "--quiet"]) == 0
+    added = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [a["item_id"] for a in added] == ["cli/0", "cli/1", "cli/2"]
+    assert main(["delete", "--run", str(run), "cli/1", "red-car"]) == 0
+    assert main(["delete", "--run", str(run), "cli/1"]) == 2
+    assert "already deleted" in capsys.readouterr().err
+    assert main(["list", "--run", str(run), "--status", "all"]) == 0
+    listed = {row["item_id"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert listed["cli/1"]["status"] == "deleted" and listed["red-car"]["source"] == "trained"
+    assert listed["cli/0"]["identifier"] == added[0]["identifier"]
+    bad = run.parent / "bad.jsonl"
+    bad.write_text('{"item_id": "x", "modality": "image", "embedding": [1, 2]}\n{"item_id": 3}\n')
+    assert main(["add", "--run", str(run), "--file", str(bad)]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    # a process that writes holds the run's writer lock: another writer is refused with a clear message
+    r = load(run, text_encoder)
+    r.delete_items(["cli/0"])
+    assert main(["delete", "--run", str(run), "cli/2"]) == 2
+    assert "another process" in capsys.readouterr().err
+    r2 = load(run, text_encoder)
+    with pytest.raises(WriterLockError):
+        r2.add_items([CorpusItem("w", "image", embedding=np.ones(DIM))])
+    r.close()
+    r2.add_items([CorpusItem("w", "image", embedding=np.ones(DIM))])  # free once the first writer closed
+    r2.close()
+
+
+# ---------------------------------------------------------------------------------- HTTP
+def test_http_add_search_delete_and_stats(run, text_encoder):
+    r = load(run, text_encoder)
+    q = "a violet kite in the sky"
+    vec = [float(x) for x in r.fallback.tower.encode([q])[0]]
+    app = create_app(r, ServeConfig(api_key="k3y", max_wait_ms=1.0))
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        res = c.post("/items", headers=KEY, json={"item_id": "new/kite", "modality": "image", "embedding": vec,
+                                                  "captions": [q], "metadata": {"colour": "violet"}})
+        assert res.status_code == 201, res.text
+        body = res.json()
+        assert body["added"] == 1 and body["items"][0]["source"] == "fallback"
+        hits = c.post("/search", json={"query": q, "k": 5}).json()["results"]
+        kite = next(h for h in hits if h["item_id"] == "new/kite")
+        assert kite["source"] == "fallback" and kite["identifier"] == body["items"][0]["identifier"]
+        assert kite["captions"] == [q]
+        batch = [{"item_id": f"new/b{i}", "modality": "image", "embedding": list(np.random.default_rng(i).standard_normal(DIM))}
+                 for i in range(5)]
+        res = c.post("/items", headers=KEY, json={"items": batch})
+        assert res.status_code == 201 and res.json()["added"] == 5
+        assert c.get("/items/new/kite").json()["metadata"] == {"colour": "violet"}
+        stats = c.get("/stats").json()
+        assert stats["items_by_source"] == {"generative": 36, "fallback": 6, "folded": 0, "deleted": 0}
+        assert stats["retriever"]["fallback"]["bits"] == 64
+        assert c.delete("/items/new/kite", headers=KEY).json() == {"deleted": "new/kite"}
+        assert c.delete("/items/red-car", headers=KEY).status_code == 200
+        hits = c.post("/search", json={"query": q, "k": 10}).json()["results"]
+        assert not {"new/kite", "red-car"} & {h["item_id"] for h in hits}
+        assert c.get("/items/new/kite").status_code == 404
+        assert c.get("/stats").json()["items_by_source"]["deleted"] == 2
+    r.close()
+
+
+def test_http_bad_inputs_get_4xx_with_clear_messages(run, text_encoder, tmp_path):
+    r = load(run, text_encoder)
+    app = create_app(r, ServeConfig(api_key="k3y", max_wait_ms=1.0, max_items_per_request=3))
+    good = {"item_id": "ok", "modality": "image", "embedding": [0.1] * DIM}
+    (tmp_path / "secret.png").write_bytes(png_bytes())
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        assert c.post("/items", json=good).status_code == 401
+        assert c.post("/items", json=good, headers={"X-API-Key": "wrong"}).status_code == 401
+        assert c.delete("/items/red-car").status_code == 401
+        cases = [
+            (dict(content=b"{not json", headers={**KEY, "content-type": "application/json"}), 400, "malformed JSON"),
+            (dict(content=b"", headers=KEY), 422, "request body is required"),
+            (dict(json={"modality": "image", "embedding": [0.1] * DIM}), 422, "item_id"),
+            (dict(json={**good, "modality": "smell"}), 422, "modality"),
+            (dict(json={**good, "colour": "red"}), 422, "colour"),
+            (dict(json={**good, "embedding": [0.1] * 5}), 422, "24-d"),
+            (dict(content=json.dumps({**good, "embedding": [float("nan")] * DIM}).encode(),
+                  headers={**KEY, "content-type": "application/json"}), 422, "NaN"),
+            (dict(json={**good, "embedding": ["x"] * DIM}), 422, "embedding"),
+            (dict(json={"items": []}), 422, "empty"),
+            (dict(json={"items": [good] * 4}), 413, "max_items_per_request"),
+            (dict(json={"items": [good, good]}), 409, "twice"),
+            (dict(json={**good, "item_id": "red-car"}), 409, "already used"),
+            (dict(json={"item_id": "m", "modality": "image", "media": "nothing.png"}), 422, "not found"),
+            (dict(json={"item_id": "m", "modality": "image", "media": str(tmp_path / "secret.png")}), 422, "outside"),
+            (dict(json={"item_id": "m", "modality": "image"}), 422, "embedding or a media file"),
+            (dict(json=[1, 2]), 422, "items.0"),
+        ]
+        for kwargs, status, message in cases:
+            kwargs.setdefault("headers", KEY)
+            res = c.post("/items", **kwargs)
+            assert res.status_code == status and message in res.json()["detail"], (kwargs, res.status_code, res.text)
+        res = c.delete("/items/no-such-item", headers=KEY)
+        assert res.status_code == 404 and "unknown" in res.json()["detail"]
+        # uploads: an image the run cannot encode (precomputed image encoder) is refused and not kept
+        files = {"file": ("p.png", png_bytes(), "image/png")}
+        res = c.post("/items", headers=KEY, files=files, data={"item": json.dumps({"item_id": "up", "modality": "image"})})
+        assert res.status_code == 422 and "precomputed" in res.json()["detail"]
+        assert list((run.parent / "media" / "uploads").iterdir()) == []
+        res = c.post("/items", headers=KEY, files=files, data={"item": "{oops"})
+        assert res.status_code == 400 and "malformed JSON" in res.json()["detail"]
+        res = c.post("/items", headers=KEY, files=files)
+        assert res.status_code == 422 and "`item`" in res.json()["detail"]
+        res = c.post("/items", headers=KEY, data={"item": json.dumps({"item_id": "up", "modality": "audio"})},
+                     files={"other": ("x.wav", b"123")})
+        assert res.status_code == 422
+        # an audio upload is encoded by the run's audio encoder and served from the corpus root
+        res = c.post("/items", headers=KEY, files={"file": ("bark.wav", wav_bytes(0.3), "audio/wav")},
+                     data={"item": json.dumps({"item_id": "up/bark", "modality": "audio", "captions": ["a dog barks"]})})
+        assert res.status_code == 201, res.text
+        assert c.get("/media/up/bark").content == wav_bytes(0.3)
+        assert c.get("/health").status_code == 200
+        assert c.get("/stats").json()["items_by_source"]["fallback"] == 1
+    r.close()
+
+
+# ---------------------------------------------------------------------------------- durability
+def test_sigkill_during_a_stream_of_adds_loses_no_acknowledged_item(run, text_encoder):
+    port = free_port()
+    killer = threading.Timer(0.5, lambda: None)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACE_API_KEY": "k3y"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--run", str(run), "--port", str(port),
+                             "--device", "cpu", "--log-level", "warning", "max_wait_ms=1"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        rng = np.random.default_rng(0)
+        acked, sent = [], []
+        killer = threading.Timer(0.5, proc.kill)  # SIGKILL
+        with httpx.Client(base_url=url, timeout=30) as c:
+            for b in range(10_000):
+                batch = [{"item_id": f"s{b}/{j}", "modality": "image", "embedding": rng.standard_normal(DIM).tolist()}
+                         for j in range(20)]
+                sent.append(b)
+                try:
+                    res = c.post("/items", headers=KEY, json={"items": batch})
+                except httpx.TransportError:
+                    break
+                assert res.status_code == 201, res.text
+                acked.append(b)
+                if len(acked) == 3:
+                    killer.start()  # the kill lands while later batches stream in
+        proc.wait(30)
+        assert proc.returncode == -signal.SIGKILL
+        assert len(acked) >= 3 and len(sent) > len(acked)
+    finally:
+        killer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        proc.stderr.close()
+    with ItemStore(run / "store.sqlite") as store:
+        assert store.pragma("integrity_check") == "ok"
+        rows = list(store.iterate(status=None))
+    batches: dict[int, int] = {}
+    for row in rows:
+        batches[int(row.item_id[1:].split("/")[0])] = batches.get(int(row.item_id[1:].split("/")[0]), 0) + 1
+    assert set(acked) <= set(batches) <= set(sent)
+    assert set(batches.values()) == {20}  # every stored batch is whole: no half-written batch
+    r = load(run, text_encoder)  # restart
+    assert r.counts()["fallback"] == 20 * len(batches)
+    for b in acked:
+        assert all(f"s{b}/{j}" in r.fallback for j in range(20))
+    idents = [tuple(row.identifier) for row in rows]
+    assert len(set(idents)) == len(idents) and all(tuple(r.id_tokenizer.codes_of([row.item_id])[0]) == tuple(row.identifier)
+                                                   for row in rows)
+    r.close()
