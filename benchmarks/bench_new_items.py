@@ -1,0 +1,248 @@
+"""New items without retraining (issue 8): add 20% of a caption file to a run trained on the other 80%, then fold.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_new_items.py ../shared/data/mscoco/mscoco_val.json \
+        --config configs/mscoco_80_20.yaml
+
+1. ``train.py --config CONFIG`` trains the run on the first ``corpus.limit`` items (80%); stages
+   that are up to date are skipped. The trained run is copied to ``--work`` so every benchmark run
+   starts from the same state (the trained run itself is never modified).
+2. Recall of the old items' held-out queries (generative path and merged search) before any add.
+3. The other items are added through ``Retriever.add_items`` (the call behind ``POST /items``),
+   in batches, with their non-test captions and no embedding: the run's encoder embeds them,
+   identifiers are assigned, the store commits, the fallback index takes them. Items/s.
+4. R@10 on the new items' held-out queries through the fallback alone and through merged
+   search, against the DT-trained baseline (ace/baselines.py ``dt_trained``: frozen MiniLM +
+   InfoNCE projection trained on every item's generated queries) over the same candidates;
+   old items again (the generative path must be unchanged). Bytes per item of the index.
+5. ``train.py fold --run WORK``; recall of both sets again (forgetting; new items via the
+   generative path).
+
+Writes ``--out`` (JSON) and prints a Markdown summary.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from ace.config import load_config  # noqa: E402
+from ace.metrics import retrieval_metrics  # noqa: E402
+from ace.pipeline import RunConfig, load_source_corpus, split_captions  # noqa: E402
+
+
+def _recall(hits, pairs) -> dict:
+    return {**retrieval_metrics([[h.item_id for h in row] for row in hits], [t for _, t in pairs]),
+            "queries": len(pairs)}
+
+
+def _run(cmd: list[str], log: Path) -> float:
+    """Run a command (output to ``log``); seconds taken. A failure stops the benchmark with its log tail."""
+    print("$", " ".join(cmd), flush=True)
+    t = time.time()
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{log.read_text()[-3000:]}")
+    return time.time() - t
+
+
+def _measure(retriever, old, new, *, folded: bool, beams: int) -> dict:
+    """Old items: generative path + merged search; new items: fallback (before) or generative (after) + merged."""
+    out = {"old_generative": _recall(retriever.search_generative(
+               [q for q, _ in old], k=10, num_beams=beams), old),
+           "old_merged": _recall(retriever.search([q for q, _ in old], k=10, num_beams=beams), old)}
+    if new:
+        queries = [q for q, _ in new]
+        if folded:
+            out["new_generative"] = _recall(retriever.search_generative(queries, k=10, num_beams=beams), new)
+        else:
+            out["new_fallback"] = _recall(retriever.search_fallback(queries, k=10), new)
+        out["new_merged"] = _recall(retriever.search(queries, k=10, num_beams=beams), new)
+    return out
+
+
+def dt_trained_reference(captions: str, new_ids: set[str], cache_dir: Path, seed: int) -> dict:
+    """DT-trained R@10 on the new items' test queries: over the new items only, and over all items."""
+    from ace.baselines import dt_trained, encode_split, query_targets, search_topk
+    from ace.encoders import MINILM, TextEncoder
+    from ace.importers import load_proxy_split
+    from ace.query_tower import QueryTowerConfig
+
+    split = load_proxy_split(captions)
+    encoder = TextEncoder(MINILM)
+    emb = encode_split(split, encoder, cache_dir=cache_dir, encoder_name=MINILM)
+    t = time.time()
+    rankings, tower = dt_trained(split, emb, encoder, config=QueryTowerConfig(seed=seed, device="cpu"))
+    fit_s = time.time() - t
+    targets = query_targets(split)
+    rows = [j for j, iid in enumerate(targets) if iid in new_ids]
+    over_all = retrieval_metrics([rankings[j] for j in rows], [targets[j] for j in rows])
+    cand = [i for i, iid in enumerate(split.item_ids) if iid in new_ids]
+    q = tower.project(emb.test_queries[rows])
+    docs = emb.documents[cand] / np.linalg.norm(emb.documents[cand], axis=1, keepdims=True)
+    idx = search_topk(docs, q, 10)
+    over_new = retrieval_metrics([[split.item_ids[cand[i]] for i in row if i >= 0] for row in idx.tolist()],
+                                 [targets[j] for j in rows])
+    return {"over_new_items": {**over_new, "queries": len(rows), "candidates": len(cand)},
+            "over_all_items": {**over_all, "queries": len(rows), "candidates": len(split.item_ids)},
+            "tower_fit_s": fit_s, "tower_train_pairs": len(split.train_queries)}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("captions", help="caption file (the config's corpus.path is replaced by it)")
+    ap.add_argument("--config", default="configs/mscoco_80_20.yaml")
+    ap.add_argument("--work", default="benchmarks/out/new_items/work", help="copy of the trained run that gets the adds and the fold")
+    ap.add_argument("--out", default="benchmarks/out/new_items/results.json")
+    ap.add_argument("--old-queries", type=int, default=2000, help="old items' held-out queries scored (seeded sample)")
+    ap.add_argument("--add-batch", type=int, default=100, help="items per add_items call")
+    ap.add_argument("--beams", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-fold", action="store_true")
+    ap.add_argument("fold_overrides", nargs="*", help="key=value settings for train.py fold (e.g. steps=800)")
+    args = ap.parse_intermixed_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out_path = ROOT / args.out
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    logs = out_path.parent
+    result: dict = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+                    "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                "load_avg_start": os.getloadavg()}}
+
+    # 1. the trained run (80%) -------------------------------------------------------------------
+    cfg = load_config(RunConfig, ROOT / args.config)
+    override = [] if Path(cfg.corpus.path).resolve() == Path(args.captions).resolve() else [f"corpus.path={args.captions}"]
+    cfg = load_config(RunConfig, ROOT / args.config, override)
+    if not cfg.corpus.limit:
+        sys.exit(f"{args.config}: set corpus.limit (the number of items trained on); the rest are added")
+    train_s = _run([sys.executable, "train.py", "--config", args.config, "--quiet", *override], logs / "train.log")
+    run = ROOT / cfg.run_dir
+    stages = {s: json.loads((run / "stages" / f"{s}.json").read_text()).get("seconds")
+              for s in ("train", "fallback") if (run / "stages" / f"{s}.json").is_file()}
+    result["run"] = {"run_dir": str(run), "train_py_seconds_this_call": train_s, "stage_seconds": stages,
+                     "metrics": json.loads((run / "metrics.json").read_text())["by_group"]["all"]}
+    work = ROOT / args.work
+    if work.exists():
+        shutil.rmtree(work)
+    shutil.copytree(run, work, ignore=shutil.ignore_patterns("checkpoints", "cache", "store.sqlite*", "fold",
+                                                             "model.prev", "identifiers.prev", "store.lock"))
+
+    # the other items, split like the trained ones: non-test captions are added, test captions held out
+    full = load_source_corpus(dataclasses.replace(cfg.corpus, path=args.captions, limit=None))
+    new_items, new_test = split_captions(type(full)(items=full.items[cfg.corpus.limit:], root=full.root,
+                                                    source=full.source), cfg.split)
+    new_items = [dataclasses.replace(it, embedding=None) for it in new_items.items]
+    old = [tuple(p) for p in json.loads((work / "test_queries.json").read_text())]
+    rng = np.random.default_rng(args.seed)
+    old = [old[i] for i in sorted(rng.permutation(len(old))[:args.old_queries])]
+    result["sizes"] = {"trained_items": cfg.corpus.limit, "added_items": len(new_items),
+                       "old_queries": len(old), "new_queries": len(new_test)}
+    print(json.dumps(result["sizes"]))
+
+    from ace.retriever import Retriever
+
+    # 2. before any add ----------------------------------------------------------------------------
+    r = Retriever.from_run(work, device="cpu")
+    t = time.time()
+    result["before_adds"] = _measure(r, old, [], folded=False, beams=args.beams)
+    result["before_adds"]["seconds"] = time.time() - t
+
+    # 3. add the other items through the API -------------------------------------------------------
+    # The caption-proxy "media" (COCO file names) are not on disk; the run's encoder embeds an item
+    # from its first caption, so the benchmark runs that encoder itself and passes the embedding.
+    from ace.encoders import build_encoder
+    from ace.fallback import read_encoder_config
+
+    encoder = build_encoder(read_encoder_config(work))
+    encode_s = add_s = 0.0
+    for s in range(0, len(new_items), args.add_batch):
+        batch = new_items[s:s + args.add_batch]
+        t = time.time()
+        emb = encoder.encode(batch)
+        encode_s += time.time() - t
+        t = time.time()
+        r.add_items([dataclasses.replace(it, embedding=e) for it, e in zip(batch, emb)])
+        add_s += time.time() - t
+    store_bytes = sum(p.stat().st_size for p in work.glob("store.sqlite*"))
+    n = len(new_items)
+    result["adds"] = {"items": n, "batch": args.add_batch, "encode_seconds": encode_s, "add_seconds": add_s,
+                      "items_per_s_add_items": n / add_s, "items_per_s_with_encoding": n / (encode_s + add_s),
+                      "fallback_bytes_per_item": r.fallback.bytes_per_item(), "store_bytes_per_item": store_bytes / n,
+                      "note": "add_items = identifier assign + SQLite commit (WAL, synchronous=FULL) + fallback "
+                              "index add; encoding = the run's MiniLM encoder on the item's first caption"}
+    print(json.dumps(result["adds"], default=str))
+
+    # 4. after the adds: fallback vs DT-trained, old items unchanged -------------------------------
+    t = time.time()
+    result["after_adds"] = _measure(r, old, new_test, folded=False, beams=args.beams)
+    result["after_adds"]["seconds"] = time.time() - t
+    r.close()
+    result["dt_trained"] = dt_trained_reference(args.captions, {it.item_id for it in new_items},
+                                                ROOT / "benchmarks" / "out" / "cache", args.seed)
+    fb, dt = result["after_adds"]["new_fallback"]["R@10"], result["dt_trained"]["over_new_items"]["R@10"]
+    result["fallback_over_dt_trained_R@10"] = fb / dt
+    print(json.dumps({k: result[k] for k in ("after_adds", "dt_trained", "fallback_over_dt_trained_R@10")}, default=str))
+
+    # 5. fold ------------------------------------------------------------------------------------
+    if not args.skip_fold:
+        (work / "added_test_queries.json").write_text(json.dumps([list(p) for p in new_test]))
+        fold_cmd = [sys.executable, "train.py", "fold", "--run", str(work), "--quiet", *args.fold_overrides]
+        result["fold"] = {"command": " ".join(["python"] + fold_cmd[1:]), "seconds": _run(fold_cmd, logs / "fold.log")}
+        metrics = json.loads(sorted((work / "fold").glob("*/metrics.json"))[-1].read_text())
+        result["fold"].update({k: metrics[k] for k in ("items", "new_pairs", "replay_pairs", "steps", "train_seconds")})
+        r = Retriever.from_run(work, device="cpu")
+        t = time.time()
+        result["after_fold"] = _measure(r, old, new_test, folded=True, beams=args.beams)
+        result["after_fold"]["seconds"] = time.time() - t
+        result["after_fold"]["fallback_items"] = len(r.fallback)
+        r.close()
+    result["machine"]["load_avg_end"] = os.getloadavg()
+    out_path.write_text(json.dumps(result, indent=2, default=str))
+    print(summary(result))
+    return result
+
+
+def summary(res: dict) -> str:
+    """Markdown table of the recall figures."""
+    def cell(section, key):
+        m = res.get(section, {}).get(key)
+        return "-" if m is None else f"{m['R@1']:.1f} / {m['R@10']:.1f}"
+
+    lines = ["| R@1 / R@10 | before adds | after adds | after fold |", "| --- | --- | --- | --- |"]
+    for label, keys in [("old items, generative path", ("old_generative",) * 3),
+                        ("old items, merged search", ("old_merged",) * 3),
+                        ("new items, fallback (before fold) / generative (after)", (None, "new_fallback", "new_generative")),
+                        ("new items, merged search", (None, "new_merged", "new_merged"))]:
+        cells = [cell(s, k) if k else "-" for s, k in zip(("before_adds", "after_adds", "after_fold"), keys)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    dt = res["dt_trained"]
+    lines += ["", f"DT trained on the new items' queries: R@10 {dt['over_new_items']['R@10']:.1f} over the "
+              f"{dt['over_new_items']['candidates']} new items, {dt['over_all_items']['R@10']:.1f} over all "
+              f"{dt['over_all_items']['candidates']}; fallback / DT trained (same candidates) = "
+              f"{res['fallback_over_dt_trained_R@10']:.3f}",
+              f"adds: {res['adds']['items_per_s_add_items']:.1f} items/s through add_items "
+              f"({res['adds']['items_per_s_with_encoding']:.1f} items/s with encoding); fallback bytes/item {res['adds']['fallback_bytes_per_item']}; "
+              f"store bytes/item {res['adds']['store_bytes_per_item']:.0f}"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
