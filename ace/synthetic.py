@@ -65,6 +65,53 @@ def make_synthetic_task(n_items: int = 240, *, dim: int = 64, noise: float = 0.0
                          train_pairs=queries(TRAIN_TEMPLATES), val_pairs=queries(HELDOUT_TEMPLATES))
 
 
+def random_codes(n: int, level_sizes, rng: np.random.Generator) -> np.ndarray:
+    """n distinct random identifiers int64 (n, L), code j of level d in [0, level_sizes[d])."""
+    capacity = float(np.prod([float(s) for s in level_sizes]))
+    if n > capacity:
+        raise ValueError(f"cannot draw {n} distinct identifiers from level_sizes {list(level_sizes)} "
+                         f"({int(capacity)} possible)")
+    out = np.zeros((0, len(level_sizes)), np.int64)
+    while out.shape[0] < n:
+        extra = np.stack([rng.integers(0, s, 2 * (n - out.shape[0]) + 16) for s in level_sizes], 1)
+        out = np.unique(np.concatenate([out, extra]), axis=0)
+    return out[rng.permutation(out.shape[0])[:n]]
+
+
+def mixture_embeddings(n: int, dim: int, *, seed: int = 0, components: int = 2000, out=None,
+                       chunk: int = 65_536) -> np.ndarray:
+    """Gaussian-mixture embeddings (``components`` random means, per-component spread 0.3-0.8),
+    L2-normalised float32 (n, dim); written chunkwise into ``out`` (e.g. a memmap) when given."""
+    if n < 1 or dim < 1:
+        raise ValueError(f"need n >= 1 and dim >= 1, got n={n}, dim={dim}")
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(components, dim)).astype(np.float32)       # (C, D)
+    spread = rng.uniform(0.3, 0.8, size=components).astype(np.float32)
+    out = np.empty((n, dim), np.float32) if out is None else out
+    for s in range(0, n, chunk):
+        b = min(chunk, n - s)
+        comp = rng.integers(0, components, b)
+        x = means[comp] + spread[comp, None] * rng.normal(size=(b, dim)).astype(np.float32)
+        out[s:s + b] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def mixture_embeddings_file(folder: str | Path, n: int, dim: int, *, seed: int = 0, components: int = 2000) -> Path:
+    """``mixture_embeddings`` as ``folder/synthetic_{n}x{dim}_s{seed}.npy`` (made once, then reused;
+    open it with ``np.load(path, mmap_mode="r")``)."""
+    path = Path(folder) / f"synthetic_{n}x{dim}_s{seed}.npy"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
+    mixture_embeddings(n, dim, seed=seed, components=components, out=mm)
+    mm.flush()
+    del mm
+    tmp.rename(path)
+    return path
+
+
 def synthetic_identifier_config():
     """A small identifier shape for a few hundred items: K=16, one RQ level of 16 codes, U=32."""
     from identifiers.config import IdentifierConfig

@@ -24,17 +24,9 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ace.decoding import _allowed_children, _trie_tensors, constrained_beam_search, quantize_dynamic_int8  # noqa: E402
 from ace.modeling import AceConfig, AceModel  # noqa: E402
+from ace.synthetic import random_codes  # noqa: E402
 from ace.tokens import IdentifierVocab  # noqa: E402
 from identifiers.trie import FlatTrie  # noqa: E402
-
-
-def random_codes(n: int, level_sizes, rng) -> np.ndarray:
-    """n distinct random identifiers (k, v1, v2, u)."""
-    out = np.zeros((0, len(level_sizes)), np.int64)
-    while out.shape[0] < n:
-        extra = np.stack([rng.integers(0, s, 2 * (n - out.shape[0]) + 16) for s in level_sizes], 1)
-        out = np.unique(np.concatenate([out, extra]), axis=0)
-    return out[rng.permutation(out.shape[0])[:n]]
 
 
 def qps_pass(model, batches, trie, vocab, beams) -> tuple[float, float]:

@@ -70,25 +70,9 @@ def caption(args) -> None:
 
 
 def synthetic_file(n: int, dim: int, seed: int = 0, components: int = 2000) -> Path:
-    """Gaussian mixture, L2-normalised, written in chunks to benchmarks/out/synthetic_{n}x{dim}.npy."""
-    path = OUT / f"synthetic_{n}x{dim}_s{seed}.npy"
-    if path.exists():
-        return path
-    OUT.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    means = rng.normal(size=(components, dim)).astype(np.float32)       # (C, D)
-    spread = rng.uniform(0.3, 0.8, size=components).astype(np.float32)
-    tmp = path.with_suffix(".tmp.npy")
-    mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
-    for s in range(0, n, 65_536):
-        b = min(65_536, n - s)
-        comp = rng.integers(0, components, b)
-        x = means[comp] + spread[comp, None] * rng.normal(size=(b, dim)).astype(np.float32)
-        mm[s:s + b] = x / np.linalg.norm(x, axis=1, keepdims=True)
-    mm.flush()
-    del mm
-    tmp.rename(path)
-    return path
+    """Gaussian mixture, L2-normalised, in benchmarks/out/synthetic_{n}x{dim}_s{seed}.npy (ace.synthetic)."""
+    from ace.synthetic import mixture_embeddings_file
+    return mixture_embeddings_file(OUT, n, dim, seed=seed, components=components)
 
 
 def synthetic_one(args) -> None:

@@ -1,0 +1,773 @@
+"""End-to-end efficiency of ACE vs dual-tower (DT) search: text -> item ids at growing corpus sizes.
+
+    python -m ace.bench efficiency --sizes 1000 10000 100000 1000000 --dims 384 1024 \\
+        --ace default --ace minilm=configs/flickr30k_proxy.yaml --out benchmarks/out/efficiency
+
+Both sides start from query text and stop at item rows (the row -> item id lookup is the same list
+index for both):
+- ACE: query tokenizer -> AceModel -> trie-constrained beam search (``ace.decoding``) over the
+  identifiers of N items. Weights are random: the search always runs L decoder steps with the
+  same shapes, so its cost does not depend on training. Shapes come from ``--ace NAME=SPEC``
+  (``default`` = the AceConfig/ModelSection defaults; SPEC = a run config with a ``model:``
+  section or a bare model mapping, plus ``key=value`` overrides), each in fp32 and dynamic int8.
+- DT: text encoder (all-MiniLM-L6-v2) -> [fixed random projection to D when D != 384, a stand-in
+  for a D-dim text tower] -> top-10 by inner product: exact ``torch`` matmul, exact faiss
+  ``IndexFlatIP``, approximate faiss ``IndexHNSWFlat`` (M, efConstruction, efSearch; its
+  recall@10 against exact search is reported).
+
+Items are synthetic: a Gaussian mixture (``ace.synthetic.mixture_embeddings``), the first N rows
+of one sample per D. ACE identifiers are fitted on the largest-D embeddings of the same N items
+(``--identifiers fitted``, the identifier builder's defaults) or drawn at random (``random``).
+Every (N, D) group measures all its methods interleaved (the method order rotates each repeat),
+so ratios between methods are measured in the same minutes of a possibly busy machine.
+Outputs in ``--out``: efficiency.json, efficiency.md, throughput_vs_corpus_size.png and, with
+``--quality-json``, recall_vs_throughput.png.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ace.config import ConfigError, config_hash, deep_merge, from_dict, parse_overrides, read_yaml, to_dict
+
+ROOT = Path(__file__).resolve().parents[2]
+TRIE_ARRAYS = ("child_start", "child_count", "child_code", "child_node", "leaf_item")
+DT_BACKENDS = ("torch", "faiss_flat", "faiss_hnsw")
+PRECISIONS = ("fp32", "int8")
+TOP_K = 10
+
+
+class EfficiencyError(ValueError):
+    """Bad benchmark settings or inputs; the message names the problem."""
+
+
+@dataclass
+class EfficiencyConfig:
+    """Settings of one efficiency run (all recorded in efficiency.json)."""
+    sizes: list[int] = field(default_factory=lambda: [1000, 10_000, 100_000, 1_000_000])
+    dims: list[int] = field(default_factory=lambda: [384, 1024])
+    ace: list[str] = field(default_factory=lambda: ["default", "minilm=configs/flickr30k_proxy.yaml"])
+    precisions: list[str] = field(default_factory=lambda: ["fp32", "int8"])
+    dt_backends: list[str] = field(default_factory=lambda: list(DT_BACKENDS))
+    devices: list[str] = field(default_factory=lambda: ["auto"])   # auto = cpu, plus cuda when present
+    beams: int = 5
+    batch: int = 100                 # concurrent queries per throughput call
+    num_batches: int = 3             # batches per throughput pass
+    repeats: int = 3                 # passes per method (method order rotated each repeat)
+    latency_queries: int = 20        # batch-1 queries per method and repeat
+    threads: int = 2                 # intra-op threads while measuring search
+    build_threads: int = 0           # threads for HNSW builds (0 = threads)
+    hnsw_m: int = 32
+    ef_construction: int = 40
+    ef_search: int = 128
+    hnsw_max_n: int = 0              # 0 = build HNSW at every size; else skip sizes above this
+    identifiers: str = "fitted"      # fitted | random
+    id_overrides: list[str] = field(default_factory=list)   # IdentifierConfig key=value
+    queries: str | None = None       # .txt (one a line) or a caption file; default: templated queries
+    text_encoder: str = "all-MiniLM-L6-v2"
+    cache_dir: str | None = None     # embeddings, identifiers and HNSW indexes are kept here
+    seed: int = 0
+    prepare_only: bool = False       # build the cached identifiers and HNSW indexes, measure nothing
+    quality_json: str | None = None
+    quality_ace: str | None = None   # method name in the quality JSON (default: first ACE row)
+    quality_dt: str | None = None    # (default: first DT doc+queries row, else first DT row)
+
+    def __post_init__(self):
+        if not self.sizes or min(self.sizes) < 1:
+            raise EfficiencyError(f"sizes must be positive corpus sizes, got {self.sizes}")
+        if not self.dims or min(self.dims) < 1:
+            raise EfficiencyError(f"dims must be positive, got {self.dims}")
+        for name in ("beams", "batch", "num_batches", "repeats", "latency_queries", "threads", "hnsw_m",
+                     "ef_construction", "ef_search"):
+            if getattr(self, name) < 1:
+                raise EfficiencyError(f"{name} must be >= 1, got {getattr(self, name)}")
+        unknown = set(self.precisions) - set(PRECISIONS)
+        if unknown or not self.precisions:
+            raise EfficiencyError(f"precisions must be among {PRECISIONS}, got {self.precisions}")
+        unknown = set(self.dt_backends) - set(DT_BACKENDS)
+        if unknown:
+            raise EfficiencyError(f"unknown DT backend(s) {sorted(unknown)}; known: {', '.join(DT_BACKENDS)}")
+        if self.identifiers not in ("fitted", "random"):
+            raise EfficiencyError(f"identifiers must be 'fitted' or 'random', got {self.identifiers!r}")
+        if self.prepare_only and not self.cache_dir:
+            raise EfficiencyError("prepare_only needs cache_dir (the prepared artefacts are kept there)")
+        if not self.ace and not self.dt_backends:
+            raise EfficiencyError("nothing to measure: no --ace model and no DT backend")
+        self.sizes = sorted(set(int(n) for n in self.sizes))
+
+
+# ------------------------------------------------------------------------------ accounting helpers
+
+def latency_summary(ms) -> dict:
+    """Latencies (ms) -> p50 / p99 / mean / count (linear-interpolated percentiles)."""
+    x = np.asarray(list(ms), dtype=np.float64)
+    if x.size == 0:
+        raise EfficiencyError("no latencies to summarise")
+    if not np.isfinite(x).all() or (x < 0).any():
+        raise EfficiencyError("latencies must be finite and >= 0")
+    return {"p50_ms": float(np.percentile(x, 50)), "p99_ms": float(np.percentile(x, 99)),
+            "mean_ms": float(x.mean()), "count": int(x.size)}
+
+
+def state_dict_bytes(module: torch.nn.Module) -> int:
+    """Size of the module's serialised state_dict (works for dynamic-int8 packed weights too)."""
+    buf = io.BytesIO()
+    torch.save(module.state_dict(), buf)
+    return buf.getbuffer().nbytes
+
+
+def trie_bytes(trie) -> int:
+    """Bytes of the FlatTrie arrays the decoder reads."""
+    return int(sum(np.asarray(getattr(trie, name)).nbytes for name in TRIE_ARRAYS))
+
+
+def faiss_index_bytes(index) -> int:
+    """Bytes of a faiss IndexFlat / IndexHNSWFlat from faiss's own vectors (the serialised size
+    minus a header of a few hundred bytes)."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexHNSW):
+        hnsw = index.hnsw
+        links = (hnsw.neighbors.size() * 4 + hnsw.offsets.size() * 8 + hnsw.levels.size() * 4
+                 + hnsw.assign_probas.size() * 8 + hnsw.cum_nneighbor_per_level.size() * 4)
+        return int(faiss_index_bytes(index.storage) + links)
+    if isinstance(index, faiss.IndexFlatCodes):
+        return int(index.codes.size())
+    raise EfficiencyError(f"no size accounting for faiss index type {type(index).__name__}")
+
+
+def bytes_per_item(*, fixed_bytes: int, data_bytes: int, n: int) -> dict:
+    """Fixed (model) and per-corpus (index / trie) bytes -> per-item figures."""
+    if n < 1:
+        raise EfficiencyError(f"corpus size must be >= 1, got {n}")
+    return {"fixed_bytes": int(fixed_bytes), "data_bytes": int(data_bytes), "data_per_item": data_bytes / n,
+            "total_per_item": (fixed_bytes + data_bytes) / n}
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Mean share of each exact top-k row found in the approximate top-k (row-wise)."""
+    approx, exact = np.asarray(approx), np.asarray(exact)
+    if approx.shape != exact.shape or approx.ndim != 2:
+        raise EfficiencyError(f"approximate {approx.shape} and exact {exact.shape} results must be equal 2-D shapes")
+    hits = [len(set(a.tolist()) & set(e[e >= 0].tolist())) / max(int((e >= 0).sum()), 1)
+            for a, e in zip(approx, exact)]
+    return float(np.mean(hits))
+
+
+# ------------------------------------------------------------------------------ inputs
+
+def load_queries(path: str | None, *, need: int, seed: int = 0) -> list[str]:
+    """Query texts: lines of a .txt file, all captions of a caption file (ace.importers), or the
+    templated queries of ace.synthetic; repeated in order when fewer than ``need``."""
+    if path is None:
+        from ace.synthetic import make_synthetic_task
+        task = make_synthetic_task(800, seed=seed)
+        texts = [q for q, _ in task.train_pairs + task.val_pairs]
+    elif not Path(path).is_file():
+        raise EfficiencyError(f"query file not found: {path}")
+    elif str(path).endswith(".txt"):
+        texts = [t.strip() for t in Path(path).read_text().splitlines() if t.strip()]
+    else:
+        from ace.importers import load_proxy_split
+        split = load_proxy_split(path)
+        texts = split.documents + [q for _, q in split.train_queries + split.test_queries]
+    if not texts:
+        raise EfficiencyError(f"no query texts in {path}")
+    rng = np.random.default_rng(seed)
+    texts = [texts[i] for i in rng.permutation(len(texts))]
+    return [texts[i % len(texts)] for i in range(max(need, len(texts)))]
+
+
+def parse_ace_spec(spec: str) -> tuple[str, str | None, list[str]]:
+    """``NAME[=YAML][,key=value...]`` or ``NAME=key=value,...`` -> (name, yaml path or None, overrides)."""
+    name, _, rest = spec.partition("=")
+    name = name.strip()
+    if not name:
+        raise EfficiencyError(f"ACE model spec {spec!r} has no name (use NAME or NAME=config.yaml[,key=value])")
+    if name == "default" and not rest:
+        return name, None, []
+    path, overrides = None, []
+    for part in (p.strip() for p in rest.split(",") if p.strip()):
+        if "=" in part:
+            overrides.append(part)
+        elif path is None:
+            path = part
+        else:
+            raise EfficiencyError(f"ACE model spec {spec!r} names two config files")
+    return name, path, overrides
+
+
+def load_model_section(path: str | None, overrides: list[str]):
+    """The run config's ``model:`` section (or a bare model mapping) + overrides -> ModelSection."""
+    from ace.pipeline import ModelSection
+
+    if path and not Path(path).is_file() and (ROOT / path).is_file():
+        path = str(ROOT / path)                                # repo-relative default (configs/...)
+    data = read_yaml(path) if path else {}
+    if "model" in data:
+        data = data["model"]
+    if not isinstance(data, dict):
+        raise ConfigError(f"the model section of {path} must be a mapping")
+    return from_dict(ModelSection, deep_merge(data, parse_overrides(overrides)), prefix="model.")
+
+
+def identifier_config(overrides: list[str]):
+    from ace.config import load_config
+    from identifiers import IdentifierConfig
+    return load_config(IdentifierConfig, None, overrides)
+
+
+def item_vectors(n: int, dim: int, *, seed: int, cache_dir: str | None) -> np.ndarray:
+    """Float32 (n, dim) mixture embeddings (a memmap of the cached file when cache_dir is set)."""
+    from ace.synthetic import mixture_embeddings, mixture_embeddings_file
+    if cache_dir is None:
+        return mixture_embeddings(n, dim, seed=seed)
+    return np.load(mixture_embeddings_file(cache_dir, n, dim, seed=seed), mmap_mode="r")
+
+
+def corpus_identifiers(vectors: np.ndarray, cfg: EfficiencyConfig, id_config) -> tuple[np.ndarray, float]:
+    """Identifier codes (N_max, L) of all items and the seconds it took to make them (cached in cache_dir).
+
+    Fitted once on the largest corpus; the corpus of size n uses the first n rows (a subset of
+    distinct identifiers is distinct, and decoding cost depends on the trie's shape, not its size)."""
+    from ace.synthetic import random_codes
+    n = vectors.shape[0]
+    if cfg.identifiers == "random":
+        t = time.perf_counter()
+        return random_codes(n, id_config.level_sizes, np.random.default_rng(cfg.seed)), time.perf_counter() - t
+    cache = None
+    if cfg.cache_dir:
+        key = config_hash(id_config, n, vectors.shape[1], cfg.seed)
+        cache = Path(cfg.cache_dir) / f"identifiers_{n}x{vectors.shape[1]}_{key}.npz"
+        if cache.is_file():
+            z = np.load(cache)
+            return z["codes"], float(z["fit_s"])
+    from identifiers import SemanticIdTokenizer
+    t = time.perf_counter()
+    tok = SemanticIdTokenizer.fit(vectors, [f"s{i}" for i in range(n)], id_config, device="cpu",
+                                  progress=n >= 100_000)
+    fit_s = time.perf_counter() - t
+    codes = np.asarray(tok.codes, dtype=np.int64)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, codes=codes, fit_s=fit_s)
+    return codes, fit_s
+
+
+def resolve_devices(devices: list[str]) -> list[str]:
+    out = []
+    for d in devices:
+        if d == "auto":
+            out += ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        elif d == "cpu" or d.startswith("cuda"):
+            if d.startswith("cuda") and not torch.cuda.is_available():
+                raise EfficiencyError(f"device {d!r} requested but CUDA is not available")
+            out.append(d)
+        else:
+            raise EfficiencyError(f"unknown device {d!r} (cpu, cuda, cuda:N or auto)")
+    return list(dict.fromkeys(out))
+
+
+# ------------------------------------------------------------------------------ searchers
+
+class AceSearch:
+    """Text -> item rows (B, beams) by query tokenizer + constrained beam search over a trie."""
+
+    family = "ACE"
+
+    def __init__(self, *, name: str, model, query_tokenizer, vocab, beams: int, fixed_bytes: int, shape: dict):
+        self.name, self.model, self.query_tokenizer, self.vocab = name, model, query_tokenizer, vocab
+        self.beams, self.fixed_bytes, self.shape, self.trie = beams, fixed_bytes, shape, None
+        self.max_len = model.config.max_query_length
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        from ace.decoding import constrained_beam_search
+        enc = self.query_tokenizer(texts, max_length=self.max_len)
+        rows, _ = constrained_beam_search(self.model, enc.input_ids, enc.attention_mask, self.trie, self.vocab,
+                                          num_beams=self.beams)
+        return rows.numpy()
+
+
+class DenseSearch:
+    """Text -> item rows (B, 10) by text encoder (+ projection to D) and inner-product top-10."""
+
+    family = "DT"
+
+    def __init__(self, *, name: str, encoder, projection: torch.Tensor | None, backend: str, device: str,
+                 fixed_bytes: int):
+        self.name, self.encoder, self.projection, self.backend = name, encoder, projection, backend
+        self.device, self.fixed_bytes = device, fixed_bytes
+        self.items = self.index = None
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        q = self.encoder.encode(texts)                                              # (B, 384)
+        if self.projection is not None:
+            q = torch.nn.functional.normalize(torch.from_numpy(q) @ self.projection, dim=1).numpy()  # (B, D)
+        return np.ascontiguousarray(q, dtype=np.float32)
+
+    def search_vectors(self, q: np.ndarray) -> np.ndarray:
+        if self.backend == "torch":
+            scores = torch.from_numpy(q).to(self.device) @ self.items.T                 # (B, N)
+            return scores.topk(min(TOP_K, scores.shape[1]), dim=1).indices.cpu().numpy()
+        return self.index.search(q, TOP_K)[1]
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        return self.search_vectors(self.encode(texts))
+
+
+def build_ace_searchers(cfg: EfficiencyConfig, level_sizes, texts: list[str], device: str) -> list[AceSearch]:
+    """One searcher per (--ace shape, precision); int8 only on CPU."""
+    from ace.decoding import quantize_dynamic_int8
+    from ace.modeling import AceModel
+    from ace.pipeline import ace_model_config
+    from ace.tokens import IdentifierVocab, QueryTokenizer
+
+    vocab = IdentifierVocab(level_sizes)
+    out = []
+    for spec in cfg.ace:
+        name, path, overrides = parse_ace_spec(spec)
+        section = load_model_section(path, overrides)
+        ace_cfg, enc_path = ace_model_config(section, level_sizes)
+        if enc_path:
+            qtok = QueryTokenizer.from_pretrained(enc_path, max_length=ace_cfg.max_query_length)
+        else:
+            qtok = QueryTokenizer.train(texts, vocab_size=section.query_vocab_size,
+                                        model_type=section.query_tokenizer_type, max_length=ace_cfg.max_query_length)
+            ace_cfg.query_vocab_size = qtok.vocab_size
+        torch.manual_seed(cfg.seed)
+        model = AceModel(ace_cfg).to(device).eval()
+        shape = {"spec": spec, "params": sum(p.numel() for p in model.parameters()), "d_model": ace_cfg.d_model,
+                 "encoder": f"pretrained ({section.pretrained_encoder})" if enc_path else "from scratch",
+                 "encoder_layers": ace_cfg.encoder_layers, "decoder_layers": ace_cfg.decoder_layers,
+                 "query_vocab": ace_cfg.query_vocab_size}
+        for precision in cfg.precisions:
+            if precision == "int8":
+                if device != "cpu":
+                    continue                                   # dynamic int8 is a CPU serving mode
+                m = quantize_dynamic_int8(model)
+            else:
+                m = model
+            out.append(AceSearch(name=f"{name}-{precision}", model=m, query_tokenizer=qtok, vocab=vocab,
+                                 beams=cfg.beams, fixed_bytes=state_dict_bytes(m), shape=shape))
+    return out
+
+
+def build_hnsw(vectors: np.ndarray, cfg: EfficiencyConfig):
+    """IndexHNSWFlat (inner product) over vectors and its build seconds; cached in cache_dir."""
+    import faiss
+    n, d = vectors.shape
+    path = None
+    if cfg.cache_dir:
+        path = Path(cfg.cache_dir) / f"hnsw_{n}x{d}_s{cfg.seed}_M{cfg.hnsw_m}_efc{cfg.ef_construction}.faiss"
+        if path.is_file() and path.with_suffix(".json").is_file():
+            return faiss.read_index(str(path)), json.loads(path.with_suffix(".json").read_text())["build_s"]
+    index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = cfg.ef_construction
+    threads = cfg.build_threads or cfg.threads
+    faiss.omp_set_num_threads(threads)
+    t = time.perf_counter()
+    for s in range(0, n, 100_000):                           # chunks keep memmap reads bounded
+        index.add(np.ascontiguousarray(vectors[s:s + 100_000], dtype=np.float32))
+    build_s = time.perf_counter() - t
+    faiss.omp_set_num_threads(cfg.threads)
+    if path is not None:
+        faiss.write_index(index, str(path))
+        path.with_suffix(".json").write_text(json.dumps({"build_s": build_s, "threads": threads,
+                                                         "load_after": os.getloadavg()}))
+    return index, build_s
+
+
+def attach_dense_corpus(searchers: list[DenseSearch], vectors: np.ndarray, cfg: EfficiencyConfig, n: int) -> dict:
+    """Build each DT searcher's index over ``vectors``; returns {backend: (build_s, data_bytes)}."""
+    import faiss
+    info = {}
+    dense = None
+    for s in searchers:
+        t = time.perf_counter()
+        if s.backend == "torch":
+            if dense is None:
+                dense = np.ascontiguousarray(vectors, dtype=np.float32)
+            s.items = torch.from_numpy(dense).to(s.device)                           # (N, D)
+            info[s.backend] = (time.perf_counter() - t, s.items.numel() * s.items.element_size())
+        elif s.backend == "faiss_flat":
+            s.index = faiss.IndexFlatIP(vectors.shape[1])
+            for i in range(0, n, 100_000):
+                s.index.add(np.ascontiguousarray(vectors[i:i + 100_000], dtype=np.float32))
+            info[s.backend] = (time.perf_counter() - t, faiss_index_bytes(s.index))
+        else:
+            s.index, build_s = build_hnsw(vectors, cfg)
+            s.index.hnsw.efSearch = max(cfg.ef_search, TOP_K)
+            info[s.backend] = (build_s, faiss_index_bytes(s.index))
+    return info
+
+
+# ------------------------------------------------------------------------------ measurement
+
+def measure(methods: list, batches: list[list[str]], latency_texts: list[str], repeats: int, desc: str) -> dict:
+    """Interleaved passes: {method name: {"qps": [per repeat], "latency_ms": [...]}}."""
+    from tqdm import tqdm
+    for m in methods:                                                                # warm-up
+        m(batches[0])
+        m(latency_texts[:1])
+    out = {m.name: {"qps": [], "latency_ms": []} for m in methods}
+    n_queries = sum(len(b) for b in batches)
+    for r in tqdm(range(repeats), desc=desc, leave=False):
+        order = methods[r % len(methods):] + methods[:r % len(methods)]
+        for m in order:
+            t = time.perf_counter()
+            for b in batches:
+                m(b)
+            out[m.name]["qps"].append(n_queries / (time.perf_counter() - t))
+            for q in latency_texts:
+                t = time.perf_counter()
+                m([q])
+                out[m.name]["latency_ms"].append(1000 * (time.perf_counter() - t))
+    return out
+
+
+def run(cfg: EfficiencyConfig, *, command: str = "") -> dict:
+    """Measure every method at every (device, N, D); returns the JSON-able result."""
+    import faiss
+
+    from ace.encoders import TextEncoder
+    from identifiers.trie import FlatTrie
+
+    torch.set_num_threads(cfg.threads)
+    faiss.omp_set_num_threads(cfg.threads)
+    load_before = os.getloadavg()
+    t_start = time.time()
+    need = cfg.batch * cfg.num_batches + cfg.latency_queries
+    texts = load_queries(cfg.queries, need=need, seed=cfg.seed)
+    batches = [texts[i * cfg.batch:(i + 1) * cfg.batch] for i in range(cfg.num_batches)]
+    latency_texts = texts[cfg.batch * cfg.num_batches:need]
+    id_config = identifier_config(cfg.id_overrides)
+    level_sizes = id_config.level_sizes
+    n_max, id_dim = max(cfg.sizes), max(cfg.dims)
+    vectors = {d: item_vectors(n_max, d, seed=cfg.seed, cache_dir=cfg.cache_dir) for d in cfg.dims}
+
+    all_codes, id_s = None, None
+    if cfg.ace:
+        print(f"identifiers ({cfg.identifiers}) of {n_max:,} items x {id_dim}-d ...", flush=True)
+        all_codes, id_s = corpus_identifiers(vectors[id_dim], cfg, id_config)
+        torch.set_num_threads(cfg.threads)                  # the identifier fit may change the thread count
+    if cfg.prepare_only:
+        for n in cfg.sizes:
+            for d in cfg.dims:
+                if "faiss_hnsw" in cfg.dt_backends and not (cfg.hnsw_max_n and n > cfg.hnsw_max_n):
+                    print(f"HNSW {n:,} x {d}: built in {build_hnsw(vectors[d][:n], cfg)[1]:.1f} s", flush=True)
+        return {"prepared": cfg.cache_dir, "identifier_s": id_s}
+
+    rows, ratios, shapes = [], [], {}
+    for device in resolve_devices(cfg.devices):
+        ace = build_ace_searchers(cfg, level_sizes, texts, device) if cfg.ace else []
+        shapes.update({s.name: s.shape for s in ace})
+        backends = [b for b in cfg.dt_backends if b == "torch" or device == "cpu"]   # faiss-cpu only
+        encoder = TextEncoder(cfg.text_encoder, device=device) if backends else None
+        enc_bytes = state_dict_bytes(encoder.model) if encoder else 0
+        for n in cfg.sizes:
+            trie_s = 0.0
+            if ace:
+                codes = all_codes[:n]
+                t = time.perf_counter()
+                trie = FlatTrie.from_codes(codes, level_sizes)
+                trie_s = time.perf_counter() - t
+                for s in ace:
+                    s.trie = trie
+                ace_data = trie_bytes(trie) + codes.nbytes
+            for d in cfg.dims:
+                gen = torch.Generator().manual_seed(cfg.seed + d)
+                proj = None if encoder is None or d == encoder.dim else \
+                    torch.randn(encoder.dim, d, generator=gen) / encoder.dim ** 0.5     # (384, D)
+                extra = 0 if proj is None else proj.numel() * 4
+                dense = [DenseSearch(name=f"DT-{b}", encoder=encoder, projection=proj, backend=b, device=device,
+                                     fixed_bytes=enc_bytes + extra)
+                         for b in backends if not (b == "faiss_hnsw" and cfg.hnsw_max_n and n > cfg.hnsw_max_n)]
+                built = attach_dense_corpus(dense, vectors[d][:n], cfg, n)
+                group = f"{device} N={n:,} D={d}"
+                timings = measure(ace + dense, batches, latency_texts, cfg.repeats, group)
+                recall = None
+                hnsw = [s for s in dense if s.backend == "faiss_hnsw"]
+                exact = [s for s in dense if s.backend != "faiss_hnsw"]
+                if hnsw and exact:
+                    qv = hnsw[0].encode([t for b in batches for t in b])
+                    recall = recall_at_k(hnsw[0].search_vectors(qv), exact[0].search_vectors(qv))
+                for s in ace + dense:
+                    tm = timings[s.name]
+                    is_ace = s.family == "ACE"
+                    row = {"device": device, "n": n, "dim": d, "family": s.family, "method": s.name,
+                           "qps_median": statistics.median(tm["qps"]), "qps_best": max(tm["qps"]), "qps_runs": tm["qps"],
+                           **latency_summary(tm["latency_ms"]),
+                           "build_s": trie_s if is_ace else built[s.backend][0],
+                           "identifier_s": id_s if is_ace else None,
+                           "recall_at_10_vs_exact": recall if getattr(s, "backend", None) == "faiss_hnsw" else None,
+                           **bytes_per_item(fixed_bytes=s.fixed_bytes, data_bytes=ace_data if is_ace else built[s.backend][1], n=n)}
+                    rows.append(row)
+                    print(f"[{group}] {s.name}: {row['qps_median']:.0f} q/s, p50 {row['p50_ms']:.1f} ms, "
+                          f"p99 {row['p99_ms']:.1f} ms", flush=True)
+                ratios += group_ratios([r for r in rows if (r["device"], r["n"], r["dim"]) == (device, n, d)])
+                for s in dense:
+                    s.items = s.index = None
+    result = {"command": command, "config": to_dict(cfg), "level_sizes": list(level_sizes), "ace_shapes": shapes,
+              "identifier_fit_s": id_s,
+              "query_tokens_note": "end-to-end: tokenization/encoding included for every method",
+              "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                          "torch": torch.__version__, "faiss": faiss.__version__, "threads": cfg.threads,
+                          "load_before": load_before, "load_after": os.getloadavg(),
+                          "seconds": time.time() - t_start},
+              "rows": rows, "ratios": ratios}
+    result["targets"] = targets(result)
+    return result
+
+
+def group_ratios(group: list[dict]) -> list[dict]:
+    """ACE q/s / DT q/s for every (ACE, DT) pair measured in one (device, N, D) group."""
+    out = []
+    for a in (r for r in group if r["family"] == "ACE"):
+        for b in (r for r in group if r["family"] == "DT"):
+            out.append({"device": a["device"], "n": a["n"], "dim": a["dim"], "ace": a["method"], "dt": b["method"],
+                        "qps_ratio": a["qps_median"] / b["qps_median"],
+                        "p50_ratio": b["p50_ms"] / a["p50_ms"]})
+    return out
+
+
+def targets(result: dict) -> list[dict]:
+    """The issue's targets at the largest N: ACE >= 3x DT exact (the faster exact backend) and >= DT+HNSW."""
+    out = []
+    rows, ratios = result["rows"], result["ratios"]
+    n = max(r["n"] for r in rows)
+    for (device, dim) in sorted({(r["device"], r["dim"]) for r in rows if r["n"] == n}):
+        group = [r for r in ratios if (r["device"], r["n"], r["dim"]) == (device, n, dim)]
+        for ace in dict.fromkeys(r["ace"] for r in group):
+            mine = {r["dt"]: r["qps_ratio"] for r in group if r["ace"] == ace}
+            exact = [v for k, v in mine.items() if k in ("DT-torch", "DT-faiss_flat")]
+            if exact:
+                v = min(exact)
+                out.append({"device": device, "n": n, "dim": dim, "ace": ace, "target": "ACE >= 3x DT exact",
+                            "ratio": v, "met": v >= 3.0})
+            if "DT-faiss_hnsw" in mine:
+                v = mine["DT-faiss_hnsw"]
+                out.append({"device": device, "n": n, "dim": dim, "ace": ace, "target": "ACE >= DT+HNSW",
+                            "ratio": v, "met": v >= 1.0})
+    return out
+
+
+# ------------------------------------------------------------------------------ report
+
+def markdown(result: dict) -> str:
+    cfg, m = result["config"], result["machine"]
+    lines = ["# End-to-end efficiency: ACE vs dual-tower search", "",
+             f"Command: `{result['command']}`", "",
+             f"Machine: {m['processor']}, {m['cpus']} CPUs, torch {m['torch']}, faiss {m['faiss']}, "
+             f"{m['threads']} threads; load average before {fmt_load(m['load_before'])}, after "
+             f"{fmt_load(m['load_after'])}; run took {m['seconds'] / 60:.1f} min.", "",
+             f"Queries: batch {cfg['batch']} x {cfg['num_batches']} per throughput pass, {cfg['repeats']} passes "
+             f"(median, best), batch-1 latency over {cfg['latency_queries']} x {cfg['repeats']} single queries. "
+             f"ACE beam {cfg['beams']}, identifiers {cfg['identifiers']} {result['level_sizes']}; "
+             f"HNSW M={cfg['hnsw_m']}, efConstruction={cfg['ef_construction']}, efSearch={cfg['ef_search']}.", ""]
+    for name, s in result["ace_shapes"].items():
+        lines.append(f"- {name}: `{s['spec']}`: d_model {s['d_model']}, encoder {s['encoder']} "
+                     f"({s['encoder_layers']} fused), {s['decoder_layers']} decoder layers, "
+                     f"query vocab {s['query_vocab']}, {s['params'] / 1e6:.1f}M parameters (random weights)")
+    lines += ["", "| device | N | D | method | q/s median (best) | p50 ms | p99 ms | build s | data B/item | "
+              "total B/item (incl. model) | recall@10 vs exact |",
+              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        rec = "" if r["recall_at_10_vs_exact"] is None else f"{r['recall_at_10_vs_exact']:.3f}"
+        lines.append(f"| {r['device']} | {r['n']:,} | {r['dim']} | {r['method']} | {r['qps_median']:.0f} "
+                     f"({r['qps_best']:.0f}) | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['build_s']:.2f} | "
+                     f"{r['data_per_item']:,.0f} | {r['total_per_item']:,.0f} | {rec} |")
+    lines += ["", "Ratios (ACE q/s / DT q/s, measured in the same group):", "",
+              "| device | N | D | ACE | DT | q/s ratio | p50 speed-up |", "|---|---:|---:|---|---|---:|---:|"]
+    for r in result["ratios"]:
+        lines.append(f"| {r['device']} | {r['n']:,} | {r['dim']} | {r['ace']} | {r['dt']} | {r['qps_ratio']:.2f} | "
+                     f"{r['p50_ratio']:.2f} |")
+    lines += ["", "Targets at the largest N:", "", "| device | N | D | ACE | target | ratio | met |",
+              "|---|---:|---:|---|---|---:|---|"]
+    for t in result["targets"]:
+        lines.append(f"| {t['device']} | {t['n']:,} | {t['dim']} | {t['ace']} | {t['target']} | {t['ratio']:.2f} | "
+                     f"{'yes' if t['met'] else 'no'} |")
+    lines += ["", "data B/item: ACE = trie arrays + identifier table (int64 codes) / N; DT = embedding matrix or "
+              "faiss index / N. total B/item adds the fixed model bytes (ACE model state_dict; DT text encoder "
+              "+ projection) / N."]
+    if result.get("plots"):
+        lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in result["plots"])]
+    if result.get("plot_notes"):
+        lines += [""] + result["plot_notes"]
+    return "\n".join(lines) + "\n"
+
+
+def fmt_load(load) -> str:
+    return " / ".join(f"{x:.2f}" for x in load)
+
+
+def read_quality(path: str) -> dict[str, dict]:
+    """Method name -> metrics from a quality-benchmark JSON: a list of rows with a method/name key,
+    {"rows"|"results"|"methods": ...}, or a mapping name -> metrics."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise EfficiencyError(f"quality JSON not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise EfficiencyError(f"quality JSON {path} is not valid JSON: {exc}") from None
+    if isinstance(data, dict):
+        for key in ("rows", "results", "methods"):
+            if key in data:
+                data = data[key]
+                break
+    out = {}
+    if isinstance(data, list):
+        for row in data:
+            name = isinstance(row, dict) and (row.get("method") or row.get("name"))
+            if name:
+                out[str(name)] = row.get("metrics", row)
+    elif isinstance(data, dict):
+        out = {str(k): v.get("metrics", v) for k, v in data.items() if isinstance(v, dict)}
+    out = {k: v for k, v in out.items() if isinstance(v, dict) and "R@10" in v}
+    if not out:
+        raise EfficiencyError(f"no methods with an 'R@10' figure in quality JSON {path}")
+    return out
+
+
+def pick_quality(quality: dict, wanted: str | None, patterns: list[tuple[str, ...]]) -> str | None:
+    if wanted:
+        if wanted not in quality:
+            raise EfficiencyError(f"method {wanted!r} not in the quality JSON; it has: {', '.join(quality)}")
+        return wanted
+    for words in patterns:
+        for name in quality:
+            low = name.lower()
+            if all(w in low for w in words) and not any(x in low for x in ("without", "w/o", "no ")):
+                return name
+    return None
+
+
+def plot(result: dict, out: Path, quality: dict | None, cfg: EfficiencyConfig) -> tuple[list[str], list[str]]:
+    """throughput_vs_corpus_size.png (+ recall_vs_throughput.png with quality figures); (paths, notes)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["device"] == "cpu"] or result["rows"]
+    dims = sorted({r["dim"] for r in rows})
+    fig, axes = plt.subplots(1, len(dims), figsize=(6 * len(dims), 4.5), squeeze=False)
+    for ax, d in zip(axes[0], dims):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            pts = sorted((r["n"], r["qps_median"]) for r in rows if r["dim"] == d and r["method"] == method)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ls="-" if method.startswith("DT") else "--", label=method)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("corpus size N (items)")
+        ax.set_ylabel("queries / s (end-to-end, batch %d)" % cfg.batch)
+        ax.set_title(f"DT item vectors D={d} ({rows[0]['device']}, {cfg.threads} threads)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths = [out / "throughput_vs_corpus_size.png"]
+    fig.savefig(paths[0], dpi=90)
+    plt.close(fig)
+    notes = []
+    if quality is None:
+        notes.append("No --quality-json given: recall_vs_throughput.png was not drawn (speed only).")
+        return [str(p) for p in paths], notes
+    n = max(r["n"] for r in rows)
+    ace_name = pick_quality(quality, cfg.quality_ace, [("ace", "full"), ("ace",)])
+    dt_name = pick_quality(quality, cfg.quality_dt, [("dt", "doc"), ("dt",)])
+    fig, axes = plt.subplots(1, len(dims), figsize=(6 * len(dims), 4.5), squeeze=False)
+    for ax, d in zip(axes[0], dims):
+        for r in (r for r in rows if r["n"] == n and r["dim"] == d):
+            if r["family"] == "ACE" and ace_name:
+                y, label = quality[ace_name]["R@10"], f"{r['method']} ({ace_name})"
+            elif r["family"] == "DT" and dt_name:
+                y = quality[dt_name]["R@10"] * (r["recall_at_10_vs_exact"] or 1.0)
+                label = f"{r['method']} ({dt_name}" + (" x HNSW recall vs exact)" if r["recall_at_10_vs_exact"]
+                                                       is not None else ")")
+            else:
+                continue
+            ax.scatter(r["qps_median"], y, label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"queries / s at N={n:,} (end-to-end)")
+        ax.set_ylabel("R@10 (quality benchmark)")
+        ax.set_title(f"recall vs throughput, D={d}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    paths.append(out / "recall_vs_throughput.png")
+    fig.savefig(paths[1], dpi=90)
+    plt.close(fig)
+    notes.append(f"recall_vs_throughput.png: R@10 from {cfg.quality_json} (ACE = '{ace_name}', DT = '{dt_name}'; "
+                 "the quality run's corpus, not the synthetic one of the speed figures); ACE int8 is drawn at the "
+                 "fp32 R@10 (not measured separately); DT+HNSW R@10 = the exact DT R@10 x HNSW recall@10 vs exact "
+                 "measured here (an estimate).")
+    return [str(p) for p in paths], notes
+
+
+# ------------------------------------------------------------------------------ CLI
+
+def parse_args(argv: list[str] | None) -> tuple[EfficiencyConfig, Path]:
+    d = EfficiencyConfig()
+    ap = argparse.ArgumentParser(prog="python -m ace.bench efficiency", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="folder for efficiency.json / .md / PNG plots")
+    ap.add_argument("--sizes", type=int, nargs="+", default=d.sizes)
+    ap.add_argument("--dims", type=int, nargs="+", default=d.dims)
+    ap.add_argument("--ace", action="append", default=None, metavar="NAME[=CONFIG.yaml][,key=value...]",
+                    help="ACE model shape (repeatable; default: 'default' and 'minilm=configs/flickr30k_proxy.yaml')")
+    ap.add_argument("--no-ace", action="store_true", help="measure DT only")
+    ap.add_argument("--precisions", nargs="+", default=d.precisions, choices=PRECISIONS)
+    ap.add_argument("--dt", nargs="*", default=d.dt_backends, choices=DT_BACKENDS, dest="dt_backends")
+    ap.add_argument("--devices", nargs="+", default=d.devices, help="auto (cpu + cuda when present), cpu, cuda")
+    for name in ("beams", "batch", "num_batches", "repeats", "latency_queries", "threads", "build_threads", "hnsw_m",
+                 "ef_construction", "ef_search", "hnsw_max_n", "seed"):
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    ap.add_argument("--identifiers", choices=("fitted", "random"), default=d.identifiers)
+    ap.add_argument("--id", nargs="*", default=[], dest="id_overrides", metavar="KEY=VALUE",
+                    help="IdentifierConfig overrides, e.g. --id K=64 max_u=256")
+    ap.add_argument("--queries", default=None, help=".txt (one query a line) or a caption file")
+    ap.add_argument("--text-encoder", default=d.text_encoder)
+    ap.add_argument("--cache-dir", default=None, help="keep synthetic embeddings, identifiers and HNSW indexes here")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="only build the cached identifiers and HNSW indexes (needs --cache-dir)")
+    ap.add_argument("--quality-json", default=None, help="JSON of the quality benchmark (recall figures)")
+    ap.add_argument("--quality-ace", default=None)
+    ap.add_argument("--quality-dt", default=None)
+    a = vars(ap.parse_args(argv))
+    out = Path(a.pop("out"))
+    ace = [] if a.pop("no_ace") else (a.pop("ace") or d.ace)
+    a.pop("ace", None)
+    return EfficiencyConfig(ace=ace, **a), out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        cfg, out = parse_args(argv)
+        quality = read_quality(cfg.quality_json) if cfg.quality_json else None
+        result = run(cfg, command="python -m ace.bench efficiency " + " ".join(argv))
+    except (EfficiencyError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if cfg.prepare_only:
+        print(json.dumps(result))
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    result["plots"], result["plot_notes"] = plot(result, out, quality, cfg)
+    (out / "efficiency.json").write_text(json.dumps(result, indent=1))
+    text = markdown(result)
+    (out / "efficiency.md").write_text(text)
+    print(text)
+    return 0

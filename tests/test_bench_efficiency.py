@@ -1,0 +1,209 @@
+"""ace.bench efficiency: the CLI on tiny corpora (JSON / Markdown / PNG outputs) and its accounting helpers."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ace.bench.__main__ import main as bench_main
+from ace.bench.efficiency import (EfficiencyConfig, EfficiencyError, bytes_per_item, faiss_index_bytes,
+                                  latency_summary, parse_ace_spec, read_quality, recall_at_k, state_dict_bytes,
+                                  trie_bytes)
+from ace.synthetic import mixture_embeddings, random_codes
+from identifiers.trie import FlatTrie
+
+TINY_MODEL = "model:\n  d_model: 32\n  n_heads: 2\n  encoder_layers: 1\n  decoder_layers: 1\n  ffn_dim: 64\n"
+TINY_IDS = ["--identifiers", "random", "--id", "K=16", "codebook_size=16", "max_u=8"]
+FAST = ["--batch", "8", "--num-batches", "1", "--repeats", "2", "--latency-queries", "2", "--threads", "1"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One CLI run: N = 200 and 1000, D = 32, a tiny ACE shape (fp32 + int8) and all DT backends."""
+    root = tmp_path_factory.mktemp("eff")
+    (root / "tiny.yaml").write_text(TINY_MODEL)
+    (root / "queries.txt").write_text("\n".join(f"a {c} dog on the {p}" for c in ("red", "blue", "green")
+                                                for p in ("beach", "street", "grass", "snow")))
+    (root / "quality.json").write_text(json.dumps({"rows": [
+        {"method": "ACE (full) beam 5", "R@1": 40.0, "R@10": 70.0},
+        {"method": "ACE without fusion", "R@1": 30.0, "R@10": 60.0},
+        {"method": "DT doc+queries", "R@1": 60.0, "R@10": 90.0}]}))
+    out = root / "out"
+    rc = bench_main(["efficiency", "--out", str(out), "--sizes", "200", "1000", "--dims", "32",
+                     "--ace", f"tiny={root / 'tiny.yaml'},dropout=0.0", "--queries", str(root / "queries.txt"),
+                     "--quality-json", str(root / "quality.json"), *TINY_IDS, *FAST])
+    assert rc == 0
+    return out, json.loads((out / "efficiency.json").read_text())
+
+
+def test_cli_json_rows_cover_every_method_and_size(tiny_run):
+    _, res = tiny_run
+    methods = {"tiny-fp32", "tiny-int8", "DT-torch", "DT-faiss_flat", "DT-faiss_hnsw"}
+    for n in (200, 1000):
+        rows = {r["method"]: r for r in res["rows"] if r["n"] == n}
+        assert set(rows) == methods
+        for r in rows.values():
+            assert r["device"] == "cpu" and r["dim"] == 32
+            assert r["qps_median"] > 0 and r["qps_best"] >= r["qps_median"] and len(r["qps_runs"]) == 2
+            assert 0 < r["p50_ms"] <= r["p99_ms"] and r["count"] == 4
+            assert r["total_per_item"] > r["data_per_item"] > 0
+        assert rows["DT-torch"]["data_bytes"] == n * 32 * 4                   # float32 N x D
+        assert n * 32 * 4 <= rows["DT-faiss_flat"]["data_bytes"] < n * 32 * 4 + 1024
+        assert rows["DT-faiss_hnsw"]["data_bytes"] > rows["DT-faiss_flat"]["data_bytes"]   # + graph links
+        assert 0.0 <= rows["DT-faiss_hnsw"]["recall_at_10_vs_exact"] <= 1.0
+        assert rows["DT-torch"]["recall_at_10_vs_exact"] is None
+        assert rows["tiny-fp32"]["data_bytes"] == rows["tiny-int8"]["data_bytes"]        # same trie + codes
+        assert rows["tiny-int8"]["fixed_bytes"] < rows["tiny-fp32"]["fixed_bytes"]
+    assert res["level_sizes"] == [16, 16, 16, 8]
+    assert res["ace_shapes"]["tiny-fp32"]["d_model"] == 32
+    assert res["machine"]["threads"] == 1 and len(res["machine"]["load_before"]) == 3
+
+
+def test_cli_ratios_and_targets_are_consistent_with_rows(tiny_run):
+    _, res = tiny_run
+    assert len(res["ratios"]) == 2 * 2 * 3                                      # sizes x ACE x DT
+    q = {(r["n"], r["method"]): r["qps_median"] for r in res["rows"]}
+    for r in res["ratios"]:
+        assert r["qps_ratio"] == pytest.approx(q[r["n"], r["ace"]] / q[r["n"], r["dt"]])
+    t = {(x["ace"], x["target"]): x for x in res["targets"]}
+    assert set(t) == {(a, k) for a in ("tiny-fp32", "tiny-int8") for k in ("ACE >= 3x DT exact", "ACE >= DT+HNSW")}
+    for (ace, kind), x in t.items():
+        assert x["n"] == 1000
+        exact = min(q[1000, ace] / q[1000, "DT-torch"], q[1000, ace] / q[1000, "DT-faiss_flat"])
+        want = exact if kind == "ACE >= 3x DT exact" else q[1000, ace] / q[1000, "DT-faiss_hnsw"]
+        assert x["ratio"] == pytest.approx(want)
+        assert x["met"] == (want >= (3.0 if "3x" in kind else 1.0))
+
+
+def test_cli_markdown_and_png_outputs(tiny_run):
+    out, res = tiny_run
+    md = (out / "efficiency.md").read_text()
+    assert md.startswith("# End-to-end efficiency")
+    assert "python -m ace.bench efficiency" in md and "load average before" in md
+    assert md.count("| cpu | 1,000 | 32 |") >= 5 + 6                         # table rows + ratio rows
+    assert "Targets at the largest N" in md and "recall_vs_throughput.png" in md
+    for name in ("throughput_vs_corpus_size.png", "recall_vs_throughput.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000
+    assert any("ACE = 'ACE (full) beam 5', DT = 'DT doc+queries'" in n for n in res["plot_notes"])
+
+
+def test_cli_ace_only_without_quality_draws_speed_only(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY_MODEL)
+    rc = bench_main(["efficiency", "--out", str(tmp_path / "o"), "--sizes", "300", "--dims", "16", "--dt",
+                     "--ace", f"t={tmp_path / 'tiny.yaml'}", "--precisions", "fp32", *TINY_IDS, *FAST])
+    assert rc == 0
+    res = json.loads((tmp_path / "o" / "efficiency.json").read_text())
+    assert [r["method"] for r in res["rows"]] == ["t-fp32"] and res["ratios"] == [] and res["targets"] == []
+    assert (tmp_path / "o" / "throughput_vs_corpus_size.png").is_file()
+    assert not (tmp_path / "o" / "recall_vs_throughput.png").exists()
+    assert "not drawn (speed only)" in (tmp_path / "o" / "efficiency.md").read_text()
+
+
+def test_cli_bad_model_key_is_a_clear_error(tmp_path, capsys):
+    rc = bench_main(["efficiency", "--out", str(tmp_path), "--sizes", "50", "--dims", "8", "--dt",
+                     "--ace", "bad=no_such_key=1", *TINY_IDS, *FAST])
+    assert rc == 2
+    assert "no_such_key" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ helpers
+
+def test_latency_summary_percentiles():
+    s = latency_summary(range(1, 101))                                          # 1..100 ms
+    assert s["p50_ms"] == pytest.approx(50.5) and s["p99_ms"] == pytest.approx(99.01)
+    assert s["mean_ms"] == pytest.approx(50.5) and s["count"] == 100
+    assert latency_summary([7.0])["p99_ms"] == 7.0
+    with pytest.raises(EfficiencyError, match="no latencies"):
+        latency_summary([])
+    with pytest.raises(EfficiencyError, match="finite"):
+        latency_summary([1.0, float("nan")])
+
+
+def test_bytes_per_item_known_case():
+    b = bytes_per_item(fixed_bytes=1000, data_bytes=500, n=10)
+    assert b == {"fixed_bytes": 1000, "data_bytes": 500, "data_per_item": 50.0, "total_per_item": 150.0}
+    with pytest.raises(EfficiencyError, match="corpus size"):
+        bytes_per_item(fixed_bytes=1, data_bytes=1, n=0)
+
+
+def test_trie_bytes_counts_the_decoder_arrays():
+    trie = FlatTrie.from_codes(np.array([[0, 0], [0, 1], [1, 0]]), [2, 2])      # root, 2 inner, 3 leaves
+    assert trie_bytes(trie) == (6 + 6 + 5 + 5 + 6) * 8                        # start, count, code, node, leaf
+
+
+def test_faiss_index_bytes_matches_serialisation():
+    import faiss
+    x = mixture_embeddings(500, 24, seed=1, components=10)
+    flat = faiss.IndexFlatIP(24)
+    hnsw = faiss.IndexHNSWFlat(24, 8, faiss.METRIC_INNER_PRODUCT)
+    for index in (flat, hnsw):
+        index.add(x)
+        serial = len(faiss.serialize_index(index))
+        assert x.nbytes <= faiss_index_bytes(index) <= serial < faiss_index_bytes(index) + 512
+    assert faiss_index_bytes(flat) == x.nbytes
+    with pytest.raises(EfficiencyError, match="no size accounting"):
+        faiss_index_bytes(faiss.IndexIVFFlat(flat, 24, 4))
+
+
+def test_state_dict_bytes_int8_smaller():
+    from ace.decoding import quantize_dynamic_int8
+    m = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 4))
+    fp32 = state_dict_bytes(m)
+    assert fp32 >= (256 * 256 + 256 + 256 * 4 + 4) * 4
+    assert state_dict_bytes(quantize_dynamic_int8(m)) < fp32 / 2
+
+
+def test_recall_at_k():
+    exact = np.array([[1, 2, 3, 4], [5, 6, -1, -1]])
+    approx = np.array([[4, 3, 9, 8], [6, 5, 7, 1]])
+    assert recall_at_k(approx, exact) == pytest.approx((2 / 4 + 2 / 2) / 2)
+    with pytest.raises(EfficiencyError, match="shapes"):
+        recall_at_k(approx[:1], exact)
+
+
+def test_parse_ace_spec():
+    assert parse_ace_spec("default") == ("default", None, [])
+    assert parse_ace_spec("m=configs/x.yaml,decoder_layers=4") == ("m", "configs/x.yaml", ["decoder_layers=4"])
+    assert parse_ace_spec("t=d_model=32,n_heads=2") == ("t", None, ["d_model=32", "n_heads=2"])
+    with pytest.raises(EfficiencyError, match="no name"):
+        parse_ace_spec("=a.yaml")
+    with pytest.raises(EfficiencyError, match="two config files"):
+        parse_ace_spec("x=a.yaml,b.yaml")
+
+
+def test_config_validation():
+    with pytest.raises(EfficiencyError, match="precisions"):
+        EfficiencyConfig(precisions=["fp16"])
+    with pytest.raises(EfficiencyError, match="unknown DT backend"):
+        EfficiencyConfig(dt_backends=["annoy"])
+    with pytest.raises(EfficiencyError, match="cache_dir"):
+        EfficiencyConfig(prepare_only=True)
+    with pytest.raises(EfficiencyError, match="sizes"):
+        EfficiencyConfig(sizes=[0])
+    assert EfficiencyConfig(sizes=[1000, 10, 1000]).sizes == [10, 1000]
+
+
+def test_read_quality_formats(tmp_path):
+    p = tmp_path / "q.json"
+    p.write_text(json.dumps({"ACE": {"R@1": 1.0, "R@10": 2.0}, "DT": {"metrics": {"R@10": 3.0}}}))
+    assert read_quality(str(p)) == {"ACE": {"R@1": 1.0, "R@10": 2.0}, "DT": {"R@10": 3.0}}
+    p.write_text(json.dumps([{"name": "ACE", "R@1": 5.0}]))
+    with pytest.raises(EfficiencyError, match="R@10"):
+        read_quality(str(p))
+    p.write_text("{not json")
+    with pytest.raises(EfficiencyError, match="not valid JSON"):
+        read_quality(str(p))
+
+
+def test_random_codes_and_mixture_embeddings():
+    codes = random_codes(500, [8, 8, 8], np.random.default_rng(0))
+    assert codes.shape == (500, 3) and len({tuple(c) for c in codes}) == 500
+    assert codes.min() >= 0 and codes.max() < 8
+    with pytest.raises(ValueError, match="distinct"):
+        random_codes(100, [3, 3], np.random.default_rng(0))
+    x = mixture_embeddings(100, 16, seed=3, components=5)
+    assert x.dtype == np.float32 and np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+    assert np.array_equal(x, mixture_embeddings(100, 16, seed=3, components=5))          # seeded
+    assert not np.array_equal(x, mixture_embeddings(100, 16, seed=4, components=5))
