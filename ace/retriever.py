@@ -363,8 +363,6 @@ class Retriever:
 
     def _embed(self, items: Sequence[CorpusItem]) -> np.ndarray:
         """(N, D) float32: the given embeddings, or the run's encoder on the media files (inside the corpus root)."""
-        from ace.server import resolve_media_file
-
         dim = self.id_tokenizer.dim
         out = np.zeros((len(items), dim), dtype=np.float32)
         todo = []
@@ -380,6 +378,8 @@ class Retriever:
                     raise RetrieverError(f"item {it.item_id!r}: embedding is all zeros")
                 out[n] = vec
                 continue
+            from ace.server import resolve_media_file
+
             root = self.corpus_root
             if root is None:
                 raise RetrieverError(f"item {it.item_id!r}: this run has no corpus root, so media files cannot be "
@@ -444,10 +444,10 @@ class Retriever:
                 self.id_tokenizer.remove(ids)  # nothing committed: forget the identifiers
                 raise
             self.fallback.add(ids, emb)  # validated above; the store already holds the items
+            # the generative tries are unchanged: added rows are appended to the identifier trie, never decoded
             for it in stored:
                 self._stored[it.item_id] = it
                 self._modality[it.item_id] = it.modality
-            self.invalidate_tries()
         return [tuple(int(c) for c in row) for row in codes]
 
     def delete_items(self, item_ids: Sequence[str]) -> int:

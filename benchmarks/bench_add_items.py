@@ -4,7 +4,8 @@
 
 Works on a copy of the run (``--out/run``; the original is never written). The run needs RUN/fallback
 (the pipeline's `fallback` stage). New items are the run's trained embeddings plus Gaussian noise
-(unit-normalised), with fresh ids. Measured:
+of norm ``--noise`` (unit-normalised), with fresh ids; a run's identifier space bounds how many
+fit (``max_u`` items per identifier prefix: the demo's 64 allow a few hundred near its 152 items). Measured:
 
 - library: ``Retriever.add_items`` with batches of 1 and of 100 (items/s, wall clock; each batch is
   one committed SQLite transaction, synchronous=FULL);
@@ -34,10 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+NOISE = 1.0  # --noise: norm of the Gaussian offset from a trained embedding
+
+
 def new_items(emb: np.ndarray, n: int, prefix: str, seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
     base = emb[rng.integers(0, len(emb), n)]
-    vec = base + 0.3 * rng.standard_normal(base.shape) / np.sqrt(base.shape[1])
+    vec = base + NOISE * rng.standard_normal(base.shape) / np.sqrt(base.shape[1])
     vec /= np.linalg.norm(vec, axis=1, keepdims=True)
     return [{"item_id": f"{prefix}{i}", "modality": "image", "embedding": v.astype(np.float32).tolist(),
              "captions": [f"benchmark item {i}"]} for i, v in enumerate(vec)]
@@ -66,8 +70,14 @@ def bench_library(run: Path, emb: np.ndarray, n: int) -> dict:
         sec = time.perf_counter() - t
         out[f"batch_{batch}"] = {"items": n, "seconds": round(sec, 3), "items_per_s": round(n / sec, 1)}
         print(f"library batch {batch}: {n / sec:.1f} items/s")
-    # a search still works and sees them
-    assert r.search_fallback(["benchmark item"], k=1)[0]
+    # searching with the fallback holding the added items: merged vs each path alone (100 held-out queries)
+    queries = [q for q, _ in json.loads((run / "test_queries.json").read_text())][:100]
+    for name, fn in (("generative", r.search_generative), ("fallback", r.search_fallback), ("merged", r.search)):
+        fn(queries[:5], k=10)  # warm-up
+        t = time.perf_counter()
+        fn(queries, k=10)
+        out[f"search_ms_per_query_{name}"] = round(1000 * (time.perf_counter() - t) / len(queries), 2)
+    out["fallback_items_while_searching"] = len(r.fallback)
     r.close()
     return out
 
@@ -139,24 +149,29 @@ def bench_bytes(run: Path, emb: np.ndarray, n: int) -> dict:
     snap1 = tracemalloc.take_snapshot()
     tracemalloc.stop()
     traced = sum(st.size_diff for st in snap1.compare_to(snap0, "filename"))
-    # faiss keeps its own copy of the codes (+ the IDMap's int64 id) outside Python's allocator
-    faiss_bytes = fb.index.index.ntotal * (codes_bytes + 8) if fb.index.index is not None else 0
     disk = run.parent / "bytes_index"
     if disk.exists():
         shutil.rmtree(disk)
     fb.save(disk)
-    on_disk = sum(p.stat().st_size for p in disk.rglob("*") if p.is_file())
     empty = run.parent / "bytes_empty"
     if empty.exists():
         shutil.rmtree(empty)
     FallbackIndex.load(run / "fallback").save(empty)
-    on_disk_empty = sum(p.stat().st_size for p in empty.rglob("*") if p.is_file())
+
+    def size(folder: Path) -> dict[str, int]:
+        return {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+
+    full, base = size(disk), size(empty)
+    per_file = {k: round((v - base.get(k, 0)) / n, 1) for k, v in full.items() if v != base.get(k, 0)}
+    # faiss keeps codes, ids and the HNSW graph outside Python's allocator: its serialised size stands for it
+    faiss_bytes = full.get("index/binary.index", 0) - base.get("index/binary.index", 0)
     return {"items": n, "bits": fb.head.bits, "dim": fb.head.dim, "index_kind": fb.index.config.kind,
             "nominal": {"hash_code": codes_bytes, "float_vector": 4 * fb.head.dim, "faiss_id": 8},
             "memory_per_item": round((traced + faiss_bytes) / n, 1),
-            "memory_breakdown_per_item": {"python_traced (numpy vectors/codes + id dicts)": round(traced / n, 1),
-                                          "faiss codes + ids": round(faiss_bytes / n, 1)},
-            "disk_per_item": round((on_disk - on_disk_empty) / n, 1)}
+            "memory_breakdown_per_item": {
+                "python_traced (float vectors + codes as numpy rows, id dicts)": round(traced / n, 1),
+                "faiss index (codes + ids + HNSW graph, serialised size)": round(faiss_bytes / n, 1)},
+            "disk_per_item": round(sum(per_file.values()), 1), "disk_per_file_per_item": per_file}
 
 
 def main() -> int:
@@ -166,7 +181,9 @@ def main() -> int:
     ap.add_argument("--items", type=int, default=1000, help="items added per configuration")
     ap.add_argument("--bytes-items", type=int, default=10000, help="items added for the bytes-per-item figure")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--noise", type=float, default=NOISE, help="norm of the offset of new items from trained ones")
     args = ap.parse_args()
+    globals()["NOISE"] = args.noise
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -177,7 +194,7 @@ def main() -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     emb = np.load(args.run / "embeddings.npy")
-    results = {"run": str(args.run), "items": args.items, "threads": args.threads,
+    results = {"run": str(args.run), "items": args.items, "threads": args.threads, "noise": args.noise,
                "load_average_before": os.getloadavg()}
     results["library"] = bench_library(copy_run(args.run, args.out / "run_lib"), emb, args.items)
     results["api"] = bench_api(copy_run(args.run, args.out / "run_api"), emb, args.items, args.threads)
