@@ -25,10 +25,12 @@ def tiny_run(tmp_path_factory):
     (root / "tiny.yaml").write_text(TINY_MODEL)
     (root / "queries.txt").write_text("\n".join(f"a {c} dog on the {p}" for c in ("red", "blue", "green")
                                                 for p in ("beach", "street", "grass", "snow")))
-    (root / "quality.json").write_text(json.dumps({"rows": [
-        {"method": "ACE (full) beam 5", "R@1": 40.0, "R@10": 70.0},
-        {"method": "ACE without fusion", "R@1": 30.0, "R@10": 60.0},
-        {"method": "DT doc+queries", "R@1": 60.0, "R@10": 90.0}]}))
+    (root / "quality.json").write_text(json.dumps({"summary": [                   # ace.bench quality's format
+        {"method": "dt_zero_shot", "beams": None, "R@1": 50.0, "R@10": 80.0},
+        {"method": "ace_no_fusion", "beams": 5, "R@1": 30.0, "R@10": 60.0},
+        {"method": "ace", "beams": 25, "R@1": 45.0, "R@10": 75.0},
+        {"method": "ace", "beams": 5, "R@1": 40.0, "R@10": 70.0},
+        {"method": "dt_doc_plus_queries", "beams": None, "R@1": 60.0, "R@10": 90.0}]}))
     out = root / "out"
     rc = bench_main(["efficiency", "--out", str(out), "--sizes", "200", "1000", "--dims", "32",
                      "--ace", f"tiny={root / 'tiny.yaml'},dropout=0.0", "--queries", str(root / "queries.txt"),
@@ -86,7 +88,7 @@ def test_cli_markdown_and_png_outputs(tiny_run):
     for name in ("throughput_vs_corpus_size.png", "recall_vs_throughput.png"):
         data = (out / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5000
-    assert any("ACE = 'ACE (full) beam 5', DT = 'DT doc+queries'" in n for n in res["plot_notes"])
+    assert any("ACE = 'ace beam 5', DT = 'dt_doc_plus_queries'" in n for n in res["plot_notes"])
 
 
 def test_cli_ace_only_without_quality_draws_speed_only(tmp_path):
@@ -189,6 +191,9 @@ def test_read_quality_formats(tmp_path):
     p = tmp_path / "q.json"
     p.write_text(json.dumps({"ACE": {"R@1": 1.0, "R@10": 2.0}, "DT": {"metrics": {"R@10": 3.0}}}))
     assert read_quality(str(p)) == {"ACE": {"R@1": 1.0, "R@10": 2.0}, "DT": {"R@10": 3.0}}
+    p.write_text(json.dumps({"rows": [{"method": "ace", "beams": 5, "seed": 0, "R@10": 1.0},
+                                      {"method": "ace", "beams": 5, "seed": 1, "R@10": 2.0}]}))
+    assert read_quality(str(p)) == {"ace beam 5": {"method": "ace", "beams": 5, "seed": 0, "R@10": 1.0}}
     p.write_text(json.dumps([{"name": "ACE", "R@1": 5.0}]))
     with pytest.raises(EfficiencyError, match="R@10"):
         read_quality(str(p))

@@ -613,8 +613,8 @@ def fmt_load(load) -> str:
 
 
 def read_quality(path: str) -> dict[str, dict]:
-    """Method name -> metrics from a quality-benchmark JSON: a list of rows with a method/name key,
-    {"rows"|"results"|"methods": ...}, or a mapping name -> metrics."""
+    """Method name -> metrics from a quality-benchmark JSON (ace.bench quality's ``summary`` or
+    ``rows``: method + beams -> "ace beam 5"), a list of such rows, or a mapping name -> metrics."""
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -622,7 +622,7 @@ def read_quality(path: str) -> dict[str, dict]:
     except json.JSONDecodeError as exc:
         raise EfficiencyError(f"quality JSON {path} is not valid JSON: {exc}") from None
     if isinstance(data, dict):
-        for key in ("rows", "results", "methods"):
+        for key in ("summary", "rows", "results"):
             if key in data:
                 data = data[key]
                 break
@@ -631,7 +631,8 @@ def read_quality(path: str) -> dict[str, dict]:
         for row in data:
             name = isinstance(row, dict) and (row.get("method") or row.get("name"))
             if name:
-                out[str(name)] = row.get("metrics", row)
+                beams = row.get("beams")
+                out.setdefault(f"{name} beam {beams}" if beams else str(name), row.get("metrics", row))
     elif isinstance(data, dict):
         out = {str(k): v.get("metrics", v) for k, v in data.items() if isinstance(v, dict)}
     out = {k: v for k, v in out.items() if isinstance(v, dict) and "R@10" in v}
@@ -648,7 +649,7 @@ def pick_quality(quality: dict, wanted: str | None, patterns: list[tuple[str, ..
     for words in patterns:
         for name in quality:
             low = name.lower()
-            if all(w in low for w in words) and not any(x in low for x in ("without", "w/o", "no ")):
+            if all(w in low for w in words) and not any(x in low for x in ("without", "w/o", "no ", "_no_")):
                 return name
     return None
 
@@ -683,7 +684,7 @@ def plot(result: dict, out: Path, quality: dict | None, cfg: EfficiencyConfig) -
         notes.append("No --quality-json given: recall_vs_throughput.png was not drawn (speed only).")
         return [str(p) for p in paths], notes
     n = max(r["n"] for r in rows)
-    ace_name = pick_quality(quality, cfg.quality_ace, [("ace", "full"), ("ace",)])
+    ace_name = pick_quality(quality, cfg.quality_ace, [("ace", f"beam {cfg.beams}"), ("ace", "full"), ("ace",)])
     dt_name = pick_quality(quality, cfg.quality_dt, [("dt", "doc"), ("dt",)])
     fig, axes = plt.subplots(1, len(dims), figsize=(6 * len(dims), 4.5), squeeze=False)
     for ax, d in zip(axes[0], dims):
