@@ -104,6 +104,9 @@ def _check_run(run: Path) -> None:
     if not run.is_dir():
         raise FoldError(f"run folder not found: {run}")
     needed = ["config.yaml", "model", "identifiers", "query_tokenizer", "identifier_vocab.json"]
+    dirs = _fold_dirs(run)
+    if dirs and _phase(dirs[-1][1]) == "swapping":  # a fold died between its renames: rolled forward below
+        needed = [n for n in needed if n not in SWAPPED]
     missing = [n for n in needed if not (run / n).exists()]
     if missing:
         raise FoldError(f"{run} is not a trained run: missing {', '.join(missing)} "
@@ -379,6 +382,7 @@ class Fold:
             _set_phase(fold_dir, "swapping", **_info(record))
             self._swap_in(fold_dir)
             _set_phase(fold_dir, "swapped", **_info(record))
+            shutil.rmtree(fold_dir / "checkpoints", ignore_errors=True)  # the model is committed: optimizer state is dead weight
             phase = "swapped"
         if phase == "swapped":
             # items deleted meanwhile stay deleted; after a crash some may already be folded

@@ -61,7 +61,7 @@ def base_run(tmp_path_factory) -> Path:
     from ace.pipeline import Pipeline, RunConfig
 
     base = tmp_path_factory.mktemp("fold")
-    Pipeline(load_config(RunConfig, _config(base)), progress=False).run_all()
+    Pipeline(load_config(RunConfig, _config(base)), progress=False).run_all(until="fallback")
     run = base / "run"
     new = {r["item_id"]: r for r in _items() if r["item_id"] in NEW}
     retriever = Retriever.from_run(run, device="cpu")
@@ -133,7 +133,7 @@ def test_deleted_items_stay_deleted_and_second_fold_does_nothing(run):
     r = Retriever.from_run(run, device="cpu")
     r.delete_items(["red-car", NEW[0]])  # one trained, one added
     r.close()
-    result = _fold(run)
+    result = _fold(run, "steps=20")
     assert sorted(result.folded) == sorted(NEW[1:])
     with ItemStore(run / "store.sqlite") as store:
         assert store.status("red-car") == "deleted" and store.status(NEW[0]) == "deleted"
@@ -161,7 +161,7 @@ def test_crash_before_the_swap_keeps_the_old_model_then_the_next_fold_finishes(r
 
     monkeypatch.setattr(Fold, "_swap_in", crash)
     with pytest.raises(RuntimeError, match="injected"):
-        _fold(run)
+        _fold(run, "steps=20")
     assert _model_bytes(run) == old_model and not (run / "model.prev").exists()
     r = Retriever.from_run(run, device="cpu")  # still usable: old model, items still in the fallback
     try:
@@ -172,11 +172,13 @@ def test_crash_before_the_swap_keeps_the_old_model_then_the_next_fold_finishes(r
     with ItemStore(run / "store.sqlite") as store:
         assert store.count(source="added") == len(NEW)
     assert _identifiers(run) == ids
+    staged = _model_bytes(run / "fold" / "1")
+    assert json.loads((run / "fold" / "1" / "state.json").read_text())["phase"] == "swapping"
 
     monkeypatch.undo()
-    result = _fold(run)  # rolls the staged fold forward (no retraining)
+    result = _fold(run, "steps=20")  # rolls the staged fold forward (no retraining)
     assert sorted(result.folded) == sorted(NEW) and result.fold_dir.name == "1"
-    assert _model_bytes(run) != old_model and _identifiers(run) == ids
+    assert _model_bytes(run) == staged != old_model and _identifiers(run) == ids
     with ItemStore(run / "store.sqlite") as store:
         assert store.count(source="folded") == len(NEW)
 
@@ -202,3 +204,20 @@ def test_nothing_to_fold_exits_zero(base_run, tmp_path, capsys):
 
     assert train.main(["fold", "--run", str(run), "--quiet"]) == 0
     assert "nothing to fold" in capsys.readouterr().out
+
+
+def test_crash_between_the_renames_is_rolled_forward(run, monkeypatch):
+    old_model = _model_bytes(run)
+
+    def crash(self, fold_dir):  # the old model moved aside, the staged one not yet in place
+        (self.run / "model").rename(self.run / "model.prev")
+        raise RuntimeError("injected crash between the renames")
+
+    monkeypatch.setattr(Fold, "_swap_in", crash)
+    with pytest.raises(RuntimeError, match="injected"):
+        _fold(run, "steps=10")
+    staged = _model_bytes(run / "fold" / "1")
+    monkeypatch.undo()
+    result = _fold(run, "steps=10")
+    assert sorted(result.folded) == sorted(NEW)
+    assert _model_bytes(run) == staged and {p.name: p.read_bytes() for p in (run / "model.prev").iterdir()} == old_model
