@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 NOISE = 1.0  # --noise: norm of the Gaussian offset from a trained embedding
@@ -82,16 +82,12 @@ def bench_library(run: Path, emb: np.ndarray, n: int) -> dict:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bench_api(run: Path, emb: np.ndarray, n: int, threads: int) -> dict:
     import httpx
 
-    port = free_port()
+    from load_test import _free_port, _wait_healthy  # benchmarks/load_test.py
+
+    port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "ACE_API_KEY": "bench"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--run", str(run), "--port", str(port),
                              "--device", "cpu", "--log-level", "warning", f"torch_threads={threads}"],
@@ -99,16 +95,7 @@ def bench_api(run: Path, emb: np.ndarray, n: int, threads: int) -> dict:
     url, key = f"http://127.0.0.1:{port}", {"X-API-Key": "bench"}
     out = {}
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("serve.py did not start")
-            time.sleep(0.3)
+        _wait_healthy(url, proc, 300)
         with httpx.Client(base_url=url, timeout=120) as c:
             for batch in (1, 100):
                 rows = new_items(emb, n, f"api{batch}/", seed=1000 + batch)

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -22,6 +21,9 @@ from ace.store import ItemStore
 from tests.conftest import ROOT
 from tests.serving_support import free_port, png_bytes, running_server, wav_bytes
 from tests.test_pipeline import make_corpus
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from load_test import _wait_healthy  # noqa: E402  (benchmarks/load_test.py: polls /health, fails if the process exits)
 
 KEY = {"X-API-Key": "k3y"}
 DIM = 24
@@ -354,19 +356,10 @@ def test_sigkill_during_a_stream_of_adds_loses_no_acknowledged_item(run, text_en
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACE_API_KEY": "k3y"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--run", str(run), "--port", str(port),
                              "--device", "cpu", "--log-level", "warning", "max_wait_ms=1"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
+        _wait_healthy(url, proc, 180)
         rng = np.random.default_rng(0)
         acked, sent = [], []
         killer = threading.Timer(0.5, proc.kill)  # SIGKILL
@@ -391,7 +384,6 @@ def test_sigkill_during_a_stream_of_adds_loses_no_acknowledged_item(run, text_en
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
-        proc.stderr.close()
     with ItemStore(run / "store.sqlite") as store:
         assert store.pragma("integrity_check") == "ok"
         rows = list(store.iterate(status=None))
