@@ -1,6 +1,6 @@
 """ACE training pipeline CLI.
 
-    python train.py --config configs/demo.yaml [key=value ...]      # encode -> identifiers -> querygen -> train -> eval -> report
+    python train.py --config configs/demo.yaml [key=value ...]      # encode -> identifiers -> querygen -> train -> fallback -> eval -> report
     python train.py --config configs/demo.yaml --until identifiers  # stop after a stage
     python train.py --config configs/demo.yaml --force train        # re-run a stage (and the ones after it)
     python train.py fold --run runs/demo [steps=500 ...]             # fold items added since training into the model
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Train an ACE generative retriever end to end.",
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--config", help="YAML config (configs/*.yaml)")
-    ap.add_argument("--until", default="report", help="last stage to run: corpus, encode, identifiers, querygen, train, eval, report")
+    ap.add_argument("--until", default="report", help="last stage to run: corpus, encode, identifiers, querygen, train, fallback, eval, report")
     ap.add_argument("--force", default=None, help="re-run this stage and every later one")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides (dotted for sections)")
