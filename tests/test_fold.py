@@ -7,34 +7,25 @@ import numpy as np
 import pytest
 
 from ace.corpus import CorpusItem
-from ace.fold import Fold, FoldConfig, FoldError, fold_run
+from ace.fold import Fold, FoldConfig, fold_run
 from ace.retriever import Retriever
 from ace.store import ItemStore
+from tests.test_pipeline import TEMPLATES, make_corpus
 
-COLOURS = ["red", "green", "blue", "yellow", "black", "white"]
-THINGS = ["car", "dog", "house", "boat", "tree", "chair"]
-TEMPLATES = ["a {c} {t}", "the {t} is {c}", "photo of a {c} {t}", "{c} coloured {t}", "picture showing one {c} {t}",
-             "a {t} painted {c}"]
 NEW = ["white-car", "blue-tree", "black-dog", "green-boat", "yellow-chair", "red-house"]  # added after training
 FOLD = ["steps=80", "batch_size=32", "lr=3e-3", "warmup_steps=10", "min_replay=100", "checkpoint_every=40",
         "num_beams=5", "top_k=5", "eval_batch_size=50", "progress=false", "device=cpu"]
 
 
-def _items(dim: int = 24) -> list[dict]:
-    rng = np.random.default_rng(0)
-    colour_vec, thing_vec = rng.standard_normal((6, dim)), rng.standard_normal((6, dim))
-    rows = []
-    for ci, c in enumerate(COLOURS):
-        for ti, t in enumerate(THINGS):
-            emb = colour_vec[ci] + thing_vec[ti] + 0.05 * rng.standard_normal(dim)
-            rows.append({"item_id": f"{c}-{t}", "modality": "image", "embedding": (emb / np.linalg.norm(emb)).tolist(),
-                         "captions": [tpl.format(c=c, t=t) for tpl in TEMPLATES]})
-    return rows
+def _captions(item_id: str) -> list[str]:
+    c, t = item_id.split("-")
+    return [tpl.format(c=c, t=t) for tpl in TEMPLATES]
 
 
 def _config(base: Path) -> Path:
-    rows = [r for r in _items() if r["item_id"] not in NEW]
-    (base / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = [json.loads(line) for line in make_corpus(base / "all.jsonl").read_text().splitlines()]
+    (base / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["item_id"] not in NEW))
+    (base / "new.json").write_text(json.dumps([r for r in rows if r["item_id"] in NEW]))
     cfg = f"""
 name: tinyfold
 run_dir: {base / 'run'}
@@ -63,12 +54,13 @@ def base_run(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("fold")
     Pipeline(load_config(RunConfig, _config(base)), progress=False).run_all(until="fallback")
     run = base / "run"
-    new = {r["item_id"]: r for r in _items() if r["item_id"] in NEW}
+    new = json.loads((base / "new.json").read_text())
     retriever = Retriever.from_run(run, device="cpu")
-    retriever.add_items([CorpusItem(i, "image", embedding=np.asarray(r["embedding"], np.float32),
-                                    captions=r["captions"][:-1]) for i, r in new.items()])
+    retriever.add_items([CorpusItem(r["item_id"], "image", captions=r["captions"][:-1],
+                                    embedding=np.asarray(r["embedding"], np.float32) / np.linalg.norm(r["embedding"]))
+                         for r in new])
     retriever.close()
-    (run / "added_test_queries.json").write_text(json.dumps([[r["captions"][-1], i] for i, r in new.items()]))
+    (run / "added_test_queries.json").write_text(json.dumps([[r["captions"][-1], r["item_id"]] for r in new]))
     return run
 
 
@@ -111,8 +103,7 @@ def test_fold_moves_added_items_to_the_generative_path(run):
     r = Retriever.from_run(run, device="cpu")
     try:
         assert len(r.fallback) == 0 and not any(i in r.fallback for i in NEW)
-        new = {r_["item_id"]: r_ for r_ in _items() if r_["item_id"] in NEW}
-        queries = [new[i]["captions"][0] for i in NEW]
+        queries = [_captions(i)[0] for i in NEW]
         hits = r.search_generative(queries, k=5, num_beams=5)
         found = [i for i, row in zip(NEW, hits) if i in [h.item_id for h in row]]
         assert len(found) >= 4, f"folded items found by their training queries: {found}"
