@@ -305,9 +305,11 @@ def run_benchmark(setup: BenchSetup) -> dict:
     ace_methods = [m for m in setup.methods if m in ACE_VARIANTS]
     folders = list(dict.fromkeys(ACE_VARIANTS[m][0] for m in ace_methods))
     if folders:
-        steps = base.get("training", {}).get("max_steps")
-        print(f"ACE: {len(folders)} run folder(s) x {len(setup.seeds)} seed(s) to train "
-              f"({', '.join(folders)}; max_steps {steps} before overrides)", flush=True)
+        first = variant_config(base, setup, ace_methods[0], setup.seeds[0], emb_file).training
+        print(f"ACE: {len(folders)} run folder(s) x {len(setup.seeds)} seed(s) to train ({', '.join(folders)}; "
+              f"{f'{first.max_steps} steps' if first.max_steps else f'{first.epochs} epochs'} of batch {first.batch_size} "
+              f"each); the time per "
+              f"run is estimated after the first", flush=True)
     train_seconds: list[float] = []
     for seed in setup.seeds:
         donor: Path | None = None
