@@ -367,30 +367,20 @@ class Retriever:
         out = np.zeros((len(items), dim), dtype=np.float32)
         todo = []
         for n, it in enumerate(items):
-            if it.embedding is not None:
-                vec = np.asarray(it.embedding, dtype=np.float32)
-                if vec.ndim != 1 or vec.shape[0] != dim:
-                    raise RetrieverError(f"item {it.item_id!r}: embedding has shape {tuple(vec.shape)}, this run's "
-                                         f"items are {dim}-d vectors")
-                if not np.isfinite(vec).all():
-                    raise RetrieverError(f"item {it.item_id!r}: embedding contains NaN or infinite values")
-                if np.linalg.norm(vec) < 1e-12:
-                    raise RetrieverError(f"item {it.item_id!r}: embedding is all zeros")
-                out[n] = vec
+            if it.media is not None:
+                self._check_media(it)
+            if it.embedding is None:
+                todo.append(n)
                 continue
-            from ace.server import resolve_media_file
-
-            root = self.corpus_root
-            if root is None:
-                raise RetrieverError(f"item {it.item_id!r}: this run has no corpus root, so media files cannot be "
-                                     f"resolved; give an embedding")
-            try:
-                path = resolve_media_file(str(it.media), root)
-            except PermissionError:
-                raise RetrieverError(f"item {it.item_id!r}: media path {it.media!r} is outside the corpus root") from None
-            if not path.is_file():
-                raise RetrieverError(f"item {it.item_id!r}: media file not found: {it.media!r} (under {root})")
-            todo.append(n)
+            vec = np.asarray(it.embedding, dtype=np.float32)
+            if vec.ndim != 1 or vec.shape[0] != dim:
+                raise RetrieverError(f"item {it.item_id!r}: embedding has shape {tuple(vec.shape)}, this run's "
+                                     f"items are {dim}-d vectors")
+            if not np.isfinite(vec).all():
+                raise RetrieverError(f"item {it.item_id!r}: embedding contains NaN or infinite values")
+            if np.linalg.norm(vec) < 1e-12:
+                raise RetrieverError(f"item {it.item_id!r}: embedding is all zeros")
+            out[n] = vec
         if todo:
             emb = self._encode_media([items[n] for n in todo])
             if emb.shape != (len(todo), dim):
@@ -398,6 +388,21 @@ class Retriever:
                                      f"are {dim}-d (set encoder.dim in the run's config)")
             out[todo] = emb
         return out
+
+    def _check_media(self, item: CorpusItem) -> None:
+        """The item's media file exists and lies inside the corpus root (symlinks resolved)."""
+        from ace.server import resolve_media_file
+
+        root = self.corpus_root
+        if root is None:
+            raise RetrieverError(f"item {item.item_id!r}: this run has no corpus root, so media files cannot be "
+                                 f"resolved; give an embedding and no media")
+        try:
+            path = resolve_media_file(str(item.media), root)
+        except PermissionError:
+            raise RetrieverError(f"item {item.item_id!r}: media path {item.media!r} is outside the corpus root") from None
+        if not path.is_file():
+            raise RetrieverError(f"item {item.item_id!r}: media file not found: {item.media!r} (under {root})")
 
     def _encode_media(self, items: list[CorpusItem]) -> np.ndarray:
         from ace.encoders import build_encoder

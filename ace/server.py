@@ -659,11 +659,7 @@ def create_app(retriever: RetrieverLike, config: ServeConfig | None = None, *, m
             if not raw.strip():
                 raise HTTPException(422, 'request body is required: an item like {"item_id": "x1", "modality": '
                                          '"image", "embedding": [...]} or {"items": [...]}')
-            try:
-                data = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise HTTPException(400, f"malformed JSON body: {exc}") from None
-            items = parse_new_items(data, max_items=config.max_items_per_request)
+            items = await run_in_threadpool(_parse_body, raw)  # large batches: keep the event loop free
         try:
             identifiers = await run_in_threadpool(add, items)
         except Exception as exc:
@@ -673,6 +669,13 @@ def create_app(retriever: RetrieverLike, config: ServeConfig | None = None, *, m
         return JSONResponse({"added": len(items), "items": [
             {"item_id": it.item_id, "identifier": [int(c) for c in ident], "source": "fallback"}
             for it, ident in zip(items, identifiers)]}, status_code=201)
+
+    def _parse_body(raw: bytes) -> list:
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise HTTPException(400, f"malformed JSON body: {exc}") from None
+        return parse_new_items(data, max_items=config.max_items_per_request)
 
     async def _upload_item(request: Request) -> tuple[list, Path]:
         upload_root = _media_root_of(retriever)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -201,6 +202,7 @@ def test_bad_items_get_clear_errors_and_change_nothing(run, text_encoder, tmp_pa
         ([CorpusItem("a", "image", media="missing.png")], "not found"),
         ([CorpusItem("a", "image", media=str(tmp_path / "outside.png"))], "outside the corpus root"),
         ([CorpusItem("a", "image", media="../outside.png")], "outside the corpus root"),
+        ([CorpusItem("a", "image", embedding=ok, media="../outside.png")], "outside the corpus root"),
         ([CorpusItem("a", "image", media="pic.png")], "precomputed"),
         ([CorpusItem("a", "image", embedding=ok, metadata={"x": object()})], "JSON"),
     ]
@@ -346,6 +348,44 @@ def test_http_bad_inputs_get_4xx_with_clear_messages(run, text_encoder, tmp_path
         assert c.get("/media/up/bark").content == wav_bytes(0.3)
         assert c.get("/health").status_code == 200
         assert c.get("/stats").json()["items_by_source"]["fallback"] == 1
+    r.close()
+
+
+def test_searches_run_safely_alongside_adds_and_deletes(run, text_encoder):
+    r = load(run, text_encoder)
+    app = create_app(r, ServeConfig(api_key="k3y", max_wait_ms=2.0))
+    deleted_at: dict[str, float] = {}
+    seen: list[tuple[float, set[str]]] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def searcher(url, query):
+        with httpx.Client(base_url=url, timeout=60) as c:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                res = c.post("/search", json={"query": query, "k": 20})
+                if res.status_code != 200:
+                    errors.append(res.text)
+                else:
+                    seen.append((t0, {h["item_id"] for h in res.json()["results"]}))
+
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        threads = [threading.Thread(target=searcher, args=(url, q)) for q in ("a red car", "a violet kite", "the dog is blue")]
+        for t in threads:
+            t.start()
+        rng = np.random.default_rng(0)
+        for b in range(8):
+            batch = [{"item_id": f"c{b}/{j}", "modality": "image", "embedding": list(rng.standard_normal(DIM))} for j in range(10)]
+            assert c.post("/items", headers=KEY, json={"items": batch}).status_code == 201
+            for victim in (f"c{b}/0", ["red-car", "blue-dog", "green-boat", "white-tree"][b % 4] if b < 4 else f"c{b - 1}/1"):
+                assert c.delete(f"/items/{victim}", headers=KEY).status_code == 200
+                deleted_at[victim] = time.monotonic()
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert not errors and len(seen) > 10
+    for t0, found in seen:  # a search that started after a delete was acknowledged never returns the item
+        assert not {i for i, t in deleted_at.items() if t < t0} & found
     r.close()
 
 
