@@ -440,3 +440,21 @@ def test_sigkill_during_a_stream_of_adds_loses_no_acknowledged_item(run, text_en
     assert len(set(idents)) == len(idents) and all(tuple(r.id_tokenizer.codes_of([row.item_id])[0]) == tuple(row.identifier)
                                                    for row in rows)
     r.close()
+
+
+def test_restore_keeps_identifiers_and_their_u_taken():
+    from identifiers import IdentifierConfig, SemanticIdTokenizer
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((40, 8)).astype(np.float32)
+    cfg = IdentifierConfig(K=2, M=1, codebook_size=2, max_u=64, kmeans_n_init=1, hidden_dims=(8,), latent_dim=4,
+                           rqvae_max_steps=5, codebook_kmeans_iters=2)
+    tok = SemanticIdTokenizer.fit(emb[:30], [f"t{i}" for i in range(30)], cfg, progress=False)
+    fresh = SemanticIdTokenizer.fit(emb[:30], [f"t{i}" for i in range(30)], cfg, progress=False)
+    added = tok.assign(emb[30:], [f"a{i}" for i in range(10)])
+    fresh.restore(added, [f"a{i}" for i in range(10)])  # what Retriever.from_run does with store identifiers
+    assert (fresh.codes_of([f"a{i}" for i in range(10)]) == added).all()
+    again = fresh.assign(emb[30:32] + 1e-3, ["b0", "b1"])  # same prefixes: u continues after the restored ones
+    assert not {tuple(c) for c in again.tolist()} & {tuple(c) for c in tok.codes.tolist()}
+    with pytest.raises(ValueError):
+        fresh.restore(added[:1], ["a0"])  # already present

@@ -156,3 +156,50 @@ def test_sigkill_loses_no_acknowledged_batch(tmp_path):
     batches = {i.split("-")[0] for i in ids}
     for b in batches:  # no half-written batch
         assert all(f"{b}-{j}" in ids for j in range(50)), f"batch {b} half-written"
+
+
+def test_version_1_file_is_migrated_in_place(tmp_path):
+    from ace.store import _COLUMNS, _SCHEMA
+
+    path = tmp_path / "v1.sqlite"
+    conn = sqlite3.connect(path)
+    for stmt in _SCHEMA.replace("'added', 'folded'", "'added'").strip().split(";"):  # the version-1 schema
+        if stmt.strip():
+            conn.execute(stmt)
+    conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    conn.execute(f"INSERT INTO items ({_COLUMNS}) VALUES ('a', 'image', NULL, '[\"cap\"]', '{{}}', NULL, NULL, "
+                 f"'[1, 2, 0]', 'active', 'added', 1.0, 1.0)")
+    conn.commit()
+    with pytest.raises(sqlite3.IntegrityError):  # version 1 refuses the new source
+        conn.execute("UPDATE items SET source='folded'")
+    conn.close()
+    with ItemStore(path) as store:
+        assert store.get("a").captions == ["cap"] and store.get("a").identifier == (1, 2, 0)
+        assert store.mark_folded(["a"]) == 1 and store.get("a").source == "folded"
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+    conn.close()
+
+
+def test_mark_folded_and_trained_tombstones(tmp_path):
+    with ItemStore(tmp_path / "store.sqlite") as store:
+        store.add([_item(0), _item(1)], identifiers=[(0, 0), (0, 1)])
+        with pytest.raises(UnknownItemError, match="ghost"):
+            store.mark_folded(["x0", "ghost"])
+        assert store.get("x0").source == "added"  # the failed call changed nothing
+        assert store.mark_folded(["x0"]) == 1
+        with pytest.raises(StoreError, match="only active 'added'"):
+            store.mark_folded(["x0"])
+        store.delete(["x1"])
+        with pytest.raises(StoreError, match="deleted"):
+            store.mark_folded(["x1"])
+        # a trained item is recorded as a tombstone in the same transaction as the other deletions
+        trained = CorpusItem("t0", "audio", captions=["old"])
+        assert store.delete(["x0", "t0"], trained=[(trained, (3, 4))]) == 2
+        row = store.get("t0")
+        assert (row.status, row.source, row.identifier) == ("deleted", "trained", (3, 4))
+        assert store.count(status="deleted") == 3 and store.count(source="folded", status=None) == 1
+        with pytest.raises(StoreError, match="not among the ids"):
+            store.delete(["x9"], trained=[(CorpusItem("t1", "image"), (0, 2))])
+        with pytest.raises(DuplicateItemError, match="already recorded"):
+            store.delete(["t0"], trained=[(trained, (3, 4))])
