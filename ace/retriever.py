@@ -509,6 +509,9 @@ class Retriever:
         except (KeyError, ValueError):
             raise ItemNotFoundError(f"unknown item id {item_id!r}") from None
 
+    def is_deleted(self, item_id: str) -> bool:
+        return item_id in self._deleted
+
     def counts(self) -> dict:
         """Live items by source: generative (trained + folded), fallback (added), and deleted ones."""
         with self._state:

@@ -524,6 +524,8 @@ def create_app(retriever: RetrieverLike, config: ServeConfig | None = None, *, m
                 "media_url": media_url(item.item_id) if item.media else None,
                 "captions": [str(c) for c in (item.captions or [])[:config.result_captions]]}
 
+    is_deleted = getattr(retriever, "is_deleted", lambda item_id: False)
+
     def search_batch(queries: list[str], key: tuple) -> list[list[dict]]:
         k, beams, modality = key
         ranked = retriever.search(queries, k=k, num_beams=beams, modality=modality)
@@ -534,6 +536,8 @@ def create_app(retriever: RetrieverLike, config: ServeConfig | None = None, *, m
                 try:
                     meta = item_dict(h.item_id)
                 except (KeyError, ValueError):
+                    if is_deleted(h.item_id):  # deleted after the search ran, before its results were read
+                        continue
                     raise RuntimeError(f"retriever returned item {h.item_id!r} that its item() does not know") from None
                 rows.append({**meta, "modality": h.modality, "score": _finite_or_none(h.score),
                              "identifier": [int(c) for c in h.identifier], "source": str(h.source)})

@@ -389,6 +389,23 @@ def test_searches_run_safely_alongside_adds_and_deletes(run, text_encoder):
     r.close()
 
 
+def test_an_item_deleted_between_search_and_response_is_left_out(run, text_encoder):
+    r = load(run, text_encoder)
+    search = r.search
+
+    def search_then_delete(queries, **kw):  # a DELETE lands right after the beam search
+        out = search(queries, **kw)
+        r.delete_items([out[0][0].item_id])
+        return out
+
+    r.search = search_then_delete
+    with running_server(create_app(r, ServeConfig(max_wait_ms=1.0))) as url, httpx.Client(base_url=url, timeout=60) as c:
+        res = c.post("/search", json={"query": "a red car", "k": 5})
+        assert res.status_code == 200 and len(res.json()["results"]) == 4
+        assert not any(r.is_deleted(h["item_id"]) for h in res.json()["results"])
+    r.close()
+
+
 # ---------------------------------------------------------------------------------- durability
 def test_sigkill_during_a_stream_of_adds_loses_no_acknowledged_item(run, text_encoder):
     port = free_port()
