@@ -319,12 +319,16 @@ class Retriever:
             raise RetrieverError(f"unknown modality {modality!r}; known: {', '.join(MODALITIES)}")
         if not queries:
             return []
+        if len(self.fallback) == 0:
+            return [[] for _ in queries]
+        qv = self.fallback.tower.encode(list(queries))  # (Q, D); the tower never changes: outside the lock
         with self._state:
             n = len(self.fallback)
             if n == 0:
                 return [[] for _ in queries]
-            want = min(k, n) if modality is None else n  # filtering by modality: rank them all, keep the first k
-            results = self.fallback.search(list(queries), k=want)
+            # a modality filter ranks up to 10k candidates (at least the re-rank pool) and keeps the first k
+            want = min(k, n) if modality is None else min(n, max(10 * k, self.fallback.index.config.candidates))
+            results = self.fallback.search_vectors(qv, k=want)
             tok = self.id_tokenizer
             out = []
             for row in results:
