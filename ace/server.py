@@ -643,7 +643,17 @@ def create_app(retriever: RetrieverLike, config: ServeConfig | None = None, *, m
 
     write = [Depends(require_write_key)]
 
+    item_schema = NewItem.model_json_schema()
+    body_doc = {"required": True, "content": {
+        "application/json": {"schema": {"oneOf": [
+            item_schema, {"type": "array", "items": item_schema},
+            {"type": "object", "properties": {"items": {"type": "array", "items": item_schema}}, "required": ["items"]}]}},
+        "multipart/form-data": {"schema": {"type": "object", "required": ["item", "file"], "properties": {
+            "item": {"type": "string", "description": "the item as JSON (item_id, modality, captions, metadata)"},
+            "file": {"type": "string", "format": "binary", "description": "the media file"}}}}}}
+
     @app.post("/items", dependencies=write, status_code=201, response_model=AddItemsResponse,
+              openapi_extra={"requestBody": body_doc},
               responses={400: {"description": "malformed body"}, 404: {"description": "unknown item"},
                          409: {"description": "item id already used"}, 413: {"description": "too large"},
                          422: {"description": "invalid item"}, 501: {"description": "retriever is read-only"}})
