@@ -4,6 +4,10 @@ R-Drop (Liang et al., 2021): run the same batch through the model twice with ind
 dropout masks and pull the two token distributions together with a symmetric KL. The two passes
 are one forward over the batch stacked twice (dropout masks differ per row), as in the reference
 implementation; ``omega = 0`` turns R-Drop off and runs a single plain pass.
+
+Optional (not in the paper, off by default): ``distill`` = (sibling ids, teacher probabilities,
+weight) from ``ace.distill.PrefixTeacher`` adds weight x KL(teacher || student) over the sibling
+tokens of every level, averaged over the passes.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ class AceLossOutput:
     loss: torch.Tensor
     ce: torch.Tensor
     kl: torch.Tensor
+    kd: torch.Tensor | None = None  # distillation term (None when off)
 
 
 def _check_logits(logits: torch.Tensor, name: str) -> None:
@@ -66,8 +71,20 @@ def _batch_tensors(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"], batch["labels"]
 
 
-def ace_loss(model: torch.nn.Module, batch: dict, omega: float = 0.15) -> AceLossOutput:
-    """CE averaged over two dropout passes + omega * rdrop_kl; one plain pass when omega == 0."""
+def _with_distill(out: AceLossOutput, logits: torch.Tensor, distill, passes: int) -> AceLossOutput:
+    """Add weight x KL(teacher || student) (averaged over the dropout passes) to the loss."""
+    if distill is None:
+        return out
+    from ace.distill import distillation_loss
+
+    ids, probs, weight = distill
+    kd = distillation_loss(logits, ids.repeat(passes, 1, 1), probs.repeat(passes, 1, 1))
+    return AceLossOutput(loss=out.loss + weight * kd, ce=out.ce, kl=out.kl, kd=kd.detach())
+
+
+def ace_loss(model: torch.nn.Module, batch: dict, omega: float = 0.15, *, distill=None) -> AceLossOutput:
+    """CE averaged over two dropout passes + omega * rdrop_kl; one plain pass when omega == 0.
+    ``distill`` = (ids (B, L, C), probs (B, L, C), weight) adds the teacher term (ace/distill.py)."""
     if omega < 0:
         raise ValueError(f"omega must be >= 0, got {omega}")
     input_ids, attention_mask, decoder_input_ids, labels = _batch_tensors(batch)
@@ -75,7 +92,7 @@ def ace_loss(model: torch.nn.Module, batch: dict, omega: float = 0.15) -> AceLos
         logits = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
         ce = token_cross_entropy(logits, labels)
         zero = ce.new_zeros(())
-        return AceLossOutput(loss=ce, ce=ce.detach(), kl=zero)
+        return _with_distill(AceLossOutput(loss=ce, ce=ce.detach(), kl=zero), logits, distill, 1)
     # both passes in one forward: rows [0, B) and [B, 2B) get independent dropout masks
     B = input_ids.shape[0]
     logits = model(
@@ -87,4 +104,4 @@ def ace_loss(model: torch.nn.Module, batch: dict, omega: float = 0.15) -> AceLos
     ce = token_cross_entropy(logits, labels.repeat(2, 1))  # mean over both passes' tokens
     kl = rdrop_kl(logits_a, logits_b, labels != IGNORE_INDEX)
     loss = ce + omega * kl
-    return AceLossOutput(loss=loss, ce=ce.detach(), kl=kl.detach())
+    return _with_distill(AceLossOutput(loss=loss, ce=ce.detach(), kl=kl.detach()), logits, distill, 2)

@@ -324,6 +324,19 @@ class AceModel(AcePreTrainedModel, GenerationMixin):
         if missing or unexpected:
             raise ValueError(f"pretrained encoder {path} does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
+    def freeze_encoder(self) -> None:
+        """Train the decoder only: encoder weights fixed and its dropout off (kept so by ``train()``)."""
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+        self._encoder_frozen = True
+        self.encoder.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "_encoder_frozen", False):
+            self.encoder.eval()
+        return self
+
     @torch.no_grad()
     def init_identifier_embeddings(self, level_vectors, *, seed: int = 0) -> None:
         """Initialise the identifier-token embeddings of level l from ``level_vectors[l]`` (C_l, D_l)

@@ -309,7 +309,14 @@ class Pipeline:
                 print(f"[train] resuming from checkpoint {latest.name}")
             rng = np.random.default_rng(cfg.seed)
             val = [pairs[i] for i in rng.permutation(len(pairs))[: cfg.split.val_queries]] if cfg.split.val_queries else None
-            result = train_retriever(model, qtok, tok, vocab, pairs, val, cfg.training, self.run.path, resume=True)
+            teacher = None
+            if cfg.training.distill_weight > 0:
+                from ace.distill import teacher_for_pairs
+                teacher = teacher_for_pairs(pairs, tok, vocab, encoder=cfg.training.distill_encoder,
+                                            tau=cfg.training.distill_tau, device=self.device,
+                                            cache_file=self.run / "cache" / f"teacher_{key[:12]}.npy")
+            result = train_retriever(model, qtok, tok, vocab, pairs, val, cfg.training, self.run.path, resume=True,
+                                     teacher=teacher)
             qtok.save(self.run / "query_tokenizer")
             vocab.save(self.run / "identifier_vocab.json")
             return {"steps": result.step, "best_step": result.best_step, "seconds_train": result.seconds}

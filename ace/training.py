@@ -60,6 +60,10 @@ class TrainConfig:
     epochs: int = 20
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     omega: float = 0.15  # R-Drop weight; 0 turns R-Drop off
+    freeze_encoder: bool = False  # train the decoder only (a pretrained encoder stays as it is; cheaper steps)
+    distill_weight: float = 0.0  # prefix-prototype teacher term (ace/distill.py); 0 = the paper's loss
+    distill_tau: float = 20.0  # teacher softmax scale on cosine similarities
+    distill_encoder: str = "all-MiniLM-L6-v2"  # text encoder of the teacher (a local path works too)
     max_query_length: int | None = None  # None: the model's config.max_query_length
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2  # most recent step-N folders kept (the best one is kept too)
@@ -87,7 +91,9 @@ class TrainConfig:
                      "num_beams", "eval_top_k", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "weight_decay", "grad_clip", "omega"):
+        if self.distill_tau <= 0:
+            raise ValueError(f"distill_tau must be > 0, got {self.distill_tau}")
+        for name in ("warmup_steps", "eval_every", "weight_decay", "grad_clip", "omega", "distill_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_query_length is not None and self.max_query_length < 1:
@@ -102,7 +108,8 @@ class TrainConfig:
 
 # these fields define the optimisation trajectory; resuming with other values is an error
 _TRAJECTORY_FIELDS = ("lr", "warmup_steps", "min_lr_ratio", "weight_decay", "optimizer", "beta1", "beta2",
-                      "batch_size", "max_steps", "epochs", "grad_clip", "omega", "max_query_length", "seed")
+                      "batch_size", "max_steps", "epochs", "grad_clip", "omega", "max_query_length", "seed",
+                      "distill_weight", "distill_tau", "distill_encoder", "freeze_encoder")
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
@@ -351,8 +358,11 @@ def make_accelerator(cfg: TrainConfig):
 def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab,
                     train_pairs: Sequence[tuple[str, Any]], val_pairs: Sequence[tuple[str, Any]] | None,
                     cfg: TrainConfig, run_dir: str | Path, *, resume: bool = True, accelerator=None,
-                    stop_at: int | None = None) -> TrainResult:
+                    stop_at: int | None = None, teacher=None) -> TrainResult:
     """Train ``model`` on (query, item) pairs; checkpoints, resume, periodic eval, best-model export.
+
+    ``teacher`` = (PrefixTeacher, (P, D) teacher vectors of ``train_pairs``) is required when
+    ``cfg.distill_weight > 0`` (ace/distill.py; ``teacher_for_pairs`` builds both).
 
     ``stop_at`` ends the run after that step (checkpointing it) as if the job had been killed
     there; a later call with ``resume=True`` continues from it.
@@ -380,6 +390,13 @@ def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab
             val = EncodedPairs(val.input_ids[keep], val.attention_mask[keep], val.decoder_input_ids[keep],
                                val.labels[keep], val.rows[keep])
 
+    if cfg.distill_weight > 0:
+        if teacher is None:
+            raise ValueError("distill_weight > 0 needs a teacher: pass teacher=teacher_for_pairs(...)")
+        teacher_model, teacher_vectors = teacher[0], torch.as_tensor(np.asarray(teacher[1]), dtype=torch.float32)
+        if teacher_vectors.shape[0] != len(train):
+            raise ValueError(f"teacher has {teacher_vectors.shape[0]} query vectors for {len(train)} training pairs")
+
     global_bs = min(cfg.batch_size, len(train) - len(train) % world) if len(train) < cfg.batch_size else cfg.batch_size
     if global_bs < world:
         raise TrainingDataError(f"{len(train)} training pairs cannot feed {world} processes")
@@ -388,6 +405,10 @@ def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab
     local_bs = global_bs // world
 
     set_seed(cfg.seed)  # same init-time RNG everywhere; per-process dropout seeds below
+    if cfg.freeze_encoder:
+        if not hasattr(model, "freeze_encoder"):
+            raise TypeError(f"freeze_encoder=True needs an AceModel, got {type(model).__name__}")
+        model.freeze_encoder()
     optimizer = _optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
@@ -472,15 +493,19 @@ def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab
     bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not (cfg.progress and main),
                dynamic_ncols=True)
     final_metrics = None
-    running = torch.zeros(3, device=accelerator.device)  # sums of loss, ce, kl since the last log
+    running = torch.zeros(4, device=accelerator.device)  # sums of loss, ce, kl, kd since the last log
     n_running = 0
     while state.step < end:
         epoch, pos = divmod(state.step, steps_per_epoch)
         perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
         index = perm[pos * global_bs:(pos + 1) * global_bs][rank * local_bs:(rank + 1) * local_bs]
         batch = {k: v.to(accelerator.device) for k, v in train.batch(index).items()}
+        distill = None
+        if cfg.distill_weight > 0:
+            ids, probs = teacher_model.targets(teacher_vectors[index], train.rows[index])
+            distill = (ids.to(accelerator.device), probs.to(accelerator.device), cfg.distill_weight)
         with accelerator.autocast():
-            out = ace_loss(model, batch, omega=cfg.omega)
+            out = ace_loss(model, batch, omega=cfg.omega, distill=distill)
         if not torch.isfinite(out.loss):
             raise FloatingPointError(f"loss is {out.loss.item()} at step {state.step}; lower lr or check the data")
         accelerator.backward(out.loss)
@@ -491,7 +516,8 @@ def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        running += torch.stack([out.loss.detach().float(), out.ce.float(), out.kl.float()])
+        kd = out.kd if out.kd is not None else torch.zeros((), device=accelerator.device)
+        running += torch.stack([out.loss.detach().float(), out.ce.float(), out.kl.float(), kd.float()])
         n_running += 1
         bar.update(1)
 
@@ -499,6 +525,8 @@ def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab
             avg = accelerator.reduce(running / n_running, reduction="mean").tolist()
             rec = {"step": state.step, "epoch": state.step / steps_per_epoch, "loss": avg[0], "ce": avg[1],
                    "kl": avg[2], "lr": scheduler.get_last_lr()[0]}
+            if cfg.distill_weight > 0:
+                rec["kd"] = avg[3]
             if grad_norm is not None:
                 rec["grad_norm"] = float(grad_norm)
             log.write(rec)
