@@ -212,3 +212,14 @@ def test_random_codes_and_mixture_embeddings():
     assert x.dtype == np.float32 and np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
     assert np.array_equal(x, mixture_embeddings(100, 16, seed=3, components=5))          # seeded
     assert not np.array_equal(x, mixture_embeddings(100, 16, seed=4, components=5))
+
+
+def test_cli_from_json_redraws_without_measuring(tiny_run, tmp_path):
+    out, res = tiny_run
+    rc = bench_main(["efficiency", "--out", str(tmp_path / "re"), "--from-json", str(out / "efficiency.json")])
+    assert rc == 0
+    again = json.loads((tmp_path / "re" / "efficiency.json").read_text())
+    assert again["rows"] == res["rows"] and again["config"]["quality_json"] is None
+    assert (tmp_path / "re" / "throughput_vs_corpus_size.png").is_file()
+    assert not (tmp_path / "re" / "recall_vs_throughput.png").exists()
+    assert bench_main(["efficiency", "--out", str(tmp_path), "--from-json", str(tmp_path / "missing.json")]) == 2

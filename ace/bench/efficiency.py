@@ -437,8 +437,9 @@ def measure(methods: list, batches: list[list[str]], latency_texts: list[str], r
     return out
 
 
-def run(cfg: EfficiencyConfig, *, command: str = "") -> dict:
-    """Measure every method at every (device, N, D); returns the JSON-able result."""
+def run(cfg: EfficiencyConfig, *, command: str = "", partial: Path | None = None) -> dict:
+    """Measure every method at every (device, N, D); returns the JSON-able result (rows so far are
+    written to ``partial`` after every group, so a long run that is stopped keeps its figures)."""
     import faiss
 
     from ace.encoders import TextEncoder
@@ -507,6 +508,7 @@ def run(cfg: EfficiencyConfig, *, command: str = "") -> dict:
                     tm = timings[s.name]
                     is_ace = s.family == "ACE"
                     row = {"device": device, "n": n, "dim": d, "family": s.family, "method": s.name,
+                           "load_after": os.getloadavg(),
                            "qps_median": statistics.median(tm["qps"]), "qps_best": max(tm["qps"]), "qps_runs": tm["qps"],
                            **latency_summary(tm["latency_ms"]),
                            "build_s": trie_s if is_ace else built[s.backend][0],
@@ -519,6 +521,9 @@ def run(cfg: EfficiencyConfig, *, command: str = "") -> dict:
                 ratios += group_ratios([r for r in rows if (r["device"], r["n"], r["dim"]) == (device, n, d)])
                 for s in dense:
                     s.items = s.index = None
+                if partial is not None:
+                    partial.parent.mkdir(parents=True, exist_ok=True)
+                    partial.write_text(json.dumps({"command": command, "rows": rows, "ratios": ratios}, indent=1))
     result = {"command": command, "config": to_dict(cfg), "level_sizes": list(level_sizes), "ace_shapes": shapes,
               "identifier_fit_s": id_s,
               "query_tokens_note": "end-to-end: tokenization/encoding included for every method",
@@ -654,6 +659,20 @@ def pick_quality(quality: dict, wanted: str | None, patterns: list[tuple[str, ..
     return None
 
 
+def load_result(path: str) -> dict:
+    """An efficiency.json written by an earlier run."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise EfficiencyError(f"efficiency JSON not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise EfficiencyError(f"efficiency JSON {path} is not valid JSON: {exc}") from None
+    missing = [k for k in ("config", "rows", "ratios", "targets", "machine", "ace_shapes") if k not in result]
+    if missing:
+        raise EfficiencyError(f"{path} is not an efficiency.json (missing {', '.join(missing)})")
+    return result
+
+
 def plot(result: dict, out: Path, quality: dict | None, cfg: EfficiencyConfig) -> tuple[list[str], list[str]]:
     """throughput_vs_corpus_size.png (+ recall_vs_throughput.png with quality figures); (paths, notes)."""
     import matplotlib
@@ -717,7 +736,7 @@ def plot(result: dict, out: Path, quality: dict | None, cfg: EfficiencyConfig) -
 
 # ------------------------------------------------------------------------------ CLI
 
-def parse_args(argv: list[str] | None) -> tuple[EfficiencyConfig, Path]:
+def parse_args(argv: list[str] | None) -> tuple[EfficiencyConfig, Path, str | None]:
     d = EfficiencyConfig()
     ap = argparse.ArgumentParser(prog="python -m ace.bench efficiency", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -742,13 +761,16 @@ def parse_args(argv: list[str] | None) -> tuple[EfficiencyConfig, Path]:
     ap.add_argument("--prepare-only", action="store_true",
                     help="only build the cached identifiers and HNSW indexes (needs --cache-dir)")
     ap.add_argument("--quality-json", default=None, help="JSON of the quality benchmark (recall figures)")
+    ap.add_argument("--from-json", default=None, help="re-draw the Markdown and plots of an earlier efficiency.json "
+                                                      "(e.g. with a newer --quality-json) instead of measuring")
     ap.add_argument("--quality-ace", default=None)
     ap.add_argument("--quality-dt", default=None)
     a = vars(ap.parse_args(argv))
     out = Path(a.pop("out"))
+    from_json = a.pop("from_json")
     ace = [] if a.pop("no_ace") else (a.pop("ace") or d.ace)
     a.pop("ace", None)
-    return EfficiencyConfig(ace=ace, **a), out
+    return EfficiencyConfig(ace=ace, **a), out, from_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -756,9 +778,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        cfg, out = parse_args(argv)
+        cfg, out, from_json = parse_args(argv)
         quality = read_quality(cfg.quality_json) if cfg.quality_json else None
-        result = run(cfg, command="python -m ace.bench efficiency " + " ".join(argv))
+        if from_json:
+            result = load_result(from_json)
+            saved = result["config"]
+            cfg = EfficiencyConfig(**{**saved, "quality_json": cfg.quality_json, "quality_ace": cfg.quality_ace,
+                                      "quality_dt": cfg.quality_dt})
+            result["config"] = to_dict(cfg)
+        else:
+            result = run(cfg, command="python -m ace.bench efficiency " + " ".join(argv),
+                         partial=out / "efficiency.partial.json")
     except (EfficiencyError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
