@@ -90,7 +90,7 @@ def all_trained_codes(r: Retriever) -> dict[str, tuple]:
 
 
 # ---------------------------------------------------------------------------------- fallback stage
-def test_fallback_stage_writes_an_empty_index_and_calibration(base_run):
+def test_fallback_stage_writes_an_empty_index_and_calibration(base_run, capsys):
     fb = base_run / "fallback"
     for name in ("calibration.json", "summary.json", "ids.json", "tower/meta.json", "hash/hash_head.json", "index/meta.json"):
         assert (fb / name).is_file(), name
@@ -103,6 +103,11 @@ def test_fallback_stage_writes_an_empty_index_and_calibration(base_run):
     assert json.loads((fb / "ids.json").read_text())["id_of"] == {}
     marker = json.loads((base_run / "stages" / "fallback.json").read_text())
     assert marker["key"] and "summary" in marker
+    from ace.pipeline import Pipeline, RunConfig  # a re-run skips the stage (same config hash)
+
+    capsys.readouterr()
+    Pipeline(load_config(RunConfig, base_run / "config.yaml"), progress=False).run_all(until="fallback")
+    assert "[fallback] up to date" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------- library
