@@ -309,7 +309,7 @@ class DenseSearch:
                  fixed_bytes: int):
         self.name, self.encoder, self.projection, self.backend = name, encoder, projection, backend
         self.device, self.fixed_bytes = device, fixed_bytes
-        self.items = self.index = None
+        self.items = self.index = self.owner = None
 
     def encode(self, texts: list[str]) -> np.ndarray:
         q = self.encoder.encode(texts)                                              # (B, 384)
@@ -389,20 +389,24 @@ def build_hnsw(vectors: np.ndarray, cfg: EfficiencyConfig):
     return index, build_s
 
 
-def attach_dense_corpus(searchers: list[DenseSearch], vectors: np.ndarray, cfg: EfficiencyConfig, n: int) -> dict:
-    """Build each DT searcher's index over ``vectors``; returns {backend: (build_s, data_bytes)}."""
+def attach_dense_corpus(searchers: list[DenseSearch], vectors: np.ndarray, cfg: EfficiencyConfig) -> dict:
+    """Build each DT searcher's index over ``vectors``; returns {backend: (build_s, data_bytes)}.
+
+    On CPU the torch matrix is a view of the faiss flat index's vectors when both are measured (one
+    copy of N x D in memory; each method's data bytes are still counted as if it stood alone)."""
     import faiss
-    info = {}
-    dense = None
-    for s in searchers:
+    n, d = vectors.shape
+    info, flat = {}, None
+    for s in sorted(searchers, key=lambda s: s.backend != "faiss_flat"):              # faiss_flat first
         t = time.perf_counter()
         if s.backend == "torch":
-            if dense is None:
-                dense = np.ascontiguousarray(vectors, dtype=np.float32)
+            dense = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d) if flat is not None else \
+                np.ascontiguousarray(vectors, dtype=np.float32)
             s.items = torch.from_numpy(dense).to(s.device)                           # (N, D)
+            s.owner = flat                                     # keeps the viewed faiss storage alive
             info[s.backend] = (time.perf_counter() - t, s.items.numel() * s.items.element_size())
         elif s.backend == "faiss_flat":
-            s.index = faiss.IndexFlatIP(vectors.shape[1])
+            s.index = flat = faiss.IndexFlatIP(d)
             for i in range(0, n, 100_000):
                 s.index.add(np.ascontiguousarray(vectors[i:i + 100_000], dtype=np.float32))
             info[s.backend] = (time.perf_counter() - t, faiss_index_bytes(s.index))
@@ -495,7 +499,7 @@ def run(cfg: EfficiencyConfig, *, command: str = "", partial: Path | None = None
                 dense = [DenseSearch(name=f"DT-{b}", encoder=encoder, projection=proj, backend=b, device=device,
                                      fixed_bytes=enc_bytes + extra)
                          for b in backends if not (b == "faiss_hnsw" and cfg.hnsw_max_n and n > cfg.hnsw_max_n)]
-                built = attach_dense_corpus(dense, vectors[d][:n], cfg, n)
+                built = attach_dense_corpus(dense, vectors[d][:n], cfg)
                 group = f"{device} N={n:,} D={d}"
                 timings = measure(ace + dense, batches, latency_texts, cfg.repeats, group)
                 recall = None
@@ -520,7 +524,7 @@ def run(cfg: EfficiencyConfig, *, command: str = "", partial: Path | None = None
                           f"p99 {row['p99_ms']:.1f} ms", flush=True)
                 ratios += group_ratios([r for r in rows if (r["device"], r["n"], r["dim"]) == (device, n, d)])
                 for s in dense:
-                    s.items = s.index = None
+                    s.items = s.index = s.owner = None
                 if partial is not None:
                     partial.parent.mkdir(parents=True, exist_ok=True)
                     partial.write_text(json.dumps({"command": command, "rows": rows, "ratios": ratios}, indent=1))
@@ -603,6 +607,11 @@ def markdown(result: dict) -> str:
     for t in result["targets"]:
         lines.append(f"| {t['device']} | {t['n']:,} | {t['dim']} | {t['ace']} | {t['target']} | {t['ratio']:.2f} | "
                      f"{'yes' if t['met'] else 'no'} |")
+    fit = result.get("identifier_fit_s")
+    lines += ["", "build s: ACE = FlatTrie.from_codes over the N identifiers" +
+              (f" (identifiers fitted once on the largest corpus in {fit:.0f} s, the first N rows used)" if fit else "") +
+              "; DT-torch = copying the vectors into a tensor; faiss flat = add; HNSW = add (graph build; read from "
+              "the cache when --cache-dir held it, with the time of the run that built it)."]
     lines += ["", "data B/item: ACE = trie arrays + identifier table (int64 codes) / N; DT = embedding matrix or "
               "faiss index / N. total B/item adds the fixed model bytes (ACE model state_dict; DT text encoder "
               "+ projection) / N."]
