@@ -10,8 +10,9 @@
 2. Recall of the old items' held-out queries (generative path and merged search) before any add.
 3. The other items are added through ``Retriever.add_items`` (the call behind ``POST /items``),
    in batches, with their non-test captions and their embedding from the run's encoder (MiniLM
-   on caption 1; the caption-proxy media files do not exist, so no media path is given): identifiers are assigned, the store
-   commits, the fallback index takes them. Items/s with and without the encoding.
+   on caption 1; the caption-proxy media files do not exist, so no media path is given):
+   identifiers are assigned, the store commits, the fallback index takes them. Items/s with and
+   without the encoding.
 4. R@10 on the new items' held-out queries through the fallback alone and through merged
    search, against the DT-trained baseline (ace/baselines.py ``dt_trained``: frozen MiniLM +
    InfoNCE projection trained on every item's generated queries) over the same candidates;
