@@ -77,6 +77,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def one_cycle(opt: torch.optim.Optimizer, *, max_lr: float, total_steps: int, pct_start: float = 0.1):
+    """OneCycleLR for any step count: its warm-up phase ends at step ``pct_start * total_steps - 1``,
+    which must be >= 1 (0 divides by zero, < 0 extrapolates), so short runs get a longer warm-up
+    share; under 3 steps the learning rate is constant."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if total_steps < 3:
+        for group in opt.param_groups:
+            group["lr"] = max_lr
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    pct_start = max(pct_start, 2.0 / total_steps)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start)
+
+
 def info_nce(q: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, log_scale: torch.Tensor,
              *, same_item: torch.Tensor | None = None, symmetric: bool = False) -> torch.Tensor:
     """InfoNCE of unit vectors q (B, D) against items (C, D); targets (B,) index the positive column.
@@ -250,7 +264,7 @@ class QueryTower:
         params = list(self.projection.parameters()) + ([log_scale] if cfg.learn_temperature else [])
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps = max(1, math.ceil(len(pairs) / cfg.batch_size)) * max(cfg.epochs, 1)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
+        sched = one_cycle(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
         epochs = range(cfg.epochs)
         if progress:
             from tqdm.auto import tqdm

@@ -7,7 +7,7 @@ from ace.fallback import (Calibration, FallbackConfig, FallbackError, FallbackIn
                           calibration_samples, fit_calibration, merge_rankings)
 from ace.hashing import BinaryIndex, BinaryIndexConfig, HashConfig, HashHead, HashingError, hamming
 from ace.metrics import recall_at_k
-from ace.query_tower import QueryTower, QueryTowerConfig, QueryTowerError, info_nce
+from ace.query_tower import QueryTower, QueryTowerConfig, QueryTowerError, info_nce, one_cycle
 
 try:  # tests/ may or may not be a package
     from tests.fakes_fallback import TableEncoder, clustered_embeddings, synthetic_task
@@ -33,6 +33,30 @@ def test_info_nce_training_reduces_loss_and_improves_recall():
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]
     assert after > before + 0.4, (before, after)
     assert after > 0.7
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 9, 10, 11, 19, 20, 57])
+def test_one_cycle_schedule_works_for_any_step_count(steps):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = one_cycle(opt, max_lr=1.0, total_steps=steps)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert all(0.0 < lr <= 1.0 + 1e-9 for lr in lrs), lrs
+    assert max(lrs) == pytest.approx(1.0, rel=1e-3)
+    with pytest.raises(ValueError, match="total_steps"):
+        one_cycle(opt, max_lr=1.0, total_steps=0)
+
+
+def test_query_tower_trains_on_tiny_data_with_ten_steps():
+    # 10 optimiser steps (1 batch x 10 epochs) divided by zero in OneCycleLR's warm-up phase
+    item_ids, z, enc, train, _ = synthetic_task()
+    cfg = QueryTowerConfig(**{**TOWER, "epochs": 10, "batch_size": 64})
+    tower = QueryTower(config=cfg, text_encoder=enc, item_dim=z.shape[1])
+    history = tower.fit(train[:40], item_ids, z)
+    assert len(history) == 10 and np.isfinite([h["loss"] for h in history]).all()
 
 
 def test_info_nce_masks_duplicate_items_in_batch():
@@ -360,3 +384,41 @@ def test_merge_rankings_hand_made():
         merge_rankings([("x", float("nan"))], [], cal)
     again = Calibration.from_dict(cal.to_dict())
     assert again == cal
+
+
+def test_cosine_scale_merge_ranks_both_sources_on_the_tower_cosine():
+    # Raw scales disagree: the generative model is over-confident (log-prob -0.05 for a wrong item)
+    # and its log-probs are not comparable with cosines. On the cosine scale each source's correct
+    # item comes first, whichever source found it.
+    rng = np.random.default_rng(0)
+    cos = np.concatenate([rng.uniform(0.55, 0.95, 200), rng.uniform(0.1, 0.65, 800)])
+    platt = fit_calibration(cos, np.arange(1000) < 200)
+    assert platt.a > 0
+    cal = Calibration(generative=platt, fallback=platt, scale="cosine")
+    # an over-confident raw-score calibration (as fitted on the generative model's own training queries)
+    raw = Calibration(generative=PlattCalibration(1.0, 3.0), fallback=PlattCalibration(10.0, -5.0))
+    # an old item's query: the generative path is right (rank 1); new items only look similar
+    gen, gen_cos = [("old/right", -2.5), ("old/other", -3.0)], [0.82, 0.41]
+    fb = [("new/similar", 0.63), ("new/far", 0.30)]
+    merged = merge_rankings(gen, fb, cal, generative_cosines=gen_cos)
+    assert merged[0].item_id == "old/right" and merged[0].source == "generative" and merged[0].raw_score == -2.5
+    assert [m.item_id for m in merged] == ["old/right", "new/similar", "old/other", "new/far"]
+    assert merge_rankings(gen, fb, raw)[0].item_id == "new/similar"  # the raw-score merge gets this one wrong
+    # a new item's query: the generative path (which cannot know it) is confidently wrong
+    gen, gen_cos = [("old/wrong", -0.05), ("old/worse", -0.4)], [0.45, 0.30]
+    fb = [("new/right", 0.78), ("new/other", 0.50)]
+    merged = merge_rankings(gen, fb, cal, generative_cosines=gen_cos)
+    assert merged[0].item_id == "new/right" and merged[0].source == "fallback"
+    assert merge_rankings(gen, fb, raw)[0].item_id == "old/wrong"  # ... and this one
+    assert [m.source for m in merge_rankings(gen, [], cal, generative_cosines=gen_cos, k=1)] == ["generative"]
+    with pytest.raises(FallbackError, match="one tower cosine per generative result"):
+        merge_rankings(gen, fb, cal)
+    with pytest.raises(FallbackError, match="one tower cosine per generative result"):
+        merge_rankings(gen, fb, cal, generative_cosines=[0.5])
+    with pytest.raises(FallbackError, match="NaN"):
+        merge_rankings(gen, fb, cal, generative_cosines=[0.5, float("nan")])
+    assert Calibration.from_dict(cal.to_dict()) == cal
+    old_file = {"generative": {"a": 1.0, "b": 0.0}, "fallback": {"a": 2.0, "b": 0.0}}  # written before "scale"
+    assert Calibration.from_dict(old_file).scale == "raw"
+    with pytest.raises(FallbackError, match="scale"):
+        Calibration.from_dict({**old_file, "scale": "logits"})
