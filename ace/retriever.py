@@ -24,6 +24,7 @@ by another process (``python -m ace.items``) only after a restart.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import threading
@@ -96,6 +97,7 @@ class Retriever:
         self.device = next(model.parameters()).device
         self._modality = {it.item_id: it.modality for it in corpus.items}
         self._stored: dict[str, CorpusItem] = {}      # active added + folded items (not in the corpus file)
+        self._trained_vectors: tuple[dict[str, int], np.ndarray] | None = None  # RUN/embeddings.npy, lazily
         self._deleted: set[str] = set()
         self._tries: dict[str | None, FlatTrie | None] = {}
         self._lock = threading.Lock()                 # guards the trie cache
@@ -256,24 +258,29 @@ class Retriever:
                *, batch_size: int = 100, progress: bool = False) -> list[list[SearchHit]]:
         """Top-k items per query. Without a fallback index: the generative path alone (log-prob scores).
         With one: generative and fallback results merged by calibrated probability of being the right item
-        (``score``; ``raw_score`` keeps the source's own score), each hit naming its source."""
+        (``score``; ``raw_score`` keeps the source's own score), each hit naming its source. A cosine-scale
+        calibration scores generative hits by the query tower's cosine to their item embeddings."""
         if self.calibration is None:
             return self.search_generative(queries, k, num_beams, modality, batch_size=batch_size, progress=progress)
         self._check_queries(queries, k)
         if not queries:
             return []
+        cosine = self.calibration.scale == "cosine"
+        qv = self.fallback.tower.encode(list(queries)) if cosine else None  # (Q, D), outside the lock
         with self._state:
             gen_ok = self._generative_trie(modality) is not None
             gen = (self.search_generative(queries, k, num_beams, modality, batch_size=batch_size, progress=progress)
                    if gen_ok else [[] for _ in queries])
-            fb = self.search_fallback(queries, k, modality) if len(self.fallback) else [[] for _ in queries]
+            fb = (self.search_fallback(queries, k, modality, query_vectors=qv) if len(self.fallback)
+                  else [[] for _ in queries])
             if not gen_ok and not len(self.fallback):
                 self.trie(modality)  # raises the "no items" error
+            gen_cos = self._tower_cosines(qv, gen) if cosine else [None] * len(gen)
             out = []
-            for g_row, f_row in zip(gen, fb):
+            for g_row, f_row, g_cos in zip(gen, fb, gen_cos):
                 hits = {("generative", h.item_id): h for h in g_row} | {("fallback", h.item_id): h for h in f_row}
                 merged = merge_rankings([(h.item_id, h.score) for h in g_row], [(h.item_id, h.score) for h in f_row],
-                                        self.calibration, k=k)
+                                        self.calibration, k=k, generative_cosines=g_cos)
                 out.append([SearchHit(m.item_id, hits[m.source, m.item_id].modality, m.score,
                                       hits[m.source, m.item_id].identifier, m.source, m.raw_score) for m in merged])
             return out
@@ -310,8 +317,38 @@ class Retriever:
                                 for r, sc in zip(r_row, s_row) if r >= 0])
             return out
 
-    def search_fallback(self, queries: list[str], k: int = 10, modality: str | None = None) -> list[list[SearchHit]]:
-        """Top-k added items per query from the fallback index alone (score = cosine after re-ranking)."""
+    def _tower_cosines(self, query_vectors: np.ndarray, rows: list[list[SearchHit]]) -> list[list[float]]:
+        """Per query, the cosine between its tower vector and each hit's item embedding."""
+        if self._trained_vectors is None:
+            if self.run_dir is None or not (self.run_dir / "embeddings.npy").is_file():
+                raise RetrieverError("a cosine-scale calibration needs the trained items' embeddings "
+                                     "(RUN/embeddings.npy); this retriever has no run folder holding them")
+            ids = json.loads((self.run_dir / "item_ids.json").read_text())
+            emb = np.load(self.run_dir / "embeddings.npy").astype(np.float32)
+            if len(ids) != len(emb):
+                raise RetrieverError(f"{self.run_dir}: {len(ids)} item ids but {len(emb)} embeddings")
+            self._trained_vectors = ({iid: i for i, iid in enumerate(ids)},
+                                     emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12))
+        row, emb = self._trained_vectors
+        qv = query_vectors / np.maximum(np.linalg.norm(query_vectors, axis=1, keepdims=True), 1e-12)
+        out = []
+        for q, hits in zip(qv, rows):
+            vecs = []
+            for h in hits:
+                if h.item_id in row:
+                    vecs.append(emb[row[h.item_id]])
+                elif h.item_id in self._stored and self._stored[h.item_id].embedding is not None:
+                    v = np.asarray(self._stored[h.item_id].embedding, dtype=np.float32)
+                    vecs.append(v / max(float(np.linalg.norm(v)), 1e-12))
+                else:
+                    raise RetrieverError(f"item {h.item_id!r} has no stored embedding to score it for merged search")
+            out.append((np.stack(vecs) @ q).astype(np.float64).tolist() if vecs else [])  # (hits,)
+        return out
+
+    def search_fallback(self, queries: list[str], k: int = 10, modality: str | None = None, *,
+                        query_vectors: np.ndarray | None = None) -> list[list[SearchHit]]:
+        """Top-k added items per query from the fallback index alone (score = cosine after re-ranking).
+        ``query_vectors``: the queries' tower vectors (Q, D) when already computed."""
         if self.fallback is None:
             raise RetrieverError("this run has no fallback index (RUN/fallback): run the pipeline's `fallback` stage")
         self._check_queries(queries, k)
@@ -321,7 +358,8 @@ class Retriever:
             return []
         if len(self.fallback) == 0:
             return [[] for _ in queries]
-        qv = self.fallback.tower.encode(list(queries))  # (Q, D); the tower never changes: outside the lock
+        qv = (self.fallback.tower.encode(list(queries)) if query_vectors is None  # (Q, D); outside the lock
+              else np.asarray(query_vectors))
         with self._state:
             n = len(self.fallback)
             if n == 0:

@@ -97,7 +97,7 @@ def test_fallback_stage_writes_an_empty_index_and_calibration(base_run, capsys):
     summary = json.loads((fb / "summary.json").read_text())
     assert summary["tower"] == "projected" and summary["bits"] == 64 and summary["calibration_queries"] == 36
     cal = summary["calibration"]
-    assert cal["generative"]["a"] > 0 and cal["fallback"]["a"] > 0
+    assert cal["generative"]["a"] > 0 and cal["fallback"]["a"] > 0 and cal["scale"] == "cosine"
     # the trained query tower finds held-out training queries' items among all 36 trained items
     assert summary["held_out_recall"]["fallback_over_trained_items"]["R@10"] > 50
     assert json.loads((fb / "ids.json").read_text())["id_of"] == {}
