@@ -7,8 +7,8 @@ import torch
 
 from ace.bench.__main__ import main as bench_main
 from ace.bench.efficiency import (EfficiencyConfig, EfficiencyError, bytes_per_item, faiss_index_bytes,
-                                  latency_summary, parse_ace_spec, read_quality, recall_at_k, state_dict_bytes,
-                                  trie_bytes)
+                                  latency_summary, near_item_queries, parse_ace_spec, read_quality, recall_at_k,
+                                  state_dict_bytes, trie_bytes)
 from ace.synthetic import mixture_embeddings, random_codes
 from identifiers.trie import FlatTrie
 
@@ -54,6 +54,7 @@ def test_cli_json_rows_cover_every_method_and_size(tiny_run):
         assert n * 32 * 4 <= rows["DT-faiss_flat"]["data_bytes"] < n * 32 * 4 + 1024
         assert rows["DT-faiss_hnsw"]["data_bytes"] > rows["DT-faiss_flat"]["data_bytes"]   # + graph links
         assert 0.0 <= rows["DT-faiss_hnsw"]["recall_at_10_vs_exact"] <= 1.0
+        assert 0.5 <= rows["DT-faiss_hnsw"]["recall_at_10_near_items"] <= 1.0     # tiny graphs: near exact
         assert rows["DT-torch"]["recall_at_10_vs_exact"] is None
         assert rows["tiny-fp32"]["data_bytes"] == rows["tiny-int8"]["data_bytes"]        # same trie + codes
         assert rows["tiny-int8"]["fixed_bytes"] < rows["tiny-fp32"]["fixed_bytes"]
@@ -155,6 +156,13 @@ def test_state_dict_bytes_int8_smaller():
     fp32 = state_dict_bytes(m)
     assert fp32 >= (256 * 256 + 256 + 256 * 4 + 4) * 4
     assert state_dict_bytes(quantize_dynamic_int8(m)) < fp32 / 2
+
+
+def test_near_item_queries_are_unit_and_close_to_their_items():
+    x = mixture_embeddings(300, 16, seed=2, components=4)
+    q = near_item_queries(x, 50, noise=0.1, seed=0)
+    assert q.shape == (50, 16) and q.dtype == np.float32 and np.allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-5)
+    assert (q @ x.T).max(axis=1).min() > 0.9                                   # each is near some item
 
 
 def test_recall_at_k():
