@@ -642,15 +642,20 @@ def fmt_load(load) -> str:
     return " / ".join(f"{x:.2f}" for x in load)
 
 
+def read_json(path: str, what: str):
+    """A JSON file, with a clear error when it is missing or corrupt."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise EfficiencyError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise EfficiencyError(f"{what} {path} is not valid JSON: {exc}") from None
+
+
 def read_quality(path: str) -> dict[str, dict]:
     """Method name -> metrics from a quality-benchmark JSON (ace.bench quality's ``summary`` or
     ``rows``: method + beams -> "ace beam 5"), a list of such rows, or a mapping name -> metrics."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise EfficiencyError(f"quality JSON not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise EfficiencyError(f"quality JSON {path} is not valid JSON: {exc}") from None
+    data = read_json(path, "quality JSON")
     if isinstance(data, dict):
         for key in ("summary", "rows", "results"):
             if key in data:
@@ -686,12 +691,7 @@ def pick_quality(quality: dict, wanted: str | None, patterns: list[tuple[str, ..
 
 def load_result(path: str) -> dict:
     """An efficiency.json written by an earlier run."""
-    try:
-        result = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise EfficiencyError(f"efficiency JSON not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise EfficiencyError(f"efficiency JSON {path} is not valid JSON: {exc}") from None
+    result = read_json(path, "efficiency JSON")
     missing = [k for k in ("config", "rows", "ratios", "targets", "machine", "ace_shapes") if k not in result]
     if missing:
         raise EfficiencyError(f"{path} is not an efficiency.json (missing {', '.join(missing)})")
