@@ -111,6 +111,28 @@ def test_fallback_stage_writes_an_empty_index_and_calibration(base_run, capsys):
 
 
 # ---------------------------------------------------------------------------------- library
+def test_merged_search_scores_both_sources_by_the_tower_cosine(run, text_encoder):
+    r = load(run, text_encoder)
+    assert r.calibration.scale == "cosine"
+    r.add_items([query_item(r, "new/violet-kite", "a violet kite in the sky")])
+    queries = ["a red car", "a violet kite in the sky"]
+    gen = r.search_generative(queries, k=5)
+    merged = r.search(queries, k=5)
+    qv = r.fallback.tower.encode(queries)
+    emb, row = np.load(run / "embeddings.npy"), {i: j for j, i in enumerate(json.loads((run / "item_ids.json").read_text()))}
+    for q, g_row, m_row in zip(qv, gen, merged):
+        logprob = {h.item_id: h.score for h in g_row}
+        for h in m_row:
+            if h.source == "generative":  # score = calibrated cosine, raw_score = the beam log-probability
+                v = emb[row[h.item_id]]
+                cos = float(q @ v / (np.linalg.norm(q) * np.linalg.norm(v)))
+                assert h.score == pytest.approx(float(r.calibration.generative(cos)), abs=1e-5)
+                assert h.raw_score == pytest.approx(logprob[h.item_id])
+        assert all(a.score >= b.score for a, b in zip(m_row, m_row[1:]))
+    assert merged[1][0].item_id == "new/violet-kite" and merged[1][0].source == "fallback"
+    r.close()
+
+
 def test_added_items_are_searchable_at_once_and_old_identifiers_stay(run, text_encoder):
     r = load(run, text_encoder)
     before = all_trained_codes(r)
