@@ -256,11 +256,12 @@ class Retriever:
 
     def search(self, queries: list[str], k: int = 10, num_beams: int | None = None, modality: str | None = None,
                *, batch_size: int = 100, progress: bool = False) -> list[list[SearchHit]]:
-        """Top-k items per query. Without a fallback index: the generative path alone (log-prob scores).
-        With one: generative and fallback results merged by calibrated probability of being the right item
+        """Top-k items per query. While no item waits in the fallback index (none added, or all folded):
+        the generative path alone (log-prob scores; no query-item similarity is computed). Otherwise
+        generative and fallback results merged by calibrated probability of being the right item
         (``score``; ``raw_score`` keeps the source's own score), each hit naming its source. A cosine-scale
         calibration scores generative hits by the query tower's cosine to their item embeddings."""
-        if self.calibration is None:
+        if self.calibration is None or self.fallback is None or len(self.fallback) == 0:
             return self.search_generative(queries, k, num_beams, modality, batch_size=batch_size, progress=progress)
         self._check_queries(queries, k)
         if not queries:
