@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ace.importers import ProxySplit
-from ace.query_tower import QueryTower, QueryTowerConfig, TextTower, resolve_device
+from ace.query_tower import QueryTower, QueryTowerConfig, TextTower, resolve_device, unit_rows
 
 BACKENDS = ("torch", "faiss_flat", "faiss_hnsw")
 
@@ -70,11 +70,6 @@ def query_targets(split: ProxySplit) -> list[str]:
     return [iid for iid, _ in split.test_queries]
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def search_topk(item_vecs: np.ndarray, query_vecs: np.ndarray, k: int, *, backend: str = "torch",
                 hnsw_m: int = 32, ef_search: int = 128, device: str = "auto", batch_size: int = 1024
                 ) -> np.ndarray:
@@ -120,28 +115,28 @@ def _rankings(split: ProxySplit, idx: np.ndarray) -> list[list[str]]:
 def dt_zero_shot(split: ProxySplit, emb: SplitEmbeddings, *, k: int = 10, backend: str = "torch") -> list[list[str]]:
     """Test-query embeddings vs document embeddings (cosine)."""
     emb.check(split)
-    return _rankings(split, search_topk(_unit(emb.documents), _unit(emb.test_queries), k, backend=backend))
+    return _rankings(split, search_topk(unit_rows(emb.documents), unit_rows(emb.test_queries), k, backend=backend))
 
 
 def doc_plus_queries_vectors(split: ProxySplit, emb: SplitEmbeddings) -> np.ndarray:
     """Item vectors (N, D) = normalised mean of the document and its generated-query embeddings."""
     emb.check(split)
     row = {iid: i for i, iid in enumerate(split.item_ids)}
-    total = _unit(emb.documents).astype(np.float64)
+    total = unit_rows(emb.documents).astype(np.float64)
     count = np.ones(len(total))
-    tq = _unit(emb.train_queries)
+    tq = unit_rows(emb.train_queries)
     for j, (iid, _) in enumerate(split.train_queries):
         if iid not in row:
             raise BaselineError(f"training query {j} names unknown item '{iid}'")
         total[row[iid]] += tq[j]
         count[row[iid]] += 1
-    return _unit((total / count[:, None]).astype(np.float32))
+    return unit_rows((total / count[:, None]).astype(np.float32))
 
 
 def dt_doc_plus_queries(split: ProxySplit, emb: SplitEmbeddings, *, k: int = 10, backend: str = "torch"
                         ) -> list[list[str]]:
     """Test queries vs (document + generated queries) mean vectors."""
-    return _rankings(split, search_topk(doc_plus_queries_vectors(split, emb), _unit(emb.test_queries), k,
+    return _rankings(split, search_topk(doc_plus_queries_vectors(split, emb), unit_rows(emb.test_queries), k,
                                         backend=backend))
 
 
@@ -151,7 +146,7 @@ def train_query_tower(split: ProxySplit, emb: SplitEmbeddings, text_encoder: Tex
     emb.check(split)
     tower = QueryTower(config=config or QueryTowerConfig(), text_encoder=text_encoder,
                        item_dim=emb.documents.shape[1])
-    tower.fit(split.train_queries, split.item_ids, _unit(emb.documents), text_emb=emb.train_queries,
+    tower.fit(split.train_queries, split.item_ids, unit_rows(emb.documents), text_emb=emb.train_queries,
               progress=progress)
     return tower
 
@@ -162,4 +157,4 @@ def dt_trained(split: ProxySplit, emb: SplitEmbeddings, text_encoder: TextTower,
     """Trained query tower on the test queries vs document embeddings -> (rankings, tower)."""
     tower = tower or train_query_tower(split, emb, text_encoder, config=config, progress=progress)
     q = tower.project(emb.test_queries)
-    return _rankings(split, search_topk(_unit(emb.documents), q, k, backend=backend)), tower
+    return _rankings(split, search_topk(unit_rows(emb.documents), q, k, backend=backend)), tower

@@ -29,13 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ace.query_tower import unit_rows
+
 
 class TeacherError(ValueError):
     """Teacher inputs do not fit together (shapes, NaN, rows out of range, items without queries)."""
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 @dataclass
@@ -99,12 +97,12 @@ class PrefixTeacher:
         if rows.size and (rows.min() < 0 or rows.max() >= N):
             raise TeacherError(f"query rows must be in [0, {N}), got [{rows.min()}, {rows.max()}]")
         sums = np.zeros((N, q.shape[1]), dtype=np.float64)
-        np.add.at(sums, rows, _unit(q))
+        np.add.at(sums, rows, unit_rows(q))
         missing = np.flatnonzero(np.linalg.norm(sums, axis=1) == 0)
         if missing.size:
             raise TeacherError(f"{missing.size} item(s) have no training query (first rows {missing[:5].tolist()}): "
                                "every item needs at least one query for the teacher")
-        return cls(prototypes=_unit(sums).astype(np.float32), query_sums=sums.astype(np.float32), codes=codes,
+        return cls(prototypes=unit_rows(sums), query_sums=sums.astype(np.float32), codes=codes,
                    offsets=list(vocab.offsets), tau=tau)
 
     def targets(self, query_vectors: torch.Tensor, rows: torch.Tensor, *, leave_one_out: bool = True

@@ -34,7 +34,7 @@ import numpy as np
 
 from ace.config import load_config, to_dict
 from ace.metrics import retrieval_metrics
-from ace.run_folder import write_json_atomic
+from ace.run_folder import run_media_root, write_json_atomic
 
 PHASES = ("planned", "staged", "swapping", "swapped", "folded", "done")
 SWAPPED = ("model", "identifiers")
@@ -228,8 +228,7 @@ class Fold:
             return _read_pairs(path)
         from querygen import QueryGenError, build_backend, run_querygen
 
-        root_file = self.run / "corpus_root.json"
-        root = json.loads(root_file.read_text())["root"] if root_file.is_file() else None
+        root = run_media_root(self.run)
         qcfg = dataclasses.replace(self.run_cfg.querygen, media_root=self.run_cfg.querygen.media_root or root,
                                    cache_file=None, limit=None)
         items = [store.get(i).to_corpus_item() for i in item_ids]

@@ -19,7 +19,7 @@ import numpy as np
 
 from ace.config import config_hash, save_config, to_dict
 from ace.corpus import Corpus, corpus_from_captions, load_corpus
-from ace.encoders import MultiModalEncoderConfig, build_encoder, minilm_path
+from ace.encoders import MultiModalEncoderConfig, build_encoder, resolve_text_model
 from ace.fallback import FallbackConfig
 from ace.metrics import retrieval_metrics
 from ace.run_folder import RunFolder, load_run_corpus, write_json_atomic
@@ -106,9 +106,7 @@ def ace_model_config(m: ModelSection, level_sizes: list[int]):
     from ace.modeling import AceConfig
 
     kw = {k: v for k, v in to_dict(m).items() if k not in ("pretrained_encoder", "query_vocab_size", "query_tokenizer_type")}
-    enc = m.pretrained_encoder
-    if enc in ("minilm", "all-MiniLM-L6-v2"):
-        enc = minilm_path()
+    enc = resolve_text_model(m.pretrained_encoder) if m.pretrained_encoder else None
     return AceConfig(**kw, level_sizes=list(level_sizes), pretrained_encoder=enc,
                      query_vocab_size=m.query_vocab_size), enc
 

@@ -70,6 +70,12 @@ class QueryTowerConfig:
             raise ValueError("epochs must be >= 0, lr > 0 and hidden >= 1")
 
 
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm, as float32 (an all-zero row stays zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda when available, else cpu."""
     if name == "auto":
@@ -217,8 +223,7 @@ class QueryTower:
     def project(self, text_emb: np.ndarray, *, batch_size: int = 4096) -> np.ndarray:
         """Frozen text embeddings (N, text_dim) -> unit query vectors (N, D)."""
         if self.projection is None:
-            x = _check_matrix("query embeddings", text_emb, self.item_dim)
-            return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+            return unit_rows(_check_matrix("query embeddings", text_emb, self.item_dim))
         x = _check_matrix("text embeddings", text_emb, self.text_dim)
         self.projection.eval()
         out = [self.projection(torch.from_numpy(x[i:i + batch_size]).to(self.device)).cpu().numpy()

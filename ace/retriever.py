@@ -39,6 +39,7 @@ from ace.corpus import MODALITIES, Corpus, CorpusItem
 from ace.decoding import constrained_beam_search, quantize_dynamic_int8
 from ace.fallback import Calibration, FallbackIndex, load_calibration, merge_rankings, read_encoder_config, run_text_tower
 from ace.modeling import AceModel
+from ace.query_tower import unit_rows
 from ace.run_folder import load_run_corpus
 from ace.store import ItemStore, StoreError, check_item
 from ace.tokens import IdentifierVocab, QueryTokenizer
@@ -325,13 +326,12 @@ class Retriever:
                 raise RetrieverError("a cosine-scale calibration needs the trained items' embeddings "
                                      "(RUN/embeddings.npy); this retriever has no run folder holding them")
             ids = json.loads((self.run_dir / "item_ids.json").read_text())
-            emb = np.load(self.run_dir / "embeddings.npy").astype(np.float32)
+            emb = np.load(self.run_dir / "embeddings.npy")
             if len(ids) != len(emb):
                 raise RetrieverError(f"{self.run_dir}: {len(ids)} item ids but {len(emb)} embeddings")
-            self._trained_vectors = ({iid: i for i, iid in enumerate(ids)},
-                                     emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12))
+            self._trained_vectors = ({iid: i for i, iid in enumerate(ids)}, unit_rows(emb))
         row, emb = self._trained_vectors
-        qv = query_vectors / np.maximum(np.linalg.norm(query_vectors, axis=1, keepdims=True), 1e-12)
+        qv = unit_rows(query_vectors)
         out = []
         for q, hits in zip(qv, rows):
             vecs = []
@@ -339,8 +339,7 @@ class Retriever:
                 if h.item_id in row:
                     vecs.append(emb[row[h.item_id]])
                 elif h.item_id in self._stored and self._stored[h.item_id].embedding is not None:
-                    v = np.asarray(self._stored[h.item_id].embedding, dtype=np.float32)
-                    vecs.append(v / max(float(np.linalg.norm(v)), 1e-12))
+                    vecs.append(unit_rows(self._stored[h.item_id].embedding))
                 else:
                     raise RetrieverError(f"item {h.item_id!r} has no stored embedding to score it for merged search")
             out.append((np.stack(vecs) @ q).astype(np.float64).tolist() if vecs else [])  # (hits,)

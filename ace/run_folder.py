@@ -45,14 +45,17 @@ class RunFolder:
         self._marker(stage).unlink(missing_ok=True)
 
 
+def run_media_root(run_dir: str | Path) -> str | None:
+    """The corpus media root the corpus stage recorded in RUN/corpus_root.json (None: absent or no root)."""
+    root_file = Path(run_dir) / "corpus_root.json"
+    return json.loads(root_file.read_text())["root"] if root_file.is_file() else None
+
+
 def load_run_corpus(run_dir: str | Path, name: str = "corpus.jsonl"):
     """A corpus table saved in a run folder, with the media root recorded beside it (already validated)."""
     from ace.corpus import load_corpus
 
-    run_dir = Path(run_dir)
-    root_file = run_dir / "corpus_root.json"
-    root = json.loads(root_file.read_text())["root"] if root_file.is_file() else None
-    return load_corpus(run_dir / name, root=root, validate=False)
+    return load_corpus(Path(run_dir) / name, root=run_media_root(run_dir), validate=False)
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

@@ -35,13 +35,10 @@ from ace.distill import PrefixTeacher, distillation_loss  # noqa: E402
 from ace.encoders import TextEncoder, minilm_path  # noqa: E402
 from ace.losses import rdrop_kl  # noqa: E402
 from ace.modeling import AceConfig, AceModel  # noqa: E402
+from ace.query_tower import unit_rows  # noqa: E402
 from ace.tokens import IdentifierVocab, QueryTokenizer  # noqa: E402
 from ace.training import identifier_targets  # noqa: E402
 from identifiers.semantic_ids import SemanticIdTokenizer  # noqa: E402
-
-
-def unit(x):
-    return x / np.linalg.norm(x, axis=-1, keepdims=True).clip(1e-9)
 
 
 def load(run: Path, cache: Path):
@@ -70,7 +67,7 @@ def oracle(args, run, cache):
     codes, (N, L) = tok.codes, tok.codes.shape
     proto = np.zeros((N, qtr.shape[1]))
     np.add.at(proto, ytr, qtr)
-    proto = unit(proto)
+    proto = unit_rows(proto)
     out = {"DT doc+queries": recall(np.argsort(-(qte @ proto.T), 1), yte)}
     approx = np.zeros_like(proto)
     for level in range(L):
@@ -84,7 +81,7 @@ def oracle(args, run, cache):
         g: dict = {}
         for n in range(N):
             g.setdefault(tuple(codes[n, :level + 1]), []).append(n)
-        groups.append({k: unit(proto[v].mean(0)) for k, v in g.items()})
+        groups.append({k: unit_rows(proto[v].mean(0)) for k, v in g.items()})
     children = [{} for _ in range(L)]
     for level in range(L):
         for k in groups[level]:
