@@ -84,22 +84,28 @@ def _with_distill(out: AceLossOutput, logits: torch.Tensor, distill, passes: int
 
 def ace_loss(model: torch.nn.Module, batch: dict, omega: float = 0.15, *, distill=None) -> AceLossOutput:
     """CE averaged over two dropout passes + omega * rdrop_kl; one plain pass when omega == 0.
+    ``batch["encoder_layer_states"]`` (B, S, N, d), when present, is the output of a frozen encoder
+    (ace/training.py caches it) and replaces the encoder forward.
     ``distill`` = (ids (B, L, C), probs (B, L, C), weight) adds the teacher term (ace/distill.py)."""
     if omega < 0:
         raise ValueError(f"omega must be >= 0, got {omega}")
     input_ids, attention_mask, decoder_input_ids, labels = _batch_tensors(batch)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "decoder_input_ids": decoder_input_ids}
+    if batch.get("encoder_layer_states") is not None:
+        from ace.modeling import AceEncoderOutput
+
+        states = batch["encoder_layer_states"]
+        inputs = {"encoder_outputs": AceEncoderOutput(last_hidden_state=states[:, -1], layer_states=states),
+                  "attention_mask": attention_mask, "decoder_input_ids": decoder_input_ids}
     if omega == 0:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
+        logits = model(**inputs).logits
         ce = token_cross_entropy(logits, labels)
         zero = ce.new_zeros(())
         return _with_distill(AceLossOutput(loss=ce, ce=ce.detach(), kl=zero), logits, distill, 1)
-    # both passes in one forward: rows [0, B) and [B, 2B) get independent dropout masks
-    B = input_ids.shape[0]
-    logits = model(
-        input_ids=input_ids.repeat(2, 1),  # (2B, S)
-        attention_mask=attention_mask.repeat(2, 1),
-        decoder_input_ids=decoder_input_ids.repeat(2, 1),  # (2B, T)
-    ).logits  # (2B, T, V)
+    # both passes in one forward: rows [0, B) and [B, 2B) get independent dropout masks; the model
+    # shares what has no dropout between them (a frozen encoder, the cross-attention keys/values)
+    B = decoder_input_ids.shape[0]
+    logits = model(**inputs, num_passes=2).logits  # (2B, T, V)
     logits_a, logits_b = logits[:B], logits[B:]
     ce = token_cross_entropy(logits, labels.repeat(2, 1))  # mean over both passes' tokens
     kl = rdrop_kl(logits_a, logits_b, labels != IGNORE_INDEX)

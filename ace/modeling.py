@@ -280,6 +280,15 @@ class AceDecoder(nn.Module):
 
 # ---------------------------------------------------------------- the model
 
+def _stack(x, times: int):
+    """Tensor (or nested list/tuple of tensors) -> each tensor repeated ``times`` along dim 0; None stays."""
+    if x is None:
+        return None
+    if isinstance(x, (list, tuple)):
+        return type(x)(_stack(t, times) for t in x)
+    return x.repeat(times, *([1] * (x.dim() - 1)))
+
+
 class AcePreTrainedModel(PreTrainedModel):
     config_class = AceConfig
     base_model_prefix = "ace"
@@ -419,8 +428,19 @@ class AceModel(AcePreTrainedModel, GenerationMixin):
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).layer_states
 
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, labels=None,
-                encoder_outputs=None, return_dict=None, **kwargs) -> Seq2SeqLMOutput:
-        """(B, N) query + (B, T) decoder input -> logits (B, T, V_id); CE loss when labels (B, T) given."""
+                encoder_outputs=None, return_dict=None, num_passes: int = 1, **kwargs) -> Seq2SeqLMOutput:
+        """(B, N) query + (B, T) decoder input -> logits (B, T, V_id); CE loss when labels (B, T) given.
+
+        ``num_passes`` = P > 1 (R-Drop) returns (P*B, T, V_id): the batch stacked P times, each copy with its
+        own dropout masks. A frozen encoder and the cross-attention keys/values have no dropout, so they are
+        computed once and shared by the P copies; a trained encoder runs on the stacked batch (own masks)."""
+        if num_passes < 1:
+            raise AceInputError(f"num_passes must be >= 1, got {num_passes}")
+        share = num_passes > 1 and (encoder_outputs is not None or getattr(self, "_encoder_frozen", False))
+        if num_passes > 1 and not share:  # the encoder's dropout must differ between the passes
+            input_ids, attention_mask = _stack(input_ids, num_passes), _stack(attention_mask, num_passes)
+            decoder_input_ids, labels = _stack(decoder_input_ids, num_passes), _stack(labels, num_passes)
+            num_passes = 1
         if encoder_outputs is None:
             if input_ids is None:
                 raise AceInputError("pass input_ids (or encoder_outputs)")
@@ -438,8 +458,12 @@ class AceModel(AcePreTrainedModel, GenerationMixin):
         if decoder_input_ids.shape[0] != layer_states.shape[0]:
             raise AceInputError(f"batch size of decoder_input_ids ({decoder_input_ids.shape[0]}) != queries "
                                 f"({layer_states.shape[0]})")
-        mask = attention_mask.bool()[:, None, None, :]
-        logits = self.decoder(decoder_input_ids, self.decoder.memory(layer_states), mask)
+        mask = attention_mask.bool()[:, None, None, :]                                  # (B, 1, 1, N)
+        memory = self.decoder.memory(layer_states)
+        if num_passes > 1:  # shared keys/values: repeat's backward sums the passes' gradients
+            memory, mask = _stack(memory, num_passes), _stack(mask, num_passes)        # P*B rows
+            decoder_input_ids, labels = _stack(decoder_input_ids, num_passes), _stack(labels, num_passes)
+        logits = self.decoder(decoder_input_ids, memory, mask)                          # (P*B, T, V_id)
         loss = None
         if labels is not None:
             if labels.shape != decoder_input_ids.shape:

@@ -61,6 +61,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     omega: float = 0.15  # R-Drop weight; 0 turns R-Drop off
     freeze_encoder: bool = False  # train the decoder only (a pretrained encoder stays as it is; cheaper steps)
+    encoder_cache_gb: float = 4.0  # frozen encoder: keep its outputs for every training query in RAM up to this size
     distill_weight: float = 0.0  # prefix-prototype teacher term (ace/distill.py); 0 = the paper's loss
     distill_tau: float = 20.0  # teacher softmax scale on cosine similarities
     distill_encoder: str = "all-MiniLM-L6-v2"  # text encoder of the teacher (a local path works too)
@@ -93,7 +94,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.distill_tau <= 0:
             raise ValueError(f"distill_tau must be > 0, got {self.distill_tau}")
-        for name in ("warmup_steps", "eval_every", "weight_decay", "grad_clip", "omega", "distill_weight"):
+        for name in ("warmup_steps", "eval_every", "weight_decay", "grad_clip", "omega", "distill_weight",
+                     "encoder_cache_gb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_query_length is not None and self.max_query_length < 1:
@@ -133,6 +135,7 @@ class EncodedPairs:
     decoder_input_ids: torch.Tensor  # (N, L) int64
     labels: torch.Tensor  # (N, L) int64
     rows: torch.Tensor  # (N,) int64, row into id_tokenizer.codes
+    encoder_states: torch.Tensor | None = None  # (N, S_enc, W, d) outputs of a frozen encoder (cache_encoder_states)
 
     def __len__(self) -> int:
         return self.rows.shape[0]
@@ -140,12 +143,37 @@ class EncodedPairs:
     def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         mask = self.attention_mask[index]                                  # (B, S)
         width = max(1, int(mask.sum(1).max()))                             # longest query in this batch
-        return {
+        out = {
             "input_ids": self.input_ids[index, :width],                    # (B, width): no all-pad columns
             "attention_mask": mask[:, :width],
             "decoder_input_ids": self.decoder_input_ids[index],
             "labels": self.labels[index],
         }
+        if self.encoder_states is not None:
+            out["encoder_layer_states"] = self.encoder_states[index, :, :width]  # (B, S_enc, width, d)
+        return out
+
+
+@torch.no_grad()
+def cache_encoder_states(encoder: torch.nn.Module, pairs: EncodedPairs, *, budget_gb: float,
+                         batch_size: int = 256, progress: bool = False) -> torch.Tensor | None:
+    """Outputs of a frozen encoder for every query, (N, S_enc, W, d) float32 on the CPU (W = longest
+    query), so that training runs it once instead of every epoch; None when that exceeds ``budget_gb``."""
+    device = next(encoder.parameters()).device
+    N, width = len(pairs), max(1, int(pairs.attention_mask.sum(1).max()))
+    probe = encoder(input_ids=pairs.input_ids[:1, :width].to(device),
+                    attention_mask=pairs.attention_mask[:1, :width].to(device)).layer_states  # (1, S, W, d)
+    shape = (N, probe.shape[1], width, probe.shape[3])
+    if math.prod(shape) * 4 > budget_gb * 2 ** 30:
+        return None
+    states = torch.zeros(shape, dtype=torch.float32)
+    for start in tqdm(range(0, N, batch_size), desc="encode queries (frozen encoder)", disable=not progress,
+                      leave=False):
+        sub = pairs.batch(torch.arange(start, min(N, start + batch_size)))
+        w = sub["input_ids"].shape[1]
+        states[start:start + batch_size, :, :w] = encoder(
+            input_ids=sub["input_ids"].to(device), attention_mask=sub["attention_mask"].to(device)).layer_states.float().cpu()
+    return states
 
 
 def resolve_rows(items: Sequence[Any], id_tokenizer, *, what: str = "pairs") -> np.ndarray:
@@ -414,6 +442,13 @@ def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab
         optimizer, lambda s: warmup_cosine(s, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
                                            min_lr_ratio=cfg.min_lr_ratio))
     model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.freeze_encoder and cfg.encoder_cache_gb > 0:
+        encoder = accelerator.unwrap_model(model).encoder
+        train.encoder_states = cache_encoder_states(encoder, train, budget_gb=cfg.encoder_cache_gb,
+                                                    progress=cfg.progress and main)
+        if train.encoder_states is None and main:
+            tqdm.write(f"frozen encoder outputs of {len(train)} queries exceed encoder_cache_gb="
+                       f"{cfg.encoder_cache_gb}: encoding every batch instead")
     state = _StepState()
     accelerator.register_for_checkpointing(scheduler, state)
     set_seed(cfg.seed + rank)  # independent dropout per process

@@ -99,3 +99,41 @@ def test_bad_inputs():
         ace_loss(tiny_model(), batch)
     with pytest.raises(ValueError, match="does not match"):
         token_cross_entropy(torch.randn(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_frozen_encoder_runs_once_for_both_passes_with_the_same_logits():
+    model, batch = tiny_model(), make_batch()
+    model.freeze_encoder()
+    calls = []
+    model.encoder.register_forward_hook(lambda mod, inp, out: calls.append(out.layer_states.shape[0]))
+    model.eval()  # no dropout: the shared forward must equal the batch stacked twice
+    stacked = {k: v.repeat(2, 1) for k, v in batch.items() if k != "labels"}
+    want = model(**stacked).logits
+    got = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                decoder_input_ids=batch["decoder_input_ids"], num_passes=2).logits
+    assert calls == [8, 4]  # the stacked forward encodes 2B rows, the shared one B rows
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    model.train()  # the decoder's dropout still differs between the passes
+    out = ace_loss(model, batch, omega=0.15)
+    assert calls[-1] == 4 and out.kl.item() > 1e-4
+
+
+def test_trained_encoder_gets_its_own_dropout_per_pass():
+    model, batch = tiny_model(), make_batch()
+    calls = []
+    model.encoder.register_forward_hook(lambda mod, inp, out: calls.append(out.layer_states.shape[0]))
+    ace_loss(model, batch, omega=0.15)
+    assert calls == [8]
+
+
+def test_precomputed_encoder_states_give_the_same_loss():
+    model, batch = tiny_model(), make_batch()
+    model.freeze_encoder()
+    model.eval()
+    with torch.no_grad():
+        states = model.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).layer_states
+    want = ace_loss(model, batch, omega=0.15)
+    got = ace_loss(model, {**batch, "encoder_layer_states": states}, omega=0.15)
+    assert got.loss.item() == pytest.approx(want.loss.item(), rel=1e-6)
+    with pytest.raises(Exception, match="num_passes"):
+        model(**{k: v for k, v in batch.items()}, num_passes=0)

@@ -224,3 +224,28 @@ def test_train_config_from_yaml_overrides(tmp_path):
     assert (cfg.lr, cfg.omega, cfg.max_steps, cfg.mixed_precision) == (3e-4, 0.0, 10, "bf16")
     with pytest.raises(ConfigError, match="warmup"):
         load_config(TrainConfig, None, ["warmup=5"])
+
+
+def test_frozen_encoder_outputs_are_cached_and_training_matches_the_uncached_run(task, tmp_path):
+    from ace.training import cache_encoder_states
+
+    model = make_model(task)
+    model.freeze_encoder()
+    enc = encode_pairs(task.pairs, task.qtok, task.idtok, task.vocab, max_query_length=16)
+    states = cache_encoder_states(model.encoder, enc, budget_gb=1.0, batch_size=5)
+    width = int(enc.attention_mask.sum(1).max())
+    assert states.shape == (len(task.pairs), 1, width, 16)
+    for i in (0, 7, len(task.pairs) - 1):  # each query's real positions equal a fresh encoder forward
+        n = int(enc.attention_mask[i].sum())
+        with torch.no_grad():
+            ref = model.encoder(input_ids=enc.input_ids[i:i + 1, :n], attention_mask=enc.attention_mask[i:i + 1, :n])
+        torch.testing.assert_close(states[i, :, :n], ref.layer_states[0], rtol=1e-4, atol=1e-5)
+    assert cache_encoder_states(model.encoder, enc, budget_gb=1e-9) is None  # over budget: no cache
+
+    runs = {}
+    for gb in (1.0, 0.0):  # cached vs encoding every batch: the same trajectory
+        res = train_retriever(make_model(task), task.qtok, task.idtok, task.vocab, task.pairs, None,
+                              small_cfg(freeze_encoder=True, encoder_cache_gb=gb, max_steps=6), tmp_path / str(gb))
+        runs[gb] = [r["loss"] for r in res.history if "loss" in r]
+    assert len(runs[1.0]) == 6
+    assert np.allclose(runs[1.0], runs[0.0], rtol=1e-4)
