@@ -72,6 +72,7 @@ class ModelSection:
     pretrained_encoder: str | None = None   # local folder of a BERT-style encoder, or "minilm" (offline default)
     query_vocab_size: int = 8000            # SentencePiece vocabulary (when no pretrained encoder)
     query_tokenizer_type: str = "unigram"   # unigram | bpe
+    init_identifier_embeddings: bool = False  # identifier-token embeddings from the centroids / codebooks (PCA)
 
 
 @dataclass
@@ -105,7 +106,8 @@ def ace_model_config(m: ModelSection, level_sizes: list[int]):
     """(AceConfig, pretrained encoder folder or None) for a run config's model section."""
     from ace.modeling import AceConfig
 
-    kw = {k: v for k, v in to_dict(m).items() if k not in ("pretrained_encoder", "query_vocab_size", "query_tokenizer_type")}
+    kw = {k: v for k, v in to_dict(m).items()
+          if k not in ("pretrained_encoder", "query_vocab_size", "query_tokenizer_type", "init_identifier_embeddings")}
     enc = resolve_text_model(m.pretrained_encoder) if m.pretrained_encoder else None
     return AceConfig(**kw, level_sizes=list(level_sizes), pretrained_encoder=enc,
                      query_vocab_size=m.query_vocab_size), enc
@@ -302,6 +304,8 @@ class Pipeline:
             (self.run / "checkpoints").mkdir(exist_ok=True)
             ckpt_key.write_text(key)
             model = AceModel(ace_cfg)
+            if cfg.model.init_identifier_embeddings:
+                model.init_identifier_embeddings(tok.level_vectors, seed=cfg.seed)
             latest = latest_checkpoint(self.run.path)
             if latest is not None:
                 print(f"[train] resuming from checkpoint {latest.name}")

@@ -241,6 +241,12 @@ class SemanticIdTokenizer:
         """M arrays (C, latent) (RQ-VAE) or (C, D) (hierarchical K-Means: mean step per code)."""
         return self.hkmeans.codebooks if self.hkmeans is not None else self.rqvae.codebooks
 
+    @property
+    def level_vectors(self) -> list[np.ndarray | None]:
+        """One array per identifier level for AceModel.init_identifier_embeddings: the K-Means centroids
+        (None without the K-Means token), each codebook, None for the counter u."""
+        return [self.centroids if self.config.use_kmeans else None, *self.codebooks, None]
+
     def __len__(self) -> int:
         return len(self.trie)
 

@@ -277,3 +277,43 @@ def test_cli_build_and_errors(tmp_path, capsys, data):
     assert rc == 2 and "row(s) 11" in capsys.readouterr().err
     rc = cli_main(["build", "--embeddings", str(tmp_path / "e.npy"), "--out", str(tmp_path / "o3"), "Kx=3"])
     assert rc == 2 and "unknown config key" in capsys.readouterr().err
+
+
+def test_level_vectors_initialise_the_identifier_embeddings(fitted):
+    import torch
+
+    from ace.modeling import AceConfig, AceModel
+
+    vecs = fitted.level_vectors
+    assert [None if v is None else v.shape[0] for v in vecs] == fitted.level_sizes[:-1] + [None]
+    assert vecs[0] is fitted.centroids and vecs[-1] is None
+    torch.manual_seed(0)
+    K = fitted.level_sizes[0]
+    model = AceModel(AceConfig(d_model=K, n_heads=2, encoder_layers=1, decoder_layers=1, ffn_dim=32,
+                               query_vocab_size=20, max_query_length=8, level_sizes=fitted.level_sizes))
+    before = model.decoder.embed.weight.detach().clone()
+    model.init_identifier_embeddings(vecs)
+    after = model.decoder.embed.weight.detach()
+    k_rows = slice(3, 3 + K)  # after the 3 special tokens
+    # the K-Means tokens now have the centroids' geometry (PCA of the centred centroids); u rows untouched
+    c = fitted.centroids - fitted.centroids.mean(0)
+    e = after[k_rows].numpy()
+    b = before[k_rows].numpy()
+    off = ~np.eye(K, dtype=bool)
+
+    def cos(a):
+        a = a / np.linalg.norm(a, axis=1, keepdims=True)
+        return (a @ a.T)[off]
+
+    def corr(m):  # correlation of the off-diagonal cosine similarities with the centroids'
+        return np.corrcoef(cos(c), cos(m))[0, 1]
+
+    assert corr(e) > 0.99 and corr(b) < 0.6, (corr(e), corr(b))  # d_model = K: the PCA keeps every direction
+    u_rows = slice(after.shape[0] - fitted.level_sizes[-1], after.shape[0])
+    assert torch.equal(after[u_rows], before[u_rows])
+
+
+def test_level_vectors_without_the_kmeans_token(data):
+    x, ids = data
+    tok = SemanticIdTokenizer.fit(x, ids, tiny_config(use_kmeans=False), device="cpu", progress=False)
+    assert tok.level_vectors[0] is None and len(tok.level_vectors) == len(tok.level_sizes)
