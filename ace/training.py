@@ -61,6 +61,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     omega: float = 0.15  # R-Drop weight; 0 turns R-Drop off
     freeze_encoder: bool = False  # train the decoder only (a pretrained encoder stays as it is; cheaper steps)
+    query_token_dropout: float = 0.0  # hide this share of query tokens (not the first) from the decoder per step
     encoder_cache_gb: float = 4.0  # frozen encoder: keep its outputs for every training query in RAM up to this size
     distill_weight: float = 0.0  # prefix-prototype teacher term (ace/distill.py); 0 = the paper's loss
     distill_tau: float = 20.0  # teacher softmax scale on cosine similarities
@@ -102,6 +103,8 @@ class TrainConfig:
             raise ValueError(f"max_query_length must be >= 1 or None, got {self.max_query_length}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+        if not 0.0 <= self.query_token_dropout < 1.0:
+            raise ValueError(f"query_token_dropout must be in [0, 1), got {self.query_token_dropout}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.eval_top_k > self.num_beams:
@@ -111,7 +114,7 @@ class TrainConfig:
 # these fields define the optimisation trajectory; resuming with other values is an error
 _TRAJECTORY_FIELDS = ("lr", "warmup_steps", "min_lr_ratio", "weight_decay", "optimizer", "beta1", "beta2",
                       "batch_size", "max_steps", "epochs", "grad_clip", "omega", "max_query_length", "seed",
-                      "distill_weight", "distill_tau", "distill_encoder", "freeze_encoder")
+                      "distill_weight", "distill_tau", "distill_encoder", "freeze_encoder", "query_token_dropout")
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
@@ -152,6 +155,14 @@ class EncodedPairs:
         if self.encoder_states is not None:
             out["encoder_layer_states"] = self.encoder_states[index, :, :width]  # (B, S_enc, width, d)
         return out
+
+
+def query_token_dropout(attention_mask: torch.Tensor, p: float) -> torch.Tensor:
+    """(B, N) mask -> the same with each real token but the first hidden with probability p (augmentation):
+    the decoder's cross-attention does not see them (nor does the encoder, when it runs per step)."""
+    drop = torch.rand(attention_mask.shape, device=attention_mask.device) < p
+    drop[:, 0] = False
+    return attention_mask * (~drop).to(attention_mask.dtype)
 
 
 @torch.no_grad()
@@ -535,6 +546,8 @@ def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab
         perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
         index = perm[pos * global_bs:(pos + 1) * global_bs][rank * local_bs:(rank + 1) * local_bs]
         batch = {k: v.to(accelerator.device) for k, v in train.batch(index).items()}
+        if cfg.query_token_dropout > 0:
+            batch["attention_mask"] = query_token_dropout(batch["attention_mask"], cfg.query_token_dropout)
         distill = None
         if cfg.distill_weight > 0:
             ids, probs = teacher_model.targets(teacher_vectors[index], train.rows[index])

@@ -249,3 +249,27 @@ def test_frozen_encoder_outputs_are_cached_and_training_matches_the_uncached_run
         runs[gb] = [r["loss"] for r in res.history if "loss" in r]
     assert len(runs[1.0]) == 6
     assert np.allclose(runs[1.0], runs[0.0], rtol=1e-4)
+
+
+def test_query_token_dropout_hides_tokens_but_never_the_first_or_padding():
+    from ace.training import query_token_dropout
+
+    torch.manual_seed(0)
+    mask = torch.ones(200, 30, dtype=torch.long)
+    mask[:, 20:] = 0  # padding
+    out = query_token_dropout(mask, 0.25)
+    assert out.dtype == mask.dtype and (out[:, 0] == 1).all() and (out[:, 20:] == 0).all()
+    hidden = 1 - out[:, 1:20].float().mean().item()
+    assert 0.2 < hidden < 0.3
+    assert torch.equal(query_token_dropout(mask, 0.0), mask)
+
+
+def test_training_with_query_token_dropout_changes_the_run(task, tmp_path):
+    losses = {}
+    for p in (0.0, 0.3):
+        res = train_retriever(make_model(task), task.qtok, task.idtok, task.vocab, task.pairs, None,
+                              small_cfg(query_token_dropout=p, max_steps=4), tmp_path / str(p))
+        losses[p] = [r["loss"] for r in res.history if "loss" in r]
+    assert len(losses[0.3]) == 4 and not np.allclose(losses[0.0], losses[0.3])
+    with pytest.raises(ValueError, match="query_token_dropout"):
+        TrainConfig(query_token_dropout=1.0)
