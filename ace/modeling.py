@@ -53,6 +53,7 @@ class AceConfig(PretrainedConfig):
     fusion: bool = True                    # False: plain cross-attention to the last encoder layer
     pretrained_encoder: str | None = None  # local folder of a BERT-style encoder (optional)
     encoder_config: dict | None = None     # its architecture (filled from pretrained_encoder)
+    pretrained_encoder_layers: int | None = None  # keep only its first n layers (None: all); a cheaper encoder
     pad_token_id: int | None = PAD
     bos_token_id: int | None = BOS
     eos_token_id: int | None = EOS
@@ -73,10 +74,17 @@ class AceConfig(PretrainedConfig):
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.pretrained_encoder_layers is not None and not self.pretrained_encoder:
+            raise ValueError("pretrained_encoder_layers needs a pretrained_encoder")
         if self.pretrained_encoder and self.encoder_config is None:
             from transformers import AutoConfig
             enc = AutoConfig.from_pretrained(self.pretrained_encoder)
             self.encoder_config = enc.to_dict()
+            if self.pretrained_encoder_layers is not None:
+                if not 1 <= self.pretrained_encoder_layers <= enc.num_hidden_layers:
+                    raise ValueError(f"pretrained_encoder_layers={self.pretrained_encoder_layers} must be in "
+                                     f"[1, {enc.num_hidden_layers}] (the pretrained encoder's layers)")
+                self.encoder_config["num_hidden_layers"] = int(self.pretrained_encoder_layers)
         if self.encoder_config is not None:
             hidden, layers = self.encoder_config["hidden_size"], self.encoder_config["num_hidden_layers"]
             if hidden != self.d_model:
@@ -98,7 +106,7 @@ class AceConfig(PretrainedConfig):
 
 MODEL_FIELDS = {"d_model": int, "n_heads": int, "encoder_layers": int, "decoder_layers": int, "ffn_dim": int,
                 "dropout": float, "query_vocab_size": int, "max_query_length": int, "level_sizes": list[int],
-                "fusion": bool, "pretrained_encoder": str | None}
+                "fusion": bool, "pretrained_encoder": str | None, "pretrained_encoder_layers": int | None}
 
 
 def load_ace_config(path=None, overrides=(), **fixed) -> AceConfig:
@@ -328,8 +336,10 @@ class AceModel(AcePreTrainedModel, GenerationMixin):
         from transformers import AutoModel
         src = AutoModel.from_pretrained(path)
         missing, unexpected = self.encoder.bert.load_state_dict(src.state_dict(), strict=False)
+        kept = self.encoder.bert.config.num_hidden_layers  # pretrained_encoder_layers drops the layers above
+        dropped = tuple(f"encoder.layer.{i}." for i in range(kept, src.config.num_hidden_layers))
         missing = [k for k in missing if "pooler" not in k]
-        unexpected = [k for k in unexpected if "pooler" not in k]
+        unexpected = [k for k in unexpected if "pooler" not in k and not k.startswith(dropped)]
         if missing or unexpected:
             raise ValueError(f"pretrained encoder {path} does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
 

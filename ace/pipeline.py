@@ -70,6 +70,7 @@ class ModelSection:
     max_query_length: int = 32
     fusion: bool = True
     pretrained_encoder: str | None = None   # local folder of a BERT-style encoder, or "minilm" (offline default)
+    pretrained_encoder_layers: int | None = None  # keep its first n layers only (None: all); S of them are fused
     query_vocab_size: int = 8000            # SentencePiece vocabulary (when no pretrained encoder)
     query_tokenizer_type: str = "unigram"   # unigram | bpe
     init_identifier_embeddings: bool = False  # identifier-token embeddings from the centroids / codebooks (PCA)

@@ -168,3 +168,30 @@ def test_pretrained_minilm_encoder_fuses_its_last_layers(tmp_path):
         torch.testing.assert_close(again(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits,
                                    model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits,
                                    atol=0, rtol=0)
+
+
+def test_pretrained_encoder_truncated_to_its_first_layers(tmp_path):
+    from transformers import AutoModel
+
+    from ace.encoders import minilm_path
+    from ace.tokens import QueryTokenizer
+    path = minilm_path()
+    with pytest.raises(ValueError, match="must be in \\[1, 6\\]"):
+        AceConfig(pretrained_encoder=path, d_model=384, pretrained_encoder_layers=7)
+    with pytest.raises(ValueError, match="needs a pretrained_encoder"):
+        AceConfig(pretrained_encoder_layers=3)
+    model = AceModel(AceConfig(pretrained_encoder=path, pretrained_encoder_layers=3, d_model=384, n_heads=4,
+                               decoder_layers=1, ffn_dim=64, level_sizes=SIZES)).eval()
+    assert len(model.encoder.bert.encoder.layer) == 3
+    tok = QueryTokenizer.from_pretrained(path, max_length=model.config.max_query_length)
+    ids, mask = tok(["a dog on the beach", "red car"])
+    with torch.no_grad():
+        hidden = AutoModel.from_pretrained(path).eval()(input_ids=ids, attention_mask=mask,
+                                                         output_hidden_states=True).hidden_states
+        layers = model.encode(ids, mask)
+    torch.testing.assert_close(layers, torch.stack(hidden[1:4], 1))  # BERT layers 1-3 = the S=3 fused ones
+    model.save_pretrained(tmp_path)
+    again = AceModel.from_pretrained(tmp_path).eval()
+    assert len(again.encoder.bert.encoder.layer) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode(ids, mask), layers, atol=0, rtol=0)
