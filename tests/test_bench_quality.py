@@ -73,6 +73,27 @@ def test_every_method_in_json_and_markdown(full_run):
     assert "python -m ace.bench quality --captions" in md
 
 
+def test_int8_variant_decodes_the_quantised_model(full_run, monkeypatch):
+    import ace.retriever as retriever_module
+    from ace.bench.quality import decode_run
+
+    _, out = full_run
+    res = json.loads((out / "quality.json").read_text())
+    assert LABELS["ace_int8"] in (out / "quality.md").read_text()
+    assert {r["beams"] for r in res["rows"] if r["method"] == "ace_int8"} == {2, 5}
+    calls = []
+    real = retriever_module.quantize_dynamic_int8
+    monkeypatch.setattr(retriever_module, "quantize_dynamic_int8", lambda m: calls.append(1) or real(m))
+    run_dir = out / "runs" / "seed0" / "ace"
+    queries = [q for q, _ in json.loads((run_dir / "test_queries.json").read_text())]
+    fp32, _, _ = decode_run(run_dir, queries, 5, constrained=True, device="cpu")
+    assert calls == []
+    int8, _, _ = decode_run(run_dir, queries, 5, constrained=True, device="cpu", quantize=True)
+    assert calls == [1]
+    agree = sum(a[:1] == b[:1] for a, b in zip(fp32, int8)) / len(queries)
+    assert agree >= 0.8  # int8 keeps (nearly) every top-1 of the fp32 model
+
+
 def test_variant_configs_and_shared_stages(full_run):
     _, out = full_run
     res = json.loads((out / "quality.json").read_text())

@@ -12,7 +12,8 @@ same split and the same item embeddings:
 - ``ace``: the real pipeline (``ace.pipeline``) on ``--config`` (configs/bench_proxy.yaml) with
   ``corpus.path`` = the caption file and the document embeddings as precomputed item embeddings;
 - ablations, each its own run folder under ``--out/runs/seed<S>/``: ``ace_no_cbs`` (the ``ace``
-  model decoded without the trie; invalid identifiers keep their rank as misses), ``ace_no_kl``
+  model decoded without the trie; invalid identifiers keep their rank as misses), ``ace_int8`` (the
+  ``ace`` model in dynamic int8 on the CPU, as ``serve.py --quantize`` serves it), ``ace_no_kl``
   (training.omega=0), ``ace_no_fusion`` (model.fusion=false), ``ace_no_kmeans`` (no K-Means token:
   identifiers.use_kmeans=false), ``ace_no_rqvae`` (hierarchical K-Means identifiers:
   identifiers.quantizer=kmeans). A variant's folder starts from the artefacts of an earlier
@@ -45,15 +46,17 @@ BASELINES = ("dt_zero_shot", "dt_doc_plus_queries", "dt_trained")
 ACE_VARIANTS = {  # method -> (run folder, RunConfig overrides, constrained decoding)
     "ace": ("ace", [], True),
     "ace_no_cbs": ("ace", [], False),
+    "ace_int8": ("ace", [], True),
     "ace_no_kl": ("ace_no_kl", ["training.omega=0"], True),
     "ace_no_fusion": ("ace_no_fusion", ["model.fusion=false"], True),
     "ace_no_kmeans": ("ace_no_kmeans", ["identifiers.use_kmeans=false"], True),
     "ace_no_rqvae": ("ace_no_rqvae", ["identifiers.quantizer=kmeans"], True),
 }
+INT8_VARIANTS = {"ace_int8"}  # decoded with the dynamic-int8 model (CPU), as `serve.py --quantize` serves it
 METHODS = BASELINES + tuple(ACE_VARIANTS)
 LABELS = {"dt_zero_shot": "DT zero-shot", "dt_doc_plus_queries": "DT document+queries",
           "dt_trained": "DT trained (query tower)", "ace": "ACE (full)",
-          "ace_no_cbs": "ACE w/o constrained beam search", "ace_no_kl": "ACE w/o KL loss (omega=0)",
+          "ace_no_cbs": "ACE w/o constrained beam search", "ace_int8": "ACE (full), dynamic int8 (CPU)", "ace_no_kl": "ACE w/o KL loss (omega=0)",
           "ace_no_fusion": "ACE w/o fusion", "ace_no_kmeans": "ACE w/o K-Means token (RQ-VAE only)",
           "ace_no_rqvae": "ACE w/o RQ-VAE tokens (hierarchical K-Means)"}
 # stages whose artefacts a new variant folder may start from (the pipeline re-checks their keys)
@@ -183,7 +186,8 @@ def seed_run_folder(dst: Path, donor: Path | None) -> list[str]:
 
 
 def decode_run(run_dir: Path, queries: list[str], beams: int, *, constrained: bool, device: str,
-               batch_size: int = 100, progress: bool = False) -> tuple[list[list[str | None]], float, float]:
+               batch_size: int = 100, progress: bool = False,
+               quantize: bool = False) -> tuple[list[list[str | None]], float, float]:
     """(rankings, seconds, invalid share) of a trained run's model on ``queries`` at ``beams``.
 
     Rankings hold item ids best first; with ``constrained=False`` an identifier that is not in the
@@ -193,7 +197,10 @@ def decode_run(run_dir: Path, queries: list[str], beams: int, *, constrained: bo
     from ace.decoding import constrained_beam_search, unconstrained_beam_search
     from ace.retriever import Retriever
 
-    retriever = Retriever.from_run(run_dir, device=None if device == "auto" else device, fallback=False)
+    if quantize:
+        device = "cpu"  # dynamic int8 is a CPU kernel
+    retriever = Retriever.from_run(run_dir, device=None if device == "auto" else device, fallback=False,
+                                   quantize=quantize)
     model, qtok, vocab, trie = retriever.model, retriever.query_tokenizer, retriever.vocab, retriever.trie()
     item_ids = retriever.id_tokenizer.trie.item_ids
     top_k = min(TOP_K, beams)
@@ -344,7 +351,7 @@ def run_benchmark(setup: BenchSetup) -> dict:
                 constrained = ACE_VARIANTS[method][2]
                 for b in setup.beams:
                     rk, secs, invalid = decode_run(run_dir, queries, b, constrained=constrained, device=setup.device,
-                                                   progress=setup.progress)
+                                                   progress=setup.progress, quantize=method in INT8_VARIANTS)
                     extra = {} if constrained else {"invalid_share": invalid}
                     record(method, seed, b, rk, {"train": train_s, "search": secs},
                            queries_per_second=len(queries) / secs, **extra)
