@@ -389,12 +389,11 @@ def build_run_fallback(run_dir: str | Path, config: FallbackConfig, *, seed: int
 
     from ace.metrics import retrieval_metrics
     from ace.retriever import Retriever
-    from ace.run_folder import load_run_corpus
+    from ace.run_folder import load_run_corpus, load_run_embeddings
 
     run_dir = Path(run_dir)
     pairs = [tuple(p) for p in json.loads((run_dir / "train_queries.json").read_text())]  # (query, item_id)
-    emb = np.load(run_dir / "embeddings.npy")
-    item_ids = json.loads((run_dir / "item_ids.json").read_text())
+    item_ids, emb = load_run_embeddings(run_dir)
     n_cal = min(config.calibration_queries, len(pairs) // 2)
     if n_cal < 2:
         raise FallbackError(f"{run_dir} has {len(pairs)} training queries: too few to hold out calibration queries")

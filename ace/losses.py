@@ -91,12 +91,12 @@ def ace_loss(model: torch.nn.Module, batch: dict, omega: float = 0.15, *, distil
         raise ValueError(f"omega must be >= 0, got {omega}")
     input_ids, attention_mask, decoder_input_ids, labels = _batch_tensors(batch)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "decoder_input_ids": decoder_input_ids}
-    if batch.get("encoder_layer_states") is not None:
+    states = batch.get("encoder_layer_states")
+    if states is not None:  # instead of input_ids
         from ace.modeling import AceEncoderOutput
 
-        states = batch["encoder_layer_states"]
-        inputs = {"encoder_outputs": AceEncoderOutput(last_hidden_state=states[:, -1], layer_states=states),
-                  "attention_mask": attention_mask, "decoder_input_ids": decoder_input_ids}
+        inputs["input_ids"] = None
+        inputs["encoder_outputs"] = AceEncoderOutput(last_hidden_state=states[:, -1], layer_states=states)
     if omega == 0:
         logits = model(**inputs).logits
         ce = token_cross_entropy(logits, labels)

@@ -22,7 +22,7 @@ from ace.corpus import Corpus, corpus_from_captions, load_corpus
 from ace.encoders import MultiModalEncoderConfig, build_encoder, resolve_text_model
 from ace.fallback import FallbackConfig
 from ace.metrics import retrieval_metrics
-from ace.run_folder import RunFolder, load_run_corpus, write_json_atomic
+from ace.run_folder import RunFolder, load_run_corpus, load_run_embeddings, write_json_atomic
 from ace.training import TrainConfig
 from identifiers import IdentifierConfig, SemanticIdTokenizer
 from querygen import QueryGenConfig
@@ -241,8 +241,7 @@ class Pipeline:
         cfg = self.cfg
 
         def run():
-            emb = np.load(self.run / "embeddings.npy")
-            ids = json.loads((self.run / "item_ids.json").read_text())
+            ids, emb = load_run_embeddings(self.run.path)
             tok = SemanticIdTokenizer.fit(emb, ids, cfg.identifiers, device=self.device, progress=self.progress)
             out = self.run / "identifiers"
             if out.exists():

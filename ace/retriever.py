@@ -24,7 +24,6 @@ by another process (``python -m ace.items``) only after a restart.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import threading
@@ -40,7 +39,7 @@ from ace.decoding import constrained_beam_search, quantize_dynamic_int8
 from ace.fallback import Calibration, FallbackIndex, load_calibration, merge_rankings, read_encoder_config, run_text_tower
 from ace.modeling import AceModel
 from ace.query_tower import unit_rows
-from ace.run_folder import load_run_corpus
+from ace.run_folder import load_run_corpus, load_run_embeddings
 from ace.store import ItemStore, StoreError, check_item
 from ace.tokens import IdentifierVocab, QueryTokenizer
 from identifiers import FlatTrie, SemanticIdTokenizer
@@ -325,10 +324,10 @@ class Retriever:
             if self.run_dir is None or not (self.run_dir / "embeddings.npy").is_file():
                 raise RetrieverError("a cosine-scale calibration needs the trained items' embeddings "
                                      "(RUN/embeddings.npy); this retriever has no run folder holding them")
-            ids = json.loads((self.run_dir / "item_ids.json").read_text())
-            emb = np.load(self.run_dir / "embeddings.npy")
-            if len(ids) != len(emb):
-                raise RetrieverError(f"{self.run_dir}: {len(ids)} item ids but {len(emb)} embeddings")
+            try:
+                ids, emb = load_run_embeddings(self.run_dir)
+            except ValueError as exc:
+                raise RetrieverError(str(exc)) from None
             self._trained_vectors = ({iid: i for i, iid in enumerate(ids)}, unit_rows(emb))
         row, emb = self._trained_vectors
         qv = unit_rows(query_vectors)

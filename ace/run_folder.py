@@ -51,6 +51,18 @@ def run_media_root(run_dir: str | Path) -> str | None:
     return json.loads(root_file.read_text())["root"] if root_file.is_file() else None
 
 
+def load_run_embeddings(run_dir: str | Path):
+    """(item ids, embeddings (N, D)) the encode stage wrote to RUN/item_ids.json and RUN/embeddings.npy."""
+    import numpy as np
+
+    run_dir = Path(run_dir)
+    ids = json.loads((run_dir / "item_ids.json").read_text())
+    emb = np.load(run_dir / "embeddings.npy")
+    if len(ids) != len(emb):
+        raise ValueError(f"{run_dir}: {len(ids)} item ids but {len(emb)} embeddings")
+    return ids, emb
+
+
 def load_run_corpus(run_dir: str | Path, name: str = "corpus.jsonl"):
     """A corpus table saved in a run folder, with the media root recorded beside it (already validated)."""
     from ace.corpus import load_corpus

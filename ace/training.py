@@ -172,9 +172,7 @@ def cache_encoder_states(encoder: torch.nn.Module, pairs: EncodedPairs, *, budge
     query), so that training runs it once instead of every epoch; None when that exceeds ``budget_gb``."""
     device = next(encoder.parameters()).device
     N, width = len(pairs), max(1, int(pairs.attention_mask.sum(1).max()))
-    probe = encoder(input_ids=pairs.input_ids[:1, :width].to(device),
-                    attention_mask=pairs.attention_mask[:1, :width].to(device)).layer_states  # (1, S, W, d)
-    shape = (N, probe.shape[1], width, probe.shape[3])
+    shape = (N, encoder.config.encoder_layers, width, encoder.config.d_model)   # AceEncoder's layer_states
     if math.prod(shape) * 4 > budget_gb * 2 ** 30:
         return None
     states = torch.zeros(shape, dtype=torch.float32)
