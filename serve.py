@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from ace.retriever import Retriever
-    from ace.server import create_app
+    from ace.serving.retriever import Retriever
+    from ace.serving.server import create_app
 
     if config.torch_threads:
         import torch

@@ -19,8 +19,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def fold_main(argv: list[str]) -> int:
-    """``train.py fold``: fine-tune the run's model on its added items (ace/fold.py)."""
-    from ace.fold import FoldConfig
+    """``train.py fold``: fine-tune the run's model on its added items (ace/pipeline/fold.py)."""
+    from ace.pipeline.fold import FoldConfig
 
     ap = argparse.ArgumentParser(prog="train.py fold", description="Fold the items added to a trained run "
                                  "(served by the fallback index) into its generative model.")
@@ -31,7 +31,7 @@ def fold_main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from ace.config import load_config
-    from ace.fold import FoldError, fold_run
+    from ace.pipeline.fold import FoldError, fold_run
 
     try:
         cfg = load_config(FoldConfig, None, args.overrides + (["progress=false"] if args.quiet else []))
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from ace.config import ConfigError, load_config
-    from ace.pipeline import STAGES, Pipeline, PipelineError, RunConfig
+    from ace.pipeline.stages import STAGES, Pipeline, PipelineError, RunConfig
 
     if args.until not in STAGES or (args.force and args.force not in STAGES):
         ap.error(f"stages are: {', '.join(STAGES)}")

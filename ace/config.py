@@ -178,7 +178,7 @@ def config_hash(*parts: Any) -> str:
 
 @dataclasses.dataclass
 class ServeConfig:
-    """HTTP serving (ace/server.py): limits, micro-batching, auth. api_key falls back to env ACE_API_KEY."""
+    """HTTP serving (ace/serving/server.py): limits, micro-batching, auth. api_key falls back to env ACE_API_KEY."""
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None           # required by write endpoints; None -> env ACE_API_KEY

@@ -65,7 +65,7 @@ def load_run_embeddings(run_dir: str | Path):
 
 def load_run_corpus(run_dir: str | Path, name: str = "corpus.jsonl"):
     """A corpus table saved in a run folder, with the media root recorded beside it (already validated)."""
-    from ace.corpus import load_corpus
+    from ace.data.corpus import load_corpus
 
     return load_corpus(Path(run_dir) / name, root=run_media_root(run_dir), validate=False)
 

@@ -55,8 +55,8 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 
 def bench_library(run: Path, emb: np.ndarray, n: int) -> dict:
-    from ace.corpus import CorpusItem
-    from ace.retriever import Retriever
+    from ace.data.corpus import CorpusItem
+    from ace.serving.retriever import Retriever
 
     r = Retriever.from_run(run, device="cpu")
     out = {}
@@ -122,7 +122,7 @@ def bench_api(run: Path, emb: np.ndarray, n: int, threads: int) -> dict:
 
 def bench_bytes(run: Path, emb: np.ndarray, n: int) -> dict:
     """Bytes per item of the fallback index: in memory (traced Python objects + numpy/faiss buffers) and on disk."""
-    from ace.fallback import FallbackIndex
+    from ace.newitems.fallback import FallbackIndex
 
     fb = FallbackIndex.load(run / "fallback")
     rows = new_items(emb, n, "bytes/", seed=7)

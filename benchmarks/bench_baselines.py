@@ -28,14 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ace.baselines import (BACKENDS, dt_doc_plus_queries, dt_trained, dt_zero_shot, encode_split,  # noqa: E402
+from ace.bench.baselines import (BACKENDS, dt_doc_plus_queries, dt_trained, dt_zero_shot, encode_split,  # noqa: E402
                            query_targets, search_topk, train_query_tower)
-from ace.encoders import MINILM, TextEncoder  # noqa: E402
-from ace.fallback import FallbackIndex  # noqa: E402
-from ace.hashing import BinaryIndexConfig, HashConfig, HashHead  # noqa: E402
-from ace.importers import ProxySplit, load_proxy_split  # noqa: E402
+from ace.data.encoders import MINILM, TextEncoder  # noqa: E402
+from ace.newitems.fallback import FallbackIndex  # noqa: E402
+from ace.newitems.hashing import BinaryIndexConfig, HashConfig, HashHead  # noqa: E402
+from ace.data.importers import ProxySplit, load_proxy_split  # noqa: E402
 from ace.metrics import retrieval_metrics  # noqa: E402
-from ace.query_tower import QueryTowerConfig  # noqa: E402
+from ace.newitems.query_tower import QueryTowerConfig  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -55,7 +55,7 @@ def subset(split: ProxySplit, keep: set[str]) -> ProxySplit:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("captions", help="caption file (any format of ace.importers)")
+    ap.add_argument("captions", help="caption file (any format of ace.data.importers)")
     ap.add_argument("--format", default=None, help="caption format (default: detected)")
     ap.add_argument("--encoder", default=MINILM)
     ap.add_argument("--backends", default=",".join(BACKENDS))
@@ -154,7 +154,7 @@ def main(argv=None) -> dict:
         sel = lambda s: np.array([row[i] for i in s.item_ids])  # noqa: E731
         tr_rows = lambda s: np.array([j for j, (iid, _) in enumerate(split.train_queries) if iid in set(s.item_ids)])  # noqa: E731
         te_rows = lambda s: np.array([j for j, (iid, _) in enumerate(split.test_queries) if iid in set(s.item_ids)])  # noqa: E731
-        from ace.baselines import SplitEmbeddings
+        from ace.bench.baselines import SplitEmbeddings
         emb_old = SplitEmbeddings(emb.documents[sel(old)], emb.train_queries[tr_rows(old)], emb.test_queries[te_rows(old)])
         tower_old = train_query_tower(old, emb_old, enc, config=tower_cfg, progress=True)
         new_docs = emb.documents[sel(new)]

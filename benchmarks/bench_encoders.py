@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "data"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ace.corpus import load_corpus  # noqa: E402
-from ace.encoders import EncoderConfig, build_encoder  # noqa: E402
+from ace.data.corpus import load_corpus  # noqa: E402
+from ace.data.encoders import EncoderConfig, build_encoder  # noqa: E402
 
 SETTINGS = [  # (label, modality, config); the first of each modality is MultiModalEncoderConfig's default
     ("efficientnet, 224 px, global pool (default)", "image", EncoderConfig(kind="efficientnet")),
@@ -91,7 +91,7 @@ def main() -> None:
         lines.append(f"| {label} | {modality} | {len(items)} | {emb.shape[1]} | {load_s:.1f} | "
                      f"{len(items) / secs:.1f} | {', '.join(accs)} |")
         print(lines[-1], flush=True)
-    from ace.encoders import MultiModalEncoderConfig
+    from ace.data.encoders import MultiModalEncoderConfig
 
     for label, overrides in [("defaults", {}), ("image_size=128 for images and video frames", {"image_size": 128})]:
         cfg = MultiModalEncoderConfig()

@@ -52,12 +52,12 @@ def caption(args) -> None:
     from identifiers.__main__ import format_summary
 
     cache = OUT / "mscoco_val_minilm.npy"
-    from ace.importers import load_proxy_split
+    from ace.data.importers import load_proxy_split
     split = load_proxy_split(COCO)
     if cache.exists():
         emb = np.load(cache)
     else:
-        from ace.encoders import TextEncoder
+        from ace.data.encoders import TextEncoder
         emb = TextEncoder().encode(split.documents, progress=True)
         OUT.mkdir(parents=True, exist_ok=True)
         np.save(cache, emb)
@@ -70,8 +70,8 @@ def caption(args) -> None:
 
 
 def synthetic_file(n: int, dim: int, seed: int = 0, components: int = 2000) -> Path:
-    """Gaussian mixture, L2-normalised, in benchmarks/out/synthetic_{n}x{dim}_s{seed}.npy (ace.synthetic)."""
-    from ace.synthetic import mixture_embeddings_file
+    """Gaussian mixture, L2-normalised, in benchmarks/out/synthetic_{n}x{dim}_s{seed}.npy (ace.bench.synthetic)."""
+    from ace.bench.synthetic import mixture_embeddings_file
     return mixture_embeddings_file(OUT, n, dim, seed=seed, components=components)
 
 

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 
 from ace.config import load_config  # noqa: E402
 from ace.metrics import retrieval_metrics  # noqa: E402
-from ace.pipeline import RunConfig, load_source_corpus, split_captions  # noqa: E402
+from ace.pipeline.stages import RunConfig, load_source_corpus, split_captions  # noqa: E402
 
 
 def _recall(hits, pairs) -> dict:
@@ -59,9 +59,9 @@ def main(argv=None) -> dict:
     cfg = load_config(RunConfig, ROOT / args.config, [f"corpus.path={args.captions}"])
     run, work = ROOT / cfg.run_dir, ROOT / args.work
     result: dict = {"command": " ".join(sys.argv), "load_avg_start": os.getloadavg()}
-    from ace.encoders import build_encoder
-    from ace.fallback import build_run_fallback, read_encoder_config
-    from ace.retriever import Retriever
+    from ace.data.encoders import build_encoder
+    from ace.newitems.fallback import build_run_fallback, read_encoder_config
+    from ace.serving.retriever import Retriever
 
     full = load_source_corpus(dataclasses.replace(cfg.corpus, path=args.captions, limit=None))
     new_items, new_test = split_captions(type(full)(items=full.items[cfg.corpus.limit:], root=full.root,

@@ -14,7 +14,7 @@
    identifiers are assigned, the store commits, the fallback index takes them. Items/s with and
    without the encoding.
 4. R@10 on the new items' held-out queries through the fallback alone and through merged
-   search, against the DT-trained baseline (ace/baselines.py ``dt_trained``: frozen MiniLM +
+   search, against the DT-trained baseline (ace/bench/baselines.py ``dt_trained``: frozen MiniLM +
    InfoNCE projection trained on every item's generated queries) over the same candidates;
    old items again (the generative path must be unchanged). Bytes per item of the index.
 5. ``train.py fold --run WORK``; recall of both sets again (forgetting; new items via the
@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 
 from ace.config import load_config  # noqa: E402
 from ace.metrics import retrieval_metrics  # noqa: E402
-from ace.pipeline import RunConfig, load_source_corpus, split_captions  # noqa: E402
+from ace.pipeline.stages import RunConfig, load_source_corpus, split_captions  # noqa: E402
 
 
 def _recall(hits, pairs) -> dict:
@@ -80,10 +80,10 @@ def _measure(retriever, old, new, *, folded: bool, beams: int) -> dict:
 
 def dt_trained_reference(captions: str, new_ids: set[str], cache_dir: Path, seed: int) -> dict:
     """DT-trained R@10 on the new items' test queries: over the new items only, and over all items."""
-    from ace.baselines import dt_trained, encode_split, query_targets, search_topk
-    from ace.encoders import MINILM, TextEncoder
-    from ace.importers import load_proxy_split
-    from ace.query_tower import QueryTowerConfig
+    from ace.bench.baselines import dt_trained, encode_split, query_targets, search_topk
+    from ace.data.encoders import MINILM, TextEncoder
+    from ace.data.importers import load_proxy_split
+    from ace.newitems.query_tower import QueryTowerConfig
 
     split = load_proxy_split(captions)
     encoder = TextEncoder(MINILM)
@@ -111,7 +111,7 @@ def finish_trained_run(cfg: RunConfig) -> bool:
     The recorded stage keys are used, so a config dataclass that gained a field since the run was
     trained (a new stage key) does not retrain it. False when the run is not trained yet.
     """
-    from ace.pipeline import Pipeline
+    from ace.pipeline.stages import Pipeline
 
     pipe = Pipeline(cfg, progress=False)
     for stage in ("corpus", "encode", "identifiers", "querygen", "train"):
@@ -183,7 +183,7 @@ def main(argv=None) -> dict:
                        "old_queries": len(old), "new_queries": len(new_test)}
     print(json.dumps(result["sizes"]))
 
-    from ace.retriever import Retriever
+    from ace.serving.retriever import Retriever
 
     # 2. before any add ----------------------------------------------------------------------------
     r = Retriever.from_run(work, device="cpu")
@@ -194,8 +194,8 @@ def main(argv=None) -> dict:
     # 3. add the other items through the API -------------------------------------------------------
     # The caption-proxy "media" (COCO file names) are not on disk; the run's encoder embeds an item
     # from its first caption, so the benchmark runs that encoder itself and passes the embedding.
-    from ace.encoders import build_encoder
-    from ace.fallback import read_encoder_config
+    from ace.data.encoders import build_encoder
+    from ace.newitems.fallback import read_encoder_config
 
     encoder = build_encoder(read_encoder_config(work))
     encode_s = add_s = 0.0

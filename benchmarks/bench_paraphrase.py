@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ace.importers import read_captions  # noqa: E402
-from ace.corpus import CorpusItem  # noqa: E402
+from ace.data.importers import read_captions  # noqa: E402
+from ace.data.corpus import CorpusItem  # noqa: E402
 from querygen import QueryGenConfig, build_backend, run_querygen  # noqa: E402
 from querygen.filters import normalize  # noqa: E402
 

@@ -39,7 +39,7 @@ class ConstantCostRetriever:
     """Answers any query with k synthetic items (rotated by a query hash) after an optional fixed delay per batch."""
 
     def __init__(self, num_items: int = 1000, delay_ms: float = 0.0):
-        from ace.corpus import CorpusItem
+        from ace.data.corpus import CorpusItem
         self.items = [CorpusItem(f"item{i}", "image", captions=[f"synthetic item {i}"]) for i in range(num_items)]
         self.index = {it.item_id: it for it in self.items}
         self.delay_s = delay_ms / 1000.0
@@ -79,7 +79,7 @@ def _serve_overhead(port: int, delay_ms: float, overrides: list[str]) -> None:
     import uvicorn
 
     from ace.config import ServeConfig, load_config
-    from ace.server import create_app
+    from ace.serving.server import create_app
     config = load_config(ServeConfig, None, overrides)
     app = create_app(ConstantCostRetriever(delay_ms=delay_ms), config)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
@@ -252,7 +252,7 @@ async def run_load(url: str, queries: list[str], *, clients: int, searches: int,
 
 def direct_throughput(run: Path, queries: list[str], *, batch: int, k: int, count: int, device: str | None) -> dict:
     """The retriever's own batched throughput (no HTTP), for comparison with the served figure."""
-    from ace.retriever import Retriever
+    from ace.serving.retriever import Retriever
     retriever = Retriever.from_run(run, device=device)
     qs = [queries[i % len(queries)] for i in range(count)]
     retriever.search(qs[:batch], k=k)  # warm-up

@@ -30,9 +30,9 @@ def main(argv=None) -> int:
     import torch
 
     from ace.config import read_yaml
-    from ace.corpus import load_corpus
-    from ace.modeling import AceConfig, AceModel
-    from ace.tokens import IdentifierVocab, QueryTokenizer
+    from ace.data.corpus import load_corpus
+    from ace.model.modeling import AceConfig, AceModel
+    from ace.model.tokens import IdentifierVocab, QueryTokenizer
     from identifiers.semantic_ids import SemanticIdTokenizer
 
     for need in ("identifiers", "corpus.jsonl"):

@@ -11,7 +11,7 @@ with item prototypes = mean MiniLM vector of the item's training queries (the DT
     that learned prefix-conditioned scoring could reach), beams 10 and 50.
 ``train``: the decoder-only recipe (frozen MiniLM encoder) fast: the S fused encoder layers of every
 query are computed once and cached, then only the decoder trains; held-out R@k by trie-constrained
-beam search. Options: R-Drop weight, the prefix-prototype teacher (ace/distill.py), steps, lr.
+beam search. Options: R-Drop weight, the prefix-prototype teacher (ace/training/distill.py), steps, lr.
 """
 from __future__ import annotations
 
@@ -30,14 +30,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ace.decoding import constrained_beam_search  # noqa: E402
-from ace.distill import PrefixTeacher, distillation_loss  # noqa: E402
-from ace.encoders import TextEncoder, minilm_path  # noqa: E402
-from ace.losses import rdrop_kl  # noqa: E402
-from ace.modeling import AceConfig, AceModel  # noqa: E402
-from ace.query_tower import unit_rows  # noqa: E402
-from ace.tokens import IdentifierVocab, QueryTokenizer  # noqa: E402
-from ace.training import identifier_targets  # noqa: E402
+from ace.model.decoding import constrained_beam_search  # noqa: E402
+from ace.training.distill import PrefixTeacher, distillation_loss  # noqa: E402
+from ace.data.encoders import TextEncoder, minilm_path  # noqa: E402
+from ace.training.losses import rdrop_kl  # noqa: E402
+from ace.model.modeling import AceConfig, AceModel  # noqa: E402
+from ace.newitems.query_tower import unit_rows  # noqa: E402
+from ace.model.tokens import IdentifierVocab, QueryTokenizer  # noqa: E402
+from ace.training.loop import identifier_targets  # noqa: E402
 from identifiers.semantic_ids import SemanticIdTokenizer  # noqa: E402
 
 

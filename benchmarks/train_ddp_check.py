@@ -2,7 +2,7 @@
 
     python benchmarks/train_ddp_check.py [--steps 300] [--items 240] [--threads 1] [--seeds 0,1,2] [--out benchmarks/out/ddp_check]
 
-Trains the synthetic task (ace/synthetic.py) twice with identical TrainConfig (global batch 64,
+Trains the synthetic task (ace/bench/synthetic.py) twice with identical TrainConfig (global batch 64,
 so the step count and schedule are the same for both) and prints held-out Recall@k of each:
 
     1 process : python benchmarks/train_ddp_check.py --worker --run-dir OUT/1proc
@@ -31,9 +31,9 @@ def worker(args) -> None:
     import torch
     from accelerate import Accelerator
 
-    from ace.synthetic import make_synthetic_task, train_synthetic
-    from ace.tokens import QueryTokenizer
-    from ace.training import TrainConfig
+    from ace.bench.synthetic import make_synthetic_task, train_synthetic
+    from ace.model.tokens import QueryTokenizer
+    from ace.training.loop import TrainConfig
     from identifiers.semantic_ids import SemanticIdTokenizer
 
     accelerator = Accelerator(cpu=True)
@@ -95,7 +95,7 @@ def main() -> None:
     # identifiers + query tokenizer are fitted once, outside the distributed job (the pipeline's
     # identifier stage); both runs load the same artefacts
     sys.path.insert(0, str(ROOT))
-    from ace.synthetic import fit_synthetic_artefacts, make_synthetic_task
+    from ace.bench.synthetic import fit_synthetic_artefacts, make_synthetic_task
 
     id_tok, qtok = fit_synthetic_artefacts(make_synthetic_task(args.items, seed=0))
     id_tok.save(out / "artefacts" / "identifiers")

@@ -15,7 +15,7 @@ from .corpus_file import read_corpus
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m querygen", description=__doc__)
     ap.add_argument("--corpus", required=True, help="JSONL/CSV corpus file, or a caption file (see --format)")
-    ap.add_argument("--format", default=None, help="caption-file format for ace.importers (e.g. audiocaps, clotho)")
+    ap.add_argument("--format", default=None, help="caption-file format for ace.data.importers (e.g. audiocaps, clotho)")
     ap.add_argument("--backend", default=None, help="captions | mllm | paraphrase | template")
     ap.add_argument("--out", required=True, help="output folder (dataset, cache.jsonl, summary.json)")
     ap.add_argument("--config", default=None, help="YAML file with QueryGenConfig keys")

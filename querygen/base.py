@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ace.config import config_hash
-from ace.corpus import CorpusItem
+from ace.data.corpus import CorpusItem
 
 
 class QueryGenError(ValueError):

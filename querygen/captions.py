@@ -1,7 +1,7 @@
 """``captions`` backend: the corpus's own captions (all, or chosen indices) are the queries."""
 from __future__ import annotations
 
-from ace.corpus import CorpusItem
+from ace.data.corpus import CorpusItem
 
 from .base import GeneratedQuery, QueryBackend
 

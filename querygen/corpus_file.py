@@ -1,4 +1,4 @@
-"""Corpus reading for the CLI: ``ace.corpus.load_corpus`` (JSONL/CSV/Parquet tables or caption files).
+"""Corpus reading for the CLI: ``ace.data.corpus.load_corpus`` (JSONL/CSV/Parquet tables or caption files).
 
 Media files are not required to exist here: the mllm backend reports and skips items whose media is
 missing or unreadable, so one bad file does not stop a 100k-item run.
@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ace.corpus import CorpusError, CorpusItem, load_corpus
+from ace.data.corpus import CorpusError, CorpusItem, load_corpus
 
 from .base import QueryGenError
 
 
 def read_corpus(path: str | Path, fmt: str | None = None, *,
                 limit: int | None = None) -> tuple[list[CorpusItem], Path | None]:
-    """(items, media root) from a corpus table or a caption file (``fmt``: an ace.importers format)."""
+    """(items, media root) from a corpus table or a caption file (``fmt``: an ace.data.importers format)."""
     try:
         corpus = load_corpus(path, fmt=fmt, check_media=False)
     except (CorpusError, ValueError) as exc:  # CaptionFileError is a ValueError too

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from ace.corpus import CorpusItem
+from ace.data.corpus import CorpusItem
 
 from .base import GeneratedQuery, QueryBackend, QueryGenError, resolve_device
 from .lm import generate_new_tokens, load_error, model_dtype

@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ace.corpus import CorpusItem
+from ace.data.corpus import CorpusItem
 
 from .base import GeneratedQuery, QueryBackend, QueryGenError, resolve_device
 from .lm import generate_new_tokens, load_error, model_dtype

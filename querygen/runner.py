@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ace.config import to_dict
-from ace.corpus import CorpusItem
+from ace.data.corpus import CorpusItem
 
 from .base import GeneratedQuery, ItemFailure, QueryBackend, QueryGenError
 from .cache import QueryCache

@@ -5,7 +5,7 @@ import hashlib
 import random
 import string
 
-from ace.corpus import CorpusItem
+from ace.data.corpus import CorpusItem
 
 from .base import GeneratedQuery, QueryBackend
 

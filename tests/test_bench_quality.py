@@ -74,7 +74,7 @@ def test_every_method_in_json_and_markdown(full_run):
 
 
 def test_int8_variant_decodes_the_quantised_model(full_run, monkeypatch):
-    import ace.retriever as retriever_module
+    import ace.serving.retriever as retriever_module
     from ace.bench.quality import decode_run
 
     _, out = full_run

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ace.corpus import Corpus, CorpusError, CorpusItem, corpus_from_captions, load_corpus
-from ace.importers import CaptionFileError, load_proxy_split
+from ace.data.corpus import Corpus, CorpusError, CorpusItem, corpus_from_captions, load_corpus
+from ace.data.importers import CaptionFileError, load_proxy_split
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

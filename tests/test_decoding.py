@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from ace.decoding import (DecodingError, _allowed_children, _trie_tensors, constrained_beam_search,
+from ace.model.decoding import (DecodingError, _allowed_children, _trie_tensors, constrained_beam_search,
                           quantize_dynamic_int8, unconstrained_beam_search)
-from ace.modeling import AceConfig, AceInputError, AceModel
-from ace.tokens import BOS, IdentifierVocab
+from ace.model.modeling import AceConfig, AceInputError, AceModel
+from ace.model.tokens import BOS, IdentifierVocab
 from identifiers.trie import FlatTrie
 
 SIZES = [6, 5, 4, 3]

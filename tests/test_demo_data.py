@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ace.corpus import load_corpus
-from ace.encoders import read_video_frames
+from ace.data.corpus import load_corpus
+from ace.data.encoders import read_video_frames
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 import make_demo  # noqa: E402

@@ -1,4 +1,4 @@
-"""Prefix-prototype teacher (ace/distill.py): sibling targets, leave-one-out, loss, training hook."""
+"""Prefix-prototype teacher (ace/training/distill.py): sibling targets, leave-one-out, loss, training hook."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from ace.distill import PrefixTeacher, TeacherError, distillation_loss
-from ace.tokens import IdentifierVocab
-from ace.training import TrainConfig, train_retriever
+from ace.training.distill import PrefixTeacher, TeacherError, distillation_loss
+from ace.model.tokens import IdentifierVocab
+from ace.training.loop import TrainConfig, train_retriever
 from tests.test_training import make_model, small_cfg, task  # noqa: F401  (module fixture)
 
 # 4 items, identifiers (k, v, u): items 0 and 1 share k=0; items 2 and 3 share k=1

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ace.config import ConfigError, load_config
-from ace.corpus import Corpus, CorpusItem
-from ace.encoders import (EncoderConfig, EncoderError, ItemEncoder, ModalityProjection, MultiModalEncoder,
+from ace.data.corpus import Corpus, CorpusItem
+from ace.data.encoders import (EncoderConfig, EncoderError, ItemEncoder, ModalityProjection, MultiModalEncoder,
                           MultiModalEncoderConfig, build_encoder, load_precomputed, minilm_path)
 
 # ---- real media made or shipped offline ------------------------------------------------------------
@@ -207,7 +207,7 @@ def test_cache_skips_encoded_items(tiny_clip, media, tmp_path, monkeypatch):
 
 def test_corrupt_cache_shard_is_named(tmp_path):
     cfg = EncoderConfig(kind="precomputed", cache_dir=str(tmp_path))
-    from ace.encoders import EmbeddingCache
+    from ace.data.encoders import EmbeddingCache
 
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "shard-bad.npz").write_bytes(b"garbage")

@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from ace.config import load_config
-from ace.fallback import (Calibration, FallbackConfig, FallbackError, FallbackIndex, PlattCalibration,
+from ace.newitems.fallback import (Calibration, FallbackConfig, FallbackError, FallbackIndex, PlattCalibration,
                           calibration_samples, fit_calibration, merge_rankings)
-from ace.hashing import BinaryIndex, BinaryIndexConfig, HashConfig, HashHead, HashingError, hamming
+from ace.newitems.hashing import BinaryIndex, BinaryIndexConfig, HashConfig, HashHead, HashingError, hamming
 from ace.metrics import recall_at_k
-from ace.query_tower import QueryTower, QueryTowerConfig, QueryTowerError, info_nce, one_cycle
+from ace.newitems.query_tower import QueryTower, QueryTowerConfig, QueryTowerError, info_nce, one_cycle
 
 try:  # tests/ may or may not be a package
     from tests.fakes_fallback import TableEncoder, clustered_embeddings, synthetic_task
@@ -147,7 +147,7 @@ def test_dual_encoder_tower_passes_text_tower_through(tmp_path):
 def test_for_item_encoder_picks_the_text_tower_of_a_dual_encoder():
     _, _, enc, _, test = synthetic_task(n_items=5)
 
-    class Dual:  # stands in for ace.encoders.HFDualEncoder
+    class Dual:  # stands in for ace.data.encoders.HFDualEncoder
         dim = enc.dim
 
         def encode_texts(self, texts):

@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ace.corpus import CorpusItem
-from ace.fold import Fold, FoldConfig, fold_run
-from ace.retriever import Retriever
-from ace.store import ItemStore
+from ace.data.corpus import CorpusItem
+from ace.pipeline.fold import Fold, FoldConfig, fold_run
+from ace.serving.retriever import Retriever
+from ace.serving.store import ItemStore
 from tests.test_pipeline import TEMPLATES, make_corpus
 
 NEW = ["white-car", "blue-tree", "black-dog", "green-boat", "yellow-chair", "red-house"]  # added after training
@@ -49,7 +49,7 @@ eval: {{num_beams: [5], top_k: 5}}
 def base_run(tmp_path_factory) -> Path:
     """A trained tiny run (30 items) with its fallback stage, and 6 more items added through the Retriever."""
     from ace.config import load_config
-    from ace.pipeline import Pipeline, RunConfig
+    from ace.pipeline.stages import Pipeline, RunConfig
 
     base = tmp_path_factory.mktemp("fold")
     Pipeline(load_config(RunConfig, _config(base)), progress=False).run_all(until="fallback")

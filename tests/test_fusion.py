@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ace.fusion import CoarseFusion, FineFusion, FusionCrossAttention
+from ace.model.fusion import CoarseFusion, FineFusion, FusionCrossAttention
 
 B, T, N, S, D, H = 2, 3, 5, 3, 16, 2
 

@@ -282,7 +282,7 @@ def test_cli_build_and_errors(tmp_path, capsys, data):
 def test_level_vectors_initialise_the_identifier_embeddings(fitted):
     import torch
 
-    from ace.modeling import AceConfig, AceModel
+    from ace.model.modeling import AceConfig, AceModel
 
     vecs = fitted.level_vectors
     assert [None if v is None else v.shape[0] for v in vecs] == fitted.level_sizes[:-1] + [None]

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from ace.importers import CaptionFileError, caption_proxy_split, load_proxy_split, read_captions
+from ace.data.importers import CaptionFileError, caption_proxy_split, load_proxy_split, read_captions
 
 FILES = {
     "flickr30k/flickr30k_val.json": (1014, "image"),

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from ace.config import ServeConfig, load_config
-from ace.corpus import CorpusItem
-from ace.retriever import ItemConflictError, ItemNotFoundError, Retriever, RetrieverError, WriterLockError
-from ace.server import create_app
-from ace.store import ItemStore
+from ace.data.corpus import CorpusItem
+from ace.serving.retriever import ItemConflictError, ItemNotFoundError, Retriever, RetrieverError, WriterLockError
+from ace.serving.server import create_app
+from ace.serving.store import ItemStore
 from tests.conftest import ROOT
 from tests.serving_support import free_port, png_bytes, running_server, wav_bytes
 from tests.test_pipeline import make_corpus
@@ -33,7 +33,7 @@ DIM = 24
 @pytest.fixture(scope="session")
 def base_run(tmp_path_factory) -> Path:
     """The tiny pipeline run of tests/test_pipeline.py (36 items, 24-d inline embeddings) + the fallback stage."""
-    from ace.pipeline import Pipeline, RunConfig
+    from ace.pipeline.stages import Pipeline, RunConfig
 
     tmp = tmp_path_factory.mktemp("items_run")
     corpus = make_corpus(tmp / "corpus.jsonl", dim=DIM)
@@ -57,7 +57,7 @@ fallback: {{calibration_queries: 36, tower: {{epochs: 20, batch_size: 32, device
 
 @pytest.fixture(scope="session")
 def text_encoder():
-    from ace.encoders import TextEncoder
+    from ace.data.encoders import TextEncoder
 
     return TextEncoder()
 
@@ -103,7 +103,7 @@ def test_fallback_stage_writes_an_empty_index_and_calibration(base_run, capsys):
     assert json.loads((fb / "ids.json").read_text())["id_of"] == {}
     marker = json.loads((base_run / "stages" / "fallback.json").read_text())
     assert marker["key"] and "summary" in marker
-    from ace.pipeline import Pipeline, RunConfig  # a re-run skips the stage (same config hash)
+    from ace.pipeline.stages import Pipeline, RunConfig  # a re-run skips the stage (same config hash)
 
     capsys.readouterr()
     Pipeline(load_config(RunConfig, base_run / "config.yaml"), progress=False).run_all(until="fallback")
@@ -256,7 +256,7 @@ def test_media_items_are_encoded_by_the_runs_encoder(run, text_encoder):
 
 
 def test_one_writer_per_run_and_the_cli(run, text_encoder, capsys):
-    from ace.items import main
+    from ace.serving.items import main
 
     rows = [{"item_id": f"cli/{i}", "modality": "image", "embedding": np.random.default_rng(i).standard_normal(DIM).tolist(),
              "captions": [f"cli item {i}"]} for i in range(3)]

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ace.modeling import AceConfig, AceModel
-from ace.losses import IGNORE_INDEX, ace_loss, rdrop_kl, token_cross_entropy
+from ace.model.modeling import AceConfig, AceModel
+from ace.training.losses import IGNORE_INDEX, ace_loss, rdrop_kl, token_cross_entropy
 
 
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from ace.modeling import AceConfig, AceInputError, AceModel
-from ace.tokens import BOS
+from ace.model.modeling import AceConfig, AceInputError, AceModel
+from ace.model.tokens import BOS
 
 SIZES = [6, 5, 4, 3]
 
@@ -145,8 +145,8 @@ def test_identifier_embedding_init_from_centroids():
 def test_pretrained_minilm_encoder_fuses_its_last_layers(tmp_path):
     from transformers import AutoModel
 
-    from ace.encoders import minilm_path
-    from ace.tokens import QueryTokenizer
+    from ace.data.encoders import minilm_path
+    from ace.model.tokens import QueryTokenizer
     path = minilm_path()
     with pytest.raises(ValueError, match="set d_model=384"):
         AceConfig(pretrained_encoder=path, d_model=256)
@@ -173,8 +173,8 @@ def test_pretrained_minilm_encoder_fuses_its_last_layers(tmp_path):
 def test_pretrained_encoder_truncated_to_its_first_layers(tmp_path):
     from transformers import AutoModel
 
-    from ace.encoders import minilm_path
-    from ace.tokens import QueryTokenizer
+    from ace.data.encoders import minilm_path
+    from ace.model.tokens import QueryTokenizer
     path = minilm_path()
     with pytest.raises(ValueError, match="must be in \\[1, 6\\]"):
         AceConfig(pretrained_encoder=path, d_model=384, pretrained_encoder_layers=7)

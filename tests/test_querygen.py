@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ace.config import ConfigError, load_config
-from ace.corpus import CorpusItem
+from ace.data.corpus import CorpusItem
 from querygen import QueryGenConfig, QueryGenError, build_backend, run_querygen
 from querygen.__main__ import main as cli_main
 from querygen.base import GeneratedQuery

@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 
-from ace.report import plot_identifier_distribution, plot_recall, plot_training_curves, read_jsonl, write_report
+from ace.pipeline.report import plot_identifier_distribution, plot_recall, plot_training_curves, read_jsonl, write_report
 from ace.run_folder import RunFolder, write_json_atomic
 
 

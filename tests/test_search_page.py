@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ace.config import ServeConfig
-from ace.server import create_app
+from ace.serving.server import create_app
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ may or may not be a package
 from serving_support import TokenOverlapRetriever, media_corpus, running_server

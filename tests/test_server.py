@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from ace.config import ServeConfig
-from ace.server import create_app, resolve_media_file
+from ace.serving.server import create_app, resolve_media_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ may or may not be a package
 from serving_support import TokenOverlapRetriever, media_corpus, png_bytes, running_server
@@ -299,7 +299,7 @@ def test_serve_cli_rejects_bad_arguments(tmp_path, capsys):
 
 
 class _ValueErrorItems(TokenOverlapRetriever):
-    """Like ace.retriever.Retriever: item() raises a ValueError subclass for unknown ids."""
+    """Like ace.serving.retriever.Retriever: item() raises a ValueError subclass for unknown ids."""
 
     def item(self, item_id):
         if item_id not in self.items:

@@ -1,4 +1,4 @@
-"""The server over the real ace.retriever.Retriever, loaded from a tiny run folder built in the test.
+"""The server over the real ace.serving.retriever.Retriever, loaded from a tiny run folder built in the test.
 
 The run holds a tiny untrained AceModel (random weights): serving must return exactly what the
 library call returns, whatever the model's quality, so no training is needed here.
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from ace.config import ServeConfig
-from ace.corpus import Corpus, CorpusItem
-from ace.retriever import Retriever
-from ace.server import create_app
+from ace.data.corpus import Corpus, CorpusItem
+from ace.serving.retriever import Retriever
+from ace.serving.server import create_app
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ may or may not be a package
 from serving_support import png_bytes, running_server, wav_bytes  # noqa: E402
@@ -25,9 +25,9 @@ def build_tiny_run(run: Path, media_root: Path, n_items: int = 40) -> list[tuple
     """Identifiers + query tokenizer + untrained tiny AceModel + corpus, in the run-folder layout."""
     import torch
 
-    from ace.modeling import AceModel
-    from ace.synthetic import make_synthetic_task, synthetic_model_config
-    from ace.tokens import IdentifierVocab, QueryTokenizer
+    from ace.model.modeling import AceModel
+    from ace.bench.synthetic import make_synthetic_task, synthetic_model_config
+    from ace.model.tokens import IdentifierVocab, QueryTokenizer
     from identifiers.config import IdentifierConfig
     from identifiers.semantic_ids import SemanticIdTokenizer
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ace.corpus import CorpusItem
-from ace.store import (DuplicateItemError, ItemStore, StoreCorruptError, StoreError,
+from ace.data.corpus import CorpusItem
+from ace.serving.store import (DuplicateItemError, ItemStore, StoreCorruptError, StoreError,
                        UnknownItemError)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,8 +122,8 @@ def test_corrupt_and_foreign_files(tmp_path):
 _WRITER = textwrap.dedent("""
     import sys
     import numpy as np
-    from ace.corpus import CorpusItem
-    from ace.store import ItemStore
+    from ace.data.corpus import CorpusItem
+    from ace.serving.store import ItemStore
     store = ItemStore(sys.argv[1])
     b = 0
     while True:
@@ -159,7 +159,7 @@ def test_sigkill_loses_no_acknowledged_batch(tmp_path):
 
 
 def test_version_1_file_is_migrated_in_place(tmp_path):
-    from ace.store import _COLUMNS, _SCHEMA
+    from ace.serving.store import _COLUMNS, _SCHEMA
 
     path = tmp_path / "v1.sqlite"
     conn = sqlite3.connect(path)

@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from ace.synthetic import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, make_synthetic_task, train_synthetic
-from ace.training import TrainConfig, evaluate_retriever
+from ace.bench.synthetic import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, make_synthetic_task, train_synthetic
+from ace.training.loop import TrainConfig, evaluate_retriever
 
 
 def test_synthetic_task_shape():
@@ -39,7 +39,7 @@ def test_learns_heldout_paraphrases(tmp_path):
     # The CPU-minute budget is fixed by the config (300 steps); the time itself is a benchmark figure
     # (printed above, recorded in BENCHMARKS.md), not a unit-test assertion.
     # the exported model reproduces the figure through the public evaluation entry point
-    from ace.modeling import AceModel
+    from ace.model.modeling import AceModel
 
     model = AceModel.from_pretrained(result.model_dir)
     again = evaluate_retriever(model, parts["query_tokenizer"], parts["id_tokenizer"], parts["vocab"], task.val_pairs,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ace.tokens import BOS, EOS, PAD, IdentifierVocab, QueryError, QueryTokenizer
+from ace.model.tokens import BOS, EOS, PAD, IdentifierVocab, QueryError, QueryTokenizer
 
 QUERIES = [f"a photo of a {c} {a} in the {p}" for c in ("red", "blue", "green", "small", "big")
            for a in ("dog", "cat", "car", "bird") for p in ("park", "street", "house")]
@@ -78,7 +78,7 @@ def test_query_tokenizer_errors_and_truncation_policy():
 
 
 def test_pretrained_query_tokenizer_minilm(tmp_path):
-    from ace.encoders import minilm_path
+    from ace.data.encoders import minilm_path
     tok = QueryTokenizer.from_pretrained(minilm_path(), max_length=6)
     ids, mask = tok(["a dog running on the beach with a red ball", "cat"])
     assert ids.shape == (2, 6) and mask[0].all() and mask[1].sum() == 3   # [CLS] cat [SEP]

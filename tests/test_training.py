@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from ace.modeling import AceConfig, AceModel
-from ace import training
-from ace.tokens import IdentifierVocab, QueryTokenizer
-from ace.training import (TrainConfig, TrainingDataError, encode_pairs, evaluate_retriever, latest_checkpoint,
+from ace.model.modeling import AceConfig, AceModel
+from ace.training import loop as training
+from ace.model.tokens import IdentifierVocab, QueryTokenizer
+from ace.training.loop import (TrainConfig, TrainingDataError, encode_pairs, evaluate_retriever, latest_checkpoint,
                           train_retriever, warmup_cosine)
 from identifiers.trie import IdentifierTrie
 
@@ -227,7 +227,7 @@ def test_train_config_from_yaml_overrides(tmp_path):
 
 
 def test_frozen_encoder_outputs_are_cached_and_training_matches_the_uncached_run(task, tmp_path):
-    from ace.training import cache_encoder_states
+    from ace.training.loop import cache_encoder_states
 
     model = make_model(task)
     model.freeze_encoder()
@@ -252,7 +252,7 @@ def test_frozen_encoder_outputs_are_cached_and_training_matches_the_uncached_run
 
 
 def test_query_token_dropout_hides_tokens_but_never_the_first_or_padding():
-    from ace.training import query_token_dropout
+    from ace.training.loop import query_token_dropout
 
     torch.manual_seed(0)
     mask = torch.ones(200, 30, dtype=torch.long)

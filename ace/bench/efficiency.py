@@ -5,7 +5,7 @@
 
 Both sides start from query text and stop at item rows (the row -> item id lookup is the same list
 index for both):
-- ACE: query tokenizer -> AceModel -> trie-constrained beam search (``ace.decoding``) over the
+- ACE: query tokenizer -> AceModel -> trie-constrained beam search (``ace.model.decoding``) over the
   identifiers of N items. Weights are random: the search always runs L decoder steps with the
   same shapes, so its cost does not depend on training. Shapes come from ``--ace NAME=SPEC``
   (``default`` = the AceConfig/ModelSection defaults; SPEC = a run config with a ``model:``
@@ -15,7 +15,7 @@ index for both):
   ``IndexFlatIP``, approximate faiss ``IndexHNSWFlat`` (M, efConstruction, efSearch; its
   recall@10 against exact search is reported).
 
-Items are synthetic: a Gaussian mixture (``ace.synthetic.mixture_embeddings``), the first N rows
+Items are synthetic: a Gaussian mixture (``ace.bench.synthetic.mixture_embeddings``), the first N rows
 of one sample per D. ACE identifiers are fitted on the largest-D embeddings of the same N items
 (``--identifiers fitted``, the identifier builder's defaults) or drawn at random (``random``).
 Every (N, D) group measures all its methods interleaved (the method order rotates each repeat),
@@ -179,10 +179,10 @@ def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
 # ------------------------------------------------------------------------------ inputs
 
 def load_queries(path: str | None, *, need: int, seed: int = 0) -> list[str]:
-    """Query texts: lines of a .txt file, all captions of a caption file (ace.importers), or the
-    templated queries of ace.synthetic; repeated in order when fewer than ``need``."""
+    """Query texts: lines of a .txt file, all captions of a caption file (ace.data.importers), or the
+    templated queries of ace.bench.synthetic; repeated in order when fewer than ``need``."""
     if path is None:
-        from ace.synthetic import make_synthetic_task
+        from ace.bench.synthetic import make_synthetic_task
         task = make_synthetic_task(800, seed=seed)
         texts = [q for q, _ in task.train_pairs + task.val_pairs]
     elif not Path(path).is_file():
@@ -190,7 +190,7 @@ def load_queries(path: str | None, *, need: int, seed: int = 0) -> list[str]:
     elif str(path).endswith(".txt"):
         texts = [t.strip() for t in Path(path).read_text().splitlines() if t.strip()]
     else:
-        from ace.importers import load_proxy_split
+        from ace.data.importers import load_proxy_split
         split = load_proxy_split(path)
         texts = split.documents + [q for _, q in split.train_queries + split.test_queries]
     if not texts:
@@ -221,7 +221,7 @@ def parse_ace_spec(spec: str) -> tuple[str, str | None, list[str]]:
 
 def load_model_section(path: str | None, overrides: list[str]):
     """The run config's ``model:`` section (or a bare model mapping) + overrides -> ModelSection."""
-    from ace.pipeline import ModelSection
+    from ace.pipeline.stages import ModelSection
 
     if path and not Path(path).is_file() and (ROOT / path).is_file():
         path = str(ROOT / path)                                # repo-relative default (configs/...)
@@ -241,7 +241,7 @@ def identifier_config(overrides: list[str]):
 
 def item_vectors(n: int, dim: int, *, seed: int, cache_dir: str | None) -> np.ndarray:
     """Float32 (n, dim) mixture embeddings (a memmap of the cached file when cache_dir is set)."""
-    from ace.synthetic import mixture_embeddings, mixture_embeddings_file
+    from ace.bench.synthetic import mixture_embeddings, mixture_embeddings_file
     if cache_dir is None:
         return mixture_embeddings(n, dim, seed=seed)
     return np.load(mixture_embeddings_file(cache_dir, n, dim, seed=seed), mmap_mode="r")
@@ -252,7 +252,7 @@ def corpus_identifiers(vectors: np.ndarray, cfg: EfficiencyConfig, id_config) ->
 
     Fitted once on the largest corpus; the corpus of size n uses the first n rows (a subset of
     distinct identifiers is distinct, and decoding cost depends on the trie's shape, not its size)."""
-    from ace.synthetic import random_codes
+    from ace.bench.synthetic import random_codes
     n = vectors.shape[0]
     if cfg.identifiers == "random":
         t = time.perf_counter()
@@ -303,7 +303,7 @@ class AceSearch:
         self.max_len = model.config.max_query_length
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        from ace.decoding import constrained_beam_search
+        from ace.model.decoding import constrained_beam_search
         enc = self.query_tokenizer(texts, max_length=self.max_len)
         rows, _ = constrained_beam_search(self.model, enc.input_ids, enc.attention_mask, self.trie, self.vocab,
                                           num_beams=self.beams)
@@ -339,10 +339,10 @@ class DenseSearch:
 
 def build_ace_searchers(cfg: EfficiencyConfig, level_sizes, texts: list[str], device: str) -> list[AceSearch]:
     """One searcher per (--ace shape, precision); int8 only on CPU."""
-    from ace.decoding import quantize_dynamic_int8
-    from ace.modeling import AceModel
-    from ace.pipeline import ace_model_config
-    from ace.tokens import IdentifierVocab, QueryTokenizer
+    from ace.model.decoding import quantize_dynamic_int8
+    from ace.model.modeling import AceModel
+    from ace.pipeline.stages import ace_model_config
+    from ace.model.tokens import IdentifierVocab, QueryTokenizer
 
     vocab = IdentifierVocab(level_sizes)
     out = []
@@ -456,7 +456,7 @@ def run(cfg: EfficiencyConfig, *, command: str = "", partial: Path | None = None
     written to ``partial`` after every group, so a long run that is stopped keeps its figures)."""
     import faiss
 
-    from ace.encoders import TextEncoder
+    from ace.data.encoders import TextEncoder
     from identifiers.trie import FlatTrie
 
     torch.set_num_threads(cfg.threads)

@@ -3,13 +3,13 @@
     python -m ace.bench quality --captions ../shared/data/flickr30k/flickr30k_val.json \\
         [--format auto] [--methods ...] [--beams 5 25 50] [--seeds 0] [--out DIR] [key=value ...]
 
-Caption-proxy protocol (../shared/data/README.md, ``ace.importers.caption_proxy_split``): every
+Caption-proxy protocol (../shared/data/README.md, ``ace.data.importers.caption_proxy_split``): every
 item with >= 5 captions; caption 1 = item document (its MiniLM embedding is the item embedding),
 captions 2-3 = generated queries (training), captions 4-5 = test queries. Every method uses the
 same split and the same item embeddings:
 
-- ``dt_zero_shot``, ``dt_doc_plus_queries``, ``dt_trained``: ``ace.baselines`` (exact search);
-- ``ace``: the real pipeline (``ace.pipeline``) on ``--config`` (configs/bench_proxy.yaml) with
+- ``dt_zero_shot``, ``dt_doc_plus_queries``, ``dt_trained``: ``ace.bench.baselines`` (exact search);
+- ``ace``: the real pipeline (``ace.pipeline.stages``) on ``--config`` (configs/bench_proxy.yaml) with
   ``corpus.path`` = the caption file and the document embeddings as precomputed item embeddings;
 - ablations, each its own run folder under ``--out/runs/seed<S>/``: ``ace_no_cbs`` (the ``ace``
   model decoded without the trie; invalid identifiers keep their rank as misses), ``ace_int8`` (the
@@ -146,7 +146,7 @@ def load_bench_config(path: Path) -> tuple[dict, dict]:
 def variant_config(base: dict, setup: BenchSetup, method: str, seed: int, embeddings_file: Path):
     """The RunConfig of one ACE variant: base YAML + CLI overrides + variant overrides + protocol keys."""
     from ace.config import deep_merge, from_dict, parse_overrides
-    from ace.pipeline import RunConfig
+    from ace.pipeline.stages import RunConfig
 
     folder, variant_ov, _ = ACE_VARIANTS[method]
     run_dir = setup.out / "runs" / f"seed{seed}" / folder
@@ -194,8 +194,8 @@ def decode_run(run_dir: Path, queries: list[str], beams: int, *, constrained: bo
     trie stays in its slot as None (a miss)."""
     import torch
 
-    from ace.decoding import constrained_beam_search, unconstrained_beam_search
-    from ace.retriever import Retriever
+    from ace.model.decoding import constrained_beam_search, unconstrained_beam_search
+    from ace.serving.retriever import Retriever
 
     if quantize:
         device = "cpu"  # dynamic int8 is a CPU kernel
@@ -241,13 +241,13 @@ def run_benchmark(setup: BenchSetup) -> dict:
     """Run every requested method on the caption file; write quality.json and quality.md to ``setup.out``."""
     import torch
 
-    from ace.baselines import dt_doc_plus_queries, dt_trained, dt_zero_shot, encode_split, query_targets
+    from ace.bench.baselines import dt_doc_plus_queries, dt_trained, dt_zero_shot, encode_split, query_targets
     from ace.config import deep_merge, from_dict, to_dict
-    from ace.encoders import MINILM, TextEncoder
-    from ace.importers import load_proxy_split
+    from ace.data.encoders import MINILM, TextEncoder
+    from ace.data.importers import load_proxy_split
     from ace.metrics import retrieval_metrics
-    from ace.pipeline import Pipeline
-    from ace.query_tower import QueryTowerConfig
+    from ace.pipeline.stages import Pipeline
+    from ace.newitems.query_tower import QueryTowerConfig
 
     base, tower_base = load_bench_config(setup.config_path)
     tower_dict = deep_merge(tower_base, setup.tower_overrides)
@@ -437,11 +437,11 @@ def main(argv: list[str] | None = None) -> int:
     except (QualityBenchError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from ace.baselines import BaselineError
-    from ace.encoders import EncoderError
-    from ace.importers import CaptionFileError
-    from ace.pipeline import PipelineError
-    from ace.query_tower import QueryTowerError
+    from ace.bench.baselines import BaselineError
+    from ace.data.encoders import EncoderError
+    from ace.data.importers import CaptionFileError
+    from ace.pipeline.stages import PipelineError
+    from ace.newitems.query_tower import QueryTowerError
     from identifiers import IdentifierInputError, IdTableError
 
     try:

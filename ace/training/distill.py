@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ace.query_tower import unit_rows
+from ace.newitems.query_tower import unit_rows
 
 
 class TeacherError(ValueError):
@@ -160,8 +160,8 @@ def teacher_for_pairs(pairs, id_tokenizer, vocab, *, encoder: str = "all-MiniLM-
     ``cache_file`` .npy when given, keyed by its length and first/last query)."""
     from pathlib import Path
 
-    from ace.encoders import TextEncoder
-    from ace.training import resolve_rows
+    from ace.data.encoders import TextEncoder
+    from ace.training.loop import resolve_rows
 
     texts = [q for q, _ in pairs]
     if not texts:

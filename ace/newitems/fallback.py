@@ -30,8 +30,8 @@ from typing import Hashable, Sequence
 import numpy as np
 
 from ace.config import ConfigError, from_dict, to_dict
-from ace.hashing import BinaryIndex, BinaryIndexConfig, HashConfig, HashHead, HashingError, check_embeddings
-from ace.query_tower import QueryTower, QueryTowerConfig, TextTower
+from ace.newitems.hashing import BinaryIndex, BinaryIndexConfig, HashConfig, HashHead, HashingError, check_embeddings
+from ace.newitems.query_tower import QueryTower, QueryTowerConfig, TextTower
 
 FORMAT_VERSION = 1
 SOURCES = ("generative", "fallback")
@@ -341,7 +341,7 @@ def run_text_tower(encoder_config, modalities: Sequence[str]) -> RunTextTower | 
     Several modalities share one text tower only when their projection to the common dimension is the
     identity (each modality gets its own seeded projection otherwise).
     """
-    from ace.encoders import ModalityProjection, build_encoder
+    from ace.data.encoders import ModalityProjection, build_encoder
 
     modalities = sorted(set(modalities))
     subs = [getattr(encoder_config, m) for m in modalities]
@@ -359,7 +359,7 @@ def read_encoder_config(run_dir: str | Path):
     """The run's item-encoder config (RUN/config.yaml, section ``encoder``), or None when absent."""
     import yaml
 
-    from ace.encoders import MultiModalEncoderConfig
+    from ace.data.encoders import MultiModalEncoderConfig
 
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
@@ -388,7 +388,7 @@ def build_run_fallback(run_dir: str | Path, config: FallbackConfig, *, seed: int
     import shutil
 
     from ace.metrics import retrieval_metrics
-    from ace.retriever import Retriever
+    from ace.serving.retriever import Retriever
     from ace.run_folder import load_run_corpus, load_run_embeddings
 
     run_dir = Path(run_dir)

@@ -11,11 +11,11 @@ A corpus file is JSONL, CSV or Parquet (read through ``datasets``), one item a r
 | captions    | list of str (CSV: a JSON list) | no                                       |
 | metadata    | mapping (CSV: a JSON object) | no; any other column is put into metadata  |
 
-One corpus may mix modalities. Caption files of public data sets (``ace.importers``) become a
+One corpus may mix modalities. Caption files of public data sets (``ace.data.importers``) become a
 corpus with ``corpus_from_captions``; ``load_corpus`` accepts either kind of file.
 
     corpus = load_corpus("data/demo/corpus.jsonl")      # validated: clear errors naming the rows
-    split = corpus.proxy_split()                         # caption-proxy protocol (ace.importers)
+    split = corpus.proxy_split()                         # caption-proxy protocol (ace.data.importers)
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ace.importers import CaptionedItem, ProxySplit, caption_proxy_split, detect_format, read_captions
+from ace.data.importers import CaptionedItem, ProxySplit, caption_proxy_split, detect_format, read_captions
 
 MODALITIES = ("image", "audio", "video", "text")
 TABLE_SUFFIXES = {".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -190,7 +190,7 @@ class Corpus:
         return [CaptionedItem(it.item_id, it.modality, list(it.captions), it.media) for it in self.items]
 
     def proxy_split(self, *, min_captions: int = 5) -> ProxySplit:
-        """Caption-proxy split (doc = caption 1, train = 2-3, test = 4-5) via ace.importers."""
+        """Caption-proxy split (doc = caption 1, train = 2-3, test = 4-5) via ace.data.importers."""
         return caption_proxy_split(self.to_captioned(), source=self.source, min_captions=min_captions)
 
 
@@ -286,7 +286,7 @@ def load_corpus(path: str | Path, *, root: str | Path | None = None, validate: b
 def corpus_from_captions(caption_file: str | Path, fmt: str | None = None, *, media_root: str | Path | None = None,
                          split_list: str | Path | None = None, limit: int | None = None,
                          check_media: bool = False) -> Corpus:
-    """A corpus from any caption file ``ace.importers`` reads (Karpathy JSON, Flickr8k, Clotho, ...).
+    """A corpus from any caption file ``ace.data.importers`` reads (Karpathy JSON, Flickr8k, Clotho, ...).
 
     Media file names are kept as the data set gives them, relative to ``media_root``; set
     ``check_media=True`` (with a ``media_root``) to require that the files exist.

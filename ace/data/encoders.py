@@ -34,7 +34,7 @@ import numpy as np
 from ace.config import config_hash
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ace.corpus import Corpus, CorpusItem
+    from ace.data.corpus import Corpus, CorpusItem
 
 MINILM = "all-MiniLM-L6-v2"
 
@@ -705,7 +705,7 @@ class MultiModalEncoderConfig:
 @functools.lru_cache(maxsize=16)
 def _orthogonal_matrix(d_in: int, d_out: int, seed: int, modality: str) -> np.ndarray:
     """Seeded random (d_in, d_out) matrix with orthonormal columns (d_in > d_out) or rows (d_in < d_out)."""
-    from ace.corpus import MODALITIES
+    from ace.data.corpus import MODALITIES
 
     rng = np.random.default_rng([seed, MODALITIES.index(modality)])
     import torch  # torch's QR: numpy's multithreaded OpenBLAS QR can stall badly on a busy machine
@@ -754,7 +754,7 @@ class MultiModalEncoder:
         self.encoders: dict[str, ItemEncoder] = {}
 
     def encoder_for(self, modality: str) -> ItemEncoder:
-        from ace.corpus import MODALITIES
+        from ace.data.corpus import MODALITIES
 
         if modality not in MODALITIES:
             raise EncoderError(f"unknown modality '{modality}'; known: {', '.join(MODALITIES)}")

@@ -8,7 +8,7 @@ plus a dynamic index of items added after training.
 
 This is what evaluation, the benchmarks and the HTTP server call. The generative path computes no
 query-item similarity: items come from beam search over the identifier trie, scored by sequence
-log-prob. Items added after training are served by the fallback index (``ace/fallback.py``: query
+log-prob. Items added after training are served by the fallback index (``ace/newitems/fallback.py``: query
 tower -> hash codes -> Hamming ANN -> cosine re-rank) until ``train.py fold`` moves them into the
 model; ``search`` merges both paths with the run's calibration, and every hit names its source.
 
@@ -19,7 +19,7 @@ State, rebuilt on every load from RUN/identifiers, RUN/fallback and RUN/store.sq
 Every ``add_items``/``delete_items`` batch is one SQLite transaction, committed before the call
 returns and before the in-memory indexes change: acknowledged = durable. Only one process may write
 a run's items at a time (a lock file, taken at the first write); a running server sees changes made
-by another process (``python -m ace.items``) only after a restart.
+by another process (``python -m ace.serving.items``) only after a restart.
 """
 from __future__ import annotations
 
@@ -34,17 +34,17 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ace.corpus import MODALITIES, Corpus, CorpusItem
-from ace.decoding import constrained_beam_search, quantize_dynamic_int8
-from ace.fallback import Calibration, FallbackIndex, load_calibration, merge_rankings, read_encoder_config, run_text_tower
-from ace.modeling import AceModel
-from ace.query_tower import unit_rows
+from ace.data.corpus import MODALITIES, Corpus, CorpusItem
+from ace.model.decoding import constrained_beam_search, quantize_dynamic_int8
+from ace.newitems.fallback import Calibration, FallbackIndex, load_calibration, merge_rankings, read_encoder_config, run_text_tower
+from ace.model.modeling import AceModel
+from ace.newitems.query_tower import unit_rows
 from ace.run_folder import load_run_corpus, load_run_embeddings
-from ace.store import ItemStore, StoreError, check_item
-from ace.tokens import IdentifierVocab, QueryTokenizer
+from ace.serving.store import ItemStore, StoreError, check_item
+from ace.model.tokens import IdentifierVocab, QueryTokenizer
 from identifiers import FlatTrie, SemanticIdTokenizer
 
-log = logging.getLogger("ace.retriever")
+log = logging.getLogger("ace.serving.retriever")
 
 
 class RetrieverError(ValueError):
@@ -432,7 +432,7 @@ class Retriever:
 
     def _check_media(self, item: CorpusItem) -> None:
         """The item's media file exists and lies inside the corpus root (symlinks resolved)."""
-        from ace.server import resolve_media_file
+        from ace.serving.server import resolve_media_file
 
         root = self.corpus_root
         if root is None:
@@ -446,7 +446,7 @@ class Retriever:
             raise RetrieverError(f"item {item.item_id!r}: media file not found: {item.media!r} (under {root})")
 
     def _encode_media(self, items: list[CorpusItem]) -> np.ndarray:
-        from ace.encoders import build_encoder
+        from ace.data.encoders import build_encoder
 
         if self._encoder is None:
             cfg = read_encoder_config(self.run_dir) if self.run_dir is not None else None

@@ -35,7 +35,7 @@ class QueryTowerError(ValueError):
 
 
 class TextTower(Protocol):
-    """Anything with ``encode(list[str]) -> np.ndarray (N, D)`` (e.g. ace.encoders.TextEncoder)."""
+    """Anything with ``encode(list[str]) -> np.ndarray (N, D)`` (e.g. ace.data.encoders.TextEncoder)."""
 
     def encode(self, texts: list[str]) -> np.ndarray: ...
 
@@ -185,7 +185,7 @@ class QueryTower:
             self.item_dim = item_dim
             return
         if text_encoder is None:
-            from ace.encoders import TextEncoder
+            from ace.data.encoders import TextEncoder
             text_encoder = TextEncoder(self.config.text_encoder)
         if item_dim is None or item_dim < 1:
             raise QueryTowerError("a projected query tower needs item_dim (the item-embedding dimension)")
@@ -200,7 +200,7 @@ class QueryTower:
     def for_item_encoder(cls, item_encoder, *, config: QueryTowerConfig | None = None,
                          text_encoder: TextTower | None = None) -> "QueryTower":
         """The dual encoder's own text tower when the item encoder has one (``encode_texts``,
-        e.g. ace.encoders.HFDualEncoder), else a frozen text encoder + projection to its dim."""
+        e.g. ace.data.encoders.HFDualEncoder), else a frozen text encoder + projection to its dim."""
         if callable(getattr(item_encoder, "encode_texts", None)):
             return cls(config=config, dual_encoder=_TextsAdapter(item_encoder), item_dim=int(item_encoder.dim))
         return cls(config=config, text_encoder=text_encoder, item_dim=int(item_encoder.dim))

@@ -18,17 +18,17 @@ from pathlib import Path
 import numpy as np
 
 from ace.config import config_hash, save_config, to_dict
-from ace.corpus import Corpus, corpus_from_captions, load_corpus
-from ace.encoders import MultiModalEncoderConfig, build_encoder, resolve_text_model
-from ace.fallback import FallbackConfig
+from ace.data.corpus import Corpus, corpus_from_captions, load_corpus
+from ace.data.encoders import MultiModalEncoderConfig, build_encoder, resolve_text_model
+from ace.newitems.fallback import FallbackConfig
 from ace.metrics import retrieval_metrics
 from ace.run_folder import RunFolder, load_run_corpus, load_run_embeddings, write_json_atomic
-from ace.training import TrainConfig
+from ace.training.loop import TrainConfig
 from identifiers import IdentifierConfig, SemanticIdTokenizer
 from querygen import QueryGenConfig
 
-log = logging.getLogger("ace.pipeline")
-ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("ace.pipeline.stages")
+ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("corpus", "encode", "identifiers", "querygen", "train", "fallback", "eval", "report")
 
 
@@ -60,7 +60,7 @@ class SplitConfig:
 
 @dataclass
 class ModelSection:
-    """AceConfig sizes (ace/modeling.py); the identifier levels come from the identifiers stage."""
+    """AceConfig sizes (ace/model/modeling.py); the identifier levels come from the identifiers stage."""
     d_model: int = 256
     n_heads: int = 4
     encoder_layers: int = 3
@@ -105,7 +105,7 @@ class RunConfig:
 
 def ace_model_config(m: ModelSection, level_sizes: list[int]):
     """(AceConfig, pretrained encoder folder or None) for a run config's model section."""
-    from ace.modeling import AceConfig
+    from ace.model.modeling import AceConfig
 
     kw = {k: v for k, v in to_dict(m).items()
           if k not in ("pretrained_encoder", "query_vocab_size", "query_tokenizer_type", "init_identifier_embeddings")}
@@ -281,9 +281,9 @@ class Pipeline:
         def run():
             import torch
 
-            from ace.modeling import AceModel
-            from ace.tokens import IdentifierVocab, QueryTokenizer
-            from ace.training import latest_checkpoint, train_retriever
+            from ace.model.modeling import AceModel
+            from ace.model.tokens import IdentifierVocab, QueryTokenizer
+            from ace.training.loop import latest_checkpoint, train_retriever
 
             torch.manual_seed(cfg.seed)
             tok = SemanticIdTokenizer.load(self.run / "identifiers", device=self.device)
@@ -313,7 +313,7 @@ class Pipeline:
             val = [pairs[i] for i in rng.permutation(len(pairs))[: cfg.split.val_queries]] if cfg.split.val_queries else None
             teacher = None
             if cfg.training.distill_weight > 0:
-                from ace.distill import teacher_for_pairs
+                from ace.training.distill import teacher_for_pairs
                 teacher = teacher_for_pairs(pairs, tok, vocab, encoder=cfg.training.distill_encoder,
                                             tau=cfg.training.distill_tau, device=self.device,
                                             cache_file=self.run / "cache" / f"teacher_{key[:12]}.npy")
@@ -334,7 +334,7 @@ class Pipeline:
             return
 
         def run():
-            from ace.fallback import build_run_fallback
+            from ace.newitems.fallback import build_run_fallback
 
             summary = build_run_fallback(self.run.path, cfg.fallback, seed=cfg.seed, device=self.device,
                                          progress=self.progress)
@@ -362,7 +362,7 @@ class Pipeline:
 
     # report ----------------------------------------------------------------------------------
     def stage_report(self):
-        from ace.report import plot_identifier_distribution, plot_recall, plot_training_curves, read_jsonl, write_report
+        from ace.pipeline.report import plot_identifier_distribution, plot_recall, plot_training_curves, read_jsonl, write_report
 
         plots_dir = self.run / "plots"
         plots_dir.mkdir(exist_ok=True)
@@ -413,7 +413,7 @@ def _read_query_dataset(path: Path) -> list[tuple[str, str]]:
 
 def evaluate_run(run_dir: str | Path, eval_cfg: EvalConfig, *, device: str = "cpu", progress: bool = False) -> dict:
     """Held-out query metrics of a trained run, overall and per modality, for each beam size."""
-    from ace.retriever import Retriever
+    from ace.serving.retriever import Retriever
 
     run_dir = Path(run_dir)
     retriever = Retriever.from_run(run_dir, device=device)

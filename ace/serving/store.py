@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ace.corpus import MODALITIES, CorpusItem
+from ace.data.corpus import MODALITIES, CorpusItem
 
 SCHEMA_VERSION = 2
 STATUSES = ("active", "deleted")

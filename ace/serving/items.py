@@ -1,8 +1,8 @@
 """Add, delete and list a run's items from the command line, directly on RUN/store.sqlite.
 
-    python -m ace.items add --run RUN --file items.jsonl [--batch-size 100]
-    python -m ace.items delete --run RUN ID [ID ...]
-    python -m ace.items list --run RUN [--status active|deleted|all] [--source trained|added|folded]
+    python -m ace.serving.items add --run RUN --file items.jsonl [--batch-size 100]
+    python -m ace.serving.items delete --run RUN ID [ID ...]
+    python -m ace.serving.items list --run RUN [--status active|deleted|all] [--source trained|added|folded]
 
 ``items.jsonl``: one item a line, the fields of ``POST /items``: ``item_id``, ``modality``, and an
 ``embedding`` (the run's dimension) or a ``media`` path inside the corpus root; optional
@@ -26,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def read_items_file(path: Path) -> list:
     """JSON lines -> CorpusItems, with the line number in every error."""
-    from ace.server import ItemsFormatError, items_from_json
+    from ace.serving.server import ItemsFormatError, items_from_json
 
     if not path.is_file():
         raise ItemsFormatError(f"items file not found: {path}")
@@ -52,7 +52,7 @@ def read_items_file(path: Path) -> list:
 def cmd_add(args) -> int:
     from tqdm.auto import tqdm
 
-    from ace.retriever import Retriever
+    from ace.serving.retriever import Retriever
 
     items = read_items_file(args.file)
     retriever = Retriever.from_run(args.run, device=args.device)
@@ -72,7 +72,7 @@ def cmd_add(args) -> int:
 
 
 def cmd_delete(args) -> int:
-    from ace.retriever import Retriever
+    from ace.serving.retriever import Retriever
 
     retriever = Retriever.from_run(args.run, device=args.device)
     try:
@@ -84,7 +84,7 @@ def cmd_delete(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from ace.store import ItemStore
+    from ace.serving.store import ItemStore
 
     path = args.run / "store.sqlite"
     if not path.is_file():
@@ -100,7 +100,7 @@ def cmd_list(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ace.items", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m ace.serving.items", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     add = sub.add_parser("add", help="add items from a JSON-lines file")

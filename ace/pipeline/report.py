@@ -34,7 +34,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
 def plot_training_curves(log_rows: list[dict], out: Path) -> Path | None:
     """Loss and validation recall against step."""
     train = [r for r in log_rows if "loss" in r and "step" in r]
-    # eval rows are {"step": s, "eval": {"R@1": ..}} (ace.training) or flat {"step": s, "val/R@1": ..}
+    # eval rows are {"step": s, "eval": {"R@1": ..}} (ace.training.loop) or flat {"step": s, "val/R@1": ..}
     flat = [{"step": r["step"], **r["eval"]} if isinstance(r.get("eval"), dict) else r for r in log_rows]
     evals = [r for r in flat if any(k.startswith("R@") or k.startswith("val/R@") for k in r) and "step" in r]
     if not train:

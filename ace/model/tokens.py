@@ -182,7 +182,7 @@ class QueryTokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, max_length: int = 32, truncation: bool = True) -> "QueryTokenizer":
-        """Tokenizer of a pretrained encoder from a local folder (e.g. ace.encoders.minilm_path())."""
+        """Tokenizer of a pretrained encoder from a local folder (e.g. ace.data.encoders.minilm_path())."""
         from transformers import AutoTokenizer
         if not Path(path).is_dir():
             raise FileNotFoundError(f"pretrained tokenizer folder not found: {path}")

@@ -4,7 +4,7 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Endpoints: ``POST /search``, ``GET /items/{item_id}``, ``GET /media/{item_id}``, ``GET /health``,
-``GET /stats``, ``GET /`` (the search page, ``ace/static``), ``/docs`` and ``/openapi.json``; behind
+``GET /stats``, ``GET /`` (the search page, ``ace/serving/static``), ``/docs`` and ``/openapi.json``; behind
 the write API key: ``POST /items`` (one item or a batch, JSON with an embedding or a media path
 inside the corpus root, or a multipart upload of one media file) and ``DELETE /items/{item_id}``.
 An acknowledged (2xx) add or delete is committed to RUN/store.sqlite and searchable at once.
@@ -18,7 +18,7 @@ never from a path in the request.
 
 The retriever is any object with ``search(queries, k, num_beams, modality) -> list[list[SearchHit]]``,
 ``item(item_id) -> CorpusItem`` (KeyError or ValueError for unknown ids) and ``info() -> dict``
-(see ``ace/retriever.py``); the write endpoints also need ``add_items(items) -> identifiers`` and
+(see ``ace/serving/retriever.py``); the write endpoints also need ``add_items(items) -> identifiers`` and
 ``delete_items(ids) -> int`` (501 without them).
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAda
 
 from ace.config import ServeConfig
 
-log = logging.getLogger("ace.server")
+log = logging.getLogger("ace.serving.server")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 Modality = Literal["image", "audio", "video", "text"]
 
@@ -148,7 +148,7 @@ class ItemsFormatError(ValueError):
 
 def items_from_json(data: Any) -> list:
     """Parsed JSON -> CorpusItems: one item object, a list of them, or {"items": [...]}."""
-    from ace.corpus import CorpusItem
+    from ace.data.corpus import CorpusItem
 
     if isinstance(data, dict) and "items" in data:
         if set(data) != {"items"}:
@@ -184,7 +184,7 @@ def parse_new_items(data: Any, *, max_items: int) -> list:
 
 def _write_error(exc: Exception) -> HTTPException:
     """Add/delete failures -> 404 (unknown id), 409 (id already used, or another writer), 422 (bad item)."""
-    from ace.store import DuplicateItemError, UnknownItemError
+    from ace.serving.store import DuplicateItemError, UnknownItemError
 
     kinds = {c.__name__ for c in type(exc).__mro__}
     if isinstance(exc, UnknownItemError) or "ItemNotFoundError" in kinds:

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ace.config import ConfigError, from_dict, to_dict
-from ace.query_tower import resolve_device
+from ace.newitems.query_tower import resolve_device
 
 FORMAT_VERSION = 1
 

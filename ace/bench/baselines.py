@@ -3,7 +3,7 @@
 - ``dt_zero_shot``: text encoder on the test queries vs the item (document) embeddings;
 - ``dt_doc_plus_queries``: item vector = normalised mean of the document embedding and the
   embeddings of its generated (training) queries;
-- ``dt_trained``: the query tower of ``ace.query_tower`` (frozen text encoder + projection
+- ``dt_trained``: the query tower of ``ace.newitems.query_tower`` (frozen text encoder + projection
   trained with InfoNCE on the generated queries) vs the document embeddings.
 
 Search backends: ``"torch"`` (exact matmul), ``"faiss_flat"`` (IndexFlatIP, exact) and
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ace.importers import ProxySplit
-from ace.query_tower import QueryTower, QueryTowerConfig, TextTower, resolve_device, unit_rows
+from ace.data.importers import ProxySplit
+from ace.newitems.query_tower import QueryTower, QueryTowerConfig, TextTower, resolve_device, unit_rows
 
 BACKENDS = ("torch", "faiss_flat", "faiss_hnsw")
 

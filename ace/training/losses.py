@@ -6,7 +6,7 @@ are one forward over the batch stacked twice (dropout masks differ per row), as 
 implementation; ``omega = 0`` turns R-Drop off and runs a single plain pass.
 
 Optional (not in the paper, off by default): ``distill`` = (sibling ids, teacher probabilities,
-weight) from ``ace.distill.PrefixTeacher`` adds weight x KL(teacher || student) over the sibling
+weight) from ``ace.training.distill.PrefixTeacher`` adds weight x KL(teacher || student) over the sibling
 tokens of every level, averaged over the passes.
 """
 from __future__ import annotations
@@ -75,7 +75,7 @@ def _with_distill(out: AceLossOutput, logits: torch.Tensor, distill, passes: int
     """Add weight x KL(teacher || student) (averaged over the dropout passes) to the loss."""
     if distill is None:
         return out
-    from ace.distill import distillation_loss
+    from ace.training.distill import distillation_loss
 
     ids, probs, weight = distill
     kd = distillation_loss(logits, ids.repeat(passes, 1, 1), probs.repeat(passes, 1, 1))
@@ -85,15 +85,15 @@ def _with_distill(out: AceLossOutput, logits: torch.Tensor, distill, passes: int
 def ace_loss(model: torch.nn.Module, batch: dict, omega: float = 0.15, *, distill=None) -> AceLossOutput:
     """CE averaged over two dropout passes + omega * rdrop_kl; one plain pass when omega == 0.
     ``batch["encoder_layer_states"]`` (B, S, N, d), when present, is the output of a frozen encoder
-    (ace/training.py caches it) and replaces the encoder forward.
-    ``distill`` = (ids (B, L, C), probs (B, L, C), weight) adds the teacher term (ace/distill.py)."""
+    (ace/training/loop.py caches it) and replaces the encoder forward.
+    ``distill`` = (ids (B, L, C), probs (B, L, C), weight) adds the teacher term (ace/training/distill.py)."""
     if omega < 0:
         raise ValueError(f"omega must be >= 0, got {omega}")
     input_ids, attention_mask, decoder_input_ids, labels = _batch_tensors(batch)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "decoder_input_ids": decoder_input_ids}
     states = batch.get("encoder_layer_states")
     if states is not None:  # instead of input_ids
-        from ace.modeling import AceEncoderOutput
+        from ace.model.modeling import AceEncoderOutput
 
         inputs["input_ids"] = None
         inputs["encoder_outputs"] = AceEncoderOutput(last_hidden_state=states[:, -1], layer_states=states)

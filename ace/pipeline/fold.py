@@ -131,7 +131,7 @@ def _set_phase(fold_dir: Path, phase: str, **info) -> None:
 
 
 def _open_store(run: Path):
-    from ace.store import ItemStore
+    from ace.serving.store import ItemStore
 
     return ItemStore(run / "store.sqlite") if (run / "store.sqlite").is_file() else None
 
@@ -159,7 +159,7 @@ def _recall(search, pairs: list[tuple[str, str]], k: int, num_beams: int, batch_
 def evaluate_paths(run: Path, old_pairs, new_pairs, cfg: FoldConfig, device: str, *, folded: bool) -> dict:
     """R@k of the old items (generative path, merged search) and of the new ones: before the fold
     through the fallback path, after it through the generative path (and merged search both times)."""
-    from ace.retriever import Retriever
+    from ace.serving.retriever import Retriever
 
     retriever = Retriever.from_run(run, device=device)
     kw = dict(k=cfg.top_k, num_beams=cfg.num_beams, batch_size=cfg.eval_batch_size)
@@ -184,7 +184,7 @@ class Fold:
     """One fold of a run's added items: plan -> queries -> fine-tune -> stage -> swap -> mark -> report."""
 
     def __init__(self, run_dir: str | Path, cfg: FoldConfig | None = None):
-        from ace.pipeline import RunConfig, _device
+        from ace.pipeline.stages import RunConfig, _device
 
         self.run = Path(run_dir)
         _check_run(self.run)
@@ -236,7 +236,7 @@ class Fold:
             summary = run_querygen(items, build_backend(qcfg), config=qcfg, out_dir=fold_dir / "queries")
         except QueryGenError as exc:
             raise FoldError(f"query generation for the added items failed: {exc}") from None
-        from ace.pipeline import _read_query_dataset
+        from ace.pipeline.stages import _read_query_dataset
 
         pairs = _read_query_dataset(Path(summary.dataset_path))
         write_json_atomic(path, pairs)
@@ -279,9 +279,9 @@ class Fold:
         """Fine-tune RUN/model on ``pairs``; the model lands in fold_dir/model (resumes from checkpoints)."""
         import torch
 
-        from ace.modeling import AceModel
-        from ace.tokens import IdentifierVocab, QueryTokenizer
-        from ace.training import train_retriever
+        from ace.model.modeling import AceModel
+        from ace.model.tokens import IdentifierVocab, QueryTokenizer
+        from ace.training.loop import train_retriever
 
         torch.manual_seed(self.cfg.seed)
         model = AceModel.from_pretrained(str(self.run / "model")).to(self.device)

@@ -123,7 +123,7 @@ def synthetic_identifier_config():
 
 def synthetic_model_config(query_vocab_size: int, level_sizes, **overrides):
     """A tiny AceModel config (d 64, 2+2 layers) that learns the task in well under a CPU-minute."""
-    from ace.modeling import AceConfig
+    from ace.model.modeling import AceConfig
 
     kw = dict(d_model=64, n_heads=4, encoder_layers=2, decoder_layers=2, ffn_dim=128, dropout=0.1,
               query_vocab_size=query_vocab_size, max_query_length=24, level_sizes=list(level_sizes))
@@ -133,7 +133,7 @@ def synthetic_model_config(query_vocab_size: int, level_sizes, **overrides):
 
 def fit_synthetic_artefacts(task: SyntheticTask):
     """Identifiers (SemanticIdTokenizer) and a SentencePiece query tokenizer for the task."""
-    from ace.tokens import QueryTokenizer
+    from ace.model.tokens import QueryTokenizer
     from identifiers.semantic_ids import SemanticIdTokenizer
 
     id_tok = SemanticIdTokenizer.fit(task.embeddings, task.item_ids, synthetic_identifier_config(), progress=False)
@@ -152,9 +152,9 @@ def train_synthetic(task: SyntheticTask, run_dir: str | Path, cfg, *, id_tokeniz
     """
     import torch
 
-    from ace.modeling import AceModel
-    from ace.tokens import IdentifierVocab
-    from ace.training import make_accelerator, train_retriever
+    from ace.model.modeling import AceModel
+    from ace.model.tokens import IdentifierVocab
+    from ace.training.loop import make_accelerator, train_retriever
 
     accelerator = accelerator or make_accelerator(cfg)
     if id_tokenizer is None or query_tokenizer is None:

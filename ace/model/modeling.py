@@ -1,7 +1,7 @@
 """AceModel: a query encoder with S layers and an identifier decoder that fuses all of them.
 
 Every decoder layer is pre-LayerNorm: causal self-attention -> ``FusionCrossAttention`` (coarse +
-fine fusion over the S encoder layer outputs, ace/fusion.py) -> feed-forward. The output head
+fine fusion over the S encoder layer outputs, ace/model/fusion.py) -> feed-forward. The output head
 scores identifier tokens (``IdentifierVocab``): logits (B, T, V_id).
 
 Teacher forcing: decoder input ``[BOS, t1 .. t_{L-1}]``, labels ``[t1 .. tL]`` (fixed length).
@@ -10,7 +10,7 @@ Default size (CPU-friendly, see ``AceConfig``): d_model 256, 4 heads, 3 encoder 
 layers, ffn 1024, dropout 0.1 (~12M parameters with an 8k query vocabulary).
 
 Optionally the encoder is a pretrained BERT-style text encoder (``pretrained_encoder`` = a local
-folder, e.g. ``ace.encoders.minilm_path()``): its last S layers are fused, ``d_model`` must be its
+folder, e.g. ``ace.data.encoders.minilm_path()``): its last S layers are fused, ``d_model`` must be its
 hidden size, and the query tokenizer must be its tokenizer (``QueryTokenizer.from_pretrained``).
 The architecture is stored in the config, so ``from_pretrained`` of a saved AceModel does not
 need that folder any more; fresh ``AceModel(config)`` copies the pretrained weights in.
@@ -112,7 +112,7 @@ MODEL_FIELDS = {"d_model": int, "n_heads": int, "encoder_layers": int, "decoder_
 def load_ace_config(path=None, overrides=(), **fixed) -> AceConfig:
     """AceConfig from a YAML mapping of MODEL_FIELDS + ``key=value`` overrides (ace/config.py rules:
     unknown keys are errors); ``fixed`` (e.g. level_sizes from the identifier tokenizer) wins."""
-    from .config import ConfigError, _coerce, deep_merge, parse_overrides, read_yaml
+    from ace.config import ConfigError, _coerce, deep_merge, parse_overrides, read_yaml
     data = deep_merge(read_yaml(path) if path else {}, parse_overrides(overrides))
     unknown = sorted(set(data) - set(MODEL_FIELDS))
     if unknown:

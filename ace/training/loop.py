@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ace.config import to_dict
-from ace.losses import ace_loss
+from ace.training.losses import ace_loss
 from ace.metrics import retrieval_metrics
 
 
@@ -63,7 +63,7 @@ class TrainConfig:
     freeze_encoder: bool = False  # train the decoder only (a pretrained encoder stays as it is; cheaper steps)
     query_token_dropout: float = 0.0  # hide this share of query tokens (not the first) from the decoder per step
     encoder_cache_gb: float = 4.0  # frozen encoder: keep its outputs for every training query in RAM up to this size
-    distill_weight: float = 0.0  # prefix-prototype teacher term (ace/distill.py); 0 = the paper's loss
+    distill_weight: float = 0.0  # prefix-prototype teacher term (ace/training/distill.py); 0 = the paper's loss
     distill_tau: float = 20.0  # teacher softmax scale on cosine similarities
     distill_encoder: str = "all-MiniLM-L6-v2"  # text encoder of the teacher (a local path works too)
     max_query_length: int | None = None  # None: the model's config.max_query_length
@@ -245,7 +245,7 @@ def encode_pairs(pairs: Sequence[tuple[str, Any]], query_tokenizer, id_tokenizer
 def rank_items(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, trie, vocab, *,
                num_beams: int, top_k: int, batch_size: int, progress: bool = False) -> np.ndarray:
     """Constrained beam search over all queries -> item rows int64 (N, top_k), -1 padded."""
-    from ace.decoding import constrained_beam_search
+    from ace.model.decoding import constrained_beam_search
 
     device = next(model.parameters()).device
     was_training = model.training
@@ -399,7 +399,7 @@ def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab
     """Train ``model`` on (query, item) pairs; checkpoints, resume, periodic eval, best-model export.
 
     ``teacher`` = (PrefixTeacher, (P, D) teacher vectors of ``train_pairs``) is required when
-    ``cfg.distill_weight > 0`` (ace/distill.py; ``teacher_for_pairs`` builds both).
+    ``cfg.distill_weight > 0`` (ace/training/distill.py; ``teacher_for_pairs`` builds both).
 
     ``stop_at`` ends the run after that step (checkpointing it) as if the job had been killed
     there; a later call with ``resume=True`` continues from it.

@@ -1,0 +1,1 @@
+"""Data: corpus tables, public caption-file importers, item encoders (media -> embeddings)."""

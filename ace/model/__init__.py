@@ -1,0 +1,1 @@
+"""The generative model: identifier tokens, fusion, AceModel, trie-constrained beam search."""

@@ -1,0 +1,1 @@
+"""Training the generative model: the loop, its losses, the optional prefix-prototype teacher."""
