@@ -224,6 +224,20 @@ class FlatTrie:
             raise TrieError(f"cannot read FlatTrie from {path}: {exc}") from None
 
 
+def _check_item_id(item, position: int) -> None:
+    """Item ids are keys of a marisa trie: UTF-8 encodable (no lone surrogates) and free of NUL, which
+    marisa stores but can never look up again."""
+    if not isinstance(item, str):
+        raise TrieError(f"item id at position {position} must be a str, got {type(item).__name__}")
+    if "\0" in item:
+        raise TrieError(f"item id {item!r} at position {position} contains a NUL character")
+    try:
+        item.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TrieError(f"item id {item!r} at position {position} is not well-formed Unicode "
+                        f"(lone surrogate)") from None
+
+
 class IdentifierTrie:
     """Mutable identifier trie: rows (codes, item id) in insertion order, unique on both."""
 
@@ -301,8 +315,7 @@ class IdentifierTrie:
         if len(item_ids) != n:
             raise TrieError(f"got {n} identifiers but {len(item_ids)} item ids")
         for i, item in enumerate(item_ids):
-            if not isinstance(item, str):
-                raise TrieError(f"item id at position {i} must be a str, got {type(item).__name__}")
+            _check_item_id(item, i)
         if len(set(item_ids)) != n:
             seen, dup = set(), None
             for item in item_ids:
