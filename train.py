@@ -64,11 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"stages are: {', '.join(STAGES)}")
     try:
         cfg = load_config(RunConfig, args.config, args.overrides)
-        pipe = Pipeline(cfg, progress=not args.quiet)
-        if args.force:
-            for stage in STAGES[STAGES.index(args.force):]:
-                pipe.run.invalidate(stage)
-        pipe.run_all(until=args.until)
+        forced = STAGES[STAGES.index(args.force):] if args.force else ()
+        Pipeline(cfg, progress=not args.quiet, force=forced).run_all(until=args.until)
     except (ConfigError, PipelineError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -75,6 +75,15 @@ def test_pipeline_runs_every_stage_then_skips(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     for stage in ("corpus", "encode", "identifiers", "querygen", "train", "eval"):
         assert f"[{stage}] up to date" in second.stdout
+    # --force train retrains from scratch (not a resume at the final checkpoint), then the later stages
+    log = run / "train_log.jsonl"
+    log.unlink()
+    forced = run_train(cfg, "--force", "train")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert "[train] forced: discarding the checkpoints" in forced.stdout and "resuming" not in forced.stdout
+    assert "[identifiers] up to date" in forced.stdout and "[eval] running" in forced.stdout
+    steps = [r["step"] for r in map(json.loads, log.read_text().splitlines()) if "loss" in r]
+    assert steps and steps[0] < 20 and steps[-1] == 150, steps[:3]
     # changing a training value re-runs training and what follows, not the stages before it
     third = run_train(cfg, "training.max_steps=20")
     assert "[identifiers] up to date" in third.stdout and "[train] running" in third.stdout
@@ -120,3 +129,15 @@ def test_bad_corpus_rows_are_named(tmp_path):
     out = run_train(cfg)
     assert out.returncode == 2
     assert "duplicate" in out.stderr.lower() and "red-car" in out.stderr
+
+
+def test_time_limited_querygen_is_not_done_while_items_are_pending(tmp_path):
+    cfg = config(tmp_path)
+    marker = tmp_path / "run" / "stages" / "querygen.json"
+    limited = run_train(cfg, "--until", "querygen", "querygen.max_seconds=0", "querygen.batch_size=8")
+    assert limited.returncode == 2, limited.stdout[-2000:]
+    assert "28 of 36 items are still pending" in limited.stderr and "re-run" in limited.stderr
+    assert not marker.exists() and not (tmp_path / "run" / "train_queries.json").exists()
+    again = run_train(cfg, "--until", "querygen", "querygen.batch_size=8")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "8 from cache, 28 generated" in again.stdout and marker.exists()

@@ -14,6 +14,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -177,9 +178,17 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
 
 
 class Pipeline:
-    def __init__(self, cfg: RunConfig, *, progress: bool = True):
+    def __init__(self, cfg: RunConfig, *, progress: bool = True, force: Sequence[str] = ()):
+        """``force``: stages to re-run from scratch (their done-markers are dropped; a forced ``train``
+        also discards its checkpoints instead of resuming from them)."""
         self.cfg = cfg
         self.run = RunFolder(cfg.run_dir)
+        unknown = [s for s in force if s not in STAGES]
+        if unknown:
+            raise PipelineError(f"unknown stage(s) {unknown}; stages are: {', '.join(STAGES)}")
+        self.forced = set(force)
+        for stage in self.forced:
+            self.run.invalidate(stage)
         self.progress = progress
         self.device = _device(cfg.device)
         self.keys: dict[str, str] = {}
@@ -264,6 +273,11 @@ class Pipeline:
             qcfg = dataclasses.replace(cfg.querygen, media_root=cfg.querygen.media_root or (str(corpus.root) if corpus.root else None))
             summary = run_querygen(corpus.items, build_backend(qcfg), config=qcfg, out_dir=self.run / "queries")
             print(summary.format())
+            if summary.items_pending:  # the stage is not done: the next run continues from the cache
+                raise PipelineError(f"querygen: {summary.items_pending} of {summary.items} items are still pending "
+                                    f"after the time budget (querygen.max_seconds={qcfg.max_seconds}); the queries "
+                                    f"made so far are cached in {self.run / 'queries'}: re-run the same command to "
+                                    f"continue, or raise querygen.max_seconds")
             pairs = _read_query_dataset(Path(summary.dataset_path))
             write_json_atomic(self.run / "train_queries.json", pairs)
             return {"queries": len(pairs)}
@@ -298,7 +312,10 @@ class Pipeline:
                 ace_cfg.query_vocab_size = qtok.vocab_size
             vocab = IdentifierVocab(tok.level_sizes)
             ckpt_key = self.run / "checkpoints" / "KEY"
-            if ckpt_key.is_file() and ckpt_key.read_text() != key:
+            if "train" in self.forced and (self.run / "checkpoints").exists():
+                print("[train] forced: discarding the checkpoints, training from scratch")
+                shutil.rmtree(self.run / "checkpoints")
+            elif ckpt_key.is_file() and ckpt_key.read_text() != key:
                 print("[train] config changed since the last checkpoints: starting afresh")
                 shutil.rmtree(self.run / "checkpoints")
             (self.run / "checkpoints").mkdir(exist_ok=True)
