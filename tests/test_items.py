@@ -2,7 +2,6 @@
 the items CLI, durability under SIGKILL and identifier stability, on a tiny run trained once per session."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,55 +20,12 @@ from ace.serving.server import create_app
 from ace.serving.store import ItemStore
 from tests.conftest import ROOT
 from tests.serving_support import free_port, png_bytes, running_server, wav_bytes
-from tests.test_pipeline import make_corpus
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from load_test import _wait_healthy  # noqa: E402  (benchmarks/load_test.py: polls /health, fails if the process exits)
 
 KEY = {"X-API-Key": "k3y"}
 DIM = 24
-
-
-@pytest.fixture(scope="session")
-def base_run(tmp_path_factory) -> Path:
-    """The tiny pipeline run of tests/test_pipeline.py (36 items, 24-d inline embeddings) + the fallback stage."""
-    from ace.pipeline.stages import Pipeline, RunConfig
-
-    tmp = tmp_path_factory.mktemp("items_run")
-    corpus = make_corpus(tmp / "corpus.jsonl", dim=DIM)
-    cfg_path = tmp / "tiny.yaml"
-    cfg_path.write_text(f"""
-name: tiny-items
-run_dir: {tmp / 'run'}
-corpus: {{path: {corpus}}}
-split: {{test_captions: [-1]}}
-encoder: {{image: {{kind: precomputed}}, dim: {DIM}}}
-identifiers: {{K: 4, codebook_size: 4, M: 2, max_u: 1024, rqvae_max_steps: 60, kmeans_n_init: 1}}
-querygen: {{backend: captions}}
-model: {{d_model: 32, n_heads: 2, encoder_layers: 2, decoder_layers: 1, ffn_dim: 64, query_vocab_size: 60}}
-training: {{batch_size: 30, max_steps: 150, warmup_steps: 10, lr: 3.0e-3, checkpoint_every: 150, eval_every: 0, num_beams: 5, eval_top_k: 5, progress: false}}
-eval: {{num_beams: [5], top_k: 5}}
-fallback: {{calibration_queries: 36, tower: {{epochs: 20, batch_size: 32, device: cpu}}, hash: {{bits: 64, steps: 100, device: cpu}}, index: {{kind: flat}}}}
-""")
-    Pipeline(load_config(RunConfig, cfg_path), progress=False).run_all()
-    return tmp / "run"
-
-
-@pytest.fixture(scope="session")
-def text_encoder():
-    from ace.data.encoders import TextEncoder
-
-    return TextEncoder()
-
-
-@pytest.fixture
-def run(base_run, tmp_path) -> Path:
-    """A private copy of the trained run, with its own (empty) corpus root for media and uploads."""
-    out = tmp_path / "run"
-    shutil.copytree(base_run, out, ignore=shutil.ignore_patterns("checkpoints", "cache", "plots"))
-    (tmp_path / "media").mkdir()
-    (out / "corpus_root.json").write_text(json.dumps({"root": str(tmp_path / "media")}))
-    return out
 
 
 def load(run: Path, text_encoder) -> Retriever:
