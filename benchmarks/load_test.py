@@ -207,14 +207,33 @@ class RawHttpClient:
         self.reader = self.writer = None
 
 
+def request_mix(spec: str | None, k: int) -> list[dict]:
+    """The request fields to cycle through: ``None`` -> [{"k": k}] (uniform traffic); else a spec such as
+    ``k=1,5,10,20;modality=any,image,audio,video`` -> every combination, in a fixed order (mixed traffic)."""
+    if not spec:
+        return [{"k": k}]
+    ks, modalities = [k], [None]
+    for part in spec.split(";"):
+        name, _, values = part.partition("=")
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if name.strip() == "k" and vals:
+            ks = [int(v) for v in vals]
+        elif name.strip() == "modality" and vals:
+            modalities = [None if v in ("any", "none") else v for v in vals]
+        else:
+            raise SystemExit(f"--mix: cannot read {part!r}; e.g. 'k=1,5,10,20;modality=any,image,audio,video'")
+    return [{"k": kk, **({"modality": m} if m else {})} for m in modalities for kk in ks]
+
+
 async def run_load(url: str, queries: list[str], *, clients: int, searches: int, k: int,
-                   max_seconds: float, api_key: str | None) -> dict:
+                   max_seconds: float, api_key: str | None, mix: list[dict] | None = None) -> dict:
     latencies: list[float] = []
     errors: dict[str, int] = {}
     next_i = 0
     deadline = time.monotonic() + max_seconds
     headers = {"X-API-Key": api_key} if api_key else {}
     u = urlparse(url)
+    mix = mix or [{"k": k}]
 
     async def worker():
         nonlocal next_i
@@ -226,7 +245,7 @@ async def run_load(url: str, queries: list[str], *, clients: int, searches: int,
                 t0 = time.perf_counter()
                 try:
                     status, data = await asyncio.wait_for(
-                        client.post_json("/search", {"query": queries[i % len(queries)], "k": k}), 120)
+                        client.post_json("/search", {"query": queries[i % len(queries)], **mix[i % len(mix)]}), 120)
                     if status == 200 and json.loads(data)["results"] is not None:
                         latencies.append((time.perf_counter() - t0) * 1000.0)
                     else:
@@ -247,7 +266,7 @@ async def run_load(url: str, queries: list[str], *, clients: int, searches: int,
             "p50_ms": round(float(np.percentile(lat, 50)), 1), "p90_ms": round(float(np.percentile(lat, 90)), 1),
             "p99_ms": round(float(np.percentile(lat, 99)), 1), "stopped_by_time": next_i < searches,
             "server_batches": stats.get("batches"), "server_latency_ms": stats.get("latency_ms"),
-            "model_version": stats.get("model_version")}
+            "model_version": stats.get("model_version"), "mix": mix}
 
 
 def direct_throughput(run: Path, queries: list[str], *, batch: int, k: int, count: int, device: str | None) -> dict:
@@ -269,11 +288,17 @@ def to_markdown(title: str, command: str, res: dict) -> str:
     lines = [f"### {title}", "", f"Command: `{command}`", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, load average at start "
              f"{res.get('loadavg')} (other engineers' processes were running).", "",
+             *([f"Traffic: requests cycle through {len(res['mix'])} (k, modality) combinations: "
+                + ", ".join(f"k={m['k']}/{m.get('modality', 'any')}" for m in res["mix"]) + ".", ""]
+               if len(res.get("mix") or []) > 1 else []),
              "| clients | searches ok | errors | throughput (q/s) | p50 (ms) | p90 (ms) | p99 (ms) | mean batch | max batch |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
              f"| {res['clients']} | {res['ok']} | {sum(res['errors'].values())} {res['errors'] or ''} | "
              f"{res['throughput_qps']} | {res['p50_ms']} | {res['p90_ms']} | {res['p99_ms']} | "
              f"{b.get('mean_size')} | {b.get('max_size')} |", ""]
+    if b.get("retriever_calls") and b.get("mean_size"):
+        per_call = round(b["mean_size"] * b["count"] / b["retriever_calls"], 1)
+        lines += [f"Retriever calls: {b['retriever_calls']} for {b['count']} micro-batches ({per_call} queries per call).", ""]
     if "server_cpu_s" in res:
         per_cpu = round(res["ok"] / res["server_cpu_s"], 1) if res["server_cpu_s"] else None
         lines += [f"CPU time: server process {res['server_cpu_s']} s ({per_cpu} searches per server CPU-second), "
@@ -296,6 +321,8 @@ def main(argv=None) -> int:
     p.add_argument("--clients", type=int, default=100)
     p.add_argument("--searches", type=int, default=10_000)
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--mix", default=None, help="mixed traffic: cycle request fields, e.g. "
+                   "'k=1,5,10,20;modality=any,image,audio,video' (default: every request k=--k, any modality)")
     p.add_argument("--max-seconds", type=float, default=900.0, help="stop sending after this long")
     p.add_argument("--queries", type=Path, help="file of queries, one a line")
     p.add_argument("--overhead-delay-ms", type=float, default=0.0, help="--overhead: fixed cost per retriever call")
@@ -337,7 +364,8 @@ def main(argv=None) -> int:
         queries = load_queries(args)
         cpu0, srv0 = time.process_time(), _proc_cpu_s(proc)
         res = asyncio.run(run_load(url, queries, clients=args.clients, searches=args.searches, k=args.k,
-                                   max_seconds=args.max_seconds, api_key=args.api_key))
+                                   max_seconds=args.max_seconds, api_key=args.api_key,
+                                   mix=request_mix(args.mix, args.k)))
         res["client_cpu_s"] = round(time.process_time() - cpu0, 1)
         if proc is not None:
             res["server_cpu_s"] = round(_proc_cpu_s(proc) - srv0, 1)
