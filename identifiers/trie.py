@@ -119,6 +119,25 @@ class FlatTrie:
                    child_node=child_node, leaf_item=leaf_item, length=L, level_sizes=level_sizes,
                    _node_depth=depth)
 
+    @classmethod
+    def forest(cls, tries: "list[FlatTrie]") -> "tuple[FlatTrie, np.ndarray]":
+        """Several tries of one identifier layout side by side in one FlatTrie (node and edge ids offset),
+        and the root node of each (T,). For decoding queries that search different tries in one batch
+        (each query starts at its own root); ``walk``/``lookup`` of the result see the first trie only."""
+        if not tries:
+            raise TrieError("forest() needs at least one trie")
+        sizes = {t.level_sizes for t in tries}
+        if len(sizes) != 1:
+            raise TrieError(f"forest() needs tries of one identifier layout, got level sizes {sorted(sizes)}")
+        nodes = np.cumsum([0] + [t.num_nodes for t in tries])
+        edges = np.cumsum([0] + [t.child_code.shape[0] for t in tries])
+        return cls(child_start=np.concatenate([t.child_start + e for t, e in zip(tries, edges)]),
+                   child_count=np.concatenate([t.child_count for t in tries]),
+                   child_code=np.concatenate([t.child_code for t in tries]),
+                   child_node=np.concatenate([t.child_node + n for t, n in zip(tries, nodes)]),
+                   leaf_item=np.concatenate([t.leaf_item for t in tries]),
+                   length=tries[0].length, level_sizes=tries[0].level_sizes), nodes[:-1].astype(np.int64)
+
     # ---- queries -------------------------------------------------------------------------
     @property
     def num_nodes(self) -> int:

@@ -177,3 +177,20 @@ def test_search_runs_in_eval_mode_and_restores_training_mode(setup):
     finally:
         model.eval()
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+def test_a_forest_decodes_each_query_in_its_own_trie_as_separate_calls_would(setup):
+    model, _, codes, vocab, ids, mask = setup
+    rows = np.arange(len(codes))
+    parts = [FlatTrie.from_codes(codes[rows % 3 == r], SIZES, items=rows[rows % 3 == r]) for r in range(3)]
+    forest, roots = FlatTrie.forest(parts)
+    assert forest.num_items == len(codes) and roots[0] == 0
+    pick = [2, 0, 1, 2]  # query i searches parts[pick[i]]
+    items, lp = constrained_beam_search(model, ids, mask, forest, vocab, num_beams=6, top_k=5, roots=roots[pick])
+    for i, p in enumerate(pick):
+        alone, alone_lp = constrained_beam_search(model, ids[i:i + 1], mask[i:i + 1], parts[p], vocab, num_beams=6, top_k=5)
+        assert items[i].tolist() == alone[0].tolist()
+        torch.testing.assert_close(lp[i], alone_lp[0], atol=1e-5, rtol=1e-5)
+        assert all(int(x) % 3 == p for x in items[i] if x >= 0)
+    with pytest.raises(DecodingError, match="roots"):
+        constrained_beam_search(model, ids, mask, forest, vocab, num_beams=6, top_k=5, roots=[0, 1])

@@ -83,18 +83,20 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _beam_search(model, input_ids, attention_mask, vocab, num_beams, tt):
+def _beam_search(model, input_ids, attention_mask, vocab, num_beams, tt, roots=None):
     """Run the search in eval mode (dropout off), restoring the model's mode afterwards."""
     was_training = model.training
     model.eval()
     try:
-        return _beam_search_loop(model, input_ids, attention_mask, vocab, num_beams, tt)
+        return _beam_search_loop(model, input_ids, attention_mask, vocab, num_beams, tt, roots)
     finally:
         model.train(was_training)
 
 
-def _beam_search_loop(model, input_ids, attention_mask, vocab: IdentifierVocab, num_beams: int, tt: dict | None):
-    """Shared loop: returns final tokens (B, W, L), scores (B, W) sorted, trie nodes (B, W) or None."""
+def _beam_search_loop(model, input_ids, attention_mask, vocab: IdentifierVocab, num_beams: int, tt: dict | None,
+                      roots: torch.Tensor | None = None):
+    """Shared loop: returns final tokens (B, W, L), scores (B, W) sorted, trie nodes (B, W) or None.
+    ``roots`` (B,): the trie node each query starts from (default: node 0)."""
     L = vocab.length
     layers = model.encode(input_ids, attention_mask)                                # (B, S, N, d)
     B = layers.shape[0]
@@ -104,7 +106,9 @@ def _beam_search_loop(model, input_ids, attention_mask, vocab: IdentifierVocab, 
     scores = torch.zeros(B, 1, device=device)                                       # (B, W=1)
     tokens = torch.full((B, 1, 0), BOS, dtype=torch.long, device=device)            # (B, W, t)
     prev = torch.full((B, 1), BOS, dtype=torch.long, device=device)                 # (B, W)
-    nodes = torch.zeros(B, 1, dtype=torch.long, device=device) if tt is not None else None
+    nodes = None
+    if tt is not None:
+        nodes = roots.view(B, 1).to(device) if roots is not None else torch.zeros(B, 1, dtype=torch.long, device=device)
     cache: list = []
     for d in range(L):
         W = prev.shape[1]
@@ -134,16 +138,23 @@ def _beam_search_loop(model, input_ids, attention_mask, vocab: IdentifierVocab, 
 
 @torch.inference_mode()
 def constrained_beam_search(model, input_ids, attention_mask, trie, vocab: IdentifierVocab, num_beams: int = 5,
-                            top_k: int | None = None):
+                            top_k: int | None = None, roots=None):
     """Top-k distinct valid items per query: (item_index int64 (B, top_k), -1 padded; logprob (B, top_k)).
 
     ``item_index`` are ``trie.leaf_item`` values (row indices into the identifier table);
-    ``logprob`` is the identifier's summed log-probability (-inf where padded)."""
+    ``logprob`` is the identifier's summed log-probability (-inf where padded).
+    ``roots`` (B,) int: the node each query decodes from, for a ``FlatTrie.forest`` of several tries
+    (queries searching different subsets in one batch); default the root, node 0."""
     top_k = _check(model, input_ids, trie, vocab, num_beams, top_k)
     device = _model_device(model)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     tt = _trie_tensors(trie, device)
-    _, scores, nodes = _beam_search(model, input_ids, attention_mask, vocab, num_beams, tt)
+    if roots is not None:
+        roots = torch.as_tensor(np.asarray(roots, dtype=np.int64))
+        if roots.shape != (input_ids.shape[0],) or (roots < 0).any() or (roots >= trie.num_nodes).any():
+            raise DecodingError(f"roots must be {input_ids.shape[0]} node ids of the trie (0..{trie.num_nodes - 1}), "
+                                f"got shape {tuple(roots.shape)}")
+    _, scores, nodes = _beam_search(model, input_ids, attention_mask, vocab, num_beams, tt, roots)
     items = torch.where(nodes >= 0, tt["leaf_item"][nodes.clamp_min(0)], -1)
     items = torch.where(torch.isfinite(scores), items, -1)
     scores = torch.where(items >= 0, scores, float("-inf"))
