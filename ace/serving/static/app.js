@@ -10,8 +10,17 @@ const statusBox = document.getElementById("status");
 const resultsBox = document.getElementById("results");
 const objectUrls = [];
 
+// The key stays in this page's memory; it is kept in localStorage only when "remember" is ticked
+// (a script served from this origin could read it there).
+const rememberKey = document.getElementById("remember-key");
 keyInput.value = localStorage.getItem("ace-api-key") || "";
-keyInput.addEventListener("change", () => localStorage.setItem("ace-api-key", keyInput.value));
+rememberKey.checked = !!keyInput.value;
+function saveKey() {
+  if (rememberKey.checked && keyInput.value) localStorage.setItem("ace-api-key", keyInput.value);
+  else localStorage.removeItem("ace-api-key");
+}
+keyInput.addEventListener("change", saveKey);
+rememberKey.addEventListener("change", saveKey);
 
 function headers(extra) {
   const h = Object.assign({}, extra || {});
