@@ -51,6 +51,21 @@ def retrieval_metrics(rankings, targets, ks: Sequence[int] = (1, 5, 10), mrr_k: 
     return out
 
 
+def relevance_metrics(rankings: Sequence[Sequence[Hashable]], relevant: Sequence[set], ks: Sequence[int] = (1, 5)) -> dict:
+    """Queries with several relevant items (e.g. judged by metadata): {"top1": .., "top5": ..} = percent
+    of queries with at least one relevant item among the first k results, plus the query count."""
+    if len(rankings) != len(relevant):
+        raise ValueError(f"{len(rankings)} rankings but {len(relevant)} relevant sets")
+    if len(relevant) == 0:
+        raise ValueError("relevance_metrics needs at least one query")
+    out = {}
+    for k in ks:
+        out[f"top{k}"] = 100.0 * float(np.mean([any(item in rel for item in ranking[:k])
+                                                for ranking, rel in zip(rankings, relevant)]))
+    out["queries"] = len(relevant)
+    return out
+
+
 def topk_from_scores(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k highest scores per row (rows = queries), best first."""
     scores = np.asarray(scores)

@@ -108,3 +108,19 @@ def test_too_many_items_is_an_error(tmp_path):
 def test_cli(tmp_path, capsys):
     path = make_demo.main(["--out", str(tmp_path), "--images", "2", "--sounds", "2", "--videos", "2"])
     assert path.is_file() and "wrote 2 images, 2 sounds, 2 videos" in capsys.readouterr().out
+
+
+def test_newcomer_query_set_fits_the_default_demo(full_demo):
+    """data/demo_queries.jsonl (eval.query_sets of configs/demo.yaml): every query has relevant items in
+    the default demo corpus, none is one of its captions, and each kind of query a newcomer types is there."""
+    from ace.query_sets import load_query_set, relevant_sets
+
+    path, _ = full_demo
+    corpus = load_corpus(path)
+    queries = load_query_set(Path(__file__).resolve().parents[1] / "data" / "demo_queries.jsonl")
+    sets = relevant_sets(queries, corpus.items)  # raises when a query has no relevant item
+    assert all(len(s) < len(corpus) / 4 for s in sets)  # each query is selective
+    captions = {c.lower().rstrip(".") for it in corpus.items for c in it.captions}
+    assert not [q.query for q in queries if q.query.lower() in captions]
+    assert {q.modality for q in queries} == {None, "image", "audio", "video"}
+    assert len(queries) >= 50

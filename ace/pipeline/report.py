@@ -106,6 +106,17 @@ def write_report(run_dir: Path, *, title: str, metrics: dict[str, Any], sections
     by_group = metrics.get("by_group") or {}
     if by_group:
         lines += ["## Retrieval on held-out queries", "", metrics_table(by_group), ""]
+    for name, res in (metrics.get("query_sets") or {}).items():
+        lines += [f"## Free-form queries judged by metadata: `{res['path']}`", "",
+                  "A hit is relevant when the item has the query's attributes (several items may be); "
+                  f"beams {metrics.get('headline_beams', '')}, all modalities searched.", "",
+                  metrics_table(res["by_group"], keys=("top1", "top5", "queries")), ""]
+        missed = [q for q in res["queries"] if q["first_relevant_rank"] != 1]
+        if missed:
+            lines += ["Queries whose first hit is not relevant (rank of the first relevant hit, first hits):", ""]
+            lines += [f"- \"{q['query']}\": {q['first_relevant_rank'] or 'none in the top ' + str(len(q['top']))}"
+                      f" ({', '.join(q['top'][:3])})" for q in missed]
+            lines += [""]
     for name, text in (sections or {}).items():
         lines += [f"## {name}", "", text.rstrip(), ""]
     for p in plots or []:

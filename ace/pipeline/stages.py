@@ -82,6 +82,9 @@ class EvalConfig:
     num_beams: list[int] = field(default_factory=lambda: [10])   # first = headline; others reported too
     top_k: int = 10
     batch_size: int = 100
+    # JSON-lines query sets judged by item metadata (ace/query_sets.py), e.g. data/demo_queries.jsonl:
+    # top-1 / top-5 relevant in metrics.json and report.md beside the held-out-caption figures
+    query_sets: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -373,9 +376,18 @@ class Pipeline:
             head = metrics["by_group"]["all"]
             print(f"[eval] R@1 {head['R@1']:.1f}  R@5 {head['R@5']:.1f}  R@10 {head['R@10']:.1f}  "
                   f"MRR@10 {head['MRR@10']:.1f}  ({head['queries']} held-out queries)")
+            for name, res in metrics.get("query_sets", {}).items():
+                a = res["by_group"]["all"]
+                print(f"[eval] {name}: top-1 relevant {a['top1']:.1f}%  top-5 {a['top5']:.1f}%  ({a['queries']} queries)")
             return {"headline": head}
 
-        self._stage("eval", config_hash(self.keys["train"], cfg.eval), run)
+        from ace.query_sets import QuerySetError, query_set_digest
+
+        try:
+            sets_key = query_set_digest(cfg.eval.query_sets)
+        except QuerySetError as exc:
+            raise PipelineError(f"eval.query_sets: {exc}") from None
+        self._stage("eval", config_hash(self.keys["train"], cfg.eval, sets_key), run)
 
     # report ----------------------------------------------------------------------------------
     def stage_report(self):
@@ -453,4 +465,14 @@ def evaluate_run(run_dir: str | Path, eval_cfg: EvalConfig, *, device: str = "cp
         if "by_group" not in out:
             out["by_group"] = groups
             out["headline_beams"] = b
+    if eval_cfg.query_sets:
+        from ace.query_sets import QuerySetError, evaluate_query_set
+
+        out["query_sets"] = {}
+        for path in eval_cfg.query_sets:
+            try:
+                out["query_sets"][Path(path).stem] = evaluate_query_set(
+                    retriever, path, num_beams=out["headline_beams"], k=min(eval_cfg.top_k, out["headline_beams"]), batch_size=eval_cfg.batch_size)
+            except QuerySetError as exc:
+                raise PipelineError(f"eval.query_sets: {exc}") from None
     return out
