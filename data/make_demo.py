@@ -288,14 +288,17 @@ def render_video_frames(attrs: dict, size: int, frames: int, rng: np.random.Gene
 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: int = 8) -> None:
-    """RGB uint8 frames -> MPEG-4 video (PyAV, FFmpeg's built-in mpeg4 encoder)."""
+    """RGB uint8 frames -> H.264 MP4 (PyAV's bundled libx264), a format browsers play (the search page's
+    video cards); MPEG-4 part 2, FFmpeg's built-in encoder, is not played by Chromium."""
     import av
 
+    if "libx264" not in av.codecs_available:
+        raise RuntimeError("PyAV was built without libx264 (the demo's H.264 videos): install the PyAV wheel from PyPI")
     h, w = frames[0].shape[:2]
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
+    with av.open(str(path), mode="w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"qscale": "3"}
+        stream.options = {"crf": "16", "preset": "medium", "threads": "1"}
         for arr in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
                 container.mux(packet)

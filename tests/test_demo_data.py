@@ -113,7 +113,7 @@ def test_cli(tmp_path, capsys):
 def test_newcomer_query_set_fits_the_default_demo(full_demo):
     """data/demo_queries.jsonl (eval.query_sets of configs/demo.yaml): every query has relevant items in
     the default demo corpus, none is one of its captions, and each kind of query a newcomer types is there."""
-    from ace.query_sets import load_query_set, relevant_sets
+    from ace.pipeline.query_sets import load_query_set, relevant_sets
 
     path, _ = full_demo
     corpus = load_corpus(path)

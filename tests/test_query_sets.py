@@ -1,12 +1,12 @@
-"""Query sets judged by item metadata (ace/query_sets.py) and their metric (ace.metrics.relevance_metrics)."""
+"""Query sets judged by item metadata (ace/pipeline/query_sets.py) and their metric (ace.metrics.relevance_metrics)."""
 import json
 
 import pytest
 
-from ace.corpus import CorpusItem
+from ace.data.corpus import CorpusItem
 from ace.metrics import relevance_metrics
-from ace.query_sets import QuerySetError, evaluate_query_set, load_query_set, relevant_sets
-from ace.report import write_report
+from ace.pipeline.query_sets import QuerySetError, evaluate_query_set, load_query_set, relevant_sets
+from ace.pipeline.report import write_report
 
 
 def test_relevance_metrics_by_hand():

@@ -82,7 +82,7 @@ class EvalConfig:
     num_beams: list[int] = field(default_factory=lambda: [10])   # first = headline; others reported too
     top_k: int = 10
     batch_size: int = 100
-    # JSON-lines query sets judged by item metadata (ace/query_sets.py), e.g. data/demo_queries.jsonl:
+    # JSON-lines query sets judged by item metadata (ace/pipeline/query_sets.py), e.g. data/demo_queries.jsonl:
     # top-1 / top-5 relevant in metrics.json and report.md beside the held-out-caption figures
     query_sets: list[str] = field(default_factory=list)
 
@@ -381,7 +381,7 @@ class Pipeline:
                 print(f"[eval] {name}: top-1 relevant {a['top1']:.1f}%  top-5 {a['top5']:.1f}%  ({a['queries']} queries)")
             return {"headline": head}
 
-        from ace.query_sets import QuerySetError, query_set_digest
+        from ace.pipeline.query_sets import QuerySetError, query_set_digest
 
         try:
             sets_key = query_set_digest(cfg.eval.query_sets)
@@ -466,7 +466,7 @@ def evaluate_run(run_dir: str | Path, eval_cfg: EvalConfig, *, device: str = "cp
             out["by_group"] = groups
             out["headline_beams"] = b
     if eval_cfg.query_sets:
-        from ace.query_sets import QuerySetError, evaluate_query_set
+        from ace.pipeline.query_sets import QuerySetError, evaluate_query_set
 
         out["query_sets"] = {}
         for path in eval_cfg.query_sets:

@@ -26,12 +26,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import io
 import json
 import logging
 import math
 import mimetypes
 import os
 import secrets
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -44,7 +46,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -83,6 +85,7 @@ class SearchResult(BaseModel):
     identifier: list[int] = Field(description="semantic identifier (k, v1..vM, u)")
     source: str = Field(description="'generative' or 'fallback'")
     media_url: str | None
+    poster_url: str | None = Field(None, description="a still frame of a video item (GET /poster/{item_id}); null otherwise")
     captions: list[str] = Field(description="the item's first captions (config result_captions; all via GET /items/{item_id})")
 
 
@@ -98,6 +101,7 @@ class ItemResponse(BaseModel):
     item_id: str
     modality: str
     media_url: str | None
+    poster_url: str | None = None
     captions: list[str]
     metadata: dict[str, Any]
     has_embedding: bool
@@ -470,6 +474,11 @@ def media_url(item_id: str) -> str:
     return "/media/" + quote(item_id, safe="")
 
 
+def poster_url(item) -> str | None:
+    """URL of a video item's poster frame (GET /poster/{item_id}); None for other items and items without media."""
+    return "/poster/" + quote(item.item_id, safe="") if item.modality == "video" and item.media else None
+
+
 def resolve_media_file(media: str, root: Path) -> Path:
     """Real path of an item's media file; PermissionError when it resolves outside ``root``."""
     root_real = Path(os.path.realpath(root))
@@ -521,10 +530,12 @@ def create_app(retriever: RetrieverLike, config: ServeConfig | None = None, *, m
     def item_dict(item_id: str) -> dict:
         item = retriever.item(item_id)
         return {"item_id": item.item_id, "modality": item.modality,
-                "media_url": media_url(item.item_id) if item.media else None,
+                "media_url": media_url(item.item_id) if item.media else None, "poster_url": poster_url(item),
                 "captions": [str(c) for c in (item.captions or [])[:config.result_captions]]}
 
     is_deleted = getattr(retriever, "is_deleted", lambda item_id: False)
+    posters: dict[Path, bytes] = {}   # video file -> JPEG poster (decoded once; at most 512 kept)
+    posters_lock = threading.Lock()
 
     def search_batch(queries: list[str], key: tuple) -> list[list[dict]]:
         k, beams, modality = key
@@ -636,7 +647,7 @@ def create_app(retriever: RetrieverLike, config: ServeConfig | None = None, *, m
         """One item: modality, captions, metadata, media URL."""
         item = lookup(item_id)
         return {"item_id": item.item_id, "modality": item.modality,
-                "media_url": media_url(item.item_id) if item.media else None,
+                "media_url": media_url(item.item_id) if item.media else None, "poster_url": poster_url(item),
                 "captions": [str(c) for c in (item.captions or [])],
                 "metadata": jsonable_encoder(item.metadata or {}, custom_encoder={np.generic: lambda x: x.item()}),
                 "has_embedding": getattr(item, "embedding", None) is not None}
@@ -742,6 +753,39 @@ def create_app(retriever: RetrieverLike, config: ServeConfig | None = None, *, m
                         404: {"description": "unknown item or no media file"}})
     def get_media(item_id: str):
         """Streams the item's media file (HTTP range requests supported); only files inside the corpus root."""
+        path = media_file(item_id)
+        return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+
+    @app.get("/poster/{item_id:path}", dependencies=read, response_class=Response,
+             responses={200: {"content": {"image/jpeg": {}}, "description": "a JPEG still of the video"},
+                        404: {"description": "unknown item, not a video, or no media file"},
+                        422: {"description": "the video cannot be decoded"}})
+    def get_poster(item_id: str) -> Response:
+        """A still frame (the middle one) of a video item as JPEG: the search page's poster for video cards,
+        shown even where the browser cannot play the video's codec."""
+        if lookup(item_id).modality != "video":
+            raise HTTPException(404, f"item {item_id!r} is not a video; posters exist for video items only")
+        path = media_file(item_id)
+        with posters_lock:
+            data = posters.get(path)
+        if data is None:
+            from ace.data.encoders import EncoderError, read_video_frames
+
+            try:
+                frames = read_video_frames(path, 3, item_id=item_id)
+            except EncoderError as exc:
+                raise HTTPException(422, f"no poster: {exc}") from None
+            buf = io.BytesIO()
+            frames[len(frames) // 2].convert("RGB").save(buf, format="JPEG", quality=85)
+            data = buf.getvalue()
+            with posters_lock:
+                if len(posters) >= 512:
+                    posters.pop(next(iter(posters)))
+                posters[path] = data
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    def media_file(item_id: str) -> Path:
+        """The item's media file inside the corpus root (HTTP errors: 404 unknown / no file, 403 outside the root)."""
         item = lookup(item_id)
         if not item.media:
             raise HTTPException(404, f"item {item_id!r} has no media file")
@@ -754,8 +798,7 @@ def create_app(retriever: RetrieverLike, config: ServeConfig | None = None, *, m
             raise HTTPException(403, f"media of item {item_id!r} is outside the corpus root; refused") from None
         if not path.is_file():
             raise HTTPException(404, f"media file of item {item_id!r} is missing")
-        kind, _ = mimetypes.guess_type(path.name)
-        return FileResponse(path, media_type=kind or "application/octet-stream")
+        return path
 
     @app.get("/health")
     def health() -> JSONResponse:
