@@ -58,7 +58,9 @@ def wait_done(driver):
 
 
 def ids(driver):
-    return [c.get_attribute("data-item-id") for c in driver.find_elements(By.CSS_SELECTOR, "#results article.result")]
+    """Item ids of the result cards, read in one script call (the cards may be replaced meanwhile)."""
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll('#results article.result')).map(c => c.dataset.itemId)")
 
 
 def type_query(driver, query):
@@ -171,12 +173,10 @@ def test_modality_filter(browser, page_url):
     browser.get(page_url[0] + "/")
     type_query(browser, "square")
     Select(browser.find_element(By.ID, "modality")).select_by_value("audio")
-    WebDriverWait(browser, 20).until(
-        lambda d: all(c.get_attribute("class") == "result result-audio"
-                      for c in d.find_elements(By.CSS_SELECTOR, "#results article.result")))
-    cards = browser.find_elements(By.CSS_SELECTOR, "#results article.result")
-    assert [c.get_attribute("data-item-id") for c in cards] == ["aud/bark"]
-    assert cards[0].find_element(By.TAG_NAME, "audio")
+    WebDriverWait(browser, 20).until(lambda d: ids(d) == ["aud/bark"])
+    assert query_string(browser) == "?q=square&modality=audio"
+    card = browser.find_element(By.CSS_SELECTOR, "#results article.result")
+    assert card.get_attribute("class") == "result result-audio" and card.find_element(By.TAG_NAME, "audio")
 
 
 def test_error_state_a_person_understands(browser, page_url):
