@@ -39,6 +39,10 @@ def format_summary(s: dict) -> str:
 
 def build(args) -> int:
     config = load_config(IdentifierConfig, args.config, args.overrides)
+    if config.vectors != "item":
+        print(f"error: vectors={config.vectors} is built by the training pipeline (train.py), which has the "
+              f"training queries; this command quantises the given embeddings (vectors=item)", file=sys.stderr)
+        return 2
     emb, ids = load_embeddings(args.embeddings)
     if ids is None and args.ids:
         ids = [line.rstrip("\n") for line in Path(args.ids).read_text(encoding="utf-8").splitlines()]

@@ -37,6 +37,12 @@ class IdentifierConfig:
     encode_batch_size: int = 65_536  # rows per chunk when normalising / predicting / encoding
     seed: int = 0
     num_threads: int = 0             # >0: cap torch/BLAS/OpenMP threads; 0: auto (1 for small jobs)
+    # what is quantised (read by the pipeline, ace/pipeline.py stage_identifiers): the item embedding
+    # alone, or the normalised mean of it and its training queries' vectors from ``query_encoder``
+    # (a sentence-transformers text encoder that must share the item embedding's space, e.g. MiniLM
+    # for the caption proxy whose item embedding is the MiniLM document vector)
+    vectors: str = "item"            # item | item_plus_queries
+    query_encoder: str = "minilm"    # sentence-transformers id / path / "minilm" (offline all-MiniLM-L6-v2)
 
     def __post_init__(self):
         self.hidden_dims = tuple(int(h) for h in self.hidden_dims)
@@ -52,6 +58,8 @@ class IdentifierConfig:
             raise ValueError(f"codebook_size must be >= 2, got {self.codebook_size}")
         if any(h < 1 for h in self.hidden_dims):
             raise ValueError(f"hidden_dims must be positive, got {self.hidden_dims}")
+        if self.vectors not in ("item", "item_plus_queries"):
+            raise ValueError(f"vectors must be 'item' or 'item_plus_queries', got {self.vectors!r}")
         if self.alpha < 0 or not 0 < self.ema_decay < 1 or self.rqvae_lr <= 0:
             raise ValueError("need alpha >= 0, 0 < ema_decay < 1 and rqvae_lr > 0")
 

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -195,3 +196,86 @@ def test_pretrained_encoder_truncated_to_its_first_layers(tmp_path):
     assert len(again.encoder.bert.encoder.layer) == 3
     with torch.no_grad():
         torch.testing.assert_close(again.encode(ids, mask), layers, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------- prototype-aware heads (issue 19, lever 3)
+
+def _prototype_model(levels: int = 2):
+    import numpy as np
+
+    model = tiny(prototype_levels=levels, prototype_dim=32)
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((40, 32)).astype(np.float32)
+    codes = np.stack([rng.integers(0, s, 40) for s in SIZES], 1)
+    model.init_prototype_heads(codes, vectors)
+    return model.eval(), codes, vectors
+
+
+def test_prototype_heads_at_init_rank_like_dense_prototype_search():
+    from ace.model.modeling import pooled_query, prefix_prototypes
+
+    model, codes, vectors = _prototype_model()
+    ids, mask, dec, _ = batch()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        q = torch.nn.functional.normalize(pooled_query(model.encode(ids, mask), mask), dim=-1)
+    level0, level1 = prefix_prototypes(codes, vectors, SIZES, 2)
+    # the level-0 prototypes are the unit means of the items' vectors under each k, computed by hand
+    k0 = codes[:, 0] == 0
+    by_hand = vectors[k0] / np.linalg.norm(vectors[k0], axis=1, keepdims=True)
+    by_hand = by_hand.sum(0) / np.linalg.norm(by_hand.sum(0))
+    np.testing.assert_allclose(level0[0], by_hand, atol=1e-5)
+    dense0 = q @ torch.from_numpy(level0).T                                      # (B, K)
+    lo0 = 3
+    got0 = logits[:, 0, lo0:lo0 + SIZES[0]]
+    assert torch.equal(got0.argsort(dim=1, descending=True), dense0.argsort(dim=1, descending=True))
+    torch.testing.assert_close(got0, 20.0 * dense0, atol=1e-4, rtol=1e-4)
+    # level 1 given the teacher-forced k: the dense ranking of the (k, v1) prototypes
+    lo1 = lo0 + SIZES[0]
+    for b in range(2):
+        k = int(dec[b, 1]) - lo0
+        dense1 = q[b] @ torch.from_numpy(level1[k * SIZES[1]:(k + 1) * SIZES[1]]).T
+        torch.testing.assert_close(logits[b, 1, lo1:lo1 + SIZES[1]], 20.0 * dense1, atol=1e-4, rtol=1e-4)
+    # deeper levels are the plain head: not zero
+    assert logits[:, 2].abs().sum() > 0
+
+
+def test_prototype_heads_cached_steps_match_forward_and_need_a_query():
+    model, _, _ = _prototype_model()
+    ids, mask, dec, labels = batch()
+    full = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    with torch.no_grad():
+        layers = model.encode(ids, mask)
+        memory, query = model.decoder.memory(layers), model.prototype_query(layers, mask)
+        cache = []
+        for t in range(4):
+            logits, cache = model.decoder.step(dec[:, t:t + 1], t, memory, mask.bool()[:, None, None, :], cache,
+                                               query=query)
+            torch.testing.assert_close(logits[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
+        with pytest.raises(AceInputError, match="prototype heads"):
+            model.decoder.step(dec[:, :1], 0, memory, mask.bool()[:, None, None, :], [])
+    # R-Drop's stacked passes and a backward step reach P and s
+    model.train()
+    out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, num_passes=2)
+    assert out.logits.shape[0] == 4
+    torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), labels.repeat(2, 1).flatten()).backward()
+    head = model.decoder.prototypes
+    assert head.proj.weight.grad.abs().sum() > 0 and head.log_scale.grad.abs().sum() > 0
+
+
+def test_prototype_heads_save_load_and_bad_input(tmp_path):
+    model, codes, vectors = _prototype_model(levels=1)
+    model.save_pretrained(tmp_path / "m")
+    again = AceModel.from_pretrained(tmp_path / "m").eval()
+    torch.testing.assert_close(again.decoder.prototypes.level0, model.decoder.prototypes.level0)
+    assert again.decoder.prototypes.level1.shape[0] == 0          # one level: no (k, v1) table
+    with pytest.raises(ValueError, match="prototype_dim"):
+        model.init_prototype_heads(codes, vectors[:, :8])
+    bad = vectors.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        model.init_prototype_heads(codes, bad)
+    with pytest.raises(ValueError, match="prototype_levels"):
+        AceConfig(level_sizes=SIZES, prototype_levels=3, prototype_dim=4)
+    with pytest.raises(ValueError, match="no prototype heads"):
+        tiny().init_prototype_heads(codes, vectors)

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from ace.data.importers import ProxySplit
-from ace.newitems.query_tower import QueryTower, QueryTowerConfig, TextTower, resolve_device, unit_rows
+from ace.newitems.query_tower import (QueryTower, QueryTowerConfig, TextTower, item_plus_query_vectors, resolve_device,
+                                      unit_rows)
 
 BACKENDS = ("torch", "faiss_flat", "faiss_hnsw")
 
@@ -121,16 +122,11 @@ def dt_zero_shot(split: ProxySplit, emb: SplitEmbeddings, *, k: int = 10, backen
 def doc_plus_queries_vectors(split: ProxySplit, emb: SplitEmbeddings) -> np.ndarray:
     """Item vectors (N, D) = normalised mean of the document and its generated-query embeddings."""
     emb.check(split)
-    row = {iid: i for i, iid in enumerate(split.item_ids)}
-    total = unit_rows(emb.documents).astype(np.float64)
-    count = np.ones(len(total))
-    tq = unit_rows(emb.train_queries)
-    for j, (iid, _) in enumerate(split.train_queries):
-        if iid not in row:
-            raise BaselineError(f"training query {j} names unknown item '{iid}'")
-        total[row[iid]] += tq[j]
-        count[row[iid]] += 1
-    return unit_rows((total / count[:, None]).astype(np.float32))
+    try:
+        return item_plus_query_vectors(emb.documents, split.item_ids, emb.train_queries,
+                                       [iid for iid, _ in split.train_queries])
+    except ValueError as exc:
+        raise BaselineError(str(exc)) from None
 
 
 def dt_doc_plus_queries(split: ProxySplit, emb: SplitEmbeddings, *, k: int = 10, backend: str = "torch"

@@ -51,6 +51,10 @@ ACE_VARIANTS = {  # method -> (run folder, RunConfig overrides, constrained deco
     "ace_no_fusion": ("ace_no_fusion", ["model.fusion=false"], True),
     "ace_no_kmeans": ("ace_no_kmeans", ["identifiers.use_kmeans=false"], True),
     "ace_no_rqvae": ("ace_no_rqvae", ["identifiers.quantizer=kmeans"], True),
+    # issue 19 levers, each alone (lever 1: query-aware identifiers)
+    "ace_qid": ("ace_qid", ["identifiers.vectors=item_plus_queries"], True),
+    "ace_proto": ("ace_proto", ["model.prototype_levels=2"], True),  # lever 3: prototype-aware heads
+    "ace_qid_proto": ("ace_qid_proto", ["identifiers.vectors=item_plus_queries", "model.prototype_levels=2"], True),
 }
 INT8_VARIANTS = {"ace_int8"}  # decoded with the dynamic-int8 model (CPU), as `serve.py --quantize` serves it
 METHODS = BASELINES + tuple(ACE_VARIANTS)
@@ -58,12 +62,15 @@ LABELS = {"dt_zero_shot": "DT zero-shot", "dt_doc_plus_queries": "DT document+qu
           "dt_trained": "DT trained (query tower)", "ace": "ACE (full)",
           "ace_no_cbs": "ACE w/o constrained beam search", "ace_int8": "ACE (full), dynamic int8 (CPU)", "ace_no_kl": "ACE w/o KL loss (omega=0)",
           "ace_no_fusion": "ACE w/o fusion", "ace_no_kmeans": "ACE w/o K-Means token (RQ-VAE only)",
-          "ace_no_rqvae": "ACE w/o RQ-VAE tokens (hierarchical K-Means)"}
+          "ace_no_rqvae": "ACE w/o RQ-VAE tokens (hierarchical K-Means)",
+          "ace_qid": "ACE, identifiers from document+queries vectors (lever 1)",
+          "ace_proto": "ACE, prototype-aware heads on k and v1 (lever 3)",
+          "ace_qid_proto": "ACE, levers 1 + 3"}
 # stages whose artefacts a new variant folder may start from (the pipeline re-checks their keys)
 SHARED_STAGES = {"corpus": ["corpus.jsonl", "corpus_train.jsonl", "test_queries.json", "corpus_root.json"],
                  "encode": ["embeddings.npy", "item_ids.json"],
-                 "identifiers": ["identifiers"],
-                 "querygen": ["queries", "train_queries.json"]}
+                 "querygen": ["queries", "train_queries.json"],
+                 "identifiers": ["identifiers"]}
 TOP_K = 10
 
 

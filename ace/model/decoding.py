@@ -102,6 +102,7 @@ def _beam_search_loop(model, input_ids, attention_mask, vocab: IdentifierVocab, 
     B = layers.shape[0]
     device = layers.device
     memory = model.decoder.memory(layers)                                           # once per query
+    query = model.prototype_query(layers, attention_mask)                           # prototype heads (or None)
     mask = attention_mask.bool()[:, None, None, :]                                  # (B, 1, 1, N)
     scores = torch.zeros(B, 1, device=device)                                       # (B, W=1)
     tokens = torch.full((B, 1, 0), BOS, dtype=torch.long, device=device)            # (B, W, t)
@@ -112,7 +113,7 @@ def _beam_search_loop(model, input_ids, attention_mask, vocab: IdentifierVocab, 
     cache: list = []
     for d in range(L):
         W = prev.shape[1]
-        logits, cache = model.decoder.step(prev, d, memory, mask, cache)           # (B, W, V)
+        logits, cache = model.decoder.step(prev, d, memory, mask, cache, query=query)  # (B, W, V)
         logp = torch.log_softmax(logits.float(), dim=-1)
         if tt is not None:
             lo, hi = vocab.level_range(d)

@@ -17,6 +17,7 @@ need that folder any more; fresh ``AceModel(config)`` copies the pretrained weig
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,9 @@ class AceConfig(PretrainedConfig):
     pretrained_encoder: str | None = None  # local folder of a BERT-style encoder (optional)
     encoder_config: dict | None = None     # its architecture (filled from pretrained_encoder)
     pretrained_encoder_layers: int | None = None  # keep only its first n layers (None: all); a cheaper encoder
+    prototype_levels: int = 0              # prototype-aware heads on the first 0, 1 (k) or 2 (k, v1) levels
+    prototype_dim: int = 0                 # D of the prototype vectors (the identifier space), needed when on
+    prototype_scale: float = 20.0          # initial s of logits += s * cos(P(query), prototype)
     pad_token_id: int | None = PAD
     bos_token_id: int | None = BOS
     eos_token_id: int | None = EOS
@@ -74,6 +78,12 @@ class AceConfig(PretrainedConfig):
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.prototype_levels <= min(2, len(self.level_sizes) - 1):
+            raise ValueError(f"prototype_levels must be 0, 1 (k) or 2 (k, v1) and below the identifier length, "
+                             f"got {self.prototype_levels}")
+        if self.prototype_levels and (self.prototype_dim < 1 or not self.prototype_scale > 0):
+            raise ValueError(f"prototype heads need prototype_dim >= 1 and prototype_scale > 0, got "
+                             f"{self.prototype_dim} and {self.prototype_scale}")
         if self.pretrained_encoder_layers is not None and not self.pretrained_encoder:
             raise ValueError("pretrained_encoder_layers needs a pretrained_encoder")
         if self.pretrained_encoder and self.encoder_config is None:
@@ -106,7 +116,8 @@ class AceConfig(PretrainedConfig):
 
 MODEL_FIELDS = {"d_model": int, "n_heads": int, "encoder_layers": int, "decoder_layers": int, "ffn_dim": int,
                 "dropout": float, "query_vocab_size": int, "max_query_length": int, "level_sizes": list[int],
-                "fusion": bool, "pretrained_encoder": str | None, "pretrained_encoder_layers": int | None}
+                "fusion": bool, "pretrained_encoder": str | None, "pretrained_encoder_layers": int | None,
+                "prototype_levels": int, "prototype_dim": int, "prototype_scale": float}
 
 
 def load_ace_config(path=None, overrides=(), **fixed) -> AceConfig:
@@ -246,6 +257,95 @@ class AceEncoder(nn.Module):
         return AceEncoderOutput(last_hidden_state=layers[:, -1], layer_states=layers)
 
 
+def pooled_query(layer_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Attention-masked mean of the last fused encoder layer: (B, S, N, d) -> (B, d). With the
+    frozen MiniLM encoder this is the MiniLM sentence embedding (before its L2 normalisation)."""
+    m = attention_mask.to(layer_states.dtype)[..., None]                               # (B, N, 1)
+    return (layer_states[:, -1] * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class PrototypeHead(nn.Module):
+    """Prototype-aware decoding head (issue 19, lever 3) for the coarse identifier levels.
+
+    Level 0 (k): ``logits[k] += s_0 * cos(P q, prototype[k])``; level 1 (v1 given the decoded k):
+    ``logits[v1] += s_1 * cos(P q, prototype[k, v1])``, with q the pooled query (``pooled_query``),
+    P a linear map d_model -> D (identity at init when d_model == D), s_l learned (log-space) and the
+    prototypes the unit means of the identifier vectors under each prefix (``prefix_prototypes``),
+    fixed buffers of size K x D and K x C_1 x D whatever the number of items (a prefix with no item
+    has a zero prototype: cosine 0)."""
+
+    def __init__(self, config: AceConfig):
+        super().__init__()
+        sizes, D = config.level_sizes, config.prototype_dim
+        self.levels = config.prototype_levels
+        self.offsets = [NUM_SPECIAL + sum(sizes[:i]) for i in range(len(sizes))]
+        self.sizes = sizes
+        self.proj = nn.Linear(config.d_model, D, bias=False)
+        self.log_scale = nn.Parameter(torch.full((self.levels,), math.log(config.prototype_scale)))
+        self.register_buffer("level0", torch.zeros(sizes[0], D))
+        self.register_buffer("level1", torch.zeros(sizes[0] * sizes[1] if self.levels > 1 else 0, D))
+
+    def cosines(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """query (B, d) -> (scaled cosines to the level-0 prototypes (B, K), to every (k, v1) (B, K*C_1) or None)."""
+        q = F.normalize(self.proj(query.to(self.level0.dtype)), dim=-1)
+        scale = self.log_scale.exp()
+        c0 = scale[0] * (q @ self.level0.T)
+        c1 = scale[1] * (q @ self.level1.T) if self.levels > 1 else None
+        return c0, c1
+
+    def bonus(self, query: torch.Tensor, prev_tokens: torch.Tensor, position: int, vocab_size: int, cos=None):
+        """Additive logits (B, W, V) for decoding ``position`` after ``prev_tokens`` (B, W); None past the levels.
+        ``cos``: ``cosines(query)`` when already computed."""
+        if position >= self.levels:
+            return None
+        B, W = prev_tokens.shape
+        c0, c1 = cos if cos is not None else self.cosines(query)
+        out = c0.new_zeros(B, W, vocab_size)
+        lo = self.offsets[position]
+        if position == 0:
+            out[:, :, lo:lo + self.sizes[0]] = c0[:, None, :]
+        else:
+            C = self.sizes[1]
+            k = (prev_tokens - self.offsets[0]).clamp(0, self.sizes[0] - 1)                # (B, W)
+            cols = k[..., None] * C + torch.arange(C, device=k.device)                     # (B, W, C)
+            out[:, :, lo:lo + C] = torch.gather(c1[:, None, :].expand(B, W, -1), 2, cols)
+        return out
+
+    def teacher_forcing_bonus(self, query: torch.Tensor, decoder_input_ids: torch.Tensor, vocab_size: int):
+        """Additive logits (B, T, V) for a teacher-forced decoder input (B, T)."""
+        B, T = decoder_input_ids.shape
+        cos = self.cosines(query)
+        parts = [self.bonus(query, decoder_input_ids[:, t:t + 1], t, vocab_size, cos) for t in range(min(T, self.levels))]
+        if T > len(parts):
+            parts.append(parts[0].new_zeros(B, T - len(parts), vocab_size))
+        return torch.cat(parts, dim=1)
+
+
+def prefix_prototypes(codes, vectors, level_sizes: list[int], levels: int):
+    """Unit means of ``vectors`` (N, D) under each level-0 code (K, D) and each (k, v1) prefix
+    (K*C_1, D, row k*C_1 + v1; zero rows for prefixes without items) from ``codes`` (N, L)."""
+    import numpy as np
+
+    codes, vectors = np.asarray(codes), np.asarray(vectors, dtype=np.float64)
+    if codes.ndim != 2 or vectors.ndim != 2 or codes.shape[0] != vectors.shape[0]:
+        raise ValueError(f"codes {codes.shape} and vectors {vectors.shape} must be 2-D with one row per item")
+    if codes.shape[0] == 0:
+        raise ValueError("no items to build prototypes from")
+    if not np.isfinite(vectors).all():
+        raise ValueError("prototype vectors contain NaN or inf")
+    K, D = level_sizes[0], vectors.shape[1]
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+    def means(index, n):
+        total = np.zeros((n, D))
+        np.add.at(total, index, unit)
+        return (total / np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+    level0 = means(codes[:, 0], K)
+    level1 = means(codes[:, 0] * level_sizes[1] + codes[:, 1], K * level_sizes[1]) if levels > 1 else None
+    return level0, level1
+
+
 class AceDecoder(nn.Module):
     """Identifier tokens + fused encoder memory -> identifier-token logits."""
 
@@ -261,29 +361,46 @@ class AceDecoder(nn.Module):
             for _ in range(config.decoder_layers))
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, config.identifier_vocab_size)
+        self.prototypes = PrototypeHead(config) if config.prototype_levels else None
+
+    def _query(self, query):
+        if self.prototypes is not None and query is None:
+            raise AceInputError("this model has prototype heads: pass query= (pooled_query of the encoder layers)")
+        return query
 
     def memory(self, layer_states: torch.Tensor) -> list:
         """Encoder layers (B, S, N, d) -> every decoder layer's cross-attention keys/values (once per query)."""
         return [layer.cross.memory(layer_states) for layer in self.layers]
 
-    def forward(self, decoder_input_ids, memory, mask):
-        """decoder_input_ids (B, T) -> logits (B, T, V_id); teacher forcing, causal."""
+    def forward(self, decoder_input_ids, memory, mask, query=None):
+        """decoder_input_ids (B, T) -> logits (B, T, V_id); teacher forcing, causal. ``query`` (B, d):
+        the pooled query, needed by the prototype heads (``model.prototype_levels`` > 0)."""
         T = decoder_input_ids.shape[1]
         x = self.drop(self.embed(decoder_input_ids) + self.pos(torch.arange(T, device=decoder_input_ids.device)))
         for layer, mem in zip(self.layers, memory):
             x, _ = layer(x, mem, mask)
-        return self.head(self.norm(x))
+        logits = self.head(self.norm(x))
+        if self.prototypes is not None:
+            logits = logits + self.prototypes.teacher_forcing_bonus(self._query(query), decoder_input_ids,
+                                                                    logits.shape[-1]).to(logits.dtype)
+        return logits
 
-    def step(self, tokens, position: int, memory, mask, cache):
+    def step(self, tokens, position: int, memory, mask, cache, query=None):
         """tokens (B, W) at ``position`` for W beams per query -> logits (B, W, V_id), new cache.
 
-        ``cache`` is a list (one per layer) of (k, v) (B*W, H, position, dh), or [] at position 0."""
+        ``cache`` is a list (one per layer) of (k, v) (B*W, H, position, dh), or [] at position 0;
+        ``query`` (B, d) as in ``forward``."""
         x = self.drop(self.embed(tokens) + self.pos.weight[position])                   # (B, W, d)
         new_cache = []
         for i, (layer, mem) in enumerate(zip(self.layers, memory)):
             x, c = layer(x, mem, mask, cache=cache[i] if cache else ())
             new_cache.append(c)
-        return self.head(self.norm(x)), new_cache
+        logits = self.head(self.norm(x))
+        if self.prototypes is not None:
+            extra = self.prototypes.bonus(self._query(query), tokens, position, logits.shape[-1])
+            if extra is not None:
+                logits = logits + extra.to(logits.dtype)
+        return logits, new_cache
 
 
 # ---------------------------------------------------------------- the model
@@ -385,6 +502,43 @@ class AceModel(AcePreTrainedModel, GenerationMixin):
                 weight[offset:offset + size] = e.to(weight.dtype)
             offset += size
 
+    @torch.no_grad()
+    def init_prototype_heads(self, codes, vectors) -> None:
+        """Fill the prototype heads (``prototype_levels`` > 0) from the items' identifiers ``codes``
+        (N, L) and the vectors they were built from (N, prototype_dim), and initialise them so that
+        the untrained model ranks the coarse levels like a dense search of the pooled query over the
+        prototypes: P = identity (d_model == D; a random map otherwise), s = prototype_scale, and the
+        output head's rows of those levels zero."""
+        head = self.decoder.prototypes
+        if head is None:
+            raise ValueError("this model has no prototype heads (prototype_levels=0)")
+        import numpy as np
+
+        codes = np.asarray(codes.cpu() if isinstance(codes, torch.Tensor) else codes)
+        sizes = self.config.level_sizes
+        if codes.ndim != 2 or codes.shape[1] != len(sizes):
+            raise ValueError(f"codes must have shape (N, {len(sizes)}), got {tuple(codes.shape)}")
+        if getattr(vectors, "ndim", 0) != 2 or vectors.shape[1] != self.config.prototype_dim:
+            raise ValueError(f"prototype vectors must have shape (N, prototype_dim={self.config.prototype_dim}), "
+                             f"got {tuple(getattr(vectors, 'shape', ()))}")
+        if (codes[:, :2] < 0).any() or (codes[:, 0] >= sizes[0]).any() or (codes[:, 1] >= sizes[1]).any():
+            raise ValueError("codes out of range of the model's level sizes")
+        level0, level1 = prefix_prototypes(codes, vectors, sizes, head.levels)
+        head.level0.copy_(torch.from_numpy(level0))
+        if level1 is not None:
+            head.level1.copy_(torch.from_numpy(level1))
+        if head.proj.weight.shape[0] == head.proj.weight.shape[1]:
+            head.proj.weight.copy_(torch.eye(head.proj.weight.shape[0]))
+        head.log_scale.fill_(math.log(self.config.prototype_scale))
+        for level in range(head.levels):
+            lo = head.offsets[level]
+            self.decoder.head.weight[lo:lo + sizes[level]] = 0
+            self.decoder.head.bias[lo:lo + sizes[level]] = 0
+
+    def prototype_query(self, layer_states, attention_mask):
+        """The pooled query of the prototype heads (B, d), or None when the model has none."""
+        return pooled_query(layer_states, attention_mask) if self.decoder.prototypes is not None else None
+
     @property
     def identifier_vocab_size(self) -> int:
         return self.config.identifier_vocab_size
@@ -470,10 +624,12 @@ class AceModel(AcePreTrainedModel, GenerationMixin):
                                 f"({layer_states.shape[0]})")
         mask = attention_mask.bool()[:, None, None, :]                                  # (B, 1, 1, N)
         memory = self.decoder.memory(layer_states)
+        query = self.prototype_query(layer_states, attention_mask)
         if num_passes > 1:  # shared keys/values: repeat's backward sums the passes' gradients
             memory, mask = _stack(memory, num_passes), _stack(mask, num_passes)        # P*B rows
             decoder_input_ids, labels = _stack(decoder_input_ids, num_passes), _stack(labels, num_passes)
-        logits = self.decoder(decoder_input_ids, memory, mask)                          # (P*B, T, V_id)
+            query = _stack(query, num_passes)
+        logits = self.decoder(decoder_input_ids, memory, mask, query=query)            # (P*B, T, V_id)
         loss = None
         if labels is not None:
             if labels.shape != decoder_input_ids.shape:

@@ -76,6 +76,35 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def item_plus_query_vectors(item_vectors: np.ndarray, item_ids: list[str], query_vectors: np.ndarray,
+                            query_item_ids: list[str]) -> np.ndarray:
+    """Item vectors (N, D) = normalised mean of each item's unit vector and its queries' unit vectors.
+
+    ``query_item_ids[j]`` names the item of ``query_vectors[j]``; an item without queries keeps its
+    own (unit) vector. The one owner of the "document + queries" vector: the DT document+queries
+    baseline (ace/bench/baselines.py) and the query-aware identifiers (``identifiers.vectors:
+    item_plus_queries``, ace/pipeline/stages.py) use it."""
+    item_vectors, query_vectors = np.asarray(item_vectors), np.asarray(query_vectors)
+    if item_vectors.ndim != 2 or query_vectors.ndim != 2 or item_vectors.shape[1] != query_vectors.shape[1]:
+        raise ValueError(f"item vectors {item_vectors.shape} and query vectors {query_vectors.shape} must be "
+                         f"2-D with the same dimension (the query encoder must share the item space)")
+    if len(item_ids) != len(item_vectors) or len(query_item_ids) != len(query_vectors):
+        raise ValueError(f"{len(item_ids)} item ids for {len(item_vectors)} item vectors, "
+                         f"{len(query_item_ids)} query item ids for {len(query_vectors)} query vectors")
+    if not (np.isfinite(item_vectors).all() and np.isfinite(query_vectors).all()):
+        raise ValueError("item or query vectors contain NaN or inf")
+    row = {iid: i for i, iid in enumerate(item_ids)}
+    total = unit_rows(item_vectors).astype(np.float64)
+    count = np.ones(len(total))
+    tq = unit_rows(query_vectors)
+    for j, iid in enumerate(query_item_ids):
+        if iid not in row:
+            raise ValueError(f"query {j} names unknown item '{iid}'")
+        total[row[iid]] += tq[j]
+        count[row[iid]] += 1
+    return unit_rows((total / count[:, None]).astype(np.float32))
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda when available, else cpu."""
     if name == "auto":

@@ -1,4 +1,4 @@
-"""The training pipeline: corpus -> encode -> identifiers -> querygen -> train -> fallback -> evaluate -> report.
+"""The training pipeline: corpus -> encode -> querygen -> identifiers -> train -> fallback -> evaluate -> report.
 
 Each stage writes its artefact into the run folder and a marker keyed by the hash of its config
 and of the keys of the stages it reads; a re-run skips stages that are up to date and resumes
@@ -30,7 +30,7 @@ from querygen import QueryGenConfig
 
 log = logging.getLogger("ace.pipeline.stages")
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ("corpus", "encode", "identifiers", "querygen", "train", "fallback", "eval", "report")
+STAGES = ("corpus", "encode", "querygen", "identifiers", "train", "fallback", "eval", "report")
 
 
 class PipelineError(RuntimeError):
@@ -75,6 +75,8 @@ class ModelSection:
     query_vocab_size: int = 8000            # SentencePiece vocabulary (when no pretrained encoder)
     query_tokenizer_type: str = "unigram"   # unigram | bpe
     init_identifier_embeddings: bool = False  # identifier-token embeddings from the centroids / codebooks (PCA)
+    prototype_levels: int = 0               # prototype-aware heads on the first 0 / 1 (k) / 2 (k, v1) levels (issue 19)
+    prototype_scale: float = 20.0           # their initial scale s (logits += s * cos(P(query), prefix prototype))
 
 
 @dataclass
@@ -107,15 +109,27 @@ class RunConfig:
 # ----------------------------------------------------------------------------- helpers
 
 
-def ace_model_config(m: ModelSection, level_sizes: list[int]):
-    """(AceConfig, pretrained encoder folder or None) for a run config's model section."""
+def ace_model_config(m: ModelSection, level_sizes: list[int], prototype_dim: int = 0):
+    """(AceConfig, pretrained encoder folder or None) for a run config's model section;
+    ``prototype_dim``: dimension of the identifier vectors (prototype heads)."""
     from ace.model.modeling import AceConfig
 
     kw = {k: v for k, v in to_dict(m).items()
           if k not in ("pretrained_encoder", "query_vocab_size", "query_tokenizer_type", "init_identifier_embeddings")}
     enc = resolve_text_model(m.pretrained_encoder) if m.pretrained_encoder else None
     return AceConfig(**kw, level_sizes=list(level_sizes), pretrained_encoder=enc,
-                     query_vocab_size=m.query_vocab_size), enc
+                     query_vocab_size=m.query_vocab_size, prototype_dim=prototype_dim if m.prototype_levels else 0), enc
+
+
+# fields added to a config section after run folders were made: left out of the stage keys while they
+# keep their default, so those runs stay up to date
+ADDED_FIELDS = {"identifiers": ("vectors", "query_encoder"), "model": ("prototype_levels", "prototype_scale")}
+
+
+def section_key(section, name: str) -> dict:
+    """The config section as a dict for a stage key, without the ADDED_FIELDS at their defaults."""
+    d, default = to_dict(section), to_dict(type(section)())
+    return {k: v for k, v in d.items() if k not in ADDED_FIELDS.get(name, ()) or v != default[k]}
 
 
 def _device(name: str) -> str:
@@ -248,23 +262,6 @@ class Pipeline:
 
         self._stage("encode", config_hash(self.keys["corpus"], cfg.encoder), run)
 
-    # identifiers -----------------------------------------------------------------------------
-    def stage_identifiers(self):
-        cfg = self.cfg
-
-        def run():
-            ids, emb = load_run_embeddings(self.run.path)
-            tok = SemanticIdTokenizer.fit(emb, ids, cfg.identifiers, device=self.device, progress=self.progress)
-            out = self.run / "identifiers"
-            if out.exists():
-                shutil.rmtree(out)
-            tok.save(out)
-            summary = tok.summary()
-            print("[identifiers]", json.dumps({k: summary[k] for k in summary if k != "times"}, default=str)[:600])
-            return {"summary": summary}
-
-        self._stage("identifiers", config_hash(self.keys["encode"], cfg.identifiers), run)
-
     # querygen --------------------------------------------------------------------------------
     def stage_querygen(self):
         cfg = self.cfg
@@ -287,13 +284,75 @@ class Pipeline:
 
         self._stage("querygen", config_hash(self.keys["corpus"], cfg.querygen), run)
 
+    # identifiers -----------------------------------------------------------------------------
+    def identifier_vectors(self, ids: list[str], emb: np.ndarray) -> np.ndarray:
+        """What the identifiers quantise: the item embeddings, or (``identifiers.vectors:
+        item_plus_queries``) the normalised mean of each item's embedding and its training queries'
+        vectors from ``identifiers.query_encoder``, which must share the item embedding's space."""
+        icfg = self.cfg.identifiers
+        if icfg.vectors == "item":
+            return emb
+        from ace.data.encoders import TextEncoder
+        from ace.newitems.query_tower import item_plus_query_vectors
+
+        pairs = read_pairs(self.run / "train_queries.json")
+        enc = TextEncoder(icfg.query_encoder, device=self.device)
+        if enc.dim != emb.shape[1]:
+            raise PipelineError(f"identifiers.vectors=item_plus_queries: the query encoder {icfg.query_encoder!r} "
+                                f"gives {enc.dim}-d vectors but the item embeddings are {emb.shape[1]}-d; it must "
+                                f"share the item embedding's space (or set identifiers.vectors=item)")
+        known = set(ids)
+        pairs = [(q, iid) for q, iid in pairs if iid in known]
+        qv = enc.encode([q for q, _ in pairs], progress=self.progress)
+        try:
+            return item_plus_query_vectors(emb, ids, qv, [iid for _, iid in pairs])
+        except ValueError as exc:
+            raise PipelineError(f"identifiers.vectors=item_plus_queries: {exc}") from None
+
+    def stage_identifiers(self):
+        cfg = self.cfg
+
+        def run():
+            ids, emb = load_run_embeddings(self.run.path)
+            vectors = self.identifier_vectors(ids, emb)
+            tok = SemanticIdTokenizer.fit(vectors, ids, cfg.identifiers, device=self.device, progress=self.progress)
+            out = self.run / "identifiers"
+            if out.exists():
+                shutil.rmtree(out)
+            tok.save(out)
+            if vectors is not emb:  # the prototype heads (model.prototype_levels) read what was quantised
+                np.save(self.run / "identifier_vectors.npy", vectors)
+            else:
+                (self.run / "identifier_vectors.npy").unlink(missing_ok=True)
+            summary = tok.summary()
+            print("[identifiers]", json.dumps({k: summary[k] for k in summary if k != "times"}, default=str)[:600])
+            return {"summary": summary, "vectors": cfg.identifiers.vectors}
+
+        key = config_hash(self.keys["encode"], section_key(cfg.identifiers, "identifiers"),
+                          *([self.keys["querygen"]] if cfg.identifiers.vectors != "item" else []))
+        self._stage("identifiers", key, run)
+
     # train -----------------------------------------------------------------------------------
-    def model_config(self, level_sizes: list[int]):
-        return ace_model_config(self.cfg.model, level_sizes)
+    def model_config(self, level_sizes: list[int], prototype_dim: int = 0):
+        return ace_model_config(self.cfg.model, level_sizes, prototype_dim)
+
+    def prototype_vectors(self, tok) -> np.ndarray:
+        """The vectors the identifiers quantised, rows in ``tok.item_ids`` order (prototype heads)."""
+        ids, emb = load_run_embeddings(self.run.path)
+        vec_file = self.run / "identifier_vectors.npy"
+        vectors = np.load(vec_file) if vec_file.is_file() else emb
+        if len(vectors) != len(ids):
+            raise PipelineError(f"{vec_file}: {len(vectors)} rows for {len(ids)} items; re-run the identifiers stage")
+        row = {iid: i for i, iid in enumerate(ids)}
+        missing = [iid for iid in tok.item_ids if iid not in row]
+        if missing:
+            raise PipelineError(f"identifiers name items without embeddings, e.g. {missing[:3]}; re-run the identifiers stage")
+        return vectors[[row[iid] for iid in tok.item_ids]]
 
     def stage_train(self):
         cfg = self.cfg
-        key = config_hash(self.keys["identifiers"], self.keys["querygen"], cfg.split, cfg.model, cfg.training, cfg.seed)
+        key = config_hash(self.keys["identifiers"], self.keys["querygen"], cfg.split, section_key(cfg.model, "model"),
+                          cfg.training, cfg.seed)
 
         def run():
             import torch
@@ -305,7 +364,8 @@ class Pipeline:
             torch.manual_seed(cfg.seed)
             tok = SemanticIdTokenizer.load(self.run / "identifiers", device=self.device)
             pairs = read_pairs(self.run / "train_queries.json")
-            ace_cfg, enc_path = self.model_config(tok.level_sizes)
+            vectors = self.prototype_vectors(tok) if cfg.model.prototype_levels else None
+            ace_cfg, enc_path = self.model_config(tok.level_sizes, 0 if vectors is None else vectors.shape[1])
             if enc_path:
                 qtok = QueryTokenizer.from_pretrained(enc_path, max_length=ace_cfg.max_query_length)
             else:
@@ -326,6 +386,8 @@ class Pipeline:
             model = AceModel(ace_cfg)
             if cfg.model.init_identifier_embeddings:
                 model.init_identifier_embeddings(tok.level_vectors, seed=cfg.seed)
+            if vectors is not None:
+                model.init_prototype_heads(tok.codes, vectors)
             latest = latest_checkpoint(self.run.path)
             if latest is not None:
                 print(f"[train] resuming from checkpoint {latest.name}")
@@ -421,7 +483,7 @@ class Pipeline:
 
     def run_all(self, until: str = "report"):
         save_config(self.cfg, self.run / "config.yaml")
-        steps = [self.stage_corpus, self.stage_encode, self.stage_identifiers, self.stage_querygen,
+        steps = [self.stage_corpus, self.stage_encode, self.stage_querygen, self.stage_identifiers,
                  self.stage_train, self.stage_fallback, self.stage_eval, self.stage_report]
         for name, step in zip(STAGES, steps):
             step()
