@@ -87,3 +87,61 @@ def test_query_aware_identifiers_need_a_query_encoder_in_the_item_space(tmp_path
         pipe.run_all(until="identifiers")
     with pytest.raises(ValueError, match="vectors must be"):
         _pipeline(tmp_path, corpus, "bad2", "documents")
+
+
+# ---------------------------------------------------------------- lever 4: identifier-space pretraining
+
+OTHER = ["a {c} {t} outside", "my {c} {t}", "an old {c} {t}", "two {c} {t}s"]
+
+
+def _karpathy(path: Path, captions: list[list[str]]) -> Path:
+    path.write_text(json.dumps([{"image_name": f"im{i}.jpg", "captions": c} for i, c in enumerate(captions)]))
+    return path
+
+
+def test_pretraining_texts_exclude_the_evaluated_file_and_its_captions(tmp_path):
+    from ace.pipeline import PipelineError, PretrainConfig, pretraining_texts
+
+    own_caps = [[tpl.format(c=c, t=t) for tpl in TEMPLATES] for c in COLOURS for t in THINGS]
+    own = _karpathy(tmp_path / "own.json", own_caps)
+    # the other file repeats two of the run's captions (case and spacing changed) among its own
+    other_caps = [[tpl.format(c=c, t=t) for tpl in OTHER] for c in COLOURS[:3] for t in THINGS]
+    other_caps[0] += ["A RED  car", "the car is red "]
+    other = _karpathy(tmp_path / "other.json", other_caps)
+    exclude = [c for caps in own_caps for c in caps]
+    texts = pretraining_texts(PretrainConfig(files=[str(other)]), own, exclude)
+    assert len(texts) == 3 * 6 * len(OTHER)
+    norm = {" ".join(c.lower().split()) for c in exclude}
+    assert not any(" ".join(t.lower().split()) in norm for t in texts)
+    assert "a red car outside" in texts
+    with pytest.raises(PipelineError, match="evaluated caption file"):
+        pretraining_texts(PretrainConfig(files=[str(other), str(own)]), own, exclude)
+    assert len(pretraining_texts(PretrainConfig(files=[str(other)], max_texts=10), own, exclude, seed=1)) == 10
+    with pytest.raises(PipelineError, match="no caption that is not one of the run's own"):
+        pretraining_texts(PretrainConfig(files=[str(own)]), tmp_path / "elsewhere.json", exclude)
+
+
+def test_pipeline_pretrains_on_identifier_prefixes_of_other_files(tmp_path, minilm_docs):
+    from ace.config import from_dict
+    from ace.pipeline import Pipeline, RunConfig
+
+    _, docs = minilm_docs
+    corpus = _corpus(tmp_path / "corpus.jsonl", docs)
+    other = _karpathy(tmp_path / "other.json", [[tpl.format(c=c, t=t) for tpl in OTHER] for c in COLOURS for t in THINGS])
+    cfg = from_dict(RunConfig, {
+        "name": "pre", "run_dir": str(tmp_path / "pre"), "device": "cpu",
+        "corpus": {"path": str(corpus)}, "split": {"test_captions": [-1]},
+        "encoder": {"image": {"kind": "precomputed"}, "dim": 0},
+        "identifiers": {"K": 4, "codebook_size": 4, "M": 2, "max_u": 16, "rqvae_max_steps": 60, "kmeans_n_init": 1},
+        "querygen": {"backend": "captions"},
+        "model": {"d_model": 32, "n_heads": 2, "encoder_layers": 2, "decoder_layers": 1, "ffn_dim": 64,
+                  "query_vocab_size": 80, "prototype_levels": 2},
+        "training": {"batch_size": 16, "max_steps": 10, "warmup_steps": 2, "lr": 3e-3, "checkpoint_every": 50,
+                     "eval_every": 0, "progress": False, "omega": 0.15},
+        "pretrain": {"files": [str(other)], "epochs": 4}})
+    pipe = Pipeline(cfg, progress=False)
+    pipe.run_all(until="train")
+    rec = json.loads((tmp_path / "pre" / "pretrain.json").read_text())
+    assert rec["texts"] == 36 * len(OTHER) and rec["steps"] == 4 * (36 * len(OTHER) // 16)
+    assert rec["last_loss"] < rec["first_loss"]
+    assert (tmp_path / "pre" / "model" / "config.json").is_file()

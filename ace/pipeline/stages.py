@@ -80,6 +80,18 @@ class ModelSection:
 
 
 @dataclass
+class PretrainConfig:
+    """Identifier-space pretraining (issue 19, lever 4), off while ``files`` is empty: before the
+    item pairs, the decoder learns (text, identifier prefix (k, v1..vM) of that text's own embedding
+    under the fitted identifiers) from the caption texts of *other* caption files. The run's own
+    caption file is refused and every caption of the run's corpus (training and test) is dropped."""
+    files: list[str] = field(default_factory=list)  # caption files (any ace.importers format)
+    max_texts: int = 20000          # random sample of their distinct captions
+    epochs: int = 1
+    encoder: str = "minilm"         # gives each text's embedding; must share the identifiers' space
+
+
+@dataclass
 class EvalConfig:
     num_beams: list[int] = field(default_factory=lambda: [10])   # first = headline; others reported too
     top_k: int = 10
@@ -103,6 +115,7 @@ class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     training: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     fallback: FallbackConfig = field(default_factory=FallbackConfig)   # items added after training (RUN/fallback)
 
 
@@ -185,6 +198,41 @@ def split_captions(corpus: Corpus, split: SplitConfig) -> tuple[Corpus, list[tup
         keep = [c for i, c in enumerate(it.captions) if i not in held]
         train_items.append(dataclasses.replace(it, captions=keep))
     return Corpus(items=train_items, root=corpus.root, source=corpus.source), test_pairs
+
+
+def _norm_caption(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def pretraining_texts(cfg: PretrainConfig, evaluated: str | Path | None, exclude, *, seed: int = 0) -> list[str]:
+    """Distinct caption texts of ``cfg.files`` for identifier-space pretraining: never from the
+    ``evaluated`` caption file, never one of ``exclude`` (the run's own captions, compared lower-cased
+    with spaces collapsed); a seeded random sample of at most ``cfg.max_texts``."""
+    from ace.importers import CaptionFileError, read_captions
+
+    banned = {_norm_caption(t) for t in exclude}
+    own = Path(evaluated).resolve() if evaluated else None
+    texts: dict[str, str] = {}
+    for f in cfg.files:
+        path = Path(f)
+        if own is not None and path.resolve() == own:
+            raise PipelineError(f"pretrain.files names the evaluated caption file {f}: pretraining must use other files")
+        try:
+            items = read_captions(path)
+        except CaptionFileError as exc:
+            raise PipelineError(f"pretrain.files: {exc}") from None
+        for it in items:
+            for c in it.captions:
+                key = _norm_caption(c)
+                if key and key not in banned:
+                    texts.setdefault(key, c.strip())
+    if not texts:
+        raise PipelineError(f"pretrain.files {cfg.files} give no caption that is not one of the run's own")
+    out = list(texts.values())
+    rng = np.random.default_rng(seed)
+    if len(out) > cfg.max_texts:
+        out = [out[i] for i in sorted(rng.choice(len(out), cfg.max_texts, replace=False))]
+    return out
 
 
 def read_pairs(path: Path) -> list[tuple[str, str]]:
@@ -352,7 +400,7 @@ class Pipeline:
     def stage_train(self):
         cfg = self.cfg
         key = config_hash(self.keys["identifiers"], self.keys["querygen"], cfg.split, section_key(cfg.model, "model"),
-                          cfg.training, cfg.seed)
+                          cfg.training, cfg.seed, *([cfg.pretrain] if cfg.pretrain.files else []))
 
         def run():
             import torch
@@ -391,6 +439,8 @@ class Pipeline:
             latest = latest_checkpoint(self.run.path)
             if latest is not None:
                 print(f"[train] resuming from checkpoint {latest.name}")
+            elif cfg.pretrain.files:  # a checkpoint already holds the pretrained weights
+                self.pretrain(model, qtok, tok, vocab)
             rng = np.random.default_rng(cfg.seed)
             val = [pairs[i] for i in rng.permutation(len(pairs))[: cfg.split.val_queries]] if cfg.split.val_queries else None
             teacher = None
@@ -406,6 +456,29 @@ class Pipeline:
             return {"steps": result.step, "best_step": result.best_step, "seconds_train": result.seconds}
 
         self._stage("train", key, run)
+
+    def pretrain(self, model, qtok, tok, vocab) -> None:
+        """Identifier-space pretraining (``pretrain:``, lever 4) of a fresh model, before the item pairs."""
+        from ace.encoders import TextEncoder
+        from ace.training import pretrain_identifier_prefixes
+
+        cfg = self.cfg
+        own = [c for it in self._corpus("corpus.jsonl").items for c in it.captions]
+        texts = pretraining_texts(cfg.pretrain, None if cfg.corpus.demo else cfg.corpus.path, own, seed=cfg.seed)
+        enc = TextEncoder(cfg.pretrain.encoder, device=self.device)
+        if enc.dim != tok.centroids.shape[1]:
+            raise PipelineError(f"pretrain.encoder {cfg.pretrain.encoder!r} gives {enc.dim}-d vectors but the "
+                                f"identifiers were built from {tok.centroids.shape[1]}-d ones; it must share their space")
+        prefixes = tok.encode_prefixes(enc.encode(texts, progress=self.progress))
+        t = time.time()
+        losses = pretrain_identifier_prefixes(model, qtok, vocab, texts, prefixes, cfg.training,
+                                              epochs=cfg.pretrain.epochs, device=self.device, progress=self.progress)
+        write_json_atomic(self.run / "pretrain.json", {"texts": len(texts), "files": cfg.pretrain.files,
+                                                        "steps": len(losses), "seconds": time.time() - t,
+                                                        "first_loss": losses[0] if losses else None,
+                                                        "last_loss": losses[-1] if losses else None})
+        print(f"[train] pretrained on {len(texts)} identifier-prefix pairs of other caption files, "
+              f"{len(losses)} steps, loss {losses[0]:.2f} -> {losses[-1]:.2f}")
 
     # fallback --------------------------------------------------------------------------------
     def stage_fallback(self):

@@ -620,3 +620,64 @@ def _save_model(model: torch.nn.Module, out: Path) -> None:
         raise TypeError(f"{type(model).__name__} has no save_pretrained; train an AceModel (PreTrainedModel)")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
+
+
+# ----------------------------------------------------------------------------- identifier-space pretraining
+
+
+def pretrain_identifier_prefixes(model: torch.nn.Module, query_tokenizer, vocab, texts: Sequence[str],
+                                 prefixes: np.ndarray, cfg: TrainConfig, *, epochs: int = 1,
+                                 device: str = "cpu", progress: bool = False) -> list[float]:
+    """Issue 19, lever 4: train ``model`` on (text, identifier prefix) pairs before the item pairs.
+
+    ``prefixes`` (P, M+1) are the codes (k, v1..vM) of each text's own embedding under the fitted
+    identifier tokenizer (``SemanticIdTokenizer.encode_prefixes``); the u level has no label. Uses
+    ``cfg``'s batch size, lr, warmup, omega, weight decay, seed and freeze_encoder; a fresh optimiser
+    (the item training starts its own). Returns the loss of every step."""
+    from ace.losses import IGNORE_INDEX
+
+    prefixes = np.asarray(prefixes)
+    L = vocab.length
+    if prefixes.ndim != 2 or prefixes.shape[0] != len(texts) or not 1 <= prefixes.shape[1] < L:
+        raise ValueError(f"prefixes must have shape ({len(texts)}, < {L}), got {prefixes.shape}")
+    if len(texts) < 1 or epochs < 1:
+        raise TrainingDataError(f"pretraining needs texts and epochs >= 1, got {len(texts)} texts, {epochs} epochs")
+    n_pre = prefixes.shape[1]
+    codes = np.concatenate([prefixes, np.zeros((len(texts), L - n_pre), dtype=np.int64)], 1)
+    dec, labels = identifier_targets(codes, vocab)                                   # (P, L) each
+    labels[:, n_pre:] = IGNORE_INDEX                                                  # no u target
+    input_ids, attention_mask = tokenize_queries(query_tokenizer, texts,
+                                                 query_length(model, query_tokenizer, cfg.max_query_length))
+    if cfg.freeze_encoder:
+        model.freeze_encoder()
+    model.to(device).train()
+    optimizer = _optimizer(model, cfg)
+    bs = min(cfg.batch_size, len(texts))
+    total = epochs * (len(texts) // bs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, warmup_steps=min(cfg.warmup_steps, total // 10 + 1), total_steps=total,
+                                           min_lr_ratio=cfg.min_lr_ratio))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    losses: list[float] = []
+    bar = tqdm(total=total, desc="pretrain (identifier space)", disable=not progress, leave=False)
+    for _ in range(epochs):
+        order = torch.randperm(len(texts), generator=gen)
+        for s in range(0, len(order) - bs + 1, bs):
+            idx = order[s:s + bs]
+            mask = attention_mask[idx]
+            width = max(1, int(mask.sum(1).max()))
+            batch = {"input_ids": input_ids[idx, :width].to(device), "attention_mask": mask[:, :width].to(device),
+                     "decoder_input_ids": dec[idx].to(device), "labels": labels[idx].to(device)}
+            if cfg.query_token_dropout > 0:
+                batch["attention_mask"] = query_token_dropout(batch["attention_mask"], cfg.query_token_dropout)
+            loss = ace_loss(model, batch, cfg.omega).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+    bar.close()
+    return losses
