@@ -21,7 +21,7 @@ def _corpus(path: Path, embeddings: np.ndarray) -> Path:
 
 def _pipeline(tmp_path: Path, corpus: Path, name: str, vectors: str):
     from ace.config import from_dict
-    from ace.pipeline import Pipeline, RunConfig
+    from ace.pipeline.stages import Pipeline, RunConfig
 
     cfg = from_dict(RunConfig, {
         "name": name, "run_dir": str(tmp_path / name), "device": "cpu",
@@ -43,7 +43,7 @@ def minilm_docs():
 
 def test_query_aware_identifiers_differ_from_document_only_and_are_unique(tmp_path, minilm_docs):
     from ace.newitems.query_tower import item_plus_query_vectors
-    from ace.pipeline import read_pairs
+    from ace.pipeline.stages import read_pairs
     from identifiers import SemanticIdTokenizer
 
     enc, docs = minilm_docs
@@ -79,7 +79,7 @@ def test_query_aware_identifiers_differ_from_document_only_and_are_unique(tmp_pa
 
 
 def test_query_aware_identifiers_need_a_query_encoder_in_the_item_space(tmp_path):
-    from ace.pipeline import PipelineError
+    from ace.pipeline.stages import PipelineError
 
     corpus = _corpus(tmp_path / "corpus.jsonl", np.random.default_rng(0).standard_normal((36, 24)))
     pipe = _pipeline(tmp_path, corpus, "bad", "item_plus_queries")
@@ -100,7 +100,7 @@ def _karpathy(path: Path, captions: list[list[str]]) -> Path:
 
 
 def test_pretraining_texts_exclude_the_evaluated_file_and_its_captions(tmp_path):
-    from ace.pipeline import PipelineError, PretrainConfig, pretraining_texts
+    from ace.pipeline.stages import PipelineError, PretrainConfig, pretraining_texts
 
     own_caps = [[tpl.format(c=c, t=t) for tpl in TEMPLATES] for c in COLOURS for t in THINGS]
     own = _karpathy(tmp_path / "own.json", own_caps)
@@ -123,7 +123,7 @@ def test_pretraining_texts_exclude_the_evaluated_file_and_its_captions(tmp_path)
 
 def test_pipeline_pretrains_on_identifier_prefixes_of_other_files(tmp_path, minilm_docs):
     from ace.config import from_dict
-    from ace.pipeline import Pipeline, RunConfig
+    from ace.pipeline.stages import Pipeline, RunConfig
 
     _, docs = minilm_docs
     corpus = _corpus(tmp_path / "corpus.jsonl", docs)

@@ -85,7 +85,7 @@ class PretrainConfig:
     item pairs, the decoder learns (text, identifier prefix (k, v1..vM) of that text's own embedding
     under the fitted identifiers) from the caption texts of *other* caption files. The run's own
     caption file is refused and every caption of the run's corpus (training and test) is dropped."""
-    files: list[str] = field(default_factory=list)  # caption files (any ace.importers format)
+    files: list[str] = field(default_factory=list)  # caption files (any ace.data.importers format)
     max_texts: int = 20000          # random sample of their distinct captions
     epochs: int = 1
     encoder: str = "minilm"         # gives each text's embedding; must share the identifiers' space
@@ -208,7 +208,7 @@ def pretraining_texts(cfg: PretrainConfig, evaluated: str | Path | None, exclude
     """Distinct caption texts of ``cfg.files`` for identifier-space pretraining: never from the
     ``evaluated`` caption file, never one of ``exclude`` (the run's own captions, compared lower-cased
     with spaces collapsed); a seeded random sample of at most ``cfg.max_texts``."""
-    from ace.importers import CaptionFileError, read_captions
+    from ace.data.importers import CaptionFileError, read_captions
 
     banned = {_norm_caption(t) for t in exclude}
     own = Path(evaluated).resolve() if evaluated else None
@@ -459,8 +459,8 @@ class Pipeline:
 
     def pretrain(self, model, qtok, tok, vocab) -> None:
         """Identifier-space pretraining (``pretrain:``, lever 4) of a fresh model, before the item pairs."""
-        from ace.encoders import TextEncoder
-        from ace.training import pretrain_identifier_prefixes
+        from ace.data.encoders import TextEncoder
+        from ace.training.loop import pretrain_identifier_prefixes
 
         cfg = self.cfg
         own = [c for it in self._corpus("corpus.jsonl").items for c in it.captions]

@@ -634,7 +634,7 @@ def pretrain_identifier_prefixes(model: torch.nn.Module, query_tokenizer, vocab,
     identifier tokenizer (``SemanticIdTokenizer.encode_prefixes``); the u level has no label. Uses
     ``cfg``'s batch size, lr, warmup, omega, weight decay, seed and freeze_encoder; a fresh optimiser
     (the item training starts its own). Returns the loss of every step."""
-    from ace.losses import IGNORE_INDEX
+    from ace.training.losses import IGNORE_INDEX
 
     prefixes = np.asarray(prefixes)
     L = vocab.length
