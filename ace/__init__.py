@@ -38,8 +38,8 @@ _EXPORTS = {
     "FoldConfig": "ace.pipeline.fold", "fold_run": "ace.pipeline.fold",
     # serving
     "Retriever": "ace.serving.retriever", "SearchHit": "ace.serving.retriever",
-    "RetrieverError": "ace.serving.retriever", "ItemConflictError": "ace.serving.retriever",
-    "ItemNotFoundError": "ace.serving.retriever", "WriterLockError": "ace.serving.retriever",
+    "RetrieverError": "ace.serving.errors", "ItemConflictError": "ace.serving.errors",
+    "ItemNotFoundError": "ace.serving.errors", "WriterLockError": "ace.serving.errors",
     "ItemStore": "ace.serving.store", "create_app": "ace.serving.server",
 }
 

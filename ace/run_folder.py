@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import Any
 
 
+class RunFolderError(ValueError):
+    """A run-folder file is missing or malformed; the message names the file."""
+
+
 class RunFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -88,3 +92,20 @@ def _json_default(obj):
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     return str(obj)
+
+
+def read_encoder_config(run_dir: str | Path):
+    """The run's item-encoder config (RUN/config.yaml, section ``encoder``), or None when absent."""
+    import yaml
+
+    from ace.config import ConfigError, from_dict
+    from ace.data.encoders import MultiModalEncoderConfig
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        return from_dict(MultiModalEncoderConfig, data.get("encoder") or {}, prefix="encoder.")
+    except ConfigError as exc:
+        raise RunFolderError(f"{path}: {exc}") from None

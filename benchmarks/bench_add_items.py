@@ -122,7 +122,7 @@ def bench_api(run: Path, emb: np.ndarray, n: int, threads: int) -> dict:
 
 def bench_bytes(run: Path, emb: np.ndarray, n: int) -> dict:
     """Bytes per item of the fallback index: in memory (traced Python objects + numpy/faiss buffers) and on disk."""
-    from ace.newitems.fallback import FallbackIndex
+    from ace.newitems.index import FallbackIndex
 
     fb = FallbackIndex.load(run / "fallback")
     rows = new_items(emb, n, "bytes/", seed=7)

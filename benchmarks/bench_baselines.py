@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from ace.bench.baselines import (BACKENDS, dt_doc_plus_queries, dt_trained, dt_zero_shot, encode_split,  # noqa: E402
                            query_targets, search_topk, train_query_tower)
 from ace.data.encoders import MINILM, TextEncoder  # noqa: E402
-from ace.newitems.fallback import FallbackIndex  # noqa: E402
+from ace.newitems.index import FallbackIndex  # noqa: E402
 from ace.newitems.hashing import BinaryIndexConfig, HashConfig, HashHead  # noqa: E402
 from ace.data.importers import ProxySplit, load_proxy_split  # noqa: E402
 from ace.metrics import retrieval_metrics  # noqa: E402

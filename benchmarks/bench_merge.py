@@ -60,7 +60,8 @@ def main(argv=None) -> dict:
     run, work = ROOT / cfg.run_dir, ROOT / args.work
     result: dict = {"command": " ".join(sys.argv), "load_avg_start": os.getloadavg()}
     from ace.data.encoders import build_encoder
-    from ace.newitems.fallback import build_run_fallback, read_encoder_config
+    from ace.pipeline.fallback_stage import build_run_fallback
+    from ace.run_folder import read_encoder_config
     from ace.serving.retriever import Retriever
 
     full = load_source_corpus(dataclasses.replace(cfg.corpus, path=args.captions, limit=None))

@@ -195,7 +195,7 @@ def main(argv=None) -> dict:
     # The caption-proxy "media" (COCO file names) are not on disk; the run's encoder embeds an item
     # from its first caption, so the benchmark runs that encoder itself and passes the embedding.
     from ace.data.encoders import build_encoder
-    from ace.newitems.fallback import read_encoder_config
+    from ace.run_folder import read_encoder_config
 
     encoder = build_encoder(read_encoder_config(work))
     encode_s = add_s = 0.0

@@ -37,7 +37,7 @@ from ace.training.losses import rdrop_kl  # noqa: E402
 from ace.model.modeling import AceConfig, AceModel  # noqa: E402
 from ace.newitems.query_tower import unit_rows  # noqa: E402
 from ace.model.tokens import IdentifierVocab, QueryTokenizer  # noqa: E402
-from ace.training.loop import identifier_targets  # noqa: E402
+from ace.training.pairs import identifier_targets  # noqa: E402
 from identifiers.semantic_ids import SemanticIdTokenizer  # noqa: E402
 
 

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from ace.config import load_config
-from ace.newitems.fallback import (Calibration, FallbackConfig, FallbackError, FallbackIndex, PlattCalibration,
-                          calibration_samples, fit_calibration, merge_rankings)
+from ace.newitems.calibration import (Calibration, PlattCalibration, calibration_samples, fit_calibration,
+                                      merge_rankings)
+from ace.newitems.index import FallbackConfig, FallbackError, FallbackIndex
 from ace.newitems.hashing import BinaryIndex, BinaryIndexConfig, HashConfig, HashHead, HashingError, hamming
 from ace.metrics import recall_at_k
 from ace.newitems.query_tower import QueryTower, QueryTowerConfig, QueryTowerError, info_nce, one_cycle

@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 from ace.config import ServeConfig
-from ace.serving.server import create_app, resolve_media_file
+from ace.data.corpus import resolve_media_file
+from ace.serving.server import create_app
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ may or may not be a package
 from serving_support import TokenOverlapRetriever, media_corpus, png_bytes, running_server

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -201,6 +202,16 @@ def resolve_media(item: CorpusItem, root: Path | None) -> Path | None:
     if not p.is_absolute() and root is not None:
         p = Path(root) / p
     return p
+
+
+def resolve_media_file(media: str, root: Path) -> Path:
+    """Real path of an item's media file; PermissionError when it resolves outside ``root``."""
+    root_real = Path(os.path.realpath(root))
+    p = Path(media)
+    real = Path(os.path.realpath(p if p.is_absolute() else root_real / p))
+    if real != root_real and root_real not in real.parents:
+        raise PermissionError(f"media path {media!r} resolves outside the corpus root {root_real}")
+    return real
 
 
 def _is_missing(v) -> bool:

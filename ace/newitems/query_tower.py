@@ -380,3 +380,35 @@ class QueryTower:
         tower.log_scale = torch.tensor(meta["log_scale"])
         tower.history = meta.get("history", [])
         return tower
+
+
+class RunTextTower:
+    """A dual encoder's text tower mapped into a run's item space (the run's fixed modality projection)."""
+
+    def __init__(self, encoder, projection):
+        self.encoder, self.projection = encoder, projection
+        self.dim = int(projection.d_out)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return self.projection(np.asarray(self.encoder.encode_texts(list(texts)), dtype=np.float32))
+
+
+def run_text_tower(encoder_config, modalities: Sequence[str]) -> RunTextTower | None:
+    """The item encoder's own text tower when the run's items all come from one dual encoder (CLIP/CLAP,
+    kind "hf") whose space the text can share; None otherwise (frozen text encoder + trained projection).
+
+    Several modalities share one text tower only when their projection to the common dimension is the
+    identity (each modality gets its own seeded projection otherwise).
+    """
+    from ace.data.encoders import ModalityProjection, build_encoder
+
+    modalities = sorted(set(modalities))
+    subs = [getattr(encoder_config, m) for m in modalities]
+    if not subs or any(s.kind != "hf" for s in subs) or len({s.name_or_path for s in subs}) != 1:
+        return None
+    encoder = build_encoder(subs[0])
+    d_out = encoder_config.dim or encoder.dim
+    if len(modalities) > 1 and d_out != encoder.dim:
+        return None
+    return RunTextTower(encoder, ModalityProjection(encoder.dim, d_out, kind=encoder_config.projection,
+                                                    seed=encoder_config.seed, modality=modalities[0]))

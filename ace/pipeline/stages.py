@@ -21,7 +21,7 @@ import numpy as np
 from ace.config import config_hash, save_config, to_dict
 from ace.data.corpus import Corpus, corpus_from_captions, load_corpus
 from ace.data.encoders import MultiModalEncoderConfig, build_encoder, resolve_text_model
-from ace.newitems.fallback import FallbackConfig
+from ace.newitems.index import FallbackConfig
 from ace.metrics import retrieval_metrics
 from ace.run_folder import RunFolder, load_run_corpus, load_run_embeddings, write_json_atomic
 from ace.training.loop import TrainConfig
@@ -489,7 +489,7 @@ class Pipeline:
             return
 
         def run():
-            from ace.newitems.fallback import build_run_fallback
+            from ace.pipeline.fallback_stage import build_run_fallback
 
             summary = build_run_fallback(self.run.path, cfg.fallback, seed=cfg.seed, device=self.device,
                                          progress=self.progress)

@@ -21,13 +21,13 @@ import os
 import sys
 from pathlib import Path
 
+from ace.serving.schemas import ItemsFormatError, items_from_json
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def read_items_file(path: Path) -> list:
     """JSON lines -> CorpusItems, with the line number in every error."""
-    from ace.serving.server import ItemsFormatError, items_from_json
-
     if not path.is_file():
         raise ItemsFormatError(f"items file not found: {path}")
     items = []

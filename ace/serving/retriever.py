@@ -8,7 +8,7 @@ plus a dynamic index of items added after training.
 
 This is what evaluation, the benchmarks and the HTTP server call. The generative path computes no
 query-item similarity: items come from beam search over the identifier trie, scored by sequence
-log-prob. Items added after training are served by the fallback index (``ace/newitems/fallback.py``: query
+log-prob. Items added after training are served by the fallback index (``ace/newitems/index.py``: query
 tower -> hash codes -> Hamming ANN -> cosine re-rank) until ``train.py fold`` moves them into the
 model; ``search`` merges both paths with the run's calibration, and every hit names its source.
 
@@ -23,9 +23,7 @@ by another process (``python -m ace.serving.items``) only after a restart.
 """
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,34 +34,17 @@ import torch
 
 from ace.data.corpus import MODALITIES, Corpus, CorpusItem
 from ace.model.decoding import constrained_beam_search, quantize_dynamic_int8
-from ace.newitems.fallback import Calibration, FallbackIndex, load_calibration, merge_rankings, read_encoder_config, run_text_tower
 from ace.model.modeling import AceModel
-from ace.newitems.query_tower import unit_rows
-from ace.run_folder import load_run_corpus, load_run_embeddings
-from ace.serving.store import ItemStore, StoreError, check_item
 from ace.model.tokens import IdentifierVocab, QueryTokenizer
+from ace.newitems.calibration import Calibration, load_calibration, merge_rankings
+from ace.newitems.index import FallbackIndex
+from ace.newitems.query_tower import run_text_tower, unit_rows
+from ace.run_folder import load_run_corpus, load_run_embeddings, read_encoder_config
+from ace.serving.catalog import ItemCatalog
+from ace.serving.errors import ItemConflictError, ItemNotFoundError, RetrieverError, WriterLockError  # noqa: F401 (API)
 from identifiers import FlatTrie, SemanticIdTokenizer
 
 log = logging.getLogger("ace.serving.retriever")
-
-
-class RetrieverError(ValueError):
-    """A run folder is incomplete, or a search request is malformed; the message names the problem."""
-
-
-class ItemConflictError(RetrieverError):
-    """An added item id is already known (trained, added, folded or deleted: ids are never reused)."""
-
-
-class WriterLockError(RetrieverError):
-    """Another process holds the run's writer lock (it is adding or deleting items)."""
-
-
-class ItemNotFoundError(RetrieverError, KeyError):
-    """An item id is unknown, or already deleted."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return self.args[0] if self.args else ""
 
 
 @dataclass
@@ -95,16 +76,12 @@ class Retriever:
         self.run_dir = run_dir
         self.fallback, self.calibration = fallback, calibration
         self.device = next(model.parameters()).device
-        self._modality = {it.item_id: it.modality for it in corpus.items}
-        self._stored: dict[str, CorpusItem] = {}      # active added + folded items (not in the corpus file)
         self._trained_vectors: tuple[dict[str, int], np.ndarray] | None = None  # RUN/embeddings.npy, lazily
-        self._deleted: set[str] = set()
         self._tries: dict[str | None, FlatTrie | None] = {}
         self._lock = threading.Lock()                 # guards the trie cache
         self._state = threading.RLock()               # searches vs add/delete (rows shift on delete)
-        self._store: ItemStore | None = None
-        self._writer_lock = None                      # open lock file while this process writes the run's items
-        self._encoder = None
+        self.catalog = ItemCatalog(corpus=corpus, id_tokenizer=id_tokenizer, fallback=fallback, run_dir=run_dir,
+                                   state=self._state, on_change=self.invalidate_tries)
 
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
@@ -142,77 +119,12 @@ class Retriever:
                   id_tokenizer=SemanticIdTokenizer.load(run_dir / "identifiers", device="cpu"),
                   corpus=corpus, default_beams=default_beams, run_dir=run_dir, fallback=fb, calibration=cal)
         if (run_dir / "store.sqlite").is_file():
-            out._load_store()
+            out.catalog.load_store()
         return out
-
-    def _load_store(self) -> None:
-        """Rebuild identifiers, tries and the fallback index from every row of RUN/store.sqlite."""
-        store = self._open_store()
-        rows = list(store.iterate(status=None))
-        tok = self.id_tokenizer
-        restore = [r for r in rows if r.identifier is not None and r.source != "trained"]
-        for r in [r for r in restore if r.item_id in tok.trie]:  # e.g. folded items saved with RUN/identifiers
-            if tuple(int(c) for c in tok.codes_of([r.item_id])[0]) != tuple(r.identifier):
-                raise RetrieverError(f"item {r.item_id!r}: identifier {r.identifier} in store.sqlite differs from "
-                                     f"RUN/identifiers {tok.codes_of([r.item_id])[0].tolist()}")
-        restore = [r for r in restore if r.item_id not in tok.trie]
-        if restore:
-            tok.restore(np.asarray([r.identifier for r in restore], dtype=np.int64), [r.item_id for r in restore])
-        self._deleted = {r.item_id for r in rows if r.status == "deleted"}
-        gone = [i for i in self._deleted if i in tok.trie]
-        if gone:
-            tok.remove(gone)
-        added = [r for r in rows if r.status == "active" and r.source == "added"]
-        for r in rows:
-            if r.status == "active" and r.source in ("added", "folded"):
-                self._stored[r.item_id] = r.to_corpus_item()
-                self._modality[r.item_id] = r.modality
-        if added:
-            if self.fallback is None:
-                raise RetrieverError(f"{self.run_dir}: store.sqlite holds {len(added)} added items but the run has no "
-                                     f"fallback index (RUN/fallback) to serve them")
-            missing = [r.item_id for r in added if r.embedding is None]
-            if missing:
-                raise RetrieverError(f"store.sqlite: added items without an embedding: {missing[:5]}")
-            self.fallback.add([r.item_id for r in added], np.stack([r.embedding for r in added]))
-        self.invalidate_tries()
-
-    def _open_store(self) -> ItemStore:
-        if self._store is None:
-            if self.run_dir is None:
-                raise RetrieverError("this retriever was not loaded from a run folder: it has no item store")
-            self._store = ItemStore(self.run_dir / "store.sqlite")
-        return self._store
-
-    def _writer(self) -> ItemStore:
-        """The store, with this process holding the run's writer lock (one writing process per run)."""
-        store = self._open_store()
-        if self._writer_lock is None:
-            f = open(self.run_dir / "store.lock", "a+")
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                holder = f.read().strip() or "?"
-                f.close()
-                raise WriterLockError(f"another process (pid {holder}) is writing the items of {self.run_dir}; "
-                                     f"stop it, or send the change to its HTTP API") from None
-            f.seek(0)
-            f.truncate()
-            f.write(str(os.getpid()))
-            f.flush()
-            self._writer_lock = f
-        return store
 
     def close(self) -> None:
         """Release the item store and the writer lock."""
-        with self._state:
-            if self._writer_lock is not None:
-                self._writer_lock.close()  # closing the file drops the flock
-                self._writer_lock = None
-            if self._store is not None:
-                self._store.close()
-                self._store = None
+        self.catalog.close()
 
     # ---- tries ---------------------------------------------------------------------------
     def trie(self, modality: str | None = None) -> FlatTrie:
@@ -233,7 +145,7 @@ class Retriever:
                     self._tries[None] = full.flat() if len(full) else None
                 else:
                     rows = [r for r, i in enumerate(full.item_ids)
-                            if (modality is None or self._modality.get(i) == modality) and (fb is None or i not in fb)]
+                            if (modality is None or self.catalog.modality.get(i) == modality) and (fb is None or i not in fb)]
                     self._tries[modality] = (FlatTrie.from_codes(np.asarray(full.codes)[rows], self.id_tokenizer.level_sizes,
                                                                  items=np.asarray(rows, dtype=np.int64)) if rows else None)
             return self._tries[modality]
@@ -313,7 +225,7 @@ class Retriever:
                                                        num_beams=beams, top_k=k)
                 rows, scores = np.asarray(rows), np.asarray(scores, dtype=np.float64)
                 for r_row, s_row in zip(rows, scores):
-                    out.append([SearchHit(item_ids[r], self._modality.get(item_ids[r], "unknown"), float(sc),
+                    out.append([SearchHit(item_ids[r], self.catalog.modality.get(item_ids[r], "unknown"), float(sc),
                                           tuple(int(c) for c in codes[r]))
                                 for r, sc in zip(r_row, s_row) if r >= 0])
             return out
@@ -337,8 +249,8 @@ class Retriever:
             for h in hits:
                 if h.item_id in row:
                     vecs.append(emb[row[h.item_id]])
-                elif h.item_id in self._stored and self._stored[h.item_id].embedding is not None:
-                    vecs.append(unit_rows(self._stored[h.item_id].embedding))
+                elif h.item_id in self.catalog.stored and self.catalog.stored[h.item_id].embedding is not None:
+                    vecs.append(unit_rows(self.catalog.stored[h.item_id].embedding))
                 else:
                     raise RetrieverError(f"item {h.item_id!r} has no stored embedding to score it for merged search")
             out.append((np.stack(vecs) @ q).astype(np.float64).tolist() if vecs else [])  # (hits,)
@@ -369,165 +281,33 @@ class Retriever:
             tok = self.id_tokenizer
             out = []
             for row in results:
-                row = [(i, s) for i, s in row if modality is None or self._modality.get(i) == modality][:k]
+                row = [(i, s) for i, s in row if modality is None or self.catalog.modality.get(i) == modality][:k]
                 codes = tok.codes_of([i for i, _ in row]) if row else []
-                out.append([SearchHit(i, self._modality.get(i, "unknown"), float(s), tuple(int(c) for c in cc), "fallback")
+                out.append([SearchHit(i, self.catalog.modality.get(i, "unknown"), float(s), tuple(int(c) for c in cc), "fallback")
                             for (i, s), cc in zip(row, codes)])
             return out
-
-    # ---- adding and deleting items --------------------------------------------------------------
-    def _check_new_items(self, items: Sequence[CorpusItem]) -> None:
-        if isinstance(items, CorpusItem) or not isinstance(items, (list, tuple)):
-            raise RetrieverError("add_items() takes a list of CorpusItem")
-        if not items:
-            raise RetrieverError("add_items() got no items")
-        seen: set[str] = set()
-        for n, it in enumerate(items):
-            if not isinstance(it, CorpusItem):
-                raise RetrieverError(f"item {n} is a {type(it).__name__}, not a CorpusItem")
-            try:
-                check_item(it)
-            except StoreError as exc:
-                raise RetrieverError(str(exc)) from None
-            if it.item_id in seen:
-                raise ItemConflictError(f"item id {it.item_id!r} appears twice in one batch")
-            seen.add(it.item_id)
-            if it.embedding is None and not it.media:
-                raise RetrieverError(f"item {it.item_id!r}: give an embedding or a media file")
-        self._check_ids_free([it.item_id for it in items])
-
-    def _check_ids_free(self, ids) -> None:
-        taken = [i for i in ids if i in self._modality or i in self._deleted or i in self.id_tokenizer.trie]
-        if taken:
-            raise ItemConflictError(f"item id(s) already used in this run (trained, added or deleted; ids are never "
-                                    f"reused): {', '.join(map(repr, taken[:5]))}{' ...' if len(taken) > 5 else ''}")
-
-    def _embed(self, items: Sequence[CorpusItem]) -> np.ndarray:
-        """(N, D) float32: the given embeddings, or the run's encoder on the media files (inside the corpus root)."""
-        dim = self.id_tokenizer.dim
-        out = np.zeros((len(items), dim), dtype=np.float32)
-        todo = []
-        for n, it in enumerate(items):
-            if it.media is not None:
-                self._check_media(it)
-            if it.embedding is None:
-                todo.append(n)
-                continue
-            vec = np.asarray(it.embedding, dtype=np.float32)
-            if vec.ndim != 1 or vec.shape[0] != dim:
-                raise RetrieverError(f"item {it.item_id!r}: embedding has shape {tuple(vec.shape)}, this run's "
-                                     f"items are {dim}-d vectors")
-            if not np.isfinite(vec).all():
-                raise RetrieverError(f"item {it.item_id!r}: embedding contains NaN or infinite values")
-            if np.linalg.norm(vec) < 1e-12:
-                raise RetrieverError(f"item {it.item_id!r}: embedding is all zeros")
-            out[n] = vec
-        if todo:
-            emb = self._encode_media([items[n] for n in todo])
-            if emb.shape != (len(todo), dim):
-                raise RetrieverError(f"the run's encoder gives {emb.shape[1]}-d vectors, the run's identifiers "
-                                     f"are {dim}-d (set encoder.dim in the run's config)")
-            out[todo] = emb
-        return out
-
-    def _check_media(self, item: CorpusItem) -> None:
-        """The item's media file exists and lies inside the corpus root (symlinks resolved)."""
-        from ace.serving.server import resolve_media_file
-
-        root = self.corpus_root
-        if root is None:
-            raise RetrieverError(f"item {item.item_id!r}: this run has no corpus root, so media files cannot be "
-                                 f"resolved; give an embedding and no media")
-        try:
-            path = resolve_media_file(str(item.media), root)
-        except PermissionError:
-            raise RetrieverError(f"item {item.item_id!r}: media path {item.media!r} is outside the corpus root") from None
-        if not path.is_file():
-            raise RetrieverError(f"item {item.item_id!r}: media file not found: {item.media!r} (under {root})")
-
-    def _encode_media(self, items: list[CorpusItem]) -> np.ndarray:
-        from ace.data.encoders import build_encoder
-
-        if self._encoder is None:
-            cfg = read_encoder_config(self.run_dir) if self.run_dir is not None else None
-            if cfg is None:
-                raise RetrieverError("this run has no encoder config (RUN/config.yaml): give embeddings, not media")
-            self._encoder = build_encoder(cfg)
-        kinds = {it.modality: getattr(self._encoder.cfg, it.modality).kind for it in items}
-        pre = [m for m, kind in kinds.items() if kind == "precomputed"]
-        if pre:
-            raise RetrieverError(f"this run's {'/'.join(pre)} encoder is 'precomputed': it cannot encode media "
-                                 f"files; give the item's embedding")
-        try:
-            return np.asarray(self._encoder.encode(items, root=self.corpus_root), dtype=np.float32)
-        except (ValueError, OSError) as exc:  # EncoderError names the item
-            raise RetrieverError(f"cannot encode media: {exc}") from None
 
     @property
     def corpus_root(self) -> Path | None:
         return self.corpus.root
 
+    # ---- the item lifecycle (ace/serving/catalog.py) --------------------------------------------
     def add_items(self, items: Sequence[CorpusItem]) -> list[tuple[int, ...]]:
         """Validate, embed, assign identifiers, store durably (one transaction), add to the fallback index.
 
         Returns each item's identifier (k, v1..vM, u). Searchable as soon as this returns.
         """
-        if self.fallback is None:
-            raise RetrieverError("this run has no fallback index (RUN/fallback), so it cannot serve added items: "
-                                 "run the pipeline's `fallback` stage (python train.py --config ...)")
-        self._check_new_items(items)
-        emb = self._embed(items)  # may run the encoder: outside the state lock
-        with self._state:
-            store = self._writer()
-            ids = [it.item_id for it in items]
-            self._check_ids_free(ids)  # again: another request may have added them meanwhile
-            codes = self.id_tokenizer.assign(emb, ids)
-            stored = [CorpusItem(it.item_id, it.modality, media=it.media, embedding=e, captions=list(it.captions),
-                                 metadata=dict(it.metadata)) for it, e in zip(items, emb)]
-            try:
-                store.add(stored, identifiers=codes, source="added")
-            except BaseException:
-                self.id_tokenizer.remove(ids)  # nothing committed: forget the identifiers
-                raise
-            self.fallback.add(ids, emb)  # validated above; the store already holds the items
-            # the generative tries are unchanged: added rows are appended to the identifier trie, never decoded
-            for it in stored:
-                self._stored[it.item_id] = it
-                self._modality[it.item_id] = it.modality
-        return [tuple(int(c) for c in row) for row in codes]
+        return self.catalog.add(items)
 
     def delete_items(self, item_ids: Sequence[str]) -> int:
         """Delete items of any source, durably (one transaction); they are never returned again."""
-        if isinstance(item_ids, str) or not isinstance(item_ids, (list, tuple)):
-            raise RetrieverError("delete_items() takes a list of item ids")
-        ids = list(item_ids)
-        if not ids:
-            raise RetrieverError("delete_items() got no item ids")
-        if len(set(ids)) != len(ids):
-            raise RetrieverError("duplicate item ids in one delete")
-        with self._state:
-            gone = [i for i in ids if i in self._deleted]
-            if gone:
-                raise ItemNotFoundError(f"item id(s) already deleted: {', '.join(map(repr, gone[:5]))}")
-            unknown = [i for i in ids if not isinstance(i, str) or i not in self._modality]
-            if unknown:
-                raise ItemNotFoundError(f"unknown item id(s): {', '.join(map(repr, unknown[:5]))}")
-            tok = self.id_tokenizer
-            trained = [(self.corpus.get(i), tok.codes_of([i])[0] if i in tok.trie else None)
-                       for i in ids if i not in self._stored]
-            self._writer().delete(ids, trained=trained)
-            in_fb = [i for i in ids if self.fallback is not None and i in self.fallback]
-            if in_fb:
-                self.fallback.remove(in_fb)
-            in_tok = [i for i in ids if i in tok.trie]
-            if in_tok:
-                tok.remove(in_tok)
-            self._deleted.update(ids)
-            for i in ids:
-                self._stored.pop(i, None)
-                self._modality.pop(i, None)
-            self.invalidate_tries()
-        return len(ids)
+        return self.catalog.delete(item_ids)
+
+    def item(self, item_id: str) -> CorpusItem:
+        return self.catalog.item(item_id)
+
+    def is_deleted(self, item_id: str) -> bool:
+        return self.catalog.is_deleted(item_id)
 
     def _model_version(self) -> str | None:
         """Short hash of the saved model's config + weights file names and sizes (changes when retrained)."""
@@ -540,26 +320,13 @@ class Retriever:
             h.update(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode())
         return h.hexdigest()[:12]
 
-    def item(self, item_id: str) -> CorpusItem:
-        if item_id in self._deleted:
-            raise ItemNotFoundError(f"item {item_id!r} was deleted")
-        if item_id in self._stored:
-            return self._stored[item_id]
-        try:
-            return self.corpus.get(item_id)
-        except (KeyError, ValueError):
-            raise ItemNotFoundError(f"unknown item id {item_id!r}") from None
-
-    def is_deleted(self, item_id: str) -> bool:
-        return item_id in self._deleted
-
     def counts(self) -> dict:
         """Live items by source: generative (trained + folded), fallback (added), and deleted ones."""
         with self._state:
             n_fb = len(self.fallback) if self.fallback is not None else 0
-            folded = sum(1 for i in self._stored if self.fallback is None or i not in self.fallback)
+            folded = sum(1 for i in self.catalog.stored if self.fallback is None or i not in self.fallback)
             return {"generative": len(self.id_tokenizer.trie) - n_fb, "fallback": n_fb, "folded": folded,
-                    "deleted": len(self._deleted)}
+                    "deleted": len(self.catalog.deleted)}
 
     def info(self) -> dict:
         from identifiers import FORMAT_VERSION

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ace.newitems.query_tower import unit_rows
+from ace.training.pairs import resolve_rows
 
 
 class TeacherError(ValueError):
@@ -161,8 +162,6 @@ def teacher_for_pairs(pairs, id_tokenizer, vocab, *, encoder: str = "all-MiniLM-
     from pathlib import Path
 
     from ace.data.encoders import TextEncoder
-    from ace.training.loop import resolve_rows
-
     texts = [q for q, _ in pairs]
     if not texts:
         raise TeacherError("no training pairs to build the teacher from")

@@ -1,0 +1,20 @@
+"""Errors of the retriever and its item lifecycle (a light module: the HTTP server maps them by type)."""
+
+
+class RetrieverError(ValueError):
+    """A run folder is incomplete, or a search request is malformed; the message names the problem."""
+
+
+class ItemConflictError(RetrieverError):
+    """An added item id is already known (trained, added, folded or deleted: ids are never reused)."""
+
+
+class WriterLockError(RetrieverError):
+    """Another process holds the run's writer lock (it is adding or deleting items)."""
+
+
+class ItemNotFoundError(RetrieverError, KeyError):
+    """An item id is unknown, or already deleted."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return self.args[0] if self.args else ""
