@@ -113,3 +113,20 @@ def test_evaluate_query_set_and_report(tmp_path):
     assert "| all | 33.3 | 66.7 | 3 |" in text
     assert '- "a bell": 5 (aud/drum, img/rs, img/bc)' in text
     assert '- "blue circle": none in the top 2 (aud/bell, img/rs)' in text
+
+
+def test_eval_stage_keys_on_the_query_set_files(tmp_path):
+    """Editing a query set re-runs the eval stage; a missing one is a clear pipeline error."""
+    from ace.pipeline.query_sets import query_set_digest
+    from ace.pipeline.stages import Pipeline, PipelineError, RunConfig
+
+    p = write(tmp_path, [{"query": "a red square", "relevant": {"colour": "red"}}])
+    before = query_set_digest([p])
+    write(tmp_path, [{"query": "a red square", "relevant": {"colour": "red", "shape": "square"}}])
+    assert query_set_digest([p]) != before
+    cfg = RunConfig(run_dir=str(tmp_path / "run"))
+    cfg.eval.query_sets = [str(tmp_path / "missing.jsonl")]
+    pipe = Pipeline(cfg, progress=False)
+    pipe.keys["train"] = "k"
+    with pytest.raises(PipelineError, match=r"eval.query_sets: query set .*missing.jsonl not found"):
+        pipe.stage_eval()
