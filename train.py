@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from ace.config import ConfigError, load_config
-    from ace.pipeline.stages import STAGES, Pipeline, PipelineError, RunConfig
+    from ace.pipeline.run_config import RunConfig
+    from ace.pipeline.stages import STAGES, Pipeline, PipelineError
 
     if args.until not in STAGES or (args.force and args.force not in STAGES):
         ap.error(f"stages are: {', '.join(STAGES)}")

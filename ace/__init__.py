@@ -32,9 +32,9 @@ _EXPORTS = {
     "constrained_beam_search": "ace.model.decoding",
     # training
     "TrainConfig": "ace.training.loop", "train_retriever": "ace.training.loop",
-    "evaluate_retriever": "ace.training.loop",
+    "evaluate_retriever": "ace.training.evaluate",
     # pipeline
-    "RunConfig": "ace.pipeline.stages", "Pipeline": "ace.pipeline.stages", "evaluate_run": "ace.pipeline.stages",
+    "RunConfig": "ace.pipeline.run_config", "Pipeline": "ace.pipeline.stages", "evaluate_run": "ace.pipeline.stages",
     "FoldConfig": "ace.pipeline.fold", "fold_run": "ace.pipeline.fold",
     # serving
     "Retriever": "ace.serving.retriever", "SearchHit": "ace.serving.retriever",

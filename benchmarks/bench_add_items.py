@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from ace.run_folder import RunPaths, copy_trained_run, read_pairs  # noqa: E402
+
 
 NOISE = 1.0  # --noise: norm of the Gaussian offset from a trained embedding
 
@@ -45,13 +47,6 @@ def new_items(emb: np.ndarray, n: int, prefix: str, seed: int) -> list[dict]:
     vec /= np.linalg.norm(vec, axis=1, keepdims=True)
     return [{"item_id": f"{prefix}{i}", "modality": "image", "embedding": v.astype(np.float32).tolist(),
              "captions": [f"benchmark item {i}"]} for i, v in enumerate(vec)]
-
-
-def copy_run(src: Path, dst: Path) -> Path:
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints", "cache", "plots", "fold", "store.*"))
-    return dst
 
 
 def bench_library(run: Path, emb: np.ndarray, n: int) -> dict:
@@ -71,7 +66,7 @@ def bench_library(run: Path, emb: np.ndarray, n: int) -> dict:
         out[f"batch_{batch}"] = {"items": n, "seconds": round(sec, 3), "items_per_s": round(n / sec, 1)}
         print(f"library batch {batch}: {n / sec:.1f} items/s")
     # searching with the fallback holding the added items: merged vs each path alone (100 held-out queries)
-    queries = [q for q, _ in json.loads((run / "test_queries.json").read_text())][:100]
+    queries = [q for q, _ in read_pairs(RunPaths(run).test_queries)][:100]
     for name, fn in (("generative", r.search_generative), ("fallback", r.search_fallback), ("merged", r.search)):
         fn(queries[:5], k=10)  # warm-up
         t = time.perf_counter()
@@ -124,7 +119,7 @@ def bench_bytes(run: Path, emb: np.ndarray, n: int) -> dict:
     """Bytes per item of the fallback index: in memory (traced Python objects + numpy/faiss buffers) and on disk."""
     from ace.newitems.index import FallbackIndex
 
-    fb = FallbackIndex.load(run / "fallback")
+    fb = FallbackIndex.load(RunPaths(run).fallback)
     rows = new_items(emb, n, "bytes/", seed=7)
     ids = [d["item_id"] for d in rows]
     vec = np.asarray([d["embedding"] for d in rows], dtype=np.float32)
@@ -143,7 +138,7 @@ def bench_bytes(run: Path, emb: np.ndarray, n: int) -> dict:
     empty = run.parent / "bytes_empty"
     if empty.exists():
         shutil.rmtree(empty)
-    FallbackIndex.load(run / "fallback").save(empty)
+    FallbackIndex.load(RunPaths(run).fallback).save(empty)
 
     def size(folder: Path) -> dict[str, int]:
         return {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
@@ -176,17 +171,17 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    if not (args.run / "fallback" / "calibration.json").is_file():
+    if not (RunPaths(args.run).fallback / RunPaths.CALIBRATION).is_file():
         print(f"{args.run} has no RUN/fallback: run `python train.py --config ...` (the fallback stage) first")
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    emb = np.load(args.run / "embeddings.npy")
+    emb = np.load(RunPaths(args.run).embeddings)
     results = {"run": str(args.run), "items": args.items, "threads": args.threads, "noise": args.noise,
                "load_average_before": os.getloadavg()}
-    results["library"] = bench_library(copy_run(args.run, args.out / "run_lib"), emb, args.items)
-    results["api"] = bench_api(copy_run(args.run, args.out / "run_api"), emb, args.items, args.threads)
+    results["library"] = bench_library(copy_trained_run(args.run, args.out / "run_lib"), emb, args.items)
+    results["api"] = bench_api(copy_trained_run(args.run, args.out / "run_api"), emb, args.items, args.threads)
     results["bytes_per_item"] = bench_bytes(args.out / "run_lib", emb, args.bytes_items)
-    store = [p for p in (args.out / "run_lib").glob("store.sqlite*")]
+    store = [p for p in (args.out / "run_lib").glob(RunPaths.STORE + "*")]
     results["store_bytes_per_item"] = round(sum(p.stat().st_size for p in store) / (2 * args.items), 1)
     results["load_average_after"] = os.getloadavg()
     (args.out / "results.json").write_text(json.dumps(results, indent=1))

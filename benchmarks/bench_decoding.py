@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ace.model.decoding import _allowed_children, _trie_tensors, constrained_beam_search, quantize_dynamic_int8  # noqa: E402
-from ace.model.modeling import AceConfig, AceModel  # noqa: E402
+from ace.model.config import AceConfig  # noqa: E402
+from ace.model.modeling import AceModel  # noqa: E402
 from ace.bench.synthetic import random_codes  # noqa: E402
 from ace.model.tokens import IdentifierVocab  # noqa: E402
 from identifiers.trie import FlatTrie  # noqa: E402

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import pickle
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,9 @@ import numpy as np  # noqa: E402
 
 from ace.config import load_config  # noqa: E402
 from ace.metrics import retrieval_metrics  # noqa: E402
-from ace.pipeline.stages import RunConfig, load_source_corpus, split_captions  # noqa: E402
+from ace.pipeline.run_config import RunConfig  # noqa: E402
+from ace.pipeline.stages import load_source_corpus, split_captions  # noqa: E402
+from ace.run_folder import RunPaths, copy_trained_run, read_pairs  # noqa: E402
 
 
 def _recall(hits, pairs) -> dict:
@@ -67,12 +68,9 @@ def main(argv=None) -> dict:
     full = load_source_corpus(dataclasses.replace(cfg.corpus, path=args.captions, limit=None))
     new_items, new_test = split_captions(type(full)(items=full.items[cfg.corpus.limit:], root=full.root,
                                                     source=full.source), cfg.split)
-    fresh = args.refit or not (args.reuse and (work / "store.sqlite").is_file())  # the stage refits before any add
+    fresh = args.refit or not (args.reuse and RunPaths(work).store.is_file())  # the stage refits before any add
     if fresh:
-        if work.exists():
-            shutil.rmtree(work)
-        shutil.copytree(run, work, ignore=shutil.ignore_patterns("checkpoints", "cache", "store.sqlite*", "fold",
-                                                                 "model.prev", "identifiers.prev", "store.lock"))
+        copy_trained_run(run, work)
     if args.refit:
         t = time.time()
         summary = build_run_fallback(work, cfg.fallback, seed=cfg.seed, device="cpu")
@@ -84,7 +82,7 @@ def main(argv=None) -> dict:
         for s in range(0, len(items), 100):
             batch = items[s:s + 100]
             r.add_items([dataclasses.replace(it, embedding=e, media=None) for it, e in zip(batch, encoder.encode(batch))])
-    old = [tuple(p) for p in json.loads((work / "test_queries.json").read_text())]
+    old = read_pairs(RunPaths(work).test_queries)
     rng = np.random.default_rng(args.seed)
     old = [old[i] for i in sorted(rng.permutation(len(old))[:args.old_queries])]
     t = time.time()

@@ -29,7 +29,6 @@ import dataclasses
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -44,7 +43,9 @@ import numpy as np  # noqa: E402
 
 from ace.config import load_config  # noqa: E402
 from ace.metrics import retrieval_metrics  # noqa: E402
-from ace.pipeline.stages import RunConfig, load_source_corpus, split_captions  # noqa: E402
+from ace.pipeline.run_config import RunConfig  # noqa: E402
+from ace.pipeline.stages import load_source_corpus, split_captions  # noqa: E402
+from ace.run_folder import RunFolder, RunPaths, copy_trained_run, read_pairs  # noqa: E402
 
 
 def _recall(hits, pairs) -> dict:
@@ -161,22 +162,19 @@ def main(argv=None) -> dict:
     if not finish_trained_run(cfg):
         _run([sys.executable, "train.py", "--config", args.config, "--quiet", *override], logs / "train.log")
     train_s = time.time() - t
-    stages = {s: json.loads((run / "stages" / f"{s}.json").read_text()).get("seconds")
-              for s in ("train", "fallback") if (run / "stages" / f"{s}.json").is_file()}
+    stages = {s: (RunFolder(run).stage_record(s) or {}).get("seconds")
+              for s in ("train", "fallback") if RunFolder(run).stage_record(s) is not None}
     result["run"] = {"run_dir": str(run), "train_py_seconds_this_call": train_s, "stage_seconds": stages,
-                     "metrics": json.loads((run / "metrics.json").read_text())["by_group"]["all"]}
+                     "metrics": json.loads(RunPaths(run).metrics.read_text())["by_group"]["all"]}
     work = ROOT / args.work
-    if work.exists():
-        shutil.rmtree(work)
-    shutil.copytree(run, work, ignore=shutil.ignore_patterns("checkpoints", "cache", "store.sqlite*", "fold",
-                                                             "model.prev", "identifiers.prev", "store.lock"))
+    copy_trained_run(run, work)
 
     # the other items, split like the trained ones: non-test captions are added, test captions held out
     full = load_source_corpus(dataclasses.replace(cfg.corpus, path=args.captions, limit=None))
     new_items, new_test = split_captions(type(full)(items=full.items[cfg.corpus.limit:], root=full.root,
                                                     source=full.source), cfg.split)
     new_items = [dataclasses.replace(it, embedding=None) for it in new_items.items]
-    old = [tuple(p) for p in json.loads((work / "test_queries.json").read_text())]
+    old = read_pairs(RunPaths(work).test_queries)
     rng = np.random.default_rng(args.seed)
     old = [old[i] for i in sorted(rng.permutation(len(old))[:args.old_queries])]
     result["sizes"] = {"trained_items": cfg.corpus.limit, "added_items": len(new_items),
@@ -207,7 +205,7 @@ def main(argv=None) -> dict:
         t = time.time()
         r.add_items([dataclasses.replace(it, embedding=e, media=None) for it, e in zip(batch, emb)])
         add_s += time.time() - t
-    store_bytes = sum(p.stat().st_size for p in work.glob("store.sqlite*"))
+    store_bytes = sum(p.stat().st_size for p in work.glob(RunPaths.STORE + "*"))
     n = len(new_items)
     result["adds"] = {"items": n, "batch": args.add_batch, "encode_seconds": encode_s, "add_seconds": add_s,
                       "items_per_s_add_items": n / add_s, "items_per_s_with_encoding": n / (encode_s + add_s),
@@ -232,7 +230,7 @@ def main(argv=None) -> dict:
         (work / "added_test_queries.json").write_text(json.dumps([list(p) for p in new_test]))
         fold_cmd = [sys.executable, "train.py", "fold", "--run", str(work), "--quiet", *args.fold_overrides]
         result["fold"] = {"command": " ".join(["python"] + fold_cmd[1:]), "seconds": _run(fold_cmd, logs / "fold.log")}
-        metrics = json.loads(sorted((work / "fold").glob("*/metrics.json"))[-1].read_text())
+        metrics = json.loads(sorted(RunPaths(work).fold.glob("*/metrics.json"))[-1].read_text())
         result["fold"].update({k: metrics[k] for k in ("items", "new_pairs", "replay_pairs", "steps", "train_seconds")})
         r = Retriever.from_run(work, device="cpu")
         t = time.time()

@@ -32,6 +32,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ace.run_folder import RunPaths, read_pairs  # noqa: E402
+
 
 # -- server-overhead mode: a synthetic retriever with constant cost -------------------------------
 
@@ -134,11 +136,11 @@ def load_queries(args) -> list[str]:
     """--queries FILE, else the run's held-out test queries, else its corpus captions, else synthetic."""
     if args.queries:
         queries = [line.strip() for line in Path(args.queries).read_text().splitlines() if line.strip()]
-    elif args.run and (args.run / "test_queries.json").is_file():  # [[query, item_id], ...] held-out queries
-        queries = [q for q, _ in json.loads((args.run / "test_queries.json").read_text())]
-    elif args.run and (args.run / "corpus.jsonl").is_file():
+    elif args.run and RunPaths(args.run).test_queries.is_file():  # [[query, item_id], ...] held-out queries
+        queries = [q for q, _ in read_pairs(RunPaths(args.run).test_queries)]
+    elif args.run and RunPaths(args.run).corpus.is_file():
         queries = []
-        with open(args.run / "corpus.jsonl") as f:
+        with open(RunPaths(args.run).corpus) as f:
             for line in f:
                 queries.extend(c for c in json.loads(line).get("captions", [])[1:] if c.strip())
                 if len(queries) >= args.searches:

@@ -19,6 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ace.run_folder import RunPaths  # noqa: E402
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,16 +33,18 @@ def main(argv=None) -> int:
 
     from ace.config import read_yaml
     from ace.data.corpus import load_corpus
-    from ace.model.modeling import AceConfig, AceModel
+    from ace.model.config import AceConfig
+    from ace.model.modeling import AceModel
     from ace.model.tokens import IdentifierVocab, QueryTokenizer
     from identifiers.semantic_ids import SemanticIdTokenizer
 
-    for need in ("identifiers", "corpus.jsonl"):
-        if not (args.src / need).exists():
+    src, out = RunPaths(args.src), RunPaths(args.out)
+    for need in (RunPaths.IDENTIFIERS, RunPaths.CORPUS):
+        if not (src / need).exists():
             raise SystemExit(f"{args.src} has no {need}: run train.py --until identifiers first")
     args.out.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(args.src / "identifiers", args.out / "identifiers", dirs_exist_ok=True)
-    for name in ("corpus.jsonl", "corpus_root.json", "test_queries.json"):
+    shutil.copytree(src.identifiers, out.identifiers, dirs_exist_ok=True)
+    for name in (RunPaths.CORPUS, RunPaths.CORPUS_ROOT, RunPaths.TEST_QUERIES):
         if (args.src / name).is_file():
             shutil.copy2(args.src / name, args.out / name)
 
@@ -48,15 +52,15 @@ def main(argv=None) -> int:
     vocab_size = int(model_cfg.pop("query_vocab_size", 400))
     for key in ("pretrained_encoder", "query_tokenizer_type"):
         model_cfg.pop(key, None)
-    id_tok = SemanticIdTokenizer.load(args.out / "identifiers", device="cpu")
-    corpus = load_corpus(args.out / "corpus.jsonl", validate=False)
+    id_tok = SemanticIdTokenizer.load(out.identifiers, device="cpu")
+    corpus = load_corpus(out.corpus, validate=False)
     texts = [c for it in corpus.items for c in it.captions]
     qtok = QueryTokenizer.train(texts, vocab_size=vocab_size, max_length=int(model_cfg.get("max_query_length", 32)))
     torch.manual_seed(0)
     model = AceModel(AceConfig(**model_cfg, query_vocab_size=qtok.vocab_size, level_sizes=list(id_tok.level_sizes)))
-    model.save_pretrained(str(args.out / "model"))
-    qtok.save(args.out / "query_tokenizer")
-    IdentifierVocab(id_tok.level_sizes).save(args.out / "identifier_vocab.json")
+    model.save_pretrained(str(out.model))
+    qtok.save(out.query_tokenizer)
+    IdentifierVocab(id_tok.level_sizes).save(out.identifier_vocab)
     (args.out / "UNTRAINED").write_text("model weights are random: latency/throughput benchmarks only\n")
     print(json.dumps({"run": str(args.out), "items": len(corpus), "level_sizes": list(id_tok.level_sizes),
                       "parameters": sum(p.numel() for p in model.parameters())}))

@@ -16,7 +16,6 @@ beam search. Options: R-Drop weight, the prefix-prototype teacher (ace/training/
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -34,17 +33,19 @@ from ace.model.decoding import constrained_beam_search  # noqa: E402
 from ace.training.distill import PrefixTeacher, distillation_loss  # noqa: E402
 from ace.data.encoders import TextEncoder, minilm_path  # noqa: E402
 from ace.training.losses import rdrop_kl  # noqa: E402
-from ace.model.modeling import AceConfig, AceModel  # noqa: E402
-from ace.newitems.query_tower import unit_rows  # noqa: E402
+from ace.model.config import AceConfig  # noqa: E402
+from ace.model.modeling import AceModel  # noqa: E402
+from ace.arrays import unit_rows  # noqa: E402
 from ace.model.tokens import IdentifierVocab, QueryTokenizer  # noqa: E402
 from ace.training.pairs import identifier_targets  # noqa: E402
+from ace.run_folder import RunPaths, read_pairs  # noqa: E402
 from identifiers.semantic_ids import SemanticIdTokenizer  # noqa: E402
 
 
 def load(run: Path, cache: Path):
     """Identifiers, train/test pairs as item rows, and MiniLM vectors of every query (cached)."""
-    tok = SemanticIdTokenizer.load(run / "identifiers")
-    tr, te = (json.loads((run / f).read_text()) for f in ("train_queries.json", "test_queries.json"))
+    tok = SemanticIdTokenizer.load(RunPaths(run).identifiers)
+    tr, te = (read_pairs(p) for p in (RunPaths(run).train_queries, RunPaths(run).test_queries))
     row = {i: n for n, i in enumerate(tok.item_ids)}
     f = cache / f"{run.name}_minilm.npz"
     if f.is_file():
@@ -210,7 +211,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     run, cache = Path(args.run), Path(args.cache)
-    for f in ("identifiers", "train_queries.json", "test_queries.json"):
+    for f in (RunPaths.IDENTIFIERS, RunPaths.TRAIN_QUERIES, RunPaths.TEST_QUERIES):
         if not (run / f).exists():
             sys.exit(f"error: {run / f} is missing (a caption-proxy run folder is needed)")
     cache.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ace.arrays import unit_rows
+
 
 class IdentifierInputError(ValueError):
     """Bad embeddings, item ids or embedding files; the message names the problem and the rows."""
@@ -66,9 +68,8 @@ def check_item_ids(item_ids, n: int) -> list[str]:
 
 
 def l2_normalise(block: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation to float32 (rows were checked to be finite and non-zero)."""
-    block = np.asarray(block, dtype=np.float32)
-    return block / np.linalg.norm(block, axis=1, keepdims=True)
+    """Row-wise L2 normalisation to float32 (ace.arrays.unit_rows; rows were checked to be finite and non-zero)."""
+    return unit_rows(block, error=IdentifierInputError)
 
 
 def load_embeddings(path: str | Path, *, ids_column: str = "item_id"):

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ace.arrays import resolve_device
 from ace.config import ConfigError, load_config, save_config
 from .config import IdentifierConfig
 from .hierarchical_kmeans import HierarchicalKMeans
@@ -46,10 +47,6 @@ class TokenizerFormatError(ValueError):
     """A saved tokenizer folder is missing, of another format version, or corrupt."""
 
 
-def _default_device(device: str | None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -68,7 +65,7 @@ class SemanticIdTokenizer:
             raise ValueError(f"quantizer={config.quantizer!r} needs exactly its own model "
                              f"(rqvae for 'rqvae', hkmeans for 'kmeans')")
         self.config = config
-        self.device = _default_device(device)
+        self.device = resolve_device(device)
         self.kmeans = KMeansClusterer(K=config.num_clusters, chunk=config.encode_batch_size, seed=config.seed)
         self.kmeans.centroids = np.asarray(centroids, dtype=np.float32)
         self.rqvae = rqvae.to(self.device).eval() if rqvae is not None else None
@@ -88,7 +85,7 @@ class SemanticIdTokenizer:
 
     @classmethod
     def _fit(cls, embeddings, item_ids, config, *, device, progress) -> "SemanticIdTokenizer":
-        device = _default_device(device)
+        device = resolve_device(device)
         t_start = time.time()
         x = check_embeddings(embeddings, chunk=config.encode_batch_size)
         N, D = x.shape

@@ -5,6 +5,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ace.arrays import resolve_device as _resolve_device
 from ace.config import config_hash
 from ace.data.corpus import CorpusItem
 
@@ -76,11 +77,5 @@ class QueryBackend(ABC):
 
 
 def resolve_device(device: str = "auto") -> str:
-    """'auto' -> 'cuda' when a GPU is present, else 'cpu'; anything else is passed through."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise QueryGenError(f"device '{device}' requested but no CUDA GPU is available")
-    return device
+    """ace.arrays.resolve_device with QueryGenError."""
+    return _resolve_device(device, error=QueryGenError)

@@ -36,7 +36,8 @@ ITEMS_DIM = 24
 def base_run(tmp_path_factory) -> Path:
     """The tiny pipeline run of tests/test_pipeline.py (36 items, 24-d inline embeddings) + the fallback stage."""
     from ace.config import load_config
-    from ace.pipeline.stages import Pipeline, RunConfig
+    from ace.pipeline.run_config import RunConfig
+    from ace.pipeline.stages import Pipeline
     from tests.test_pipeline import make_corpus
 
     tmp = tmp_path_factory.mktemp("items_run")

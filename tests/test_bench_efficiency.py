@@ -7,7 +7,7 @@ import torch
 
 from ace.bench.__main__ import main as bench_main
 from ace.bench.efficiency import (EfficiencyConfig, EfficiencyError, bytes_per_item, faiss_index_bytes,
-                                  latency_summary, near_item_queries, parse_ace_spec, read_quality, recall_at_k,
+                                  latency_summary, near_item_queries, parse_ace_spec, read_quality, ann_recall,
                                   state_dict_bytes, trie_bytes)
 from ace.bench.synthetic import mixture_embeddings, random_codes
 from identifiers.trie import FlatTrie
@@ -165,12 +165,12 @@ def test_near_item_queries_are_unit_and_close_to_their_items():
     assert (q @ x.T).max(axis=1).min() > 0.9                                   # each is near some item
 
 
-def test_recall_at_k():
+def test_ann_recall():
     exact = np.array([[1, 2, 3, 4], [5, 6, -1, -1]])
     approx = np.array([[4, 3, 9, 8], [6, 5, 7, 1]])
-    assert recall_at_k(approx, exact) == pytest.approx((2 / 4 + 2 / 2) / 2)
+    assert ann_recall(approx, exact) == pytest.approx((2 / 4 + 2 / 2) / 2)
     with pytest.raises(EfficiencyError, match="shapes"):
-        recall_at_k(approx[:1], exact)
+        ann_recall(approx[:1], exact)
 
 
 def test_parse_ace_spec():

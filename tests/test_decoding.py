@@ -6,7 +6,8 @@ import torch
 
 from ace.model.decoding import (DecodingError, _allowed_children, _trie_tensors, constrained_beam_search,
                           quantize_dynamic_int8, unconstrained_beam_search)
-from ace.model.modeling import AceConfig, AceInputError, AceModel
+from ace.model.config import AceConfig
+from ace.model.modeling import AceInputError, AceModel
 from ace.model.tokens import BOS, IdentifierVocab
 from identifiers.trie import FlatTrie
 

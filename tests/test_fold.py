@@ -49,7 +49,8 @@ eval: {{num_beams: [5], top_k: 5}}
 def base_run(tmp_path_factory) -> Path:
     """A trained tiny run (30 items) with its fallback stage, and 6 more items added through the Retriever."""
     from ace.config import load_config
-    from ace.pipeline.stages import Pipeline, RunConfig
+    from ace.pipeline.run_config import RunConfig
+    from ace.pipeline.stages import Pipeline
 
     base = tmp_path_factory.mktemp("fold")
     Pipeline(load_config(RunConfig, _config(base)), progress=False).run_all(until="fallback")

@@ -282,7 +282,8 @@ def test_cli_build_and_errors(tmp_path, capsys, data):
 def test_level_vectors_initialise_the_identifier_embeddings(fitted):
     import torch
 
-    from ace.model.modeling import AceConfig, AceModel
+    from ace.model.config import AceConfig
+    from ace.model.modeling import AceModel
 
     vecs = fitted.level_vectors
     assert [None if v is None else v.shape[0] for v in vecs] == fitted.level_sizes[:-1] + [None]

@@ -59,7 +59,8 @@ def test_fallback_stage_writes_an_empty_index_and_calibration(base_run, capsys):
     assert json.loads((fb / "ids.json").read_text())["id_of"] == {}
     marker = json.loads((base_run / "stages" / "fallback.json").read_text())
     assert marker["key"] and "summary" in marker
-    from ace.pipeline.stages import Pipeline, RunConfig  # a re-run skips the stage (same config hash)
+    from ace.pipeline.run_config import RunConfig  # a re-run skips the stage (same config hash)
+    from ace.pipeline.stages import Pipeline
 
     capsys.readouterr()
     Pipeline(load_config(RunConfig, base_run / "config.yaml"), progress=False).run_all(until="fallback")

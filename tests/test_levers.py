@@ -21,7 +21,8 @@ def _corpus(path: Path, embeddings: np.ndarray) -> Path:
 
 def _pipeline(tmp_path: Path, corpus: Path, name: str, vectors: str):
     from ace.config import from_dict
-    from ace.pipeline.stages import Pipeline, RunConfig
+    from ace.pipeline.run_config import RunConfig
+    from ace.pipeline.stages import Pipeline
 
     cfg = from_dict(RunConfig, {
         "name": name, "run_dir": str(tmp_path / name), "device": "cpu",
@@ -100,7 +101,8 @@ def _karpathy(path: Path, captions: list[list[str]]) -> Path:
 
 
 def test_pretraining_texts_exclude_the_evaluated_file_and_its_captions(tmp_path):
-    from ace.pipeline.stages import PipelineError, PretrainConfig, pretraining_texts
+    from ace.pipeline.run_config import PretrainConfig
+    from ace.pipeline.stages import PipelineError, pretraining_texts
 
     own_caps = [[tpl.format(c=c, t=t) for tpl in TEMPLATES] for c in COLOURS for t in THINGS]
     own = _karpathy(tmp_path / "own.json", own_caps)
@@ -123,7 +125,8 @@ def test_pretraining_texts_exclude_the_evaluated_file_and_its_captions(tmp_path)
 
 def test_pipeline_pretrains_on_identifier_prefixes_of_other_files(tmp_path, minilm_docs):
     from ace.config import from_dict
-    from ace.pipeline.stages import Pipeline, RunConfig
+    from ace.pipeline.run_config import RunConfig
+    from ace.pipeline.stages import Pipeline
 
     _, docs = minilm_docs
     corpus = _corpus(tmp_path / "corpus.jsonl", docs)

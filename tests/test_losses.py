@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ace.model.modeling import AceConfig, AceModel
+from ace.model.config import AceConfig
+from ace.model.modeling import AceModel
 from ace.training.losses import IGNORE_INDEX, ace_loss, rdrop_kl, token_cross_entropy
 
 

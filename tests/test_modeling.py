@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from ace.model.modeling import AceConfig, AceInputError, AceModel
+from ace.model.config import AceConfig
+from ace.model.modeling import AceInputError, AceModel
 from ace.model.tokens import BOS
 
 SIZES = [6, 5, 4, 3]

@@ -20,7 +20,8 @@ ALLOWED_LONG = {
                             "precomputed) behind one build_encoder + its on-disk cache",
     "ace/bench/efficiency.py": "one benchmark protocol: build, time and size ACE vs dual-tower search "
                                "at growing corpus sizes",
-    "ace/training/loop.py": "the training loop on accelerate: checkpoints, exact resume, evaluation, export",
+    "ace/training/loop.py": "the training loop on accelerate: checkpoints, exact resume, export, and issue 19's "
+                            "identifier-space pretraining",
     "ace/pipeline/stages.py": "the Pipeline's stages, one method each (grew with issue 19's stage options)",
     "ace/model/modeling.py": "AceModel: encoder, fused decoder, generation hooks and issue 19's prototype heads",
 }

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ace.bench.synthetic import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, make_synthetic_task, train_synthetic
-from ace.training.loop import TrainConfig, evaluate_retriever
+from ace.training.evaluate import evaluate_retriever
+from ace.training.loop import TrainConfig
 
 
 def test_synthetic_task_shape():

@@ -7,11 +7,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from ace.model.modeling import AceConfig, AceModel
+from ace.model.config import AceConfig
+from ace.model.modeling import AceModel
 from ace.training import loop as training
 from ace.model.tokens import IdentifierVocab, QueryTokenizer
-from ace.training.loop import (TrainConfig, TrainingDataError, encode_pairs, evaluate_retriever, latest_checkpoint,
-                          train_retriever, warmup_cosine)
+from ace.training.evaluate import evaluate_retriever
+from ace.training.loop import (TrainConfig, TrainingDataError, encode_pairs, latest_checkpoint, train_retriever,
+                               warmup_cosine)
 from identifiers.trie import IdentifierTrie
 
 LEVELS = [4, 3, 5]  # K, C_1, U

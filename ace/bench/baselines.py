@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from ace.data.importers import ProxySplit
-from ace.newitems.query_tower import (QueryTower, QueryTowerConfig, TextTower, item_plus_query_vectors, resolve_device,
-                                      unit_rows)
+from ace.arrays import resolve_device, unit_rows
+from ace.newitems.query_tower import QueryTower, QueryTowerConfig, TextTower, item_plus_query_vectors
 
 BACKENDS = ("torch", "faiss_flat", "faiss_hnsw")
 

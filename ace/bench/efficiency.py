@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ace.arrays import unit_rows
 from ace.config import ConfigError, config_hash, deep_merge, from_dict, parse_overrides, read_yaml, to_dict
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -163,11 +164,13 @@ def near_item_queries(vectors: np.ndarray, count: int, *, noise: float = 0.5, se
     rows = np.sort(rng.choice(vectors.shape[0], size=min(count, vectors.shape[0]), replace=False))
     x = np.asarray(vectors[rows], dtype=np.float32)                                    # (Q, D)
     x = x + noise * rng.standard_normal(x.shape).astype(np.float32) / np.sqrt(x.shape[1])
-    return np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True), dtype=np.float32)
+    return np.ascontiguousarray(unit_rows(x), dtype=np.float32)
 
 
-def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
-    """Mean share of each exact top-k row found in the approximate top-k (row-wise)."""
+def ann_recall(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Recall of an approximate index against exact search: the mean share of each exact top-k row
+    found in the approximate top-k (row-wise). Not ``ace.metrics.recall_at_k``, the share of queries
+    whose one target item is in their top k."""
     approx, exact = np.asarray(approx), np.asarray(exact)
     if approx.shape != exact.shape or approx.ndim != 2:
         raise EfficiencyError(f"approximate {approx.shape} and exact {exact.shape} results must be equal 2-D shapes")
@@ -221,7 +224,7 @@ def parse_ace_spec(spec: str) -> tuple[str, str | None, list[str]]:
 
 def load_model_section(path: str | None, overrides: list[str]):
     """The run config's ``model:`` section (or a bare model mapping) + overrides -> ModelSection."""
-    from ace.pipeline.stages import ModelSection
+    from ace.model.config import ModelSection
 
     if path and not Path(path).is_file() and (ROOT / path).is_file():
         path = str(ROOT / path)                                # repo-relative default (configs/...)
@@ -303,11 +306,10 @@ class AceSearch:
         self.max_len = model.config.max_query_length
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        from ace.model.decoding import constrained_beam_search
-        enc = self.query_tokenizer(texts, max_length=self.max_len)
-        rows, _ = constrained_beam_search(self.model, enc.input_ids, enc.attention_mask, self.trie, self.vocab,
-                                          num_beams=self.beams)
-        return rows.numpy()
+        from ace.model.decoding import search_texts
+        rows, _, _ = search_texts(self.model, self.query_tokenizer, texts, self.trie, self.vocab, num_beams=self.beams,
+                                  batch_size=len(texts), max_length=self.max_len)
+        return rows
 
 
 class DenseSearch:
@@ -341,7 +343,7 @@ def build_ace_searchers(cfg: EfficiencyConfig, level_sizes, texts: list[str], de
     """One searcher per (--ace shape, precision); int8 only on CPU."""
     from ace.model.decoding import quantize_dynamic_int8
     from ace.model.modeling import AceModel
-    from ace.pipeline.stages import ace_model_config
+    from ace.model.config import ace_model_config
     from ace.model.tokens import IdentifierVocab, QueryTokenizer
 
     vocab = IdentifierVocab(level_sizes)
@@ -517,9 +519,9 @@ def run(cfg: EfficiencyConfig, *, command: str = "", partial: Path | None = None
                 exact = [s for s in dense if s.backend != "faiss_hnsw"]
                 if hnsw and exact:
                     qv = hnsw[0].encode([t for b in batches for t in b])
-                    recall = recall_at_k(hnsw[0].search_vectors(qv), exact[0].search_vectors(qv))
+                    recall = ann_recall(hnsw[0].search_vectors(qv), exact[0].search_vectors(qv))
                     qv = near_item_queries(vectors[d][:n], len(qv), seed=cfg.seed)
-                    recall_near = recall_at_k(hnsw[0].search_vectors(qv), exact[0].search_vectors(qv))
+                    recall_near = ann_recall(hnsw[0].search_vectors(qv), exact[0].search_vectors(qv))
                 for s in ace + dense:
                     tm = timings[s.name]
                     is_ace = s.family == "ACE"

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ace.run_folder import RunPaths, read_pairs
+
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = ROOT / "configs" / "bench_proxy.yaml"
 BASELINES = ("dt_zero_shot", "dt_doc_plus_queries", "dt_trained")
@@ -67,10 +69,10 @@ LABELS = {"dt_zero_shot": "DT zero-shot", "dt_doc_plus_queries": "DT document+qu
           "ace_proto": "ACE, prototype-aware heads on k and v1 (lever 3)",
           "ace_qid_proto": "ACE, levers 1 + 3"}
 # stages whose artefacts a new variant folder may start from (the pipeline re-checks their keys)
-SHARED_STAGES = {"corpus": ["corpus.jsonl", "corpus_train.jsonl", "test_queries.json", "corpus_root.json"],
-                 "encode": ["embeddings.npy", "item_ids.json"],
-                 "querygen": ["queries", "train_queries.json"],
-                 "identifiers": ["identifiers"]}
+SHARED_STAGES = {"corpus": [RunPaths.CORPUS, RunPaths.CORPUS_TRAIN, RunPaths.TEST_QUERIES, RunPaths.CORPUS_ROOT],
+                 "encode": [RunPaths.EMBEDDINGS, RunPaths.ITEM_IDS],
+                 "querygen": [RunPaths.QUERIES, RunPaths.TRAIN_QUERIES],
+                 "identifiers": [RunPaths.IDENTIFIERS]}
 TOP_K = 10
 
 
@@ -153,7 +155,7 @@ def load_bench_config(path: Path) -> tuple[dict, dict]:
 def variant_config(base: dict, setup: BenchSetup, method: str, seed: int, embeddings_file: Path):
     """The RunConfig of one ACE variant: base YAML + CLI overrides + variant overrides + protocol keys."""
     from ace.config import deep_merge, from_dict, parse_overrides
-    from ace.pipeline.stages import RunConfig
+    from ace.pipeline.run_config import RunConfig
 
     folder, variant_ov, _ = ACE_VARIANTS[method]
     run_dir = setup.out / "runs" / f"seed{seed}" / folder
@@ -199,9 +201,7 @@ def decode_run(run_dir: Path, queries: list[str], beams: int, *, constrained: bo
 
     Rankings hold item ids best first; with ``constrained=False`` an identifier that is not in the
     trie stays in its slot as None (a miss)."""
-    import torch
-
-    from ace.model.decoding import constrained_beam_search, unconstrained_beam_search
+    from ace.model.decoding import search_texts
     from ace.serving.retriever import Retriever
 
     if quantize:
@@ -211,24 +211,14 @@ def decode_run(run_dir: Path, queries: list[str], beams: int, *, constrained: bo
     model, qtok, vocab, trie = retriever.model, retriever.query_tokenizer, retriever.vocab, retriever.trie()
     item_ids = retriever.id_tokenizer.trie.item_ids
     top_k = min(TOP_K, beams)
-    rankings: list[list[str | None]] = []
-    invalid = 0
-    starts = range(0, len(queries), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-        starts = tqdm(starts, desc=f"decode b={beams}{'' if constrained else ' (no trie)'}", unit="batch", leave=False)
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        for s in starts:
-            enc = qtok(queries[s:s + batch_size], max_length=model.config.max_query_length)
-            args = (model, enc.input_ids.to(retriever.device), enc.attention_mask.to(retriever.device), trie, vocab)
-            if constrained:
-                rows, _ = constrained_beam_search(*args, num_beams=beams, top_k=top_k)
-                rankings += [[item_ids[r] for r in row if r >= 0] for row in rows.tolist()]
-            else:
-                rows, _, n_bad = unconstrained_beam_search(*args, num_beams=beams, top_k=top_k, keep_invalid=True)
-                invalid += n_bad
-                rankings += [[item_ids[r] if r >= 0 else None for r in row] for row in rows.tolist()]
+    rows, _, invalid = search_texts(model, qtok, queries, trie, vocab, num_beams=beams, top_k=top_k,
+                                    batch_size=batch_size, constrained=constrained, keep_invalid=True, progress=progress,
+                                    desc=f"decode b={beams}{'' if constrained else ' (no trie)'}")
+    if constrained:
+        rankings = [[item_ids[r] for r in row if r >= 0] for row in rows.tolist()]
+    else:  # an identifier outside the trie keeps its slot as a miss
+        rankings = [[item_ids[r] if r >= 0 else None for r in row] for row in rows.tolist()]
     seconds = time.perf_counter() - t0
     return rankings, seconds, invalid / max(1, len(queries) * top_k)
 
@@ -238,7 +228,7 @@ def decode_run(run_dir: Path, queries: list[str], beams: int, *, constrained: bo
 
 def _stage_seconds(run_dir: Path) -> dict:
     out = {}
-    for marker in sorted((run_dir / "stages").glob("*.json")):
+    for marker in sorted(RunPaths(run_dir).stages.glob("*.json")):
         rec = json.loads(marker.read_text())
         out[rec.get("stage", marker.stem)] = rec.get("seconds")
     return out
@@ -369,7 +359,7 @@ def run_benchmark(setup: BenchSetup) -> dict:
 
 def _check_same_split(run_dir: Path, split) -> None:
     """The pipeline's held-out queries must be exactly the baselines' test queries."""
-    pairs = json.loads((run_dir / "test_queries.json").read_text())
+    pairs = read_pairs(RunPaths(run_dir).test_queries)
     if [(iid, q) for q, iid in pairs] != list(split.test_queries):
         raise QualityBenchError(f"{run_dir}: the pipeline's held-out queries differ from the caption-proxy "
                                 f"test queries ({len(pairs)} vs {len(split.test_queries)})")

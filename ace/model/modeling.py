@@ -23,117 +23,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from huggingface_hub.dataclasses import strict
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput, Seq2SeqLMOutput
 
-from .fusion import FusionCrossAttention
-from .tokens import BOS, EOS, NUM_SPECIAL, PAD
+from ace.model.config import AceConfig
+from ace.model.fusion import FusionCrossAttention
+from ace.model.tokens import NUM_SPECIAL, PAD
 
 
 class AceInputError(ValueError):
     """Inputs to AceModel have the wrong shape, dtype or values; the message says which."""
-
-
-@strict
-class AceConfig(PretrainedConfig):
-    """Sizes of AceModel; defaults are a CPU-friendly model (d 256, 4 heads, 3+3 layers)."""
-
-    model_type = "ace"
-
-    d_model: int = 256
-    n_heads: int = 4
-    encoder_layers: int = 3          # S: number of encoder layers fused into every decoder layer
-    decoder_layers: int = 3
-    ffn_dim: int = 1024
-    dropout: float = 0.1
-    query_vocab_size: int = 8000
-    max_query_length: int = 32
-    level_sizes: list[int] | None = None   # identifier [K, C_1..C_M, U]; default [128, 128, 128, 32]
-    fusion: bool = True                    # False: plain cross-attention to the last encoder layer
-    pretrained_encoder: str | None = None  # local folder of a BERT-style encoder (optional)
-    encoder_config: dict | None = None     # its architecture (filled from pretrained_encoder)
-    pretrained_encoder_layers: int | None = None  # keep only its first n layers (None: all); a cheaper encoder
-    prototype_levels: int = 0              # prototype-aware heads on the first 0, 1 (k) or 2 (k, v1) levels
-    prototype_dim: int = 0                 # D of the prototype vectors (the identifier space), needed when on
-    prototype_scale: float = 20.0          # initial s of logits += s * cos(P(query), prototype)
-    pad_token_id: int | None = PAD
-    bos_token_id: int | None = BOS
-    eos_token_id: int | None = EOS
-    decoder_start_token_id: int | None = BOS
-    is_encoder_decoder: bool = True
-
-    def __post_init__(self, **kwargs):
-        if self.level_sizes is None:
-            self.level_sizes = [128, 128, 128, 32]
-        self.level_sizes = [int(s) for s in self.level_sizes]
-        if any(s < 1 for s in self.level_sizes):
-            raise ValueError(f"level_sizes must be positive, got {self.level_sizes}")
-        for name in ("d_model", "n_heads", "encoder_layers", "decoder_layers", "ffn_dim", "query_vocab_size",
-                     "max_query_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"AceConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not 0 <= self.prototype_levels <= min(2, len(self.level_sizes) - 1):
-            raise ValueError(f"prototype_levels must be 0, 1 (k) or 2 (k, v1) and below the identifier length, "
-                             f"got {self.prototype_levels}")
-        if self.prototype_levels and (self.prototype_dim < 1 or not self.prototype_scale > 0):
-            raise ValueError(f"prototype heads need prototype_dim >= 1 and prototype_scale > 0, got "
-                             f"{self.prototype_dim} and {self.prototype_scale}")
-        if self.pretrained_encoder_layers is not None and not self.pretrained_encoder:
-            raise ValueError("pretrained_encoder_layers needs a pretrained_encoder")
-        if self.pretrained_encoder and self.encoder_config is None:
-            from transformers import AutoConfig
-            enc = AutoConfig.from_pretrained(self.pretrained_encoder)
-            self.encoder_config = enc.to_dict()
-            if self.pretrained_encoder_layers is not None:
-                if not 1 <= self.pretrained_encoder_layers <= enc.num_hidden_layers:
-                    raise ValueError(f"pretrained_encoder_layers={self.pretrained_encoder_layers} must be in "
-                                     f"[1, {enc.num_hidden_layers}] (the pretrained encoder's layers)")
-                self.encoder_config["num_hidden_layers"] = int(self.pretrained_encoder_layers)
-        if self.encoder_config is not None:
-            hidden, layers = self.encoder_config["hidden_size"], self.encoder_config["num_hidden_layers"]
-            if hidden != self.d_model:
-                raise ValueError(f"pretrained encoder hidden size is {hidden}; set d_model={hidden}")
-            if self.encoder_layers > layers:
-                raise ValueError(f"encoder_layers={self.encoder_layers} > the pretrained encoder's {layers} layers")
-            self.query_vocab_size = int(self.encoder_config["vocab_size"])
-            self.max_query_length = min(self.max_query_length, int(self.encoder_config["max_position_embeddings"]))
-        super().__post_init__(**kwargs)
-
-    @property
-    def identifier_length(self) -> int:
-        return len(self.level_sizes)
-
-    @property
-    def identifier_vocab_size(self) -> int:
-        return NUM_SPECIAL + sum(self.level_sizes)
-
-
-MODEL_FIELDS = {"d_model": int, "n_heads": int, "encoder_layers": int, "decoder_layers": int, "ffn_dim": int,
-                "dropout": float, "query_vocab_size": int, "max_query_length": int, "level_sizes": list[int],
-                "fusion": bool, "pretrained_encoder": str | None, "pretrained_encoder_layers": int | None,
-                "prototype_levels": int, "prototype_dim": int, "prototype_scale": float}
-
-
-def load_ace_config(path=None, overrides=(), **fixed) -> AceConfig:
-    """AceConfig from a YAML mapping of MODEL_FIELDS + ``key=value`` overrides (ace/config.py rules:
-    unknown keys are errors); ``fixed`` (e.g. level_sizes from the identifier tokenizer) wins."""
-    from ace.config import ConfigError, _coerce, deep_merge, parse_overrides, read_yaml
-    data = deep_merge(read_yaml(path) if path else {}, parse_overrides(overrides))
-    unknown = sorted(set(data) - set(MODEL_FIELDS))
-    if unknown:
-        raise ConfigError(f"unknown model config key(s) {', '.join(unknown)}; known: {', '.join(sorted(MODEL_FIELDS))}")
-    kwargs = {k: _coerce(v, MODEL_FIELDS[k], k) for k, v in data.items()}
-    kwargs.update(fixed)
-    try:
-        return AceConfig(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid model config: {exc}") from None
 
 
 @dataclass

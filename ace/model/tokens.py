@@ -34,6 +34,20 @@ class QueryError(ValueError):
     """A query cannot be tokenized (empty, or too long under ``truncation=False``)."""
 
 
+def _read_versioned(path: Path, what: str, version: int, keys: tuple[str, ...]) -> dict:
+    """A saved JSON file with a ``format`` version and the given ``keys``; ValueError naming the file
+    when it is corrupt, lacks a key, or has another format version."""
+    try:
+        data = json.loads(path.read_text())
+        for key in ("format", *keys):
+            data[key]  # KeyError when absent, TypeError when the file is not a mapping
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"corrupt {what} file {path}: {exc}") from None
+    if data["format"] != version:
+        raise ValueError(f"{what} {path} has format {data['format']}, this code reads {version}")
+    return data
+
+
 class IdentifierVocab:
     """One token per (level, code) plus PAD/BOS/EOS; ``token = offsets[level] + code``."""
 
@@ -104,14 +118,7 @@ class IdentifierVocab:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"identifier vocabulary file not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-            fmt, sizes = data["format"], data["level_sizes"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"corrupt identifier vocabulary file {path}: {exc}") from None
-        if fmt != VOCAB_FORMAT:
-            raise ValueError(f"identifier vocabulary {path} has format {fmt}, this code reads {VOCAB_FORMAT}")
-        return cls(sizes)
+        return cls(_read_versioned(path, "identifier vocabulary", VOCAB_FORMAT, ("level_sizes",))["level_sizes"])
 
     def __eq__(self, other) -> bool:
         return isinstance(other, IdentifierVocab) and other.level_sizes == self.level_sizes
@@ -249,13 +256,8 @@ class QueryTokenizer:
         meta_path = folder / "query_tokenizer.json"
         if not meta_path.is_file():
             raise FileNotFoundError(f"no query tokenizer in {folder} (missing query_tokenizer.json)")
-        try:
-            meta = json.loads(meta_path.read_text())
-            fmt, kind = meta["format"], meta["kind"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"corrupt query tokenizer file {meta_path}: {exc}") from None
-        if fmt != QUERY_TOKENIZER_FORMAT:
-            raise ValueError(f"query tokenizer {meta_path} has format {fmt}, this code reads {QUERY_TOKENIZER_FORMAT}")
+        meta = _read_versioned(meta_path, "query tokenizer", QUERY_TOKENIZER_FORMAT, ("kind",))
+        kind = meta["kind"]
         kw = dict(max_length=meta.get("max_length", 32), truncation=meta.get("truncation", True))
         if kind == "sentencepiece":
             model = folder / "query_spm.model"

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ace.config import ConfigError, from_dict, to_dict
-from ace.newitems.query_tower import resolve_device
+from ace.arrays import check_matrix, resolve_device, unit_rows
 
 FORMAT_VERSION = 1
 
@@ -38,23 +38,13 @@ class HashingError(ValueError):
 
 
 def check_embeddings(x, dim: int | None = None, name: str = "embeddings") -> np.ndarray:
-    """Float32 (N, D) with finite values, or a HashingError naming the problem."""
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 2:
-        raise HashingError(f"{name} must be 2-D (N, D), got shape {x.shape}")
-    if dim is not None and x.shape[1] != dim:
-        raise HashingError(f"{name} have dimension {x.shape[1]}, expected {dim}")
-    if not np.isfinite(x).all():
-        bad = np.where(~np.isfinite(x).all(axis=1))[0]
-        raise HashingError(f"{name} contain NaN or infinite values (rows {bad[:5].tolist()})")
-    return np.ascontiguousarray(x)
+    """ace.arrays.check_matrix with HashingError: float32 (N, D), finite."""
+    return check_matrix(x, dim=dim, name=name, error=HashingError)
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if (norms < 1e-12).any():
-        raise HashingError("embeddings contain all-zero rows; cosine similarity is undefined")
-    return (x / norms).astype(np.float32)
+    """ace.arrays.unit_rows with HashingError (an all-zero row has no direction)."""
+    return unit_rows(x, error=HashingError)
 
 
 # ---------------------------------------------------------------------------------- hash head
@@ -109,7 +99,7 @@ class HashHead(nn.Module):
             nn.init.normal_(self.net.weight, std=1.0)
             nn.init.zeros_(self.net.bias)
         self.history: list[dict] = []
-        self.device = resolve_device(self.config.device)
+        self.device = resolve_device(self.config.device, error=HashingError)
         self.to(self.device)
 
     @property

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ace.arrays import check_matrix, resolve_device, unit_rows
 from ace.config import ConfigError, from_dict, to_dict
 
 FORMAT_VERSION = 1
@@ -70,12 +71,6 @@ class QueryTowerConfig:
             raise ValueError("epochs must be >= 0, lr > 0 and hidden >= 1")
 
 
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm, as float32 (an all-zero row stays zero)."""
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def item_plus_query_vectors(item_vectors: np.ndarray, item_ids: list[str], query_vectors: np.ndarray,
                             query_item_ids: list[str]) -> np.ndarray:
     """Item vectors (N, D) = normalised mean of each item's unit vector and its queries' unit vectors.
@@ -103,13 +98,6 @@ def item_plus_query_vectors(item_vectors: np.ndarray, item_ids: list[str], query
         total[row[iid]] += tq[j]
         count[row[iid]] += 1
     return unit_rows((total / count[:, None]).astype(np.float32))
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def one_cycle(opt: torch.optim.Optimizer, *, max_lr: float, total_steps: int, pct_start: float = 0.1):
@@ -175,14 +163,7 @@ class Projection(nn.Module):
 
 
 def _check_matrix(name: str, x: np.ndarray, dim: int | None = None) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 2:
-        raise QueryTowerError(f"{name} must be 2-D (N, D), got shape {x.shape}")
-    if dim is not None and x.shape[1] != dim:
-        raise QueryTowerError(f"{name} have dimension {x.shape[1]}, expected {dim}")
-    if not np.isfinite(x).all():
-        raise QueryTowerError(f"{name} contain NaN or infinite values")
-    return x
+    return check_matrix(x, dim=dim, name=name, error=QueryTowerError)
 
 
 class _TextsAdapter:
@@ -202,7 +183,7 @@ class QueryTower:
     def __init__(self, *, config: QueryTowerConfig | None = None, text_encoder: TextTower | None = None,
                  item_dim: int | None = None, dual_encoder: TextTower | None = None):
         self.config = config or QueryTowerConfig()
-        self.device = resolve_device(self.config.device)
+        self.device = resolve_device(self.config.device, error=QueryTowerError)
         self.dual_encoder = dual_encoder
         self.projection: Projection | None = None
         self.log_scale = torch.tensor(math.log(1.0 / self.config.temperature))

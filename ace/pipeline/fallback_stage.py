@@ -15,7 +15,7 @@ from ace.metrics import retrieval_metrics
 from ace.newitems.calibration import Calibration, calibration_samples, fit_calibration
 from ace.newitems.index import FallbackConfig, FallbackError, FallbackIndex
 from ace.newitems.query_tower import TextTower, run_text_tower
-from ace.run_folder import load_run_corpus, load_run_embeddings, read_encoder_config
+from ace.run_folder import RunPaths, load_run_corpus, load_run_embeddings, read_encoder_config, read_pairs
 from ace.serving.retriever import Retriever
 
 
@@ -34,7 +34,8 @@ def build_run_fallback(run_dir: str | Path, config: FallbackConfig, *, seed: int
     same queries is still recorded. Returns a summary (also written to RUN/fallback/summary.json).
     """
     run_dir = Path(run_dir)
-    pairs = [tuple(p) for p in json.loads((run_dir / "train_queries.json").read_text())]  # (query, item_id)
+    paths = RunPaths(run_dir)
+    pairs = read_pairs(paths.train_queries)  # (query, item_id)
     item_ids, emb = load_run_embeddings(run_dir)
     n_cal = min(config.calibration_queries, len(pairs) // 2)
     if n_cal < 2:
@@ -72,13 +73,14 @@ def build_run_fallback(run_dir: str | Path, config: FallbackConfig, *, seed: int
         "held_out_recall": {"fallback_over_trained_items": retrieval_metrics([[i for i, _ in r] for r in fb_res], targets),
                             "generative": retrieval_metrics([[i for i, _ in r] for r in gen_res], targets)},
     }
-    staging = run_dir / "fallback.staging"
+    staging = paths.fallback.with_name(paths.fallback.name + ".staging")
     if staging.exists():
         shutil.rmtree(staging)
     fb.save(staging)
-    (staging / "calibration.json").write_text(json.dumps(calibration.to_dict(), indent=1))
+    (staging / RunPaths.CALIBRATION).write_text(json.dumps(calibration.to_dict(), indent=1))
     (staging / "summary.json").write_text(json.dumps(summary, indent=1))
-    final, old = run_dir / "fallback", run_dir / "fallback.old"
+    final = paths.fallback
+    old = final.with_name(final.name + ".old")
     if old.exists():
         shutil.rmtree(old)
     if final.exists():

@@ -23,7 +23,6 @@ place (the next fold resumes from the checkpoints); a crash later is rolled forw
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import shutil
 import time
@@ -32,12 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ace.arrays import resolve_device
 from ace.config import load_config, to_dict
 from ace.metrics import retrieval_metrics
-from ace.run_folder import run_media_root, write_json_atomic
+from ace.run_folder import (LockBusy, RunFolderError, RunPaths, read_pairs, run_media_root, take_lock,
+                             write_json_atomic)
 
 PHASES = ("planned", "staged", "swapping", "swapped", "folded", "done")
-SWAPPED = ("model", "identifiers")
+SWAPPED = (RunPaths.MODEL, RunPaths.IDENTIFIERS)
 
 
 class FoldError(RuntimeError):
@@ -89,25 +90,21 @@ class FoldResult:
 
 
 def _read_pairs(path: Path) -> list[tuple[str, str]]:
-    if not path.is_file():
-        return []
+    """A pairs file of the run or of a fold (none when absent), with fold's error type."""
     try:
-        rows = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise FoldError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) == 2 for r in rows):
-        raise FoldError(f"{path} must hold a JSON list of [query, item_id] pairs")
-    return [(str(q), str(i)) for q, i in rows]
+        return read_pairs(path, missing_ok=True)
+    except RunFolderError as exc:
+        raise FoldError(str(exc)) from None
 
 
 def _check_run(run: Path) -> None:
     if not run.is_dir():
         raise FoldError(f"run folder not found: {run}")
-    needed = ["config.yaml", "model", "identifiers", "query_tokenizer", "identifier_vocab.json"]
+    needed = [RunPaths.CONFIG, *RunPaths.TRAINED]
     dirs = _fold_dirs(run)
     if dirs and _phase(dirs[-1][1]) == "swapping":  # a fold died between its renames: rolled forward below
         needed = [n for n in needed if n not in SWAPPED]
-    missing = [n for n in needed if not (run / n).exists()]
+    missing = RunPaths(run).missing(needed)
     if missing:
         raise FoldError(f"{run} is not a trained run: missing {', '.join(missing)} "
                         f"(train it first: python train.py --config ... run_dir={run})")
@@ -115,7 +112,7 @@ def _check_run(run: Path) -> None:
 
 def _fold_dirs(run: Path) -> list[tuple[int, Path]]:
     out = []
-    for d in (run / "fold").glob("*"):
+    for d in RunPaths(run).fold.glob("*"):
         if d.is_dir() and d.name.isdigit():
             out.append((int(d.name), d))
     return sorted(out)
@@ -133,7 +130,7 @@ def _set_phase(fold_dir: Path, phase: str, **info) -> None:
 def _open_store(run: Path):
     from ace.serving.store import ItemStore
 
-    return ItemStore(run / "store.sqlite") if (run / "store.sqlite").is_file() else None
+    return ItemStore(RunPaths(run).store) if RunPaths(run).store.is_file() else None
 
 
 def _insert_identifiers(tok, codes: np.ndarray, item_ids: list[str]) -> None:
@@ -184,13 +181,14 @@ class Fold:
     """One fold of a run's added items: plan -> queries -> fine-tune -> stage -> swap -> mark -> report."""
 
     def __init__(self, run_dir: str | Path, cfg: FoldConfig | None = None):
-        from ace.pipeline.stages import RunConfig, _device
+        from ace.pipeline.run_config import RunConfig
 
         self.run = Path(run_dir)
+        self.paths = RunPaths(self.run)
         _check_run(self.run)
         self.cfg = cfg or FoldConfig()
-        self.run_cfg = load_config(RunConfig, self.run / "config.yaml")
-        self.device = _device(self.cfg.device)
+        self.run_cfg = load_config(RunConfig, self.paths.config)
+        self.device = resolve_device(self.cfg.device, error=FoldError)
         if self.cfg.test_queries and not Path(self.cfg.test_queries).is_file():
             raise FoldError(f"test_queries file not found: {self.cfg.test_queries}")
 
@@ -212,7 +210,7 @@ class Fold:
             raise FoldError(f"added item(s) without an identifier in the store: {no_id[:5]}; "
                             f"items must get their identifier when they are added")
         dirs = _fold_dirs(self.run)
-        fold_dir = self.run / "fold" / str(dirs[-1][0] + 1 if dirs else 1)
+        fold_dir = self.paths.fold / str(dirs[-1][0] + 1 if dirs else 1)
         fold_dir.mkdir(parents=True)
         write_json_atomic(fold_dir / "plan.json", {
             "items": [it.item_id for it in items], "identifiers": [list(it.identifier) for it in items],
@@ -244,7 +242,7 @@ class Fold:
 
     def _replay_pool(self, active) -> list[tuple[str, str]]:
         """Old training pairs of live items: the run's, plus those of earlier folds."""
-        pool = _read_pairs(self.run / "train_queries.json")
+        pool = _read_pairs(self.paths.train_queries)
         for _, d in _fold_dirs(self.run):
             if _phase(d) == "done":
                 pool += _read_pairs(d / "pairs.json")
@@ -252,7 +250,7 @@ class Fold:
 
     def _held_out(self, active, fold_items: set[str]) -> tuple[list, list]:
         """(old-item, new-item) held-out (query, item_id) pairs, old ones subsampled to eval_queries."""
-        old = _read_pairs(self.run / "test_queries.json")
+        old = _read_pairs(self.paths.test_queries)
         for _, d in _fold_dirs(self.run):
             if _phase(d) == "done":
                 old += _read_pairs(d / "test_pairs.json")
@@ -284,9 +282,9 @@ class Fold:
         from ace.training.loop import train_retriever
 
         torch.manual_seed(self.cfg.seed)
-        model = AceModel.from_pretrained(str(self.run / "model")).to(self.device)
-        qtok = QueryTokenizer.load(self.run / "query_tokenizer")
-        vocab = IdentifierVocab.load(self.run / "identifier_vocab.json")
+        model = AceModel.from_pretrained(str(self.paths.model)).to(self.device)
+        qtok = QueryTokenizer.load(self.paths.query_tokenizer)
+        vocab = IdentifierVocab.load(self.paths.identifier_vocab)
         result = train_retriever(model, qtok, tok, vocab, pairs, None, self._train_config(), fold_dir, resume=True)
         return {"steps": result.step, "seconds": result.seconds}
 
@@ -306,12 +304,12 @@ class Fold:
     # ---- driver ------------------------------------------------------------------------------
     def run_fold(self) -> FoldResult:
         """Fold the active added items (or finish an interrupted fold); one fold at a time per run."""
-        (self.run / "fold").mkdir(exist_ok=True)
-        with open(self.run / "fold" / "LOCK", "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise FoldError(f"another fold of {self.run} is running (lock {self.run / 'fold' / 'LOCK'})") from None
+        self.paths.fold.mkdir(exist_ok=True)
+        try:
+            lock = take_lock(self.paths.fold / "LOCK")
+        except LockBusy:
+            raise FoldError(f"another fold of {self.run} is running (lock {self.paths.fold / 'LOCK'})") from None
+        with lock:
             return self._run_locked()
 
     def _run_locked(self) -> FoldResult:
@@ -360,7 +358,7 @@ class Fold:
             items = [i for i in items if i in got]  # items without a usable query stay in the fallback
             if not items:
                 raise FoldError("no added item got a usable training query; nothing can be folded")
-            tok = SemanticIdTokenizer.load(self.run / "identifiers", device="cpu")
+            tok = SemanticIdTokenizer.load(self.paths.identifiers, device="cpu")
             codes = np.asarray([plan["identifiers"][plan["items"].index(i)] for i in items], dtype=np.int64)
             _insert_identifiers(tok, codes, items)
             pool = self._replay_pool(active)

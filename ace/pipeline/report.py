@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from ace.run_folder import RunPaths
+
 
 def _plt():
     import matplotlib
@@ -122,6 +124,6 @@ def write_report(run_dir: Path, *, title: str, metrics: dict[str, Any], sections
     for p in plots or []:
         if p is not None:
             lines += [f"![{p.stem}](plots/{p.name})", ""]
-    out = Path(run_dir) / "report.md"
+    out = RunPaths(run_dir).report
     out.write_text("\n".join(lines))
     return out

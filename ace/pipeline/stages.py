@@ -12,21 +12,21 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from ace.arrays import resolve_device
 from ace.config import config_hash, save_config, to_dict
 from ace.data.corpus import Corpus, corpus_from_captions, load_corpus
-from ace.data.encoders import MultiModalEncoderConfig, build_encoder, resolve_text_model
-from ace.newitems.index import FallbackConfig
+from ace.data.encoders import build_encoder
 from ace.metrics import retrieval_metrics
-from ace.run_folder import RunFolder, load_run_corpus, load_run_embeddings, write_json_atomic
-from ace.training.loop import TrainConfig
-from identifiers import IdentifierConfig, SemanticIdTokenizer
-from querygen import QueryGenConfig
+from ace.model.config import ace_model_config
+from ace.pipeline.run_config import CorpusConfig, EvalConfig, PretrainConfig, RunConfig, SplitConfig
+from ace.run_folder import (RunFolder, RunPaths, load_run_corpus, load_run_embeddings, read_pairs, write_json_atomic,
+                            write_pairs)
+from identifiers import SemanticIdTokenizer
 
 log = logging.getLogger("ace.pipeline.stages")
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,101 +37,7 @@ class PipelineError(RuntimeError):
     """A stage cannot run with the given inputs; the message says which and why."""
 
 
-# ----------------------------------------------------------------------------- config
-
-
-@dataclass
-class CorpusConfig:
-    path: str = ""                  # corpus table (JSONL/CSV/Parquet) or a public caption file
-    format: str = "auto"            # auto | table | karpathy | flickr8k | clotho | audiocaps | msvd | didemo
-    root: str | None = None         # media root for relative media paths (table corpora)
-    demo: bool = False              # make the embedded demonstration corpus (data/make_demo.py) and use it
-    demo_dir: str = "data/demo"
-    demo_seed: int = 0
-    limit: int | None = None        # first N items only (quick trials)
-    min_captions: int = 0           # drop items with fewer captions (caption proxy: 5)
-
-
-@dataclass
-class SplitConfig:
-    """Which captions of an item are held out as test queries (never seen by querygen or training)."""
-    test_captions: list[int] = field(default_factory=lambda: [-2, -1])
-    val_queries: int = 0            # training queries also used for periodic eval (0 = eval at the end only)
-
-
-@dataclass
-class ModelSection:
-    """AceConfig sizes (ace/model/modeling.py); the identifier levels come from the identifiers stage."""
-    d_model: int = 256
-    n_heads: int = 4
-    encoder_layers: int = 3
-    decoder_layers: int = 3
-    ffn_dim: int = 1024
-    dropout: float = 0.1
-    max_query_length: int = 32
-    fusion: bool = True
-    pretrained_encoder: str | None = None   # local folder of a BERT-style encoder, or "minilm" (offline default)
-    pretrained_encoder_layers: int | None = None  # keep its first n layers only (None: all); S of them are fused
-    query_vocab_size: int = 8000            # SentencePiece vocabulary (when no pretrained encoder)
-    query_tokenizer_type: str = "unigram"   # unigram | bpe
-    init_identifier_embeddings: bool = False  # identifier-token embeddings from the centroids / codebooks (PCA)
-    prototype_levels: int = 0               # prototype-aware heads on the first 0 / 1 (k) / 2 (k, v1) levels (issue 19)
-    prototype_scale: float = 20.0           # their initial scale s (logits += s * cos(P(query), prefix prototype))
-
-
-@dataclass
-class PretrainConfig:
-    """Identifier-space pretraining (issue 19, lever 4), off while ``files`` is empty: before the
-    item pairs, the decoder learns (text, identifier prefix (k, v1..vM) of that text's own embedding
-    under the fitted identifiers) from the caption texts of *other* caption files. The run's own
-    caption file is refused and every caption of the run's corpus (training and test) is dropped."""
-    files: list[str] = field(default_factory=list)  # caption files (any ace.data.importers format)
-    max_texts: int = 20000          # random sample of their distinct captions
-    epochs: int = 1
-    encoder: str = "minilm"         # gives each text's embedding; must share the identifiers' space
-
-
-@dataclass
-class EvalConfig:
-    num_beams: list[int] = field(default_factory=lambda: [10])   # first = headline; others reported too
-    top_k: int = 10
-    batch_size: int = 100
-    # JSON-lines query sets judged by item metadata (ace/pipeline/query_sets.py), e.g. data/demo_queries.jsonl:
-    # top-1 / top-5 relevant in metrics.json and report.md beside the held-out-caption figures
-    query_sets: list[str] = field(default_factory=list)
-
-
-@dataclass
-class RunConfig:
-    name: str = "run"
-    run_dir: str = "runs/run"
-    seed: int = 0
-    device: str = "auto"
-    corpus: CorpusConfig = field(default_factory=CorpusConfig)
-    encoder: MultiModalEncoderConfig = field(default_factory=MultiModalEncoderConfig)
-    identifiers: IdentifierConfig = field(default_factory=IdentifierConfig)
-    querygen: QueryGenConfig = field(default_factory=QueryGenConfig)
-    split: SplitConfig = field(default_factory=SplitConfig)
-    model: ModelSection = field(default_factory=ModelSection)
-    training: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    fallback: FallbackConfig = field(default_factory=FallbackConfig)   # items added after training (RUN/fallback)
-
-
 # ----------------------------------------------------------------------------- helpers
-
-
-def ace_model_config(m: ModelSection, level_sizes: list[int], prototype_dim: int = 0):
-    """(AceConfig, pretrained encoder folder or None) for a run config's model section;
-    ``prototype_dim``: dimension of the identifier vectors (prototype heads)."""
-    from ace.model.modeling import AceConfig
-
-    kw = {k: v for k, v in to_dict(m).items()
-          if k not in ("pretrained_encoder", "query_vocab_size", "query_tokenizer_type", "init_identifier_embeddings")}
-    enc = resolve_text_model(m.pretrained_encoder) if m.pretrained_encoder else None
-    return AceConfig(**kw, level_sizes=list(level_sizes), pretrained_encoder=enc,
-                     query_vocab_size=m.query_vocab_size, prototype_dim=prototype_dim if m.prototype_levels else 0), enc
 
 
 # fields added to a config section after run folders were made: left out of the stage keys while they
@@ -143,12 +49,6 @@ def section_key(section, name: str) -> dict:
     """The config section as a dict for a stage key, without the ADDED_FIELDS at their defaults."""
     d, default = to_dict(section), to_dict(type(section)())
     return {k: v for k, v in d.items() if k not in ADDED_FIELDS.get(name, ()) or v != default[k]}
-
-
-def _device(name: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 def _load_demo_module():
@@ -235,10 +135,6 @@ def pretraining_texts(cfg: PretrainConfig, evaluated: str | Path | None, exclude
     return out
 
 
-def read_pairs(path: Path) -> list[tuple[str, str]]:
-    return [tuple(r) for r in json.loads(path.read_text())]
-
-
 # ----------------------------------------------------------------------------- stages
 
 
@@ -255,7 +151,7 @@ class Pipeline:
         for stage in self.forced:
             self.run.invalidate(stage)
         self.progress = progress
-        self.device = _device(cfg.device)
+        self.device = resolve_device(cfg.device, error=PipelineError)
         self.keys: dict[str, str] = {}
         self.timings: dict[str, float] = {}
 
@@ -281,16 +177,16 @@ class Pipeline:
         def run():
             corpus = load_source_corpus(cfg.corpus)  # the loaders validate (rows named in errors)
             train_corpus, test_pairs = split_captions(corpus, cfg.split)
-            corpus.save_jsonl(self.run / "corpus.jsonl")
-            train_corpus.save_jsonl(self.run / "corpus_train.jsonl")
-            write_json_atomic(self.run / "test_queries.json", test_pairs)
-            write_json_atomic(self.run / "corpus_root.json", {"root": str(corpus.root) if corpus.root else None})
+            corpus.save_jsonl(self.run.corpus)
+            train_corpus.save_jsonl(self.run.corpus_train)
+            write_pairs(self.run.test_queries, test_pairs)
+            write_json_atomic(self.run.corpus_root, {"root": str(corpus.root) if corpus.root else None})
             return {"items": len(corpus), "test_queries": len(test_pairs),
                     "modalities": {m: len(v) for m, v in corpus.by_modality().items()}}
 
         self._stage("corpus", config_hash(cfg.corpus, cfg.split), run)
 
-    def _corpus(self, name: str = "corpus_train.jsonl") -> Corpus:
+    def _corpus(self, name: str = RunPaths.CORPUS_TRAIN) -> Corpus:
         return load_run_corpus(self.run.path, name)
 
     # encode ----------------------------------------------------------------------------------
@@ -299,13 +195,13 @@ class Pipeline:
 
         def run():
             corpus = self._corpus()
-            enc_cfg = dataclasses.replace(cfg.encoder, cache_dir=cfg.encoder.cache_dir or str(self.run / "cache" / "embeddings"))
+            enc_cfg = dataclasses.replace(cfg.encoder, cache_dir=cfg.encoder.cache_dir or str(self.run.cache / "embeddings"))
             emb = build_encoder(enc_cfg).encode_corpus(corpus, progress=self.progress)
             if not np.isfinite(emb).all():
                 bad = np.where(~np.isfinite(emb).all(1))[0][:10]
                 raise PipelineError(f"the encoder returned NaN/inf embeddings for items {[corpus.items[i].item_id for i in bad]}")
-            np.save(self.run / "embeddings.npy", emb)
-            write_json_atomic(self.run / "item_ids.json", corpus.item_ids)
+            np.save(self.run.embeddings, emb)
+            write_json_atomic(self.run.item_ids, corpus.item_ids)
             return {"shape": list(emb.shape)}
 
         self._stage("encode", config_hash(self.keys["corpus"], cfg.encoder), run)
@@ -319,15 +215,15 @@ class Pipeline:
 
             corpus = self._corpus()
             qcfg = dataclasses.replace(cfg.querygen, media_root=cfg.querygen.media_root or (str(corpus.root) if corpus.root else None))
-            summary = run_querygen(corpus.items, build_backend(qcfg), config=qcfg, out_dir=self.run / "queries")
+            summary = run_querygen(corpus.items, build_backend(qcfg), config=qcfg, out_dir=self.run.queries)
             print(summary.format())
             if summary.items_pending:  # the stage is not done: the next run continues from the cache
                 raise PipelineError(f"querygen: {summary.items_pending} of {summary.items} items are still pending "
                                     f"after the time budget (querygen.max_seconds={qcfg.max_seconds}); the queries "
-                                    f"made so far are cached in {self.run / 'queries'}: re-run the same command to "
+                                    f"made so far are cached in {self.run.queries}: re-run the same command to "
                                     f"continue, or raise querygen.max_seconds")
             pairs = _read_query_dataset(Path(summary.dataset_path))
-            write_json_atomic(self.run / "train_queries.json", pairs)
+            write_pairs(self.run.train_queries, pairs)
             return {"queries": len(pairs)}
 
         self._stage("querygen", config_hash(self.keys["corpus"], cfg.querygen), run)
@@ -343,7 +239,7 @@ class Pipeline:
         from ace.data.encoders import TextEncoder
         from ace.newitems.query_tower import item_plus_query_vectors
 
-        pairs = read_pairs(self.run / "train_queries.json")
+        pairs = read_pairs(self.run.train_queries)
         enc = TextEncoder(icfg.query_encoder, device=self.device)
         if enc.dim != emb.shape[1]:
             raise PipelineError(f"identifiers.vectors=item_plus_queries: the query encoder {icfg.query_encoder!r} "
@@ -364,14 +260,14 @@ class Pipeline:
             ids, emb = load_run_embeddings(self.run.path)
             vectors = self.identifier_vectors(ids, emb)
             tok = SemanticIdTokenizer.fit(vectors, ids, cfg.identifiers, device=self.device, progress=self.progress)
-            out = self.run / "identifiers"
+            out = self.run.identifiers
             if out.exists():
                 shutil.rmtree(out)
             tok.save(out)
             if vectors is not emb:  # the prototype heads (model.prototype_levels) read what was quantised
-                np.save(self.run / "identifier_vectors.npy", vectors)
+                np.save(self.run.identifier_vectors, vectors)
             else:
-                (self.run / "identifier_vectors.npy").unlink(missing_ok=True)
+                self.run.identifier_vectors.unlink(missing_ok=True)
             summary = tok.summary()
             print("[identifiers]", json.dumps({k: summary[k] for k in summary if k != "times"}, default=str)[:600])
             return {"summary": summary, "vectors": cfg.identifiers.vectors}
@@ -387,7 +283,7 @@ class Pipeline:
     def prototype_vectors(self, tok) -> np.ndarray:
         """The vectors the identifiers quantised, rows in ``tok.item_ids`` order (prototype heads)."""
         ids, emb = load_run_embeddings(self.run.path)
-        vec_file = self.run / "identifier_vectors.npy"
+        vec_file = self.run.identifier_vectors
         vectors = np.load(vec_file) if vec_file.is_file() else emb
         if len(vectors) != len(ids):
             raise PipelineError(f"{vec_file}: {len(vectors)} rows for {len(ids)} items; re-run the identifiers stage")
@@ -410,8 +306,8 @@ class Pipeline:
             from ace.training.loop import latest_checkpoint, train_retriever
 
             torch.manual_seed(cfg.seed)
-            tok = SemanticIdTokenizer.load(self.run / "identifiers", device=self.device)
-            pairs = read_pairs(self.run / "train_queries.json")
+            tok = SemanticIdTokenizer.load(self.run.identifiers, device=self.device)
+            pairs = read_pairs(self.run.train_queries)
             vectors = self.prototype_vectors(tok) if cfg.model.prototype_levels else None
             ace_cfg, enc_path = self.model_config(tok.level_sizes, 0 if vectors is None else vectors.shape[1])
             if enc_path:
@@ -422,14 +318,14 @@ class Pipeline:
                                             max_length=ace_cfg.max_query_length)
                 ace_cfg.query_vocab_size = qtok.vocab_size
             vocab = IdentifierVocab(tok.level_sizes)
-            ckpt_key = self.run / "checkpoints" / "KEY"
-            if "train" in self.forced and (self.run / "checkpoints").exists():
+            ckpt_key = self.run.checkpoints / "KEY"
+            if "train" in self.forced and self.run.checkpoints.exists():
                 print("[train] forced: discarding the checkpoints, training from scratch")
-                shutil.rmtree(self.run / "checkpoints")
+                shutil.rmtree(self.run.checkpoints)
             elif ckpt_key.is_file() and ckpt_key.read_text() != key:
                 print("[train] config changed since the last checkpoints: starting afresh")
-                shutil.rmtree(self.run / "checkpoints")
-            (self.run / "checkpoints").mkdir(exist_ok=True)
+                shutil.rmtree(self.run.checkpoints)
+            self.run.checkpoints.mkdir(exist_ok=True)
             ckpt_key.write_text(key)
             model = AceModel(ace_cfg)
             if cfg.model.init_identifier_embeddings:
@@ -448,11 +344,11 @@ class Pipeline:
                 from ace.training.distill import teacher_for_pairs
                 teacher = teacher_for_pairs(pairs, tok, vocab, encoder=cfg.training.distill_encoder,
                                             tau=cfg.training.distill_tau, device=self.device,
-                                            cache_file=self.run / "cache" / f"teacher_{key[:12]}.npy")
+                                            cache_file=self.run.cache / f"teacher_{key[:12]}.npy")
             result = train_retriever(model, qtok, tok, vocab, pairs, val, cfg.training, self.run.path, resume=True,
                                      teacher=teacher)
-            qtok.save(self.run / "query_tokenizer")
-            vocab.save(self.run / "identifier_vocab.json")
+            qtok.save(self.run.query_tokenizer)
+            vocab.save(self.run.identifier_vocab)
             return {"steps": result.step, "best_step": result.best_step, "seconds_train": result.seconds}
 
         self._stage("train", key, run)
@@ -463,7 +359,7 @@ class Pipeline:
         from ace.training.loop import pretrain_identifier_prefixes
 
         cfg = self.cfg
-        own = [c for it in self._corpus("corpus.jsonl").items for c in it.captions]
+        own = [c for it in self._corpus(RunPaths.CORPUS).items for c in it.captions]
         texts = pretraining_texts(cfg.pretrain, None if cfg.corpus.demo else cfg.corpus.path, own, seed=cfg.seed)
         enc = TextEncoder(cfg.pretrain.encoder, device=self.device)
         if enc.dim != tok.centroids.shape[1]:
@@ -473,7 +369,7 @@ class Pipeline:
         t = time.time()
         losses = pretrain_identifier_prefixes(model, qtok, vocab, texts, prefixes, cfg.training,
                                               epochs=cfg.pretrain.epochs, device=self.device, progress=self.progress)
-        write_json_atomic(self.run / "pretrain.json", {"texts": len(texts), "files": cfg.pretrain.files,
+        write_json_atomic(self.run.pretrain, {"texts": len(texts), "files": cfg.pretrain.files,
                                                         "steps": len(losses), "seconds": time.time() - t,
                                                         "first_loss": losses[0] if losses else None,
                                                         "last_loss": losses[-1] if losses else None})
@@ -507,7 +403,7 @@ class Pipeline:
 
         def run():
             metrics = evaluate_run(self.run.path, cfg.eval, device=self.device, progress=self.progress)
-            write_json_atomic(self.run / "metrics.json", metrics)
+            write_json_atomic(self.run.metrics, metrics)
             head = metrics["by_group"]["all"]
             print(f"[eval] R@1 {head['R@1']:.1f}  R@5 {head['R@5']:.1f}  R@10 {head['R@10']:.1f}  "
                   f"MRR@10 {head['MRR@10']:.1f}  ({head['queries']} held-out queries)")
@@ -528,15 +424,15 @@ class Pipeline:
     def stage_report(self):
         from ace.pipeline.report import plot_identifier_distribution, plot_recall, plot_training_curves, read_jsonl, write_report
 
-        plots_dir = self.run / "plots"
+        plots_dir = self.run.plots
         plots_dir.mkdir(exist_ok=True)
-        metrics = json.loads((self.run / "metrics.json").read_text())
+        metrics = json.loads(self.run.metrics.read_text())
         tok_summary = (self.run.stage_record("identifiers") or {}).get("summary", {})
-        codes = np.load(self.run / "identifiers" / "codes.npy") if (self.run / "identifiers" / "codes.npy").is_file() \
-            else SemanticIdTokenizer.load(self.run / "identifiers", device="cpu").codes
+        codes = np.load(self.run.identifiers / "codes.npy") if (self.run.identifiers / "codes.npy").is_file() \
+            else SemanticIdTokenizer.load(self.run.identifiers, device="cpu").codes
         M = codes.shape[1] - 2
         plots = [
-            plot_training_curves(read_jsonl(self.run / "train_log.jsonl"), plots_dir / "training_curves.png"),
+            plot_training_curves(read_jsonl(self.run.train_log), plots_dir / "training_curves.png"),
             plot_recall(metrics["by_group"], plots_dir / "recall.png"),
             plot_identifier_distribution(codes, ["k"] + [f"v{i + 1}" for i in range(M)] + ["u"], plots_dir / "identifiers.png"),
         ]
@@ -552,10 +448,10 @@ class Pipeline:
         if metrics.get("beams"):
             sections["Beam sizes"] = "\n".join(f"- beams {b}: R@1 {m['R@1']:.1f}, R@10 {m['R@10']:.1f}" for b, m in metrics["beams"].items())
         write_report(self.run.path, title=f"ACE run: {self.cfg.name}", metrics=metrics, sections=sections, plots=plots)
-        print(f"[report] {self.run / 'report.md'}")
+        print(f"[report] {self.run.report}")
 
     def run_all(self, until: str = "report"):
-        save_config(self.cfg, self.run / "config.yaml")
+        save_config(self.cfg, self.run.config)
         steps = [self.stage_corpus, self.stage_encode, self.stage_querygen, self.stage_identifiers,
                  self.stage_train, self.stage_fallback, self.stage_eval, self.stage_report]
         for name, step in zip(STAGES, steps):
@@ -581,7 +477,7 @@ def evaluate_run(run_dir: str | Path, eval_cfg: EvalConfig, *, device: str = "cp
 
     run_dir = Path(run_dir)
     retriever = Retriever.from_run(run_dir, device=device)
-    test = read_pairs(run_dir / "test_queries.json")
+    test = read_pairs(RunPaths(run_dir).test_queries)
     if not test:
         raise PipelineError(f"{run_dir} has no held-out test queries (split.test_captions)")
     queries, targets = [q for q, _ in test], [t for _, t in test]

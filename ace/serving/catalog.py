@@ -11,8 +11,6 @@ in-memory indexes change: acknowledged = durable.
 """
 from __future__ import annotations
 
-import fcntl
-import os
 import threading
 from pathlib import Path
 from typing import Callable, Sequence
@@ -21,7 +19,7 @@ import numpy as np
 
 from ace.data.corpus import Corpus, CorpusItem, resolve_media_file
 from ace.newitems.index import FallbackIndex
-from ace.run_folder import read_encoder_config
+from ace.run_folder import LockBusy, RunPaths, read_encoder_config, take_lock
 from ace.serving.errors import ItemConflictError, ItemNotFoundError, RetrieverError, WriterLockError
 from ace.serving.store import ItemStore, StoreError, check_item
 from identifiers import SemanticIdTokenizer
@@ -80,27 +78,18 @@ class ItemCatalog:
         if self._store is None:
             if self.run_dir is None:
                 raise RetrieverError("this retriever was not loaded from a run folder: it has no item store")
-            self._store = ItemStore(self.run_dir / "store.sqlite")
+            self._store = ItemStore(RunPaths(self.run_dir).store)
         return self._store
 
     def writer(self) -> ItemStore:
         """The store, with this process holding the run's writer lock (one writing process per run)."""
         store = self.open_store()
         if self._writer_lock is None:
-            f = open(self.run_dir / "store.lock", "a+")
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                holder = f.read().strip() or "?"
-                f.close()
-                raise WriterLockError(f"another process (pid {holder}) is writing the items of {self.run_dir}; "
-                                     f"stop it, or send the change to its HTTP API") from None
-            f.seek(0)
-            f.truncate()
-            f.write(str(os.getpid()))
-            f.flush()
-            self._writer_lock = f
+                self._writer_lock = take_lock(RunPaths(self.run_dir).store_lock)
+            except LockBusy as exc:
+                raise WriterLockError(f"another process (pid {exc.holder}) is writing the items of {self.run_dir}; "
+                                      f"stop it, or send the change to its HTTP API") from None
         return store
 
     def close(self) -> None:

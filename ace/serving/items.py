@@ -84,9 +84,10 @@ def cmd_delete(args) -> int:
 
 
 def cmd_list(args) -> int:
+    from ace.run_folder import RunPaths
     from ace.serving.store import ItemStore
 
-    path = args.run / "store.sqlite"
+    path = RunPaths(args.run).store
     if not path.is_file():
         print(f"{args.run} has no store.sqlite: no item was added or deleted since training", file=sys.stderr)
         return 0

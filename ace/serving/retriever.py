@@ -32,14 +32,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ace.arrays import resolve_device, unit_rows
 from ace.data.corpus import MODALITIES, Corpus, CorpusItem
-from ace.model.decoding import constrained_beam_search, quantize_dynamic_int8
+from ace.model.decoding import quantize_dynamic_int8, search_texts
 from ace.model.modeling import AceModel
 from ace.model.tokens import IdentifierVocab, QueryTokenizer
 from ace.newitems.calibration import Calibration, load_calibration, merge_rankings
 from ace.newitems.index import FallbackIndex
-from ace.newitems.query_tower import run_text_tower, unit_rows
-from ace.run_folder import load_run_corpus, load_run_embeddings, read_encoder_config
+from ace.newitems.query_tower import run_text_tower
+from ace.run_folder import RunPaths, load_run_corpus, load_run_embeddings, read_encoder_config
 from ace.serving.catalog import ItemCatalog
 from ace.serving.errors import ItemConflictError, ItemNotFoundError, RetrieverError, WriterLockError  # noqa: F401 (API)
 from identifiers import FlatTrie, SemanticIdTokenizer
@@ -93,32 +94,32 @@ class Retriever:
         ``text_encoder``: the fallback query tower's frozen text encoder, when already loaded.
         """
         run_dir = Path(run_dir)
-        needed = ["model", "query_tokenizer", "identifier_vocab.json", "identifiers", "corpus.jsonl"]
-        missing = [n for n in needed if not (run_dir / n).exists()]
+        paths = RunPaths(run_dir)
+        missing = paths.missing(RunPaths.TRAINED)
         if missing:
             raise RetrieverError(f"{run_dir} is not a trained run: missing {', '.join(missing)} "
                                  f"(run `python train.py --config ...` with run_dir={run_dir} first)")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = AceModel.from_pretrained(str(run_dir / "model")).to(device).eval()
+        device = resolve_device(device, error=RetrieverError)
+        model = AceModel.from_pretrained(str(paths.model)).to(device).eval()
         if quantize:
             if device != "cpu":
                 raise RetrieverError("dynamic int8 quantisation is for CPU serving; use device='cpu'")
             model = quantize_dynamic_int8(model)
         corpus = load_run_corpus(run_dir)
         fb = cal = None
-        if fallback and (run_dir / "fallback").is_dir():
+        if fallback and paths.fallback.is_dir():
             enc_cfg = read_encoder_config(run_dir)
             dual = run_text_tower(enc_cfg, {it.modality for it in corpus.items}) if enc_cfg is not None else None
-            fb = FallbackIndex.load(run_dir / "fallback", text_encoder=None if dual else text_encoder, dual_encoder=dual)
+            fb = FallbackIndex.load(paths.fallback, text_encoder=None if dual else text_encoder, dual_encoder=dual)
             if len(fb):
-                raise RetrieverError(f"{run_dir / 'fallback'} holds {len(fb)} items; the saved fallback index must be "
+                raise RetrieverError(f"{paths.fallback} holds {len(fb)} items; the saved fallback index must be "
                                      f"empty (added items live in store.sqlite)")
-            cal = load_calibration(run_dir / "fallback" / "calibration.json")
-        out = cls(model=model, query_tokenizer=QueryTokenizer.load(run_dir / "query_tokenizer"),
-                  vocab=IdentifierVocab.load(run_dir / "identifier_vocab.json"),
-                  id_tokenizer=SemanticIdTokenizer.load(run_dir / "identifiers", device="cpu"),
+            cal = load_calibration(paths.fallback / RunPaths.CALIBRATION)
+        out = cls(model=model, query_tokenizer=QueryTokenizer.load(paths.query_tokenizer),
+                  vocab=IdentifierVocab.load(paths.identifier_vocab),
+                  id_tokenizer=SemanticIdTokenizer.load(paths.identifiers, device="cpu"),
                   corpus=corpus, default_beams=default_beams, run_dir=run_dir, fallback=fb, calibration=cal)
-        if (run_dir / "store.sqlite").is_file():
+        if paths.store.is_file():
             out.catalog.load_store()
         return out
 
@@ -211,29 +212,17 @@ class Retriever:
             trie = self.trie(modality)
             item_ids = self.id_tokenizer.trie.item_ids
             codes = np.asarray(self.id_tokenizer.trie.codes)
-            out: list[list[SearchHit]] = []
-            starts = range(0, len(queries), batch_size)
-            if progress:
-                from tqdm.auto import tqdm
-
-                starts = tqdm(starts, desc="search", unit="batch")
-            max_len = self.model.config.max_query_length
-            for s in starts:
-                enc = self.query_tokenizer(queries[s:s + batch_size], max_length=max_len)
-                rows, scores = constrained_beam_search(self.model, enc.input_ids.to(self.device),
-                                                       enc.attention_mask.to(self.device), trie, self.vocab,
-                                                       num_beams=beams, top_k=k)
-                rows, scores = np.asarray(rows), np.asarray(scores, dtype=np.float64)
-                for r_row, s_row in zip(rows, scores):
-                    out.append([SearchHit(item_ids[r], self.catalog.modality.get(item_ids[r], "unknown"), float(sc),
-                                          tuple(int(c) for c in codes[r]))
-                                for r, sc in zip(r_row, s_row) if r >= 0])
-            return out
+            rows, scores, _ = search_texts(self.model, self.query_tokenizer, queries, trie, self.vocab, num_beams=beams,
+                                           top_k=k, batch_size=batch_size, progress=progress)
+            return [[SearchHit(item_ids[r], self.catalog.modality.get(item_ids[r], "unknown"), float(sc),
+                               tuple(int(c) for c in codes[r]))
+                     for r, sc in zip(r_row, s_row) if r >= 0]
+                    for r_row, s_row in zip(rows, scores.astype(np.float64))]
 
     def _tower_cosines(self, query_vectors: np.ndarray, rows: list[list[SearchHit]]) -> list[list[float]]:
         """Per query, the cosine between its tower vector and each hit's item embedding."""
         if self._trained_vectors is None:
-            if self.run_dir is None or not (self.run_dir / "embeddings.npy").is_file():
+            if self.run_dir is None or not RunPaths(self.run_dir).embeddings.is_file():
                 raise RetrieverError("a cosine-scale calibration needs the trained items' embeddings "
                                      "(RUN/embeddings.npy); this retriever has no run folder holding them")
             try:
@@ -316,7 +305,7 @@ class Retriever:
         import hashlib
 
         h = hashlib.sha256()
-        for p in sorted((self.run_dir / "model").glob("*")):
+        for p in sorted(RunPaths(self.run_dir).model.glob("*")):
             h.update(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode())
         return h.hexdigest()[:12]
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ace.newitems.query_tower import unit_rows
+from ace.arrays import unit_rows
 from ace.training.pairs import resolve_rows
 
 

@@ -34,8 +34,9 @@ from tqdm.auto import tqdm
 
 from ace.config import to_dict
 from ace.training.losses import ace_loss
+from ace.run_folder import RunPaths
+from ace.training.evaluate import metrics_from_rows, query_length, rank_items
 from ace.training.pairs import EncodedPairs, TrainingDataError, encode_pairs, identifier_targets, tokenize_queries
-from ace.metrics import retrieval_metrics
 
 
 # ----------------------------------------------------------------------------- config
@@ -154,59 +155,6 @@ def cache_encoder_states(encoder: torch.nn.Module, pairs: EncodedPairs, *, budge
     return states
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def rank_items(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, trie, vocab, *,
-               num_beams: int, top_k: int, batch_size: int, progress: bool = False) -> np.ndarray:
-    """Constrained beam search over all queries -> item rows int64 (N, top_k), -1 padded."""
-    from ace.model.decoding import constrained_beam_search
-
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="eval", disable=not progress, leave=False):
-            ids = input_ids[start:start + batch_size].to(device)
-            mask = attention_mask[start:start + batch_size].to(device)
-            items, _ = constrained_beam_search(model, ids, mask, trie, vocab, num_beams=num_beams, top_k=top_k)
-            out.append(torch.as_tensor(items).cpu().numpy())
-    finally:
-        model.train(was_training)
-    return np.concatenate(out, axis=0) if out else np.zeros((0, top_k), dtype=np.int64)
-
-
-def _metrics_from_rows(ranked_rows: np.ndarray, targets: np.ndarray) -> dict[str, float]:
-    rankings = [[int(r) for r in row if r >= 0] for row in ranked_rows]
-    return retrieval_metrics(rankings, [int(t) for t in targets])
-
-
-def query_length(model, query_tokenizer, requested: int | None) -> int:
-    """Token budget per query: ``requested``, else the model's config.max_query_length, else the tokenizer's."""
-    model_max = getattr(getattr(model, "config", None), "max_query_length", None)
-    if requested is None:
-        return int(model_max or query_tokenizer.max_length)
-    if model_max is not None and requested > model_max:
-        raise ValueError(f"max_query_length={requested} exceeds the model's max_query_length={model_max}")
-    return int(requested)
-
-
-def evaluate_retriever(model, query_tokenizer, id_tokenizer, vocab, pairs: Sequence[tuple[str, Any]], *,
-                       num_beams: int = 10, top_k: int = 10, batch_size: int = 100,
-                       max_query_length: int | None = None, progress: bool = False) -> dict[str, float]:
-    """Recall@1/5/10 and MRR@10 (percent) of constrained beam search on (query, item) pairs."""
-    if top_k > num_beams:
-        raise ValueError(f"top_k ({top_k}) cannot exceed num_beams ({num_beams})")
-    data = encode_pairs(pairs, query_tokenizer, id_tokenizer, vocab,
-                        max_query_length=query_length(model, query_tokenizer, max_query_length),
-                        what="evaluation pairs")
-    ranked = rank_items(model, data.input_ids, data.attention_mask, id_tokenizer.trie.flat(), vocab,
-                        num_beams=num_beams, top_k=top_k, batch_size=batch_size, progress=progress)
-    return _metrics_from_rows(ranked, data.rows.numpy())
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -226,7 +174,7 @@ def _step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The most recent complete run_dir/checkpoints/step-N folder, or None."""
-    dirs = _step_dirs(Path(run_dir) / "checkpoints")
+    dirs = _step_dirs(RunPaths(run_dir).checkpoints)
     return dirs[-1][1] if dirs else None
 
 
@@ -324,7 +272,8 @@ def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab
 
     t0 = time.time()
     run_dir = Path(run_dir)
-    ckpt_root = run_dir / "checkpoints"
+    paths = RunPaths(run_dir)
+    ckpt_root = paths.checkpoints
     accelerator = accelerator or make_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
@@ -378,7 +327,7 @@ def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab
     accelerator.register_for_checkpointing(scheduler, state)
     set_seed(cfg.seed + rank)  # independent dropout per process
 
-    log = _JsonlLog(run_dir / "train_log.jsonl", enabled=main)
+    log = _JsonlLog(paths.train_log, enabled=main)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -398,8 +347,8 @@ def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab
         accelerator.load_state(str(latest))
         log.truncate_after(state.step)
     elif main:
-        if (run_dir / "train_log.jsonl").exists():
-            (run_dir / "train_log.jsonl").unlink()
+        if paths.train_log.exists():
+            paths.train_log.unlink()
         for _, d in _step_dirs(ckpt_root):
             shutil.rmtree(d)
     accelerator.wait_for_everyone()
@@ -416,7 +365,7 @@ def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab
             order.extend(idx)
             rows.extend(rk)
         rows = np.asarray(rows, dtype=np.int64)[np.argsort(order)]
-        return _metrics_from_rows(rows, val.rows.numpy())
+        return metrics_from_rows(rows, val.rows.numpy())
 
     def save_checkpoint() -> None:
         out = ckpt_root / f"step-{state.step}"
@@ -503,7 +452,7 @@ def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab
     bar.close()
 
     if state.step < total_steps:  # stopped early on request: the checkpoint is the artefact
-        return TrainResult(step=state.step, model_dir=run_dir / "model", best_step=state.best_step,
+        return TrainResult(step=state.step, model_dir=paths.model, best_step=state.best_step,
                            best_metrics=state.best_metrics, final_metrics=final_metrics, history=log.records,
                            seconds=time.time() - t0)
 
@@ -517,12 +466,12 @@ def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab
         export_step = state.best_step
         state.step = total_steps
     if main:
-        _save_model(unwrapped, run_dir / "model")
-        (run_dir / "model" / "training_state.json").write_text(json.dumps(
+        _save_model(unwrapped, paths.model)
+        (paths.model / "training_state.json").write_text(json.dumps(
             {"exported_step": export_step, "total_steps": total_steps, "best_metric": cfg.best_metric,
              "best_metrics": state.best_metrics, "train_config": to_dict(cfg)}, indent=1))
     accelerator.wait_for_everyone()
-    return TrainResult(step=total_steps, model_dir=run_dir / "model", best_step=state.best_step,
+    return TrainResult(step=total_steps, model_dir=paths.model, best_step=state.best_step,
                        best_metrics=state.best_metrics, final_metrics=final_metrics, history=log.records,
                        seconds=time.time() - t0)
 
