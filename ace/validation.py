@@ -6,8 +6,8 @@ value that one of them accepts can be stored, indexed, served as JSON and loaded
 - text is well-formed Unicode (no lone surrogates: they cannot be encoded as UTF-8, neither into the
   identifier trie, nor SQLite, nor a JSON response);
 - item ids hold no control characters at all (NUL and friends break the id trie and URLs) and are
-  at most ``MAX_ITEM_ID_CHARS`` long; captions, queries and metadata strings hold no control
-  characters other than tab, newline and carriage return;
+  at most ``MAX_ITEM_ID_CHARS`` long; captions, queries and media paths hold no control characters
+  other than tab, newline and carriage return (metadata strings may: they stay escaped JSON);
 - metadata is a JSON object of plain JSON values (finite numbers), at most ``MAX_METADATA_DEPTH``
   deep and ``MAX_METADATA_BYTES`` as JSON;
 - sizes are bounded (``MAX_CAPTIONS`` captions of at most ``MAX_CAPTION_CHARS`` each).
@@ -31,6 +31,11 @@ MAX_METADATA_BYTES = 64 * 1024
 MAX_METADATA_DEPTH = 16
 MAX_QUERY_CHARS = 512           # the server's ServeConfig.max_query_chars defaults to the same
 TEXT_WHITESPACE = frozenset("\t\n\r")
+# the same rules as JSON Schema patterns (ECMA-262), for the published OpenAPI schema
+_CC = "\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f-\\x9f"        # control characters but \t \n \r
+TEXT_PATTERN = f"^[^{_CC}]*$"                                   # captions, media paths
+QUERY_PATTERN = f"^[^{_CC}]*[^\\s{_CC}][^{_CC}]*$"                # ... and not blank
+ITEM_ID_PATTERN = "^[^\\x00-\\x1f\\x7f-\\x9f]*[^\\s\\x00-\\x1f\\x7f-\\x9f][^\\x00-\\x1f\\x7f-\\x9f]*$"
 
 
 class InputError(ValueError):
@@ -50,10 +55,11 @@ def _describe(ch: str) -> str:
 
 
 def check_text(value: Any, field: str, *, max_chars: int, allow_whitespace_controls: bool = True,
-               allow_empty: bool = True) -> str:
+               allow_empty: bool = True, allow_controls: bool = False) -> str:
     """``value`` is a str, well-formed Unicode, free of control characters, at most ``max_chars`` long.
 
-    ``allow_whitespace_controls``: tab, newline and carriage return are allowed (not in ids).
+    ``allow_whitespace_controls``: tab, newline and carriage return are allowed (not in ids);
+    ``allow_controls``: any control character is (metadata values, stored and sent as escaped JSON).
     Returns ``value`` unchanged.
     """
     if not isinstance(value, str):
@@ -68,6 +74,8 @@ def check_text(value: Any, field: str, *, max_chars: int, allow_whitespace_contr
         raise InputError(field, f"not well-formed Unicode: lone surrogate {_describe(value[exc.start])} at "
                                 f"position {exc.start}") from None
     for pos, ch in enumerate(value):
+        if allow_controls:
+            break
         if unicodedata.category(ch) == "Cc" and not (allow_whitespace_controls and ch in TEXT_WHITESPACE):
             raise InputError(field, f"control character {_describe(ch)} at position {pos} is not allowed")
     return value
@@ -106,7 +114,7 @@ def _check_json_value(value: Any, field: str, depth: int) -> None:
     if value is None or isinstance(value, bool):
         return
     if isinstance(value, str):
-        check_text(value, field, max_chars=MAX_METADATA_BYTES)
+        check_text(value, field, max_chars=MAX_METADATA_BYTES, allow_controls=True)
     elif isinstance(value, int):
         return
     elif isinstance(value, float):
@@ -116,7 +124,7 @@ def _check_json_value(value: Any, field: str, depth: int) -> None:
         for key, v in value.items():
             if not isinstance(key, str):
                 raise InputError(field, f"keys must be strings, got {type(key).__name__} {key!r}")
-            check_text(key, _join(field, "<key>"), max_chars=MAX_ITEM_ID_CHARS)
+            check_text(key, _join(field, "<key>"), max_chars=MAX_ITEM_ID_CHARS, allow_controls=True)
             _check_json_value(v, _join(field, key), depth + 1)
     elif isinstance(value, (list, tuple)):
         for n, v in enumerate(value):

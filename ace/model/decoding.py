@@ -224,17 +224,19 @@ def _batches(n: int, batch_size: int, progress: bool, desc: str):
 @torch.inference_mode()
 def search_batches(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, trie, vocab: IdentifierVocab, *,
                    num_beams: int, top_k: int | None = None, batch_size: int = 100, constrained: bool = True,
-                   keep_invalid: bool = False, progress: bool = False, desc: str = "search"):
+                   keep_invalid: bool = False, progress: bool = False, desc: str = "search", roots=None):
     """Beam search over already tokenised queries, ``batch_size`` rows at a time.
 
     Returns (item_index int64 (N, top_k), -1 padded; logprob float (N, top_k); invalid count): the
     concatenation of ``constrained_beam_search`` (or ``unconstrained_beam_search`` with
-    ``constrained=False``; invalid count 0 when constrained) over the batches."""
+    ``constrained=False``; invalid count 0 when constrained) over the batches. ``roots`` (N,): each query's
+    start node in a ``FlatTrie.forest`` (constrained only)."""
     rows, scores, invalid = [], [], 0
     for s in _batches(input_ids.shape[0], batch_size, progress, desc):
         args = (model, input_ids[s:s + batch_size], attention_mask[s:s + batch_size], trie, vocab)
         if constrained:
-            r, sc = constrained_beam_search(*args, num_beams=num_beams, top_k=top_k)
+            r, sc = constrained_beam_search(*args, num_beams=num_beams, top_k=top_k,
+                                            roots=None if roots is None else roots[s:s + batch_size])
         else:
             r, sc, bad = unconstrained_beam_search(*args, num_beams=num_beams, top_k=top_k, keep_invalid=keep_invalid)
             invalid += bad
@@ -249,7 +251,8 @@ def search_batches(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 @torch.inference_mode()
 def search_texts(model, query_tokenizer, queries: list[str], trie, vocab: IdentifierVocab, *, num_beams: int,
                  top_k: int | None = None, batch_size: int = 100, max_length: int | None = None,
-                 constrained: bool = True, keep_invalid: bool = False, progress: bool = False, desc: str = "search"):
+                 constrained: bool = True, keep_invalid: bool = False, progress: bool = False, desc: str = "search",
+                 roots=None):
     """``search_batches`` for query texts, tokenised one batch at a time (to the model's
     ``max_query_length`` unless ``max_length``): the one batched searcher of the retriever and the
     benchmarks. Returns (item_index (N, top_k), logprob (N, top_k), invalid count)."""
@@ -259,7 +262,7 @@ def search_texts(model, query_tokenizer, queries: list[str], trie, vocab: Identi
         enc = query_tokenizer(list(queries[s:s + batch_size]), max_length=max_length)
         r, sc, bad = search_batches(model, enc.input_ids, enc.attention_mask, trie, vocab, num_beams=num_beams,
                                     top_k=top_k, batch_size=len(enc.input_ids), constrained=constrained,
-                                    keep_invalid=keep_invalid)
+                                    keep_invalid=keep_invalid, roots=None if roots is None else roots[s:s + batch_size])
         rows.append(r)
         scores.append(sc)
         invalid += bad

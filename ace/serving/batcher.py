@@ -2,8 +2,10 @@
 
 Each ``POST /search`` puts its query on a pending list; one worker task takes up to ``max_batch``
 pending queries (waiting at most ``max_wait_ms`` after the oldest arrived for others to join) and
-answers them with one ``search_fn`` call per distinct key ``(k, beams, modality)`` in a single
-worker thread, so concurrent clients share one constrained beam search.
+answers them in a single worker thread. A query's key is ``(k, modality, *shared)``: queries whose
+``shared`` parts agree (the beam width, and anything a retriever cannot mix in one call) share one
+``search_fn(queries, keys)`` call whatever their k and modality, so mixed traffic forms as few model
+calls as uniform traffic (the search decodes with the largest k, each query in its own modality).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ class ServerBusy(Exception):
 @dataclass
 class _Pending:
     query: str
-    key: tuple                    # (k, beams, modality): one retriever call per distinct key
+    key: tuple                    # (k, modality, *shared): one search_fn call per distinct key[2:]
     future: asyncio.Future
     enqueued: float
 
@@ -36,13 +38,13 @@ class BatchStats:
     batches: int = 0
     queries: int = 0
     max_size: int = 0
-    calls: int = 0                # retriever.search calls (one per distinct key per batch)
+    calls: int = 0                # search_fn calls (one per distinct key[2:] per batch)
 
 
 class MicroBatcher:
     """Gathers concurrent searches into batches run by one worker thread."""
 
-    def __init__(self, search_fn: Callable[[list[str], tuple], list[Any]], *, max_batch: int,
+    def __init__(self, search_fn: Callable[[list[str], list[tuple]], list[Any]], *, max_batch: int,
                  max_wait_ms: float, max_queue: int):
         self.search_fn = search_fn
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
@@ -120,15 +122,17 @@ class MicroBatcher:
                     p.future.set_result(out)
 
     def _run_batch(self, batch: list[_Pending]) -> list[Any]:
-        """Runs in the worker thread: one search_fn call per distinct key; a failing call is retried per query."""
+        """Runs in the worker thread. Pending queries whose keys agree beyond their own (k, modality) -
+        ``key[2:]``, e.g. the beam width - share one ``search_fn`` call: it decodes with the group's
+        largest k and each query's own modality, and the server cuts each result to its own k. A failing
+        call is retried query by query, so one bad query fails alone."""
         groups: dict[tuple, list[int]] = {}
         for i, p in enumerate(batch):
-            groups.setdefault(p.key, []).append(i)
+            groups.setdefault(p.key[2:], []).append(i)
         outcomes: list[Any] = [None] * len(batch)
-        for key, idx in groups.items():
-            queries = [batch[i].query for i in idx]
+        for idx in groups.values():
             try:
-                results = self._call(queries, key)
+                results = self._call([batch[i].query for i in idx], [batch[i].key for i in idx])
                 for i, r in zip(idx, results):
                     outcomes[i] = r
             except Exception as exc:
@@ -137,7 +141,7 @@ class MicroBatcher:
                     continue
                 for i in idx:  # isolate the query that made the batch fail
                     try:
-                        outcomes[i] = self._call([batch[i].query], key)[0]
+                        outcomes[i] = self._call([batch[i].query], [batch[i].key])[0]
                     except Exception as single_exc:
                         outcomes[i] = single_exc
         self.stats.batches += 1
@@ -145,9 +149,9 @@ class MicroBatcher:
         self.stats.max_size = max(self.stats.max_size, len(batch))
         return outcomes
 
-    def _call(self, queries: list[str], key: tuple) -> list[Any]:
+    def _call(self, queries: list[str], keys: list[tuple]) -> list[Any]:
         self.stats.calls += 1
-        results = self.search_fn(queries, key)
+        results = self.search_fn(queries, keys)
         if len(results) != len(queries):
             raise RuntimeError(f"retriever returned {len(results)} result lists for {len(queries)} queries")
         return results

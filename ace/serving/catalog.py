@@ -1,28 +1,40 @@
 """The item lifecycle of a loaded run: the items added, folded and deleted after training.
 
-``ItemCatalog`` owns RUN/store.sqlite (``ItemStore``), the run's writer lock (RUN/store.lock: one
-writing process per run), validation of new items, their embedding (given, or the run's encoder on
-a media file inside the corpus root), identifier assignment, and add/delete. ``Retriever`` keeps
+``ItemCatalog`` owns RUN/store.sqlite (``ItemStore``), the run's writer lock (RUN/store.lock, held for
+one write at a time, so a running server and the items CLI take turns), validation of new items
+(``ace/validation.py``), their embedding (given, or the run's encoder on a media file inside the
+corpus root or the run's uploads), identifier assignment, add/delete, and the quarantine of stored
+rows that cannot be served. ``Retriever`` keeps
 model loading and search, and delegates ``add_items`` / ``delete_items`` / ``item`` here; both
 share one re-entrant lock (searches vs adds/deletes: deletes shift trie rows).
 
 Every add/delete batch is one SQLite transaction, committed before the call returns and before the
-in-memory indexes change: acknowledged = durable.
+in-memory indexes change: acknowledged = durable. Before each write, under the writer lock, the
+catalog catches up with what other processes committed since it last read the store (SQLite's
+``data_version``), so identifiers are always assigned from the current table.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import logging
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from ace.data.corpus import Corpus, CorpusItem, resolve_media_file
+from ace.data.corpus import MODALITIES, Corpus, CorpusItem
 from ace.newitems.index import FallbackIndex
 from ace.run_folder import LockBusy, RunPaths, read_encoder_config, take_lock
 from ace.serving.errors import ItemConflictError, ItemNotFoundError, RetrieverError, WriterLockError
+from ace.serving.media import MediaPathError, resolve_item_media
 from ace.serving.store import ItemStore, StoreError, check_item
+from ace.validation import InputError, check_item_fields
 from identifiers import SemanticIdTokenizer
+
+log = logging.getLogger("ace.serving.catalog")
 
 
 class ItemCatalog:
@@ -38,41 +50,129 @@ class ItemCatalog:
         self.modality: dict[str, str] = {it.item_id: it.modality for it in corpus.items}
         self.stored: dict[str, CorpusItem] = {}      # active added + folded items (not in the corpus file)
         self.deleted: set[str] = set()
+        self.quarantined: dict[str, str] = {}        # stored rows that cannot be served: item id -> why
+        self.lock_timeout_s = 10.0                   # how long a write waits for another process's write
+        self._data_version: int | None = None        # the store's data_version when this process last read it
         self._store: ItemStore | None = None
-        self._writer_lock = None                     # open lock file while this process writes the run's items
         self._encoder = None
 
     def load_store(self) -> None:
-        """Rebuild identifiers, tries and the fallback index from every row of RUN/store.sqlite."""
-        store = self.open_store()
-        rows = list(store.iterate(status=None))
+        """Rebuild identifiers, tries and the fallback index from every row of RUN/store.sqlite. A row that
+        cannot be served (undecodable, invalid fields, an identifier that clashes) is quarantined: logged,
+        reported by ``quarantine_report()`` (and /stats), kept in the store untouched, its id never reused."""
+        self.sync(self.open_store())
+
+    def sync(self, store: ItemStore) -> None:
+        """Bring the in-memory state up to the store's rows: rows this process has not seen are restored (or
+        quarantined), items another process deleted are dropped. At load, and before each write when another
+        process has committed since this one last read the store."""
+        version = store.data_version()  # read first: a commit after it makes the next write sync again
+        errors: list[tuple[str, str]] = []
+        rows = list(store.iterate(status=None, errors=errors))
+        for item_id, reason in errors:
+            self._quarantine(item_id, reason)
         tok = self.id_tokenizer
-        restore = [r for r in rows if r.identifier is not None and r.source != "trained"]
-        for r in [r for r in restore if r.item_id in tok.trie]:  # e.g. folded items saved with RUN/identifiers
-            if tuple(int(c) for c in tok.codes_of([r.item_id])[0]) != tuple(r.identifier):
-                raise RetrieverError(f"item {r.item_id!r}: identifier {r.identifier} in store.sqlite differs from "
-                                     f"RUN/identifiers {tok.codes_of([r.item_id])[0].tolist()}")
-        restore = [r for r in restore if r.item_id not in tok.trie]
-        if restore:
-            tok.restore(np.asarray([r.identifier for r in restore], dtype=np.int64), [r.item_id for r in restore])
-        self.deleted = {r.item_id for r in rows if r.status == "deleted"}
-        gone = [i for i in self.deleted if i in tok.trie]
-        if gone:
-            tok.remove(gone)
-        added = [r for r in rows if r.status == "active" and r.source == "added"]
+        serve, restore = [], []
+        changed = False
         for r in rows:
-            if r.status == "active" and r.source in ("added", "folded"):
-                self.stored[r.item_id] = r.to_corpus_item()
-                self.modality[r.item_id] = r.modality
+            i = r.item_id
+            if i in self.quarantined:
+                continue
+            if r.status == "deleted":
+                if i not in self.deleted:
+                    self._forget([i])
+                    changed = True
+                continue
+            if r.source not in ("added", "folded") or i in self.stored:
+                continue  # trained rows are tombstones; stored items are served already
+            reason = self._unservable(r)
+            if reason is not None:
+                self._quarantine(i, reason)
+                continue
+            if i in tok.trie:  # e.g. folded items saved with RUN/identifiers
+                have = tuple(int(c) for c in tok.codes_of([i])[0])
+                if have != tuple(r.identifier):
+                    self._quarantine(i, f"identifier {list(r.identifier)} in store.sqlite differs from "
+                                        f"RUN/identifiers {list(have)}")
+                    continue
+                serve.append(r)
+            else:
+                restore.append(r)
+        serve += self._restore(restore)
+        added = [r for r in serve if r.source == "added"]
         if added:
             if self.fallback is None:
                 raise RetrieverError(f"{self.run_dir}: store.sqlite holds {len(added)} added items but the run has no "
                                      f"fallback index (RUN/fallback) to serve them")
-            missing = [r.item_id for r in added if r.embedding is None]
-            if missing:
-                raise RetrieverError(f"store.sqlite: added items without an embedding: {missing[:5]}")
             self.fallback.add([r.item_id for r in added], np.stack([r.embedding for r in added]))
-        self.on_change()
+        for r in serve:
+            self.stored[r.item_id] = r.to_corpus_item()
+            self.modality[r.item_id] = r.modality
+        if changed or serve:
+            self.on_change()
+        self._data_version = version
+
+    def _unservable(self, r) -> str | None:
+        """Why a stored active added/folded row cannot be served, or None."""
+        try:
+            check_item_fields(r.item_id, media=r.media, captions=r.captions, metadata=r.metadata)
+        except InputError as exc:
+            return str(exc)
+        if r.modality not in MODALITIES:
+            return f"modality {r.modality!r} is not one of {MODALITIES}"
+        if r.identifier is None or len(r.identifier) != self.id_tokenizer.length:
+            return f"identifier {r.identifier!r} does not have {self.id_tokenizer.length} levels"
+        if r.source == "added":
+            if r.embedding is None:
+                return "an added item without an embedding"
+            emb = np.asarray(r.embedding)
+            if emb.shape != (self.id_tokenizer.dim,) or not np.isfinite(emb).all() or not np.abs(emb).sum():
+                return f"embedding of shape {emb.shape} is not a finite non-zero {self.id_tokenizer.dim}-d vector"
+        return None
+
+    def _restore(self, rows: list) -> list:
+        """Re-insert stored identifiers (one batch; on a clash row by row, quarantining the rows that fail)."""
+        if not rows:
+            return []
+        tok = self.id_tokenizer
+        try:
+            tok.restore(np.asarray([r.identifier for r in rows], dtype=np.int64), [r.item_id for r in rows])
+            return rows
+        except ValueError:  # TrieError / IdentifierInputError: isolate the rows at fault
+            pass
+        ok = []
+        for r in rows:
+            try:
+                tok.restore(np.asarray([r.identifier], dtype=np.int64), [r.item_id])
+                ok.append(r)
+            except ValueError as exc:
+                self._quarantine(r.item_id, f"identifier {list(r.identifier)} cannot be restored: {exc}")
+        return ok
+
+    def _quarantine(self, item_id: str, reason: str) -> None:
+        if item_id not in self.quarantined:
+            log.warning("store.sqlite of %s: item %r quarantined (not served): %s", self.run_dir, item_id, reason)
+        self.quarantined[item_id] = reason
+
+    def quarantine_report(self, limit: int = 20) -> dict:
+        """Rows of RUN/store.sqlite that are not served: their count and the first ``limit`` (id, reason)."""
+        return {"count": len(self.quarantined),
+                "items": [{"item_id": i.encode("utf-8", "backslashreplace").decode("utf-8"), "reason": why}
+                          for i, why in list(self.quarantined.items())[:limit]]}
+
+    def _forget(self, ids: list[str]) -> None:
+        """Drop deleted items from every in-memory index (the store already marks them deleted)."""
+        tok = self.id_tokenizer
+        in_fb = [i for i in ids if self.fallback is not None and i in self.fallback]
+        if in_fb:
+            self.fallback.remove(in_fb)
+        in_tok = [i for i in ids if i in tok.trie]
+        if in_tok:
+            tok.remove(in_tok)
+        self.deleted.update(ids)
+        for i in ids:
+            self.stored.pop(i, None)
+            self.modality.pop(i, None)
 
     def open_store(self) -> ItemStore:
         if self._store is None:
@@ -81,23 +181,33 @@ class ItemCatalog:
             self._store = ItemStore(RunPaths(self.run_dir).store)
         return self._store
 
-    def writer(self) -> ItemStore:
-        """The store, with this process holding the run's writer lock (one writing process per run)."""
+    # ---- the writer lock -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def writing(self):
+        """Hold the run's writer lock (flock on RUN/store.lock) for one write, after catching up with what
+        other processes committed since this one last read the store: a running server and the items CLI
+        take turns, and identifiers are always assigned from the current table. Waits up to
+        ``lock_timeout_s`` for another writer, then WriterLockError."""
         store = self.open_store()
-        if self._writer_lock is None:
+        deadline = time.monotonic() + self.lock_timeout_s
+        while True:
             try:
-                self._writer_lock = take_lock(RunPaths(self.run_dir).store_lock)
+                lock = take_lock(RunPaths(self.run_dir).store_lock)
+                break
             except LockBusy as exc:
-                raise WriterLockError(f"another process (pid {exc.holder}) is writing the items of {self.run_dir}; "
-                                      f"stop it, or send the change to its HTTP API") from None
-        return store
+                if time.monotonic() >= deadline:
+                    raise WriterLockError(f"another process (pid {exc.holder}) has been writing the items of "
+                                          f"{self.run_dir} for over {self.lock_timeout_s:g} s; try again later, "
+                                          f"or send the change to the running server's HTTP API") from None
+                time.sleep(0.005)
+        with lock:  # closing the file drops the flock
+            if store.data_version() != self._data_version:
+                self.sync(store)
+            yield store
 
     def close(self) -> None:
         """Release the item store and the writer lock."""
         with self.state:
-            if self._writer_lock is not None:
-                self._writer_lock.close()  # closing the file drops the flock
-                self._writer_lock = None
             if self._store is not None:
                 self._store.close()
                 self._store = None
@@ -113,7 +223,9 @@ class ItemCatalog:
                 raise RetrieverError(f"item {n} is a {type(it).__name__}, not a CorpusItem")
             try:
                 check_item(it)
-            except StoreError as exc:
+                check_item_fields(it.item_id, media=it.media, captions=it.captions, metadata=it.metadata,
+                                  prefix=f"items.{n}" if len(items) > 1 else "")
+            except (StoreError, InputError) as exc:
                 raise RetrieverError(str(exc)) from None
             if it.item_id in seen:
                 raise ItemConflictError(f"item id {it.item_id!r} appears twice in one batch")
@@ -123,21 +235,22 @@ class ItemCatalog:
         self.check_ids_free([it.item_id for it in items])
 
     def check_ids_free(self, ids) -> None:
-        taken = [i for i in ids if i in self.modality or i in self.deleted or i in self.id_tokenizer.trie]
+        taken = [i for i in ids if i in self.modality or i in self.deleted or i in self.quarantined
+                 or i in self.id_tokenizer.trie]
         if taken:
-            raise ItemConflictError(f"item id(s) already used in this run (trained, added or deleted; ids are never "
+            raise ItemConflictError(f"item id(s) already used in this run (trained, added, deleted or quarantined; ids are never "
                                     f"reused): {', '.join(map(repr, taken[:5]))}{' ...' if len(taken) > 5 else ''}")
 
     def embed(self, items: Sequence[CorpusItem]) -> np.ndarray:
-        """(N, D) float32: the given embeddings, or the run's encoder on the media files (inside the corpus root)."""
+        """(N, D) float32: the given embeddings, or the run's encoder on the media files (inside the corpus
+        root, or the run's uploads)."""
         dim = self.id_tokenizer.dim
         out = np.zeros((len(items), dim), dtype=np.float32)
         todo = []
         for n, it in enumerate(items):
-            if it.media is not None:
-                self.check_media(it)
+            path = self.check_media(it) if it.media is not None else None
             if it.embedding is None:
-                todo.append(n)
+                todo.append(dataclasses.replace(it, media=str(path)))  # the encoder reads the resolved file
                 continue
             vec = np.asarray(it.embedding, dtype=np.float32)
             if vec.ndim != 1 or vec.shape[0] != dim:
@@ -149,25 +262,26 @@ class ItemCatalog:
                 raise RetrieverError(f"item {it.item_id!r}: embedding is all zeros")
             out[n] = vec
         if todo:
-            emb = self.encode_media([items[n] for n in todo])
+            emb = self.encode_media(todo)
             if emb.shape != (len(todo), dim):
                 raise RetrieverError(f"the run's encoder gives {emb.shape[1]}-d vectors, the run's identifiers "
                                      f"are {dim}-d (set encoder.dim in the run's config)")
-            out[todo] = emb
+            out[[n for n, it in enumerate(items) if it.embedding is None]] = emb
         return out
 
-    def check_media(self, item: CorpusItem) -> None:
-        """The item's media file exists and lies inside the corpus root (symlinks resolved)."""
-        root = self.corpus.root
-        if root is None:
-            raise RetrieverError(f"item {item.item_id!r}: this run has no corpus root, so media files cannot be "
-                                 f"resolved; give an embedding and no media")
+    def check_media(self, item: CorpusItem) -> Path:
+        """The real path of the item's media file, which must exist inside the corpus root (or the run's
+        uploads folder, for ``run:uploads/...``), symlinks resolved."""
         try:
-            path = resolve_media_file(str(item.media), root)
-        except PermissionError:
+            path = resolve_item_media(str(item.media), self.corpus.root, self.run_dir)
+        except MediaPathError:
             raise RetrieverError(f"item {item.item_id!r}: media path {item.media!r} is outside the corpus root") from None
+        except ValueError as exc:
+            raise RetrieverError(f"item {item.item_id!r}: {exc}; give an embedding and no media") from None
         if not path.is_file():
-            raise RetrieverError(f"item {item.item_id!r}: media file not found: {item.media!r} (under {root})")
+            raise RetrieverError(f"item {item.item_id!r}: media file not found: {item.media!r} (under "
+                                 f"{'the run folder' if str(item.media).startswith('run:') else self.corpus.root})")
+        return path
 
     def encode_media(self, items: list[CorpusItem]) -> np.ndarray:
         from ace.data.encoders import build_encoder
@@ -197,10 +311,9 @@ class ItemCatalog:
                                  "run the pipeline's `fallback` stage (python train.py --config ...)")
         self.check_new_items(items)
         emb = self.embed(items)  # may run the encoder: outside the state lock
-        with self.state:
-            store = self.writer()
+        with self.state, self.writing() as store:
             ids = [it.item_id for it in items]
-            self.check_ids_free(ids)  # again: another request may have added them meanwhile
+            self.check_ids_free(ids)  # again, caught up: another request or process may have added them meanwhile
             codes = self.id_tokenizer.assign(emb, ids)
             stored = [CorpusItem(it.item_id, it.modality, media=it.media, embedding=e, captions=list(it.captions),
                                  metadata=dict(it.metadata)) for it, e in zip(items, emb)]
@@ -225,33 +338,29 @@ class ItemCatalog:
             raise RetrieverError("delete_items() got no item ids")
         if len(set(ids)) != len(ids):
             raise RetrieverError("duplicate item ids in one delete")
-        with self.state:
+        with self.state, self.writing() as store:  # caught up: another process may have deleted some
             gone = [i for i in ids if i in self.deleted]
             if gone:
                 raise ItemNotFoundError(f"item id(s) already deleted: {', '.join(map(repr, gone[:5]))}")
-            unknown = [i for i in ids if not isinstance(i, str) or i not in self.modality]
+            unknown = [i for i in ids if not isinstance(i, str) or (i not in self.modality and i not in self.quarantined)]
             if unknown:
                 raise ItemNotFoundError(f"unknown item id(s): {', '.join(map(repr, unknown[:5]))}")
             tok = self.id_tokenizer
             trained = [(self.corpus.get(i), tok.codes_of([i])[0] if i in tok.trie else None)
-                       for i in ids if i not in self.stored]
-            self.writer().delete(ids, trained=trained)
-            in_fb = [i for i in ids if self.fallback is not None and i in self.fallback]
-            if in_fb:
-                self.fallback.remove(in_fb)
-            in_tok = [i for i in ids if i in tok.trie]
-            if in_tok:
-                tok.remove(in_tok)
-            self.deleted.update(ids)
+                       for i in ids if i not in self.stored and i not in self.quarantined]
+            store.delete(ids, trained=trained)
+            self._forget(ids)
             for i in ids:
-                self.stored.pop(i, None)
-                self.modality.pop(i, None)
+                self.quarantined.pop(i, None)  # a deleted row needs no quarantine
             self.on_change()
         return len(ids)
 
     def item(self, item_id: str) -> CorpusItem:
         if item_id in self.deleted:
             raise ItemNotFoundError(f"item {item_id!r} was deleted")
+        if item_id in self.quarantined:
+            raise ItemNotFoundError(f"item {item_id!r} is quarantined: its stored row cannot be served "
+                                    f"({self.quarantined[item_id]})")
         if item_id in self.stored:
             return self.stored[item_id]
         try:

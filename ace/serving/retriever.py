@@ -17,9 +17,13 @@ State, rebuilt on every load from RUN/identifiers, RUN/fallback and RUN/store.sq
 - the generative trie: trained + folded items, minus deleted ones;
 - the fallback index: stored items with source "added" that are active.
 Every ``add_items``/``delete_items`` batch is one SQLite transaction, committed before the call
-returns and before the in-memory indexes change: acknowledged = durable. Only one process may write
-a run's items at a time (a lock file, taken at the first write); a running server sees changes made
-by another process (``python -m ace.serving.items``) only after a restart.
+returns and before the in-memory indexes change: acknowledged = durable. One process writes a run's
+items at a time (a lock file, held for one write); each write first catches up with what other
+processes (``python -m ace.serving.items``, another server) committed, so a running server sees their
+changes from its next write on, or after a restart.
+
+``modality`` in the searches is one filter for all queries, or one per query: queries of several
+modalities then share one batched beam search (each decodes in its own modality's trie).
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ from ace.newitems.query_tower import run_text_tower
 from ace.run_folder import RunPaths, load_run_corpus, load_run_embeddings, read_encoder_config
 from ace.serving.catalog import ItemCatalog
 from ace.serving.errors import ItemConflictError, ItemNotFoundError, RetrieverError, WriterLockError  # noqa: F401 (API)
+from ace.validation import InputError, check_query
 from identifiers import FlatTrie, SemanticIdTokenizer
 
 log = logging.getLogger("ace.serving.retriever")
@@ -59,6 +64,8 @@ class SearchHit:
 
 
 class Retriever:
+    mixed_modality_search = True   # search(modality=[...]) takes one filter per query (the server batches them)
+
     def __init__(self, *, model: AceModel, query_tokenizer: QueryTokenizer, vocab: IdentifierVocab,
                  id_tokenizer: SemanticIdTokenizer, corpus: Corpus, default_beams: int = 10,
                  run_dir: Path | None = None, fallback: FallbackIndex | None = None,
@@ -79,6 +86,7 @@ class Retriever:
         self.device = next(model.parameters()).device
         self._trained_vectors: tuple[dict[str, int], np.ndarray] | None = None  # RUN/embeddings.npy, lazily
         self._tries: dict[str | None, FlatTrie | None] = {}
+        self._forests: dict[tuple, tuple[FlatTrie, dict]] = {}   # several modalities' tries in one, with roots
         self._lock = threading.Lock()                 # guards the trie cache
         self._state = threading.RLock()               # searches vs add/delete (rows shift on delete)
         self.catalog = ItemCatalog(corpus=corpus, id_tokenizer=id_tokenizer, fallback=fallback, run_dir=run_dir,
@@ -151,10 +159,23 @@ class Retriever:
                                                                  items=np.asarray(rows, dtype=np.int64)) if rows else None)
             return self._tries[modality]
 
+    def _forest(self, modalities: tuple) -> tuple[FlatTrie, dict]:
+        """The generative tries of several modalities side by side in one FlatTrie (``FlatTrie.forest``),
+        and each modality's root node; raises for a modality without generative items."""
+        with self._lock:
+            cached = self._forests.get(modalities)
+        if cached is None:
+            forest, roots = FlatTrie.forest([self.trie(m) for m in modalities])
+            cached = (forest, dict(zip(modalities, roots.tolist())))
+            with self._lock:
+                self._forests[modalities] = cached
+        return cached
+
     def invalidate_tries(self) -> None:
         """Call after identifiers were added or removed."""
         with self._lock:
             self._tries.clear()
+            self._forests.clear()
 
     # ---- search ----------------------------------------------------------------------------
     @staticmethod
@@ -164,31 +185,52 @@ class Retriever:
         if k < 1:
             raise RetrieverError(f"k must be >= 1, got {k}")
         for i, q in enumerate(queries):
-            if not isinstance(q, str) or not q.strip():
-                raise RetrieverError(f"query {i} is empty")
+            try:
+                check_query(q, f"query {i}", max_chars=1 << 20)  # well-formed text; length is the caller's policy
+            except InputError as exc:
+                raise RetrieverError(str(exc)) from None
 
-    def search(self, queries: list[str], k: int = 10, num_beams: int | None = None, modality: str | None = None,
+    @staticmethod
+    def _per_query(modality, n: int) -> list[str | None]:
+        """``modality`` (None, one modality, or one per query) as a list of n filters."""
+        mods = [modality] * n if modality is None or isinstance(modality, str) else list(modality)
+        if len(mods) != n:
+            raise RetrieverError(f"got {len(mods)} modality filters for {n} queries")
+        bad = [m for m in mods if m is not None and m not in MODALITIES]
+        if bad:
+            raise RetrieverError(f"unknown modality {bad[0]!r}; known: {', '.join(MODALITIES)}")
+        return mods
+
+    def search(self, queries: list[str], k: int = 10, num_beams: int | None = None,
+               modality: str | None | Sequence[str | None] = None,
                *, batch_size: int = 100, progress: bool = False) -> list[list[SearchHit]]:
         """Top-k items per query. While no item waits in the fallback index (none added, or all folded):
         the generative path alone (log-prob scores; no query-item similarity is computed). Otherwise
         generative and fallback results merged by calibrated probability of being the right item
         (``score``; ``raw_score`` keeps the source's own score), each hit naming its source. A cosine-scale
-        calibration scores generative hits by the query tower's cosine to their item embeddings."""
+        calibration scores generative hits by the query tower's cosine to their item embeddings.
+        ``modality``: one filter for all queries, or a list with one per query."""
         if self.calibration is None or self.fallback is None or len(self.fallback) == 0:
             return self.search_generative(queries, k, num_beams, modality, batch_size=batch_size, progress=progress)
         self._check_queries(queries, k)
         if not queries:
             return []
+        mods = self._per_query(modality, len(queries))
         cosine = self.calibration.scale == "cosine"
         qv = self.fallback.tower.encode(list(queries)) if cosine else None  # (Q, D), outside the lock
         with self._state:
-            gen_ok = self._generative_trie(modality) is not None
-            gen = (self.search_generative(queries, k, num_beams, modality, batch_size=batch_size, progress=progress)
-                   if gen_ok else [[] for _ in queries])
-            fb = (self.search_fallback(queries, k, modality, query_vectors=qv) if len(self.fallback)
+            gen_mods = {m for m in set(mods) if self._generative_trie(m) is not None}
+            if not len(self.fallback) and len(gen_mods) < len(set(mods)):
+                self.trie(next(m for m in mods if m not in gen_mods))  # raises the "no items" error
+            gen: list[list[SearchHit]] = [[] for _ in queries]
+            on_gen = [i for i, m in enumerate(mods) if m in gen_mods]
+            if on_gen:
+                found = self.search_generative([queries[i] for i in on_gen], k, num_beams, [mods[i] for i in on_gen],
+                                               batch_size=batch_size, progress=progress)
+                for i, hits in zip(on_gen, found):
+                    gen[i] = hits
+            fb = (self.search_fallback(queries, k, mods, query_vectors=qv) if len(self.fallback)
                   else [[] for _ in queries])
-            if not gen_ok and not len(self.fallback):
-                self.trie(modality)  # raises the "no items" error
             gen_cos = self._tower_cosines(qv, gen) if cosine else [None] * len(gen)
             out = []
             for g_row, f_row, g_cos in zip(gen, fb, gen_cos):
@@ -201,19 +243,27 @@ class Retriever:
 
     @torch.inference_mode()
     def search_generative(self, queries: list[str], k: int = 10, num_beams: int | None = None,
-                          modality: str | None = None, *, batch_size: int = 100,
+                          modality: str | None | Sequence[str | None] = None, *, batch_size: int = 100,
                           progress: bool = False) -> list[list[SearchHit]]:
-        """Top-k items per query by trie-constrained beam search (beams are raised to k when fewer)."""
+        """Top-k items per query by trie-constrained beam search (beams are raised to k when fewer).
+        With one modality filter per query, queries of different modalities share each batched decode,
+        each starting at its own modality's trie (the same results as separate calls)."""
         self._check_queries(queries, k)
         if not queries:
             return []
+        mods = self._per_query(modality, len(queries))
         beams = max(int(num_beams or self.default_beams), k)
         with self._state:
-            trie = self.trie(modality)
+            uniq = tuple(sorted(set(mods), key=lambda m: (m is not None, m or "")))
+            if len(uniq) == 1:
+                trie, roots = self.trie(uniq[0]), None
+            else:
+                trie, root_of = self._forest(uniq)
+                roots = np.asarray([root_of[m] for m in mods], dtype=np.int64)
             item_ids = self.id_tokenizer.trie.item_ids
             codes = np.asarray(self.id_tokenizer.trie.codes)
             rows, scores, _ = search_texts(self.model, self.query_tokenizer, queries, trie, self.vocab, num_beams=beams,
-                                           top_k=k, batch_size=batch_size, progress=progress)
+                                           top_k=k, batch_size=batch_size, progress=progress, roots=roots)
             return [[SearchHit(item_ids[r], self.catalog.modality.get(item_ids[r], "unknown"), float(sc),
                                tuple(int(c) for c in codes[r]))
                      for r, sc in zip(r_row, s_row) if r >= 0]
@@ -245,15 +295,14 @@ class Retriever:
             out.append((np.stack(vecs) @ q).astype(np.float64).tolist() if vecs else [])  # (hits,)
         return out
 
-    def search_fallback(self, queries: list[str], k: int = 10, modality: str | None = None, *,
+    def search_fallback(self, queries: list[str], k: int = 10, modality: str | None | Sequence[str | None] = None, *,
                         query_vectors: np.ndarray | None = None) -> list[list[SearchHit]]:
         """Top-k added items per query from the fallback index alone (score = cosine after re-ranking).
         ``query_vectors``: the queries' tower vectors (Q, D) when already computed."""
         if self.fallback is None:
             raise RetrieverError("this run has no fallback index (RUN/fallback): run the pipeline's `fallback` stage")
         self._check_queries(queries, k)
-        if modality is not None and modality not in MODALITIES:
-            raise RetrieverError(f"unknown modality {modality!r}; known: {', '.join(MODALITIES)}")
+        mods = self._per_query(modality, len(queries))
         if not queries:
             return []
         if len(self.fallback) == 0:
@@ -265,11 +314,12 @@ class Retriever:
             if n == 0:
                 return [[] for _ in queries]
             # a modality filter ranks up to 10k candidates (at least the re-rank pool) and keeps the first k
-            want = min(k, n) if modality is None else min(n, max(10 * k, self.fallback.index.config.candidates))
+            filtered = any(m is not None for m in mods)
+            want = min(k, n) if not filtered else min(n, max(10 * k, self.fallback.index.config.candidates))
             results = self.fallback.search_vectors(qv, k=want)
             tok = self.id_tokenizer
             out = []
-            for row in results:
+            for row, modality in zip(results, mods):
                 row = [(i, s) for i, s in row if modality is None or self.catalog.modality.get(i) == modality][:k]
                 codes = tok.codes_of([i for i, _ in row]) if row else []
                 out.append([SearchHit(i, self.catalog.modality.get(i, "unknown"), float(s), tuple(int(c) for c in cc), "fallback")
@@ -327,7 +377,7 @@ class Retriever:
                "identifier_levels": list(self.id_tokenizer.level_sizes),
                "model": {"d_model": self.model.config.d_model, "fusion": self.model.config.fusion,
                          "parameters": sum(p.numel() for p in self.model.parameters())},
-               "run_dir": str(self.run_dir) if self.run_dir else None}
+               "quarantined": self.catalog.quarantine_report()}
         if self.fallback is not None:
             out["fallback"] = {"bits": self.fallback.head.bits, "index": self.fallback.index.config.kind,
                                "tower": "dual" if self.fallback.tower.is_dual else "projected",

@@ -8,6 +8,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError
 
 from ace.data.corpus import CorpusItem
+from ace.validation import (ITEM_ID_PATTERN, MAX_CAPTION_CHARS, MAX_CAPTIONS, MAX_ITEM_ID_CHARS, MAX_MEDIA_PATH_CHARS,
+                            QUERY_PATTERN, TEXT_PATTERN, InputError, check_item_fields)
 
 Modality = Literal["image", "audio", "video", "text"]
 
@@ -53,11 +55,15 @@ class ItemResponse(BaseModel):
 class NewItem(BaseModel):
     """An item to add: an embedding (the run's dimension) or a media path inside the corpus root."""
     model_config = ConfigDict(extra="forbid")
-    item_id: StrictStr = Field(min_length=1, max_length=512, description="new, never used before in this run")
+    item_id: StrictStr = Field(min_length=1, max_length=MAX_ITEM_ID_CHARS, json_schema_extra={"pattern": ITEM_ID_PATTERN},
+                               description="new, never used before in this run; no control characters")
     modality: Modality
     embedding: list[float] | None = Field(None, description="item embedding; else the run's encoder reads `media`")
-    media: StrictStr | None = Field(None, description="media file path, relative to the corpus root (or absolute inside it)")
-    captions: list[StrictStr] = Field(default_factory=list)
+    media: StrictStr | None = Field(None, min_length=1, max_length=MAX_MEDIA_PATH_CHARS, json_schema_extra={"pattern": QUERY_PATTERN},
+                                    description="media file path, relative to the corpus root (or absolute inside it)")
+    captions: list[StrictStr] = Field(default_factory=list, max_length=MAX_CAPTIONS,
+                                      json_schema_extra={"items": {"type": "string", "maxLength": MAX_CAPTION_CHARS,
+                                                                   "pattern": TEXT_PATTERN}})
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -109,8 +115,39 @@ def items_from_json(data: Any) -> list:
         raise ItemsFormatError("no items to add: the batch is empty")
     try:
         items = _ITEMS.validate_python(rows) if prefix else [_ITEM.validate_python(rows[0])]
+        for n, it in enumerate(items):  # the one validation layer: well-formed text, no control characters, sizes
+            check_item_fields(it.item_id, media=it.media, captions=it.captions, metadata=it.metadata,
+                              prefix=f"items.{n}" if prefix else "")
     except ValidationError as exc:
         raise ItemsFormatError(_pydantic_message(exc, prefix)) from None
+    except InputError as exc:
+        raise ItemsFormatError(str(exc)) from None
     return [CorpusItem(it.item_id, it.modality, media=it.media,
                        embedding=np.asarray(it.embedding, dtype=np.float32) if it.embedding is not None else None,
                        captions=list(it.captions), metadata=dict(it.metadata)) for it in items]
+
+
+def add_items_openapi(dim: int | None) -> tuple[dict, dict]:
+    """The published POST /items request body (an item, a list, {"items": [...]}, or a multipart upload of
+    an item without media + its file) with the run's embedding dimension, and the 201 response's links
+    to the item's routes (followed by stateful API tests)."""
+    item_schema = NewItem.model_json_schema()
+    if dim:
+        item_schema["properties"]["embedding"]["anyOf"][0].update(minItems=int(dim), maxItems=int(dim))
+    upload_schema = NewItem.model_json_schema()
+    for name in ("media", "embedding"):
+        upload_schema["properties"].pop(name)
+    body = {"required": True, "content": {
+        "application/json": {"schema": {"oneOf": [
+            item_schema, {"type": "array", "items": item_schema},
+            {"type": "object", "properties": {"items": {"type": "array", "items": item_schema}}, "required": ["items"]}]}},
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["item", "file"], "additionalProperties": False, "properties": {
+                "item": {**upload_schema, "description": "the item as JSON (item_id, modality, captions, metadata)"},
+                "file": {"type": "string", "format": "binary", "description": "the media file"}}},
+            "encoding": {"item": {"contentType": "application/json"}}}}}
+    first = {"item_id": "$response.body#/items/0/item_id"}
+    links = {"GetItem": {"operationId": "get_item_items__item_id__get", "parameters": first},
+             "DeleteItem": {"operationId": "delete_item_items__item_id__delete", "parameters": first},
+             "GetMedia": {"operationId": "get_media_media__item_id__get", "parameters": first}}
+    return body, links

@@ -22,13 +22,11 @@ The retriever is any object with ``search(queries, k, num_beams, modality) -> li
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import json
 import logging
 import math
-import mimetypes
-import os
+import secrets
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -44,16 +42,20 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from pydantic import Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ace.config import ServeConfig
-from ace.data.corpus import resolve_media_file
 from ace.serving.batcher import LatencyStats, MicroBatcher, ServerBusy
 from ace.serving.errors import ItemConflictError, ItemNotFoundError, WriterLockError
 from ace.serving.guards import BodyLimitMiddleware, validation_message, require_read_key, require_write_key
-from ace.serving.schemas import (AddItemsResponse, ItemResponse, ItemsFormatError, NewItem, SearchRequest,
-                                 SearchResponse, items_from_json)
+from ace.serving.media import (MediaPathError, UploadError, UploadExistsError, media_response_headers,
+                               resolve_item_media, save_upload, upload_name)
+from ace.serving.schemas import AddItemsResponse, ItemResponse, ItemsFormatError
+from ace.serving.schemas import SearchRequest as BaseSearchRequest
+from ace.serving.schemas import SearchResponse, add_items_openapi, items_from_json
 from ace.serving.store import DuplicateItemError, UnknownItemError
+from ace.validation import QUERY_PATTERN, InputError, check_query
 
 log = logging.getLogger("ace.serving.server")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -85,37 +87,7 @@ def _write_error(exc: Exception) -> HTTPException:
         return HTTPException(409, str(exc))
     if isinstance(exc, (ValueError, KeyError)):
         return HTTPException(422, str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))
-    log.exception("item write failed")
-    return HTTPException(500, f"item write failed: {type(exc).__name__}: {exc}")
-
-
-def _upload_name(item_id: str, filename: str | None) -> str:
-    """A safe file name for an upload: a hash of the item id + the original (sanitised) suffix."""
-    suffix = Path(filename or "").suffix.lower()
-    if not (1 < len(suffix) <= 10 and suffix[1:].isalnum()):
-        suffix = ""
-    return hashlib.sha1(item_id.encode()).hexdigest()[:20] + suffix
-
-
-async def save_upload(upload: UploadFile, folder: Path, name: str) -> Path:
-    """Write an uploaded file durably (temp file, fsync, rename) into ``folder``; returns its path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / name
-    if final.exists():
-        raise HTTPException(409, f"an uploaded file named {name} already exists in {folder}")
-    tmp = folder / f".{name}.part"
-    size = 0
-    with open(tmp, "wb") as f:
-        while chunk := await upload.read(1 << 20):
-            size += len(chunk)
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    if size == 0:
-        tmp.unlink()
-        raise HTTPException(422, "file: the uploaded file is empty")
-    os.replace(tmp, final)
-    return final
+    return exc  # a server error: the generic handler logs it under a request id
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -175,7 +147,7 @@ def create_app(retriever: RetrieverLike, config: ServeConfig | None = None, *, m
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes,
                        max_upload_bytes=config.max_upload_bytes)
     _add_error_handlers(app)
-    _add_search_routes(app, config, batcher, latency)
+    _add_search_routes(app, config, batcher, latency, mixed_modalities=getattr(retriever, "mixed_modality_search", False))
     _add_item_routes(app, retriever, config)
     _add_media_routes(app, retriever, root)
     _add_status_routes(app, retriever, config, batcher, latency)
@@ -196,17 +168,20 @@ def _item_summary(retriever: RetrieverLike, item_id: str, config: ServeConfig) -
             "captions": [str(c) for c in (item.captions or [])[:config.result_captions]]}
 
 
-def _search_batch_fn(retriever: RetrieverLike, config: ServeConfig) -> Callable[[list[str], tuple], list[list[dict]]]:
-    """What the micro-batcher runs in its worker thread: one retriever.search per (k, beams, modality)."""
+def _search_batch_fn(retriever: RetrieverLike, config: ServeConfig) -> Callable[[list[str], list[tuple]], list[list[dict]]]:
+    """What the micro-batcher runs in its worker thread for queries with keys ``(k, modality, beams, ...)``
+    that agree from ``beams`` on: one retriever.search with the largest k (and one modality filter per
+    query when the retriever takes that), each query's results cut to its own k."""
     is_deleted = getattr(retriever, "is_deleted", lambda item_id: False)
 
-    def search_batch(queries: list[str], key: tuple) -> list[list[dict]]:
-        k, beams, modality = key
-        ranked = retriever.search(queries, k=k, num_beams=beams, modality=modality)
+    def search_batch(queries: list[str], keys: list[tuple]) -> list[list[dict]]:
+        mods = [key[1] for key in keys]
+        ranked = retriever.search(queries, k=max(key[0] for key in keys), num_beams=keys[0][2],
+                                  modality=mods[0] if len(set(mods)) == 1 else mods)
         out = []
-        for hits in ranked:
+        for hits, key in zip(ranked, keys):
             rows = []
-            for h in hits:
+            for h in hits[:key[0]]:
                 try:
                     meta = _item_summary(retriever, h.item_id, config)
                 except (KeyError, ValueError):
@@ -238,23 +213,41 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _on_error(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": f"internal server error: {type(exc).__name__}: {exc}"}, status_code=500)
+        """A server error: a request id and a generic message for the client; the details go to the log."""
+        rid = secrets.token_hex(8)
+        log.error("request %s: unhandled error on %s %s", rid, request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": "internal server error; the server log has the details under this request id",
+                             "request_id": rid}, status_code=500, headers={"X-Request-ID": rid})
+
+    async def _method_not_allowed(request: Request, exc: StarletteHTTPException):
+        """405 with an Allow header listing every method of the path (GET and DELETE /items/{id} are two routes)."""
+        allowed = sorted({m for r in app.routes if getattr(r, "methods", None) and r.path_regex.match(request.url.path)
+                          for m in r.methods})
+        return JSONResponse({"detail": f"method {request.method} not allowed here; allowed: {', '.join(allowed)}"},
+                            status_code=405, headers={"Allow": ", ".join(allowed)})
+
+    app.add_exception_handler(405, _method_not_allowed)
 
 
-def _add_search_routes(app: FastAPI, config: ServeConfig, batcher: MicroBatcher, latency: LatencyStats) -> None:
+def _add_search_routes(app: FastAPI, config: ServeConfig, batcher: MicroBatcher, latency: LatencyStats, *,
+                       mixed_modalities: bool) -> None:
     read = [Depends(require_read_key)]
 
-    @app.post("/search", response_model=SearchResponse, dependencies=read,
-              responses={400: {"description": "malformed JSON or rejected query"},
-                         422: {"description": "invalid field"}, 503: {"description": "server busy"}})
-    async def search(req: SearchRequest) -> JSONResponse:
+    class SearchRequest(BaseSearchRequest):  # this server's limits, stated in the published schema (checked below)
+        query: StrictStr = Field(description="text query: not blank, no control characters but tab/newline",
+                                 json_schema_extra={"minLength": 1, "maxLength": config.max_query_chars,
+                                                    "pattern": QUERY_PATTERN})
+        k: StrictInt | None = Field(None, ge=1, le=100, json_schema_extra={"maximum": config.max_k},
+                                    description="results to return (default: config default_k)")
+        beams: StrictInt | None = Field(None, ge=1, json_schema_extra={"maximum": config.max_beams},
+                                        description="beam width of the constrained beam search (default: the run's)")
+
+    async def search(req: BaseSearchRequest) -> JSONResponse:
         """Ranked items for a text query (micro-batched with concurrent requests)."""
-        query = req.query.strip()
-        if not query:
-            raise HTTPException(422, "query: must not be empty")
-        if len(query) > config.max_query_chars:
-            raise HTTPException(422, f"query: {len(query)} characters, the limit is {config.max_query_chars}")
+        try:
+            query = check_query(req.query, max_chars=config.max_query_chars).strip()
+        except InputError as exc:
+            raise HTTPException(422, str(exc)) from None
         k = req.k if req.k is not None else config.default_k
         if k > config.max_k:
             raise HTTPException(422, f"k: {k} exceeds this server's max_k = {config.max_k}")
@@ -262,7 +255,7 @@ def _add_search_routes(app: FastAPI, config: ServeConfig, batcher: MicroBatcher,
             raise HTTPException(422, f"beams: {req.beams} exceeds this server's max_beams = {config.max_beams}")
         t0 = time.perf_counter()
         try:
-            results = await asyncio.wait_for(batcher.submit(query, (k, req.beams, req.modality)),
+            results = await asyncio.wait_for(batcher.submit(query, (k, req.modality, req.beams, None if mixed_modalities else req.modality)),
                                              timeout=config.search_timeout_s)
         except ServerBusy as exc:
             latency.failed += 1
@@ -273,15 +266,20 @@ def _add_search_routes(app: FastAPI, config: ServeConfig, batcher: MicroBatcher,
         except (ValueError, KeyError) as exc:
             latency.failed += 1
             raise HTTPException(400, f"search rejected: {exc}") from None
-        except Exception as exc:
+        except Exception:
             latency.failed += 1
-            log.exception("search failed")
-            raise HTTPException(500, f"search failed: {type(exc).__name__}: {exc}") from None
+            raise  # a server error: logged with a request id, a generic 500 for the client
         ms = (time.perf_counter() - t0) * 1000.0
         latency.add(ms)
         # built from plain str/int/float/list values already: skip response-model re-validation (hot path)
         return JSONResponse({"query": query, "k": k, "modality": req.modality, "results": results,
                              "latency_ms": round(ms, 3)})
+
+    search.__annotations__["req"] = SearchRequest  # a class of this app: FastAPI must not resolve it by name
+    app.post("/search", response_model=SearchResponse, dependencies=read, responses={
+        400: {"description": "malformed JSON or rejected query"}, 401: {"description": "API key required (read_requires_key)"},
+        403: {"description": "reads need a key and none is configured"}, 413: {"description": "body too large"},
+        422: {"description": "invalid field"}, 503: {"description": "server busy"}})(search)
 
 
 def _add_item_routes(app: FastAPI, retriever: RetrieverLike, config: ServeConfig) -> None:
@@ -290,7 +288,7 @@ def _add_item_routes(app: FastAPI, retriever: RetrieverLike, config: ServeConfig
     write = [Depends(require_write_key)]
 
     @app.get("/items/{item_id:path}", response_model=ItemResponse, dependencies=read,
-             responses={404: {"description": "unknown item"}})
+             responses={**KEYED, 404: {"description": "unknown item"}})
     def get_item(item_id: str) -> dict:
         """One item: modality, captions, metadata, media URL."""
         item = _lookup(retriever, item_id)
@@ -300,25 +298,19 @@ def _add_item_routes(app: FastAPI, retriever: RetrieverLike, config: ServeConfig
                 "metadata": jsonable_encoder(item.metadata or {}, custom_encoder={np.generic: lambda x: x.item()}),
                 "has_embedding": getattr(item, "embedding", None) is not None}
 
-    item_schema = NewItem.model_json_schema()
-    body_doc = {"required": True, "content": {
-        "application/json": {"schema": {"oneOf": [
-            item_schema, {"type": "array", "items": item_schema},
-            {"type": "object", "properties": {"items": {"type": "array", "items": item_schema}}, "required": ["items"]}]}},
-        "multipart/form-data": {"schema": {"type": "object", "required": ["item", "file"], "properties": {
-            "item": {"type": "string", "description": "the item as JSON (item_id, modality, captions, metadata)"},
-            "file": {"type": "string", "format": "binary", "description": "the media file"}}}}}}
+    body_doc, added_links = add_items_openapi(getattr(getattr(retriever, "id_tokenizer", None), "dim", None))
 
     @app.post("/items", dependencies=write, status_code=201, response_model=AddItemsResponse,
               openapi_extra={"requestBody": body_doc},
-              responses={400: {"description": "malformed body"}, 404: {"description": "unknown item"},
+              responses={201: {"description": "added", "links": added_links}, 400: {"description": "malformed body"},
+                         **KEYED, 404: {"description": "unknown item"},
                          409: {"description": "item id already used"}, 413: {"description": "too large"},
                          422: {"description": "invalid item"}, 501: {"description": "retriever is read-only"}})
     async def add_items(request: Request) -> JSONResponse:
         """Add one item or a batch (one transaction): JSON (an item, a list, or {"items": [...]}) with an
         embedding or a media path inside the corpus root; or multipart/form-data with a field `item`
-        (the item as JSON, without media) and a field `file` (the media file, stored under the corpus
-        root's uploads/). Each item gets its identifier at once and is searchable when this returns."""
+        (the item as JSON, without media) and a field `file` (the media file, stored in the run's
+        uploads/). Each item gets its identifier at once and is searchable when this returns."""
         add = getattr(retriever, "add_items", None)
         if add is None:
             raise HTTPException(501, "this server's retriever cannot add items (read-only)")
@@ -335,7 +327,7 @@ def _add_item_routes(app: FastAPI, retriever: RetrieverLike, config: ServeConfig
             identifiers = await run_in_threadpool(add, items)
         except Exception as exc:
             if uploaded is not None:
-                uploaded.unlink(missing_ok=True)
+                uploaded.unlink(missing_ok=True)  # this request's own file (claimed by a unique link)
             raise _write_error(exc) from None
         return JSONResponse({"added": len(items), "items": [
             {"item_id": it.item_id, "identifier": [int(c) for c in ident], "source": "fallback"}
@@ -349,11 +341,13 @@ def _add_item_routes(app: FastAPI, retriever: RetrieverLike, config: ServeConfig
         return parse_new_items(data, max_items=config.max_items_per_request)
 
     async def _upload_item(request: Request) -> tuple[list, Path]:
-        upload_root = _media_root_of(retriever)
-        if upload_root is None:
-            raise HTTPException(422, "uploads need a corpus root; this run has none: send an embedding instead")
+        run_dir = getattr(retriever, "run_dir", None)
+        if run_dir is None:
+            raise HTTPException(422, "uploads are stored in the run folder; this retriever has none: send an embedding")
         try:
             form = await request.form(max_files=1, max_fields=4)
+        except StarletteHTTPException:
+            raise  # 413 from the body limit, while streaming
         except Exception as exc:  # malformed multipart / too many parts
             raise HTTPException(400, f"malformed multipart body: {exc}") from None
         extra = set(form.keys()) - {"item", "file"}
@@ -374,15 +368,17 @@ def _add_item_routes(app: FastAPI, retriever: RetrieverLike, config: ServeConfig
         if data.get("media") is not None or data.get("embedding") is not None:
             raise HTTPException(422, "item: an uploaded item takes its media from `file`; leave out media and embedding")
         (item,) = parse_new_items(data, max_items=1)
-        name = _upload_name(item.item_id, upload.filename)
-        if (Path(upload_root) / "uploads" / name).exists():
-            raise HTTPException(409, f"item {item.item_id!r} already has an uploaded file; item ids are never reused")
-        path = await save_upload(upload, Path(upload_root) / "uploads", name)
-        item.media = str(path.relative_to(Path(upload_root)))
+        try:
+            path, item.media = await save_upload(upload, run_dir, upload_name(item.item_id, upload.filename))
+        except UploadExistsError:
+            raise HTTPException(409, f"item {item.item_id!r} already has an uploaded file; item ids are never reused") from None
+        except UploadError as exc:
+            raise HTTPException(422, str(exc)) from None
         return [item], path
 
     @app.delete("/items/{item_id:path}", dependencies=write,
-                responses={404: {"description": "unknown or already deleted"}, 501: {"description": "read-only"}})
+                responses={**KEYED, 404: {"description": "unknown or already deleted"}, 409: {"description": "another writer"},
+                           501: {"description": "read-only"}})
     def delete_item(item_id: str) -> dict:
         """Delete an item of any source (trained, added or folded), durably; it is never returned again."""
         delete = getattr(retriever, "delete_items", None)
@@ -393,6 +389,9 @@ def _add_item_routes(app: FastAPI, retriever: RetrieverLike, config: ServeConfig
         except Exception as exc:
             raise _write_error(exc) from None
         return {"deleted": item_id}
+
+
+KEYED = {401: {"description": "API key missing or wrong"}, 403: {"description": "no API key configured"}}
 
 
 def _lookup(retriever: RetrieverLike, item_id: str):
@@ -409,31 +408,34 @@ def _add_media_routes(app: FastAPI, retriever: RetrieverLike, root: Path | None)
     posters_lock = threading.Lock()
 
     def media_file(item_id: str) -> Path:
-        """The item's media file inside the corpus root (HTTP errors: 404 unknown / no file, 403 outside the root)."""
+        """The item's media file inside the corpus root or the run's uploads (HTTP errors: 404 unknown / no file,
+        403 outside its root)."""
         item = _lookup(retriever, item_id)
         if not item.media:
             raise HTTPException(404, f"item {item_id!r} has no media file")
-        if root is None:
-            raise HTTPException(404, "media serving is disabled: no corpus root configured")
         try:
-            path = resolve_media_file(str(item.media), root)
-        except PermissionError:
-            log.warning("refused media of item %r: %r resolves outside %s", item_id, item.media, root)
+            path = resolve_item_media(str(item.media), root, getattr(retriever, "run_dir", None))
+        except MediaPathError:
+            log.warning("refused media of item %r: %r resolves outside its root", item_id, item.media)
             raise HTTPException(403, f"media of item {item_id!r} is outside the corpus root; refused") from None
+        except ValueError:
+            raise HTTPException(404, "media serving is disabled: no corpus root configured") from None
         if not path.is_file():
             raise HTTPException(404, f"media file of item {item_id!r} is missing")
         return path
 
     @app.get("/media/{item_id:path}", dependencies=read, response_class=FileResponse,
-             responses={403: {"description": "media file outside the corpus root"},
+             responses={**KEYED, 403: {"description": "media file outside the corpus root"},
                         404: {"description": "unknown item or no media file"}})
     def get_media(item_id: str):
-        """Streams the item's media file (HTTP range requests supported); only files inside the corpus root."""
-        path = media_file(item_id)
-        return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+        """Streams the item's media file (HTTP range requests supported); only files inside the corpus root
+        (or the run's uploads). Images, audio, video and plain text are sent as themselves, anything else as
+        an octet-stream attachment; always with nosniff and a sandboxing Content-Security-Policy."""
+        kind, headers = media_response_headers(path := media_file(item_id))
+        return FileResponse(path, media_type=kind, headers=headers)
 
     @app.get("/poster/{item_id:path}", dependencies=read, response_class=Response,
-             responses={200: {"content": {"image/jpeg": {}}, "description": "a JPEG still of the video"},
+             responses={200: {"content": {"image/jpeg": {}}, "description": "a JPEG still of the video"}, **KEYED,
                         404: {"description": "unknown item, not a video, or no media file"},
                         422: {"description": "the video cannot be decoded"}})
     def get_poster(item_id: str) -> Response:
@@ -472,9 +474,10 @@ def _add_status_routes(app: FastAPI, retriever: RetrieverLike, config: ServeConf
         ok = batcher.alive
         return JSONResponse({"status": "ok" if ok else "search worker not running"}, status_code=200 if ok else 503)
 
-    @app.get("/stats", dependencies=read)
+    @app.get("/stats", dependencies=read, responses=KEYED)
     def stats() -> dict:
-        """Items, queries served, latency percentiles (ms), micro-batch sizes, model and identifier versions."""
+        """Items, queries served, latency percentiles (ms), micro-batch sizes, model and identifier versions,
+        stored rows that are quarantined (not served). No file system paths."""
         info = jsonable_encoder(retriever.info(), custom_encoder={np.generic: lambda x: x.item()})
         s = batcher.stats
         return {"items": info.get("items", info.get("num_items")), "items_by_source": info.get("by_source"),
@@ -484,4 +487,5 @@ def _add_status_routes(app: FastAPI, retriever: RetrieverLike, config: ServeConf
                             "mean_size": round(s.queries / s.batches, 3) if s.batches else None,
                             "max_batch": config.max_batch, "max_wait_ms": config.max_wait_ms},
                 "model_version": info.get("model_version"), "identifier_version": info.get("identifier_version"),
+                "quarantined": info.get("quarantined", {"count": 0, "items": []}),
                 "retriever": info, "uptime_s": round(time.time() - started, 1)}

@@ -342,8 +342,11 @@ class ItemStore:
         return row[0] if row else None
 
     def iterate(self, *, status: str | None = "active", source: str | None = None,
-                batch_size: int = 1000) -> Iterator[StoredItem]:
-        """Items in insertion order, filtered by status/source (None = any), read in batches."""
+                batch_size: int = 1000, errors: list | None = None) -> Iterator[StoredItem]:
+        """Items in insertion order, filtered by status/source (None = any), read in batches.
+
+        A row that cannot be decoded raises StoreCorruptError naming its item; with ``errors`` (a list)
+        it is skipped instead and ``(item_id, reason)`` appended, so one bad row cannot stop a load."""
         if status is not None and status not in STATUSES:
             raise StoreError(f"status must be one of {STATUSES} or None, got {status!r}")
         if source is not None and source not in SOURCES:
@@ -359,7 +362,15 @@ class ItemStore:
             if not rows:
                 return
             for row in rows:
-                yield self._row(row[1:])
+                try:
+                    item = self._row(row[1:])
+                except (StoreCorruptError, ValueError, TypeError) as exc:  # bad JSON, embedding size, identifier
+                    reason = str(exc) if isinstance(exc, StoreCorruptError) else f"row cannot be decoded: {exc}"
+                    if errors is None:
+                        raise StoreCorruptError(f"item {row[1]!r}: {reason}") from None
+                    errors.append((row[1], reason))
+                    continue
+                yield item
             last = rows[-1][0]
 
     def list_active(self, *, source: str | None = None) -> list[StoredItem]:
@@ -390,6 +401,11 @@ class ItemStore:
                           metadata=json.loads(metadata), embedding=emb,
                           identifier=tuple(json.loads(ident)) if ident is not None else None,
                           status=status, source=source, created_at=created, updated_at=updated)
+
+    def data_version(self) -> int:
+        """SQLite's PRAGMA data_version of this connection: changes whenever another connection (e.g.
+        another process) commits to the store, never for this connection's own commits."""
+        return int(self.pragma("data_version"))
 
     def pragma(self, name: str) -> Any:
         """Read a PRAGMA (journal_mode, synchronous, ...) - for checks and tests."""
