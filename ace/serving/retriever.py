@@ -220,8 +220,6 @@ class Retriever:
         qv = self.fallback.tower.encode(list(queries)) if cosine else None  # (Q, D), outside the lock
         with self._state:
             gen_mods = {m for m in set(mods) if self._generative_trie(m) is not None}
-            if not len(self.fallback) and len(gen_mods) < len(set(mods)):
-                self.trie(next(m for m in mods if m not in gen_mods))  # raises the "no items" error
             gen: list[list[SearchHit]] = [[] for _ in queries]
             on_gen = [i for i, m in enumerate(mods) if m in gen_mods]
             if on_gen:
@@ -247,13 +245,23 @@ class Retriever:
                           progress: bool = False) -> list[list[SearchHit]]:
         """Top-k items per query by trie-constrained beam search (beams are raised to k when fewer).
         With one modality filter per query, queries of different modalities share each batched decode,
-        each starting at its own modality's trie (the same results as separate calls)."""
+        each starting at its own modality's trie (the same results as separate calls). A query whose
+        modality has no items on the generative path gets no hits."""
         self._check_queries(queries, k)
         if not queries:
             return []
         mods = self._per_query(modality, len(queries))
         beams = max(int(num_beams or self.default_beams), k)
         with self._state:
+            live = {m for m in set(mods) if self._generative_trie(m) is not None}
+            if len(live) < len(set(mods)):  # a modality without generative items: no hits for its queries
+                out = [[] for _ in queries]
+                on = [i for i, m in enumerate(mods) if m in live]
+                found = self.search_generative([queries[i] for i in on], k, num_beams, [mods[i] for i in on],
+                                               batch_size=batch_size, progress=progress) if on else []
+                for i, hits in zip(on, found):
+                    out[i] = hits
+                return out
             uniq = tuple(sorted(set(mods), key=lambda m: (m is not None, m or "")))
             if len(uniq) == 1:
                 trie, roots = self.trie(uniq[0]), None
