@@ -16,15 +16,14 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from load_test import _free_port as free_port, _wait_healthy  # noqa: E402  (loopback port; polls /health)
+
 KEY = "fuzz-key"
 CONFIG = """
 name: api-fuzz
@@ -63,12 +62,6 @@ def build_run(work: Path, dim: int = 24) -> Path:
     return run
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "api_fuzz")
@@ -90,19 +83,11 @@ def main(argv=None) -> int:
                                  "--device", "cpu", "--log-level", "warning", "max_wait_ms=1", "torch_threads=1"],
                                 cwd=ROOT, env=env, stdout=server_log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.time() + 300
-            while True:
-                if proc.poll() is not None:
-                    print(log_path.read_text()[-3000:], file=sys.stderr)
-                    raise SystemExit(f"serve.py exited with code {proc.returncode}")
-                try:
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.time() > deadline:
-                    raise SystemExit("serve.py did not become healthy in 300 s")
-                time.sleep(0.5)
+            try:
+                _wait_healthy(url, proc, 300)
+            except SystemExit:
+                print(log_path.read_text()[-3000:], file=sys.stderr)
+                raise
             st = shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or shutil.which("schemathesis")
             if st is None:
                 raise SystemExit("schemathesis is not installed: pip install 'schemathesis==4.32.5'")

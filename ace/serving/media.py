@@ -26,6 +26,8 @@ import os
 import secrets
 from pathlib import Path
 
+from ace.data.corpus import resolve_media_file
+
 RUN_PREFIX = "run:"              # media paths relative to the run folder (uploads)
 UPLOADS = "uploads"              # RUN/uploads/
 INLINE_MEDIA_TYPES = frozenset({
@@ -49,26 +51,21 @@ class UploadExistsError(UploadError):
     """An upload's final file name is already taken (the item id already has an uploaded file)."""
 
 
-def _inside(path: str | Path, root: Path, what: str) -> Path:
-    root_real = Path(os.path.realpath(root))
-    p = Path(path)
-    real = Path(os.path.realpath(p if p.is_absolute() else root_real / p))
-    if real != root_real and root_real not in real.parents:
-        raise MediaPathError(f"media path {str(path)!r} resolves outside {what} {root_real}")
-    return real
-
-
 def resolve_item_media(media: str, corpus_root: str | Path | None, run_dir: str | Path | None) -> Path:
     """Real path of an item's media file: ``run:uploads/...`` inside RUN/uploads, anything else inside the
     corpus root (symlinks resolved). MediaPathError when it escapes; ValueError when there is no such root."""
     if media.startswith(RUN_PREFIX):
         if run_dir is None:
             raise ValueError(f"media path {media!r} is relative to a run folder, and there is none")
-        rel = media[len(RUN_PREFIX):]
-        return _inside(Path(run_dir) / rel, Path(run_dir) / UPLOADS, "the run's uploads folder")
-    if corpus_root is None:
+        path, root = str(Path(run_dir) / media[len(RUN_PREFIX):]), Path(run_dir) / UPLOADS
+    elif corpus_root is None:
         raise ValueError(f"media path {media!r} needs a corpus root, and this run has none")
-    return _inside(media, Path(corpus_root), "the corpus root")
+    else:
+        path, root = media, Path(corpus_root)
+    try:
+        return resolve_media_file(path, root)
+    except PermissionError as exc:
+        raise MediaPathError(str(exc)) from None
 
 
 def upload_name(item_id: str, filename: str | None) -> str:
