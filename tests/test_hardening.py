@@ -305,3 +305,34 @@ def test_rows_that_cannot_be_restored_are_quarantined_and_the_rest_is_served(run
     with serving(run, text_encoder) as (c, r):  # and again: same report, new item kept
         assert c.get("/stats").json()["quarantined"]["count"] == 4
         assert c.get("/items/new%2F1").status_code == 200
+
+
+# ---------------------------------------------------------------------------------- mixed micro-batches
+def test_mixed_k_and_modality_share_one_retriever_call_with_the_results_of_separate_calls(run, text_encoder):
+    r = load(run, text_encoder)
+    asks = [("a red car", 1, None), ("a blue tree", 3, "image"), ("a green boat", 5, None), ("black dog", 2, "image"),
+            ("a red house", 4, "video")]  # no video items: no hits
+    expected = [[h.item_id for h in r.search([q], k=k, modality=m)[0]] for q, k, m in asks]
+    app = create_app(r, ServeConfig(max_wait_ms=300.0))
+    try:
+        with running_server(app) as url:
+            barrier = threading.Barrier(len(asks))
+            got: list = [None] * len(asks)
+
+            def ask(n: int) -> None:
+                q, k, m = asks[n]
+                with httpx.Client(base_url=url, timeout=60) as c:
+                    barrier.wait()
+                    got[n] = c.post("/search", json={"query": q, "k": k, **({"modality": m} if m else {})}).json()
+
+            threads = [threading.Thread(target=ask, args=(n,)) for n in range(len(asks))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            with httpx.Client(base_url=url, timeout=60) as c:
+                batches = c.get("/stats").json()["batches"]
+        assert [[h["item_id"] for h in g["results"]] for g in got] == expected
+        assert batches["retriever_calls"] < len(asks), batches  # one call per micro-batch, not per (k, modality)
+    finally:
+        r.close()

@@ -4,8 +4,9 @@ Each ``POST /search`` puts its query on a pending list; one worker task takes up
 pending queries (waiting at most ``max_wait_ms`` after the oldest arrived for others to join) and
 answers them in a single worker thread. A query's key is ``(k, modality, *shared)``: queries whose
 ``shared`` parts agree (the beam width, and anything a retriever cannot mix in one call) share one
-``search_fn(queries, keys)`` call whatever their k and modality, so mixed traffic forms as few model
-calls as uniform traffic (the search decodes with the largest k, each query in its own modality).
+``search_fn(queries, keys)`` call whatever their k and modality, so mixed traffic forms about as few
+model calls as uniform traffic (the search decodes with the group's largest k, each query in its own
+modality; the server puts the beam width in ``shared``, so k never widens another query's beams).
 """
 from __future__ import annotations
 

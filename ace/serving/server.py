@@ -147,7 +147,8 @@ def create_app(retriever: RetrieverLike, config: ServeConfig | None = None, *, m
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes,
                        max_upload_bytes=config.max_upload_bytes)
     _add_error_handlers(app)
-    _add_search_routes(app, config, batcher, latency, mixed_modalities=getattr(retriever, "mixed_modality_search", False))
+    _add_search_routes(app, config, batcher, latency, mixed_modalities=getattr(retriever, "mixed_modality_search", False),
+                       default_beams=getattr(retriever, "default_beams", None))
     _add_item_routes(app, retriever, config)
     _add_media_routes(app, retriever, root)
     _add_status_routes(app, retriever, config, batcher, latency)
@@ -170,8 +171,9 @@ def _item_summary(retriever: RetrieverLike, item_id: str, config: ServeConfig) -
 
 def _search_batch_fn(retriever: RetrieverLike, config: ServeConfig) -> Callable[[list[str], list[tuple]], list[list[dict]]]:
     """What the micro-batcher runs in its worker thread for queries with keys ``(k, modality, beams, ...)``
-    that agree from ``beams`` on: one retriever.search with the largest k (and one modality filter per
-    query when the retriever takes that), each query's results cut to its own k."""
+    that agree from ``beams`` on (the beam width the retriever will use, when the server knows it): one
+    retriever.search with the largest k (and one modality filter per query when the retriever takes that),
+    each query's results cut to its own k."""
     is_deleted = getattr(retriever, "is_deleted", lambda item_id: False)
 
     def search_batch(queries: list[str], keys: list[tuple]) -> list[list[dict]]:
@@ -230,7 +232,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def _add_search_routes(app: FastAPI, config: ServeConfig, batcher: MicroBatcher, latency: LatencyStats, *,
-                       mixed_modalities: bool) -> None:
+                       mixed_modalities: bool, default_beams: int | None) -> None:
     read = [Depends(require_read_key)]
 
     class SearchRequest(BaseSearchRequest):  # this server's limits, stated in the published schema (checked below)
@@ -255,7 +257,9 @@ def _add_search_routes(app: FastAPI, config: ServeConfig, batcher: MicroBatcher,
             raise HTTPException(422, f"beams: {req.beams} exceeds this server's max_beams = {config.max_beams}")
         t0 = time.perf_counter()
         try:
-            results = await asyncio.wait_for(batcher.submit(query, (k, req.modality, req.beams, None if mixed_modalities else req.modality)),
+            # queries of one beam width share a beam search (k <= width: the same results as a call of their own)
+            width = max(req.beams or default_beams, k) if default_beams else req.beams
+            results = await asyncio.wait_for(batcher.submit(query, (k, req.modality, width, None if mixed_modalities else req.modality)),
                                              timeout=config.search_timeout_s)
         except ServerBusy as exc:
             latency.failed += 1
