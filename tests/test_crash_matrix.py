@@ -108,8 +108,8 @@ def kill_server_during_writes(run: Path, ledger: Ledger, rng: np.random.Generato
                         ledger.deleted.add(victim)
                     else:
                         name = f"{tag}b{n}"
-                        batch = [{"item_id": f"{name}/{j}", "modality": "image", "embedding": embedding(rng, base)}
-                                 for j in range(4)]
+                        batch = [{"item_id": f"{name}/{j}", "modality": "image", "embedding": embedding(rng, base),
+                                  "captions": [f"stream item {name} {j}"]} for j in range(4)]
                         ledger.sent[name] = [it["item_id"] for it in batch]
                         res = c.post("/items", headers=KEY, json={"items": batch})
                         assert res.status_code == 201, res.text
@@ -137,7 +137,8 @@ def kill_cli(run: Path, ledger: Ledger, rng: np.random.Generator, base: np.ndarr
         cmd, name = ["delete", "--run", str(run), *victims], None
     else:
         name = f"{tag}cli"
-        rows = [{"item_id": f"{name}/{j}", "modality": "image", "embedding": embedding(rng, base)} for j in range(25)]
+        rows = [{"item_id": f"{name}/{j}", "modality": "image", "embedding": embedding(rng, base),
+                 "captions": [f"cli item {name} {j}"]} for j in range(25)]  # the fold's captions backend needs them
         path = run.parent / f"{name}.jsonl"
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
         ledger.sent[name] = [row["item_id"] for row in rows]
