@@ -40,6 +40,7 @@ class RunPaths:
     METRICS, REPORT, PLOTS, CACHE, STAGES = "metrics.json", "report.md", "plots", "cache", "stages"
     STORE, STORE_LOCK, FOLD = "store.sqlite", "store.lock", "fold"
     IDENTIFIER_VECTORS, PRETRAIN = "identifier_vectors.npy", "pretrain.json"
+    SCORER_QUERIES, HYBRID = "scorer_queries.json", "hybrid"
     # what a trained run needs to be served (Retriever.from_run) or folded (+ config.yaml)
     TRAINED = (MODEL, QUERY_TOKENIZER, IDENTIFIER_VOCAB, IDENTIFIERS, CORPUS)
 
@@ -69,6 +70,8 @@ class RunPaths:
     fold = _entry(FOLD, "one folder per fold of added items into the model")
     identifier_vectors = _entry(IDENTIFIER_VECTORS, "item + query vectors the identifiers were built from (issue 19)")
     pretrain = _entry(PRETRAIN, "what identifier-space pretraining used (issue 19)")
+    scorer_queries = _entry(SCORER_QUERIES, "[[query, item_id], ...] training queries held out of training (hybrid w)")
+    hybrid = _entry(HYBRID, "hybrid scorer: item vectors + fitted weight (ace/newitems/hybrid.py)")
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

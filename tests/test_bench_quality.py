@@ -47,7 +47,7 @@ def full_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "out"
     code = main(["--captions", str(karpathy(tmp / "caps.json")), "--beams", "2", "5", "--seeds", "0",
-                 "--out", str(out), *TINY])
+                 "--out", str(out), "split.scorer_queries=10", "hybrid.pq_bytes=8", *TINY])
     return code, out
 
 
@@ -67,6 +67,11 @@ def test_every_method_in_json_and_markdown(full_run):
     zs = next(r for r in rows if r["method"] == "dt_zero_shot")
     assert zs["R@10"] > 50
     assert all("invalid_share" in r for r in rows if r["method"] == "ace_no_cbs")
+    # hybrid rows: the `ace` model re-scored (no run folder of their own), with their storage's bytes per item
+    hyb = {r["method"]: r for r in rows if r["method"].startswith("ace_hybrid") and r["beams"] == 5}
+    assert {m: r["bytes_per_item"] for m, r in hyb.items()} == {"ace_hybrid": 128, "ace_hybrid_int8": 36,
+                                                                "ace_hybrid_pq": 8}
+    assert all(r["val_queries"] == 10 and 0 <= r["candidate_recall"] <= 100 for r in hyb.values())
     md = (out / "quality.md").read_text()
     for m in METHODS:
         assert LABELS[m] in md
@@ -141,6 +146,7 @@ def test_missing_file_exits_2_without_traceback(tmp_path):
     (["--methods", "ace", "bm25"], "unknown method(s) bm25"),
     (["--beams", "0"], "beam sizes must be >= 1"),
     (["model.no_such_key=1"], "unknown config key"),
+    (["--methods", "ace_hybrid"], "pass split.scorer_queries=N"),
 ])
 def test_bad_arguments(tmp_path, capsys, args, message):
     code = main(["--captions", str(karpathy(tmp_path / "c.json")), "--out", str(tmp_path / "o"), *args, "--quiet"])

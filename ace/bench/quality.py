@@ -18,6 +18,10 @@ same split and the same item embeddings:
   identifiers.use_kmeans=false), ``ace_no_rqvae`` (hierarchical K-Means identifiers:
   identifiers.quantizer=kmeans). A variant's folder starts from the artefacts of an earlier
   variant of the same seed; the pipeline keeps the stages whose config key matches.
+- ``ace_hybrid`` / ``ace_hybrid_int8`` / ``ace_hybrid_pq`` (ace/bench/quality_hybrid.py): the ``ace``
+  model's top-B re-scored by log-prob + w * cosine, item vectors in float32 / int8 / PQ; needs
+  ``split.scorer_queries=N`` (w is fitted on N training queries held out of training).
+- ``--seeds 0 1 2``: the table gives the mean ± spread (population std) over the seeds.
 
 ACE methods are decoded at each ``--beams`` (top min(10, beams)); baselines have one row.
 Outputs in ``--out``: ``quality.json`` (metrics per method, beams and seed; seconds; the full
@@ -40,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ace.bench.quality_hybrid import HYBRID_LABELS, HYBRID_VARIANTS, decode_hybrid, hybrid_notes
 from ace.run_folder import RunPaths, read_pairs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,6 +64,8 @@ ACE_VARIANTS = {  # method -> (run folder, RunConfig overrides, constrained deco
     "ace_qid_proto": ("ace_qid_proto", ["identifiers.vectors=item_plus_queries", "model.prototype_levels=2"], True),
 }
 INT8_VARIANTS = {"ace_int8"}  # decoded with the dynamic-int8 model (CPU), as `serve.py --quantize` serves it
+for _m in HYBRID_VARIANTS:  # the hybrid operating point (ace/bench/quality_hybrid.py): the `ace` model re-scored
+    ACE_VARIANTS[_m] = ("ace", [], True)
 METHODS = BASELINES + tuple(ACE_VARIANTS)
 LABELS = {"dt_zero_shot": "DT zero-shot", "dt_doc_plus_queries": "DT document+queries",
           "dt_trained": "DT trained (query tower)", "ace": "ACE (full)",
@@ -67,7 +74,7 @@ LABELS = {"dt_zero_shot": "DT zero-shot", "dt_doc_plus_queries": "DT document+qu
           "ace_no_rqvae": "ACE w/o RQ-VAE tokens (hierarchical K-Means)",
           "ace_qid": "ACE, identifiers from document+queries vectors (lever 1)",
           "ace_proto": "ACE, prototype-aware heads on k and v1 (lever 3)",
-          "ace_qid_proto": "ACE, levers 1 + 3"}
+          "ace_qid_proto": "ACE, levers 1 + 3", **HYBRID_LABELS}
 # stages whose artefacts a new variant folder may start from (the pipeline re-checks their keys)
 SHARED_STAGES = {"corpus": [RunPaths.CORPUS, RunPaths.CORPUS_TRAIN, RunPaths.TEST_QUERIES, RunPaths.CORPUS_ROOT],
                  "encode": [RunPaths.EMBEDDINGS, RunPaths.ITEM_IDS],
@@ -251,7 +258,10 @@ def run_benchmark(setup: BenchSetup) -> dict:
     from_dict(QueryTowerConfig, tower_dict)  # fail early on a bad key or value, before any heavy work
     emb_file = setup.out / "item_embeddings.npz"
     for method in [m for m in setup.methods if m in ACE_VARIANTS]:
-        variant_config(base, setup, method, setup.seeds[0], emb_file)
+        cfg0 = variant_config(base, setup, method, setup.seeds[0], emb_file)
+        if method in HYBRID_VARIANTS and cfg0.split.scorer_queries <= 0:
+            raise QualityBenchError(f"{method} fits its weight on held-out training queries: pass split.scorer_queries=N "
+                                    f"(e.g. 200; the `ace` model then trains without them)")
     setup.out.mkdir(parents=True, exist_ok=True)
     split = load_proxy_split(setup.captions, None if setup.fmt == "auto" else setup.fmt)
     targets = query_targets(split)
@@ -345,6 +355,13 @@ def run_benchmark(setup: BenchSetup) -> dict:
             donor = run_dir
             train_s = results["runs"][f"{folder}/seed{seed}"]["stage_seconds"].get("train")
             for method in [m for m in ace_methods if ACE_VARIANTS[m][0] == folder]:
+                if method in HYBRID_VARIANTS:
+                    for b in setup.beams:
+                        rk, secs, extra = decode_hybrid(run_dir, cfg, HYBRID_VARIANTS[method], queries, targets, b,
+                                                        device=setup.device, top_k=TOP_K)
+                        record(method, seed, b, rk, {"train": train_s, **secs},
+                               queries_per_second=len(queries) / secs["search"], **extra)
+                    continue
                 constrained = ACE_VARIANTS[method][2]
                 for b in setup.beams:
                     rk, secs, invalid = decode_run(run_dir, queries, b, constrained=constrained, device=setup.device,
@@ -406,6 +423,7 @@ def markdown_table(results: dict) -> str:
         lines.append(f"| {LABELS[e['method']]} | {beams}{note} | {fmt(e, 'R@1')} | {fmt(e, 'R@5')} | {fmt(e, 'R@10')} | "
                      f"{fmt(e, 'MRR@10')} | {inv} | {'' if train is None else f'{train:.0f}'} | "
                      f"{'' if search is None else f'{search:.1f}'} |")
+    lines += hybrid_notes(results["rows"], LABELS)
     lines += ["", f"Command: `{results['command']}`", "",
               "train s: ACE pipeline train-stage seconds (DT trained: tower fit + search); search s: decoding all "
               "test queries (batch 100). Full configs of every variant: quality.json `configs`."]

@@ -83,20 +83,24 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _beam_search(model, input_ids, attention_mask, vocab, num_beams, tt, roots=None):
+def _beam_search(model, input_ids, attention_mask, vocab, num_beams, tt, roots=None, state=None):
     """Run the search in eval mode (dropout off), restoring the model's mode afterwards."""
     was_training = model.training
     model.eval()
     try:
-        return _beam_search_loop(model, input_ids, attention_mask, vocab, num_beams, tt, roots)
+        return _beam_search_loop(model, input_ids, attention_mask, vocab, num_beams, tt, roots, state)
     finally:
         model.train(was_training)
 
 
 def _beam_search_loop(model, input_ids, attention_mask, vocab: IdentifierVocab, num_beams: int, tt: dict | None,
-                      roots: torch.Tensor | None = None):
+                      roots: torch.Tensor | None = None, state: dict | None = None):
     """Shared loop: returns final tokens (B, W, L), scores (B, W) sorted, trie nodes (B, W) or None.
-    ``roots`` (B,): the trie node each query starts from (default: node 0)."""
+    ``roots`` (B,): the trie node each query starts from (default: node 0).
+
+    With a ``state`` dict it also fills in what a re-scorer needs from the same pass: ``last_hidden``
+    (B, N, d) (the encoder's last layer), ``memory`` / ``mask`` (for ``score_identifiers``) and
+    ``prefix_scores`` (B, W): each final beam's score before its last level (u)."""
     L = vocab.length
     layers = model.encode(input_ids, attention_mask)                                # (B, S, N, d)
     B = layers.shape[0]
@@ -123,6 +127,7 @@ def _beam_search_loop(model, input_ids, attention_mask, vocab: IdentifierVocab, 
         else:
             lo, C = 0, logp.shape[-1]
             cand = logp
+        before = scores
         cand = (scores[..., None] + cand).reshape(B, W * C)
         W_new = min(num_beams, W * C)
         scores, idx = cand.topk(W_new, dim=1)                                       # (B, W_new), sorted
@@ -134,18 +139,23 @@ def _beam_search_loop(model, input_ids, attention_mask, vocab: IdentifierVocab, 
             nodes = child[flat_src, code.reshape(-1)].view(B, W_new)
             nodes = torch.where(torch.isfinite(scores), nodes, -1)
         cache = [(k.index_select(0, flat_src), v.index_select(0, flat_src)) for k, v in cache]
+    if state is not None:
+        state.update(last_hidden=layers[:, -1], memory=memory, mask=mask, query=query,
+                     prefix_scores=before.reshape(-1)[flat_src].view(B, -1))
     return tokens, scores, nodes
 
 
 @torch.inference_mode()
 def constrained_beam_search(model, input_ids, attention_mask, trie, vocab: IdentifierVocab, num_beams: int = 5,
-                            top_k: int | None = None, roots=None):
+                            top_k: int | None = None, roots=None, state: dict | None = None):
     """Top-k distinct valid items per query: (item_index int64 (B, top_k), -1 padded; logprob (B, top_k)).
 
     ``item_index`` are ``trie.leaf_item`` values (row indices into the identifier table);
     ``logprob`` is the identifier's summed log-probability (-inf where padded).
     ``roots`` (B,) int: the node each query decodes from, for a ``FlatTrie.forest`` of several tries
-    (queries searching different subsets in one batch); default the root, node 0."""
+    (queries searching different subsets in one batch); default the root, node 0. A ``state`` dict
+    receives the encoder pass and per-beam prefix scores (see ``_beam_search_loop``; its
+    ``prefix_scores`` are cut to top_k and -inf where padded, like ``logprob``)."""
     top_k = _check(model, input_ids, trie, vocab, num_beams, top_k)
     device = _model_device(model)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -155,11 +165,44 @@ def constrained_beam_search(model, input_ids, attention_mask, trie, vocab: Ident
         if roots.shape != (input_ids.shape[0],) or (roots < 0).any() or (roots >= trie.num_nodes).any():
             raise DecodingError(f"roots must be {input_ids.shape[0]} node ids of the trie (0..{trie.num_nodes - 1}), "
                                 f"got shape {tuple(roots.shape)}")
-    _, scores, nodes = _beam_search(model, input_ids, attention_mask, vocab, num_beams, tt, roots)
+    _, scores, nodes = _beam_search(model, input_ids, attention_mask, vocab, num_beams, tt, roots, state)
     items = torch.where(nodes >= 0, tt["leaf_item"][nodes.clamp_min(0)], -1)
     items = torch.where(torch.isfinite(scores), items, -1)
     scores = torch.where(items >= 0, scores, float("-inf"))
+    if state is not None:
+        prefix = torch.where(items >= 0, state["prefix_scores"], float("-inf"))
+        state["prefix_scores"] = _pad_to(items[:, :top_k], prefix[:, :top_k], top_k)[1]
     return _pad_to(items[:, :top_k], scores[:, :top_k], top_k)
+
+
+@torch.inference_mode()
+def score_identifiers(model, memory, mask, tokens: torch.Tensor, levels: int, query=None) -> torch.Tensor:
+    """Teacher-forced log-probability of given identifiers' first ``levels`` tokens.
+
+    ``memory`` / ``mask``: the encoder pass of B queries (``constrained_beam_search(state=...)``);
+    ``tokens`` (B, P, >= levels) identifier token ids (``IdentifierVocab.encode``), P candidates per
+    query; ``query``: the pooled query of prototype heads (``state["query"]``). Returns (B, P): sum
+    over levels of log-softmax over the whole identifier vocabulary, the score the beam search gives
+    the same prefix."""
+    B, P = tokens.shape[:2]
+    if tokens.dim() != 3 or tokens.shape[0] != mask.shape[0] or tokens.shape[2] < levels:
+        raise DecodingError(f"tokens must be (B={mask.shape[0]}, P, >= {levels}), got {tuple(tokens.shape)}")
+    out = torch.zeros(B, P, device=tokens.device)
+    if P == 0:
+        return out
+    was_training = model.training
+    model.eval()
+    try:
+        prev = torch.full((B, P), BOS, dtype=torch.long, device=tokens.device)
+        cache: list = []
+        for d in range(levels):
+            logits, cache = model.decoder.step(prev, d, memory, mask, cache, query=query)  # (B, P, V)
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            prev = tokens[:, :, d]
+            out = out + logp.gather(2, prev[..., None])[..., 0]
+    finally:
+        model.train(was_training)
+    return out
 
 
 @torch.inference_mode()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from ace.data.encoders import MultiModalEncoderConfig
 from ace.model.config import ModelSection
+from ace.newitems.hybrid import HybridConfig
 from ace.newitems.index import FallbackConfig
 from ace.training.loop import TrainConfig
 from identifiers import IdentifierConfig
@@ -34,6 +35,8 @@ class SplitConfig:
     """Which captions of an item are held out as test queries (never seen by querygen or training)."""
     test_captions: list[int] = field(default_factory=lambda: [-2, -1])
     val_queries: int = 0            # training queries also used for periodic eval (0 = eval at the end only)
+    scorer_queries: int = 0         # training queries held OUT of training (RUN/scorer_queries.json): the hybrid
+                                    # scorer's weight is fitted on them (ace/newitems/hybrid.py); never test captions
 
 
 @dataclass
@@ -74,3 +77,4 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     fallback: FallbackConfig = field(default_factory=FallbackConfig)   # items added after training (RUN/fallback)
+    hybrid: HybridConfig = field(default_factory=HybridConfig)         # hybrid scorer (RUN/hybrid, ace/newitems/hybrid.py)

@@ -30,7 +30,7 @@ from identifiers import SemanticIdTokenizer
 
 log = logging.getLogger("ace.pipeline.stages")
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ("corpus", "encode", "querygen", "identifiers", "train", "fallback", "eval", "report")
+STAGES = ("corpus", "encode", "querygen", "identifiers", "train", "fallback", "hybrid", "eval", "report")
 
 
 class PipelineError(RuntimeError):
@@ -135,6 +135,29 @@ def pretraining_texts(cfg: PretrainConfig, evaluated: str | Path | None, exclude
     return out
 
 
+def hold_out_pairs(pairs: list[tuple[str, str]], n: int, *, seed: int) -> tuple[list, list]:
+    """(kept, held) (query, item_id) pairs: ``n`` pairs held out of training, at most one per item and
+    never an item's last query, chosen by a seeded permutation (kept pairs keep their order)."""
+    if n <= 0:
+        return list(pairs), []
+    count: dict[str, int] = {}
+    for _, iid in pairs:
+        count[iid] = count.get(iid, 0) + 1
+    held_idx, used = set(), set()
+    for i in np.random.default_rng([seed, 7]).permutation(len(pairs)).tolist():
+        iid = pairs[i][1]
+        if len(held_idx) >= n:
+            break
+        if iid not in used and count[iid] > 1:
+            held_idx.add(i)
+            used.add(iid)
+    if len(held_idx) < n:
+        raise PipelineError(f"split.scorer_queries={n}: only {len(held_idx)} items have more than one training "
+                            f"query to hold one out from; lower split.scorer_queries")
+    return ([p for i, p in enumerate(pairs) if i not in held_idx],
+            [p for i, p in enumerate(pairs) if i in held_idx])
+
+
 # ----------------------------------------------------------------------------- stages
 
 
@@ -147,6 +170,9 @@ class Pipeline:
         unknown = [s for s in force if s not in STAGES]
         if unknown:
             raise PipelineError(f"unknown stage(s) {unknown}; stages are: {', '.join(STAGES)}")
+        if cfg.hybrid.enabled and cfg.split.scorer_queries <= 0:  # fail before training, not after it
+            raise PipelineError("hybrid.enabled=true needs split.scorer_queries > 0: the hybrid weight is fitted on "
+                                "training queries held out of training")
         self.forced = set(force)
         for stage in self.forced:
             self.run.invalidate(stage)
@@ -307,7 +333,8 @@ class Pipeline:
 
             torch.manual_seed(cfg.seed)
             tok = SemanticIdTokenizer.load(self.run.identifiers, device=self.device)
-            pairs = read_pairs(self.run.train_queries)
+            pairs, held = hold_out_pairs(read_pairs(self.run.train_queries), cfg.split.scorer_queries, seed=cfg.seed)
+            write_pairs(self.run.scorer_queries, held)
             vectors = self.prototype_vectors(tok) if cfg.model.prototype_levels else None
             ace_cfg, enc_path = self.model_config(tok.level_sizes, 0 if vectors is None else vectors.shape[1])
             if enc_path:
@@ -349,7 +376,8 @@ class Pipeline:
                                      teacher=teacher)
             qtok.save(self.run.query_tokenizer)
             vocab.save(self.run.identifier_vocab)
-            return {"steps": result.step, "best_step": result.best_step, "seconds_train": result.seconds}
+            return {"steps": result.step, "best_step": result.best_step, "seconds_train": result.seconds,
+                    "train_pairs": len(pairs), "scorer_queries": len(held)}
 
         self._stage("train", key, run)
 
@@ -396,6 +424,27 @@ class Pipeline:
             return {"summary": summary}
 
         self._stage("fallback", config_hash(self.keys["train"], cfg.encoder, cfg.fallback, cfg.seed), run)
+
+    # hybrid ----------------------------------------------------------------------------------
+    def stage_hybrid(self):
+        """Item vectors in the query encoder's text space + the fused scorer's weight (RUN/hybrid)."""
+        cfg = self.cfg
+        if not cfg.hybrid.enabled:
+            print("[hybrid] disabled (hybrid.enabled=false): no hybrid search mode for this run")
+            return
+
+        def run():
+            from ace.pipeline.hybrid_stage import build_run_hybrid
+
+            info = build_run_hybrid(self.run.path, cfg.hybrid, device=self.device, seed=cfg.seed)
+            fit = info["fit"]
+            print(f"[hybrid] w={info['weight']:g} ({info['item_vectors']}, {info['storage']}, "
+                  f"{info['bytes_per_item']:.0f} B/item) on {fit['queries']} held-out training queries: R@1 "
+                  f"{fit['val_at_weight']['R@1']:.1f} (generative alone {fit['val_generative_only']['R@1']:.1f}), "
+                  f"gold in the top-{info['candidates']} for {fit['candidate_recall']:.1f}%")
+            return {"summary": info}
+
+        self._stage("hybrid", config_hash(self.keys["train"], cfg.hybrid, cfg.seed), run)
 
     # eval ------------------------------------------------------------------------------------
     def stage_eval(self):
@@ -453,7 +502,7 @@ class Pipeline:
     def run_all(self, until: str = "report"):
         save_config(self.cfg, self.run.config)
         steps = [self.stage_corpus, self.stage_encode, self.stage_querygen, self.stage_identifiers,
-                 self.stage_train, self.stage_fallback, self.stage_eval, self.stage_report]
+                 self.stage_train, self.stage_fallback, self.stage_hybrid, self.stage_eval, self.stage_report]
         for name, step in zip(STAGES, steps):
             step()
             if name == until:

@@ -42,6 +42,7 @@ from ace.model.decoding import quantize_dynamic_int8, search_texts
 from ace.model.modeling import AceModel
 from ace.model.tokens import IdentifierVocab, QueryTokenizer
 from ace.newitems.calibration import Calibration, load_calibration, merge_rankings
+from ace.newitems.hybrid import HybridError, HybridIndex
 from ace.newitems.index import FallbackIndex
 from ace.newitems.query_tower import run_text_tower
 from ace.run_folder import RunPaths, load_run_corpus, load_run_embeddings, read_encoder_config
@@ -59,8 +60,13 @@ class SearchHit:
     modality: str
     score: float                      # generative log-probability, fallback cosine, or calibrated probability (search)
     identifier: tuple[int, ...]
-    source: str = "generative"        # "generative" | "fallback"
-    raw_score: float | None = None    # in merged results: the source's own score
+    source: str = "generative"        # "generative" | "fallback": the path that found the item
+    raw_score: float | None = None    # in merged results: the source's own score (hybrid: the log-prob)
+    mode: str = "generative"          # the search mode that produced ``score`` (see Retriever.search)
+    cosine: float | None = None       # hybrid mode: cosine(query vector, item vector) in the fused score
+
+
+SEARCH_MODES = ("auto", "hybrid", "merged", "generative", "fallback")
 
 
 class Retriever:
@@ -89,6 +95,7 @@ class Retriever:
         self._forests: dict[tuple, tuple[FlatTrie, dict]] = {}   # several modalities' tries in one, with roots
         self._lock = threading.Lock()                 # guards the trie cache
         self._state = threading.RLock()               # searches vs add/delete (rows shift on delete)
+        self.hybrid: HybridIndex | None = None         # RUN/hybrid (ace/newitems/hybrid.py): the fused scorer
         self.catalog = ItemCatalog(corpus=corpus, id_tokenizer=id_tokenizer, fallback=fallback, run_dir=run_dir,
                                    state=self._state, on_change=self.invalidate_tries)
 
@@ -127,6 +134,11 @@ class Retriever:
                   vocab=IdentifierVocab.load(paths.identifier_vocab),
                   id_tokenizer=SemanticIdTokenizer.load(paths.identifiers, device="cpu"),
                   corpus=corpus, default_beams=default_beams, run_dir=run_dir, fallback=fb, calibration=cal)
+        if (paths.hybrid / "scorer.json").is_file():
+            try:
+                out.hybrid = HybridIndex.load(run_dir, out.model, out.query_tokenizer)
+            except HybridError as exc:
+                raise RetrieverError(str(exc)) from None
         if paths.store.is_file():
             out.catalog.load_store()
         return out
@@ -203,13 +215,37 @@ class Retriever:
 
     def search(self, queries: list[str], k: int = 10, num_beams: int | None = None,
                modality: str | None | Sequence[str | None] = None,
-               *, batch_size: int = 100, progress: bool = False) -> list[list[SearchHit]]:
+               *, batch_size: int = 100, progress: bool = False, mode: str | None = None) -> list[list[SearchHit]]:
         """Top-k items per query. While no item waits in the fallback index (none added, or all folded):
         the generative path alone (log-prob scores; no query-item similarity is computed). Otherwise
         generative and fallback results merged by calibrated probability of being the right item
         (``score``; ``raw_score`` keeps the source's own score), each hit naming its source. A cosine-scale
         calibration scores generative hits by the query tower's cosine to their item embeddings.
-        ``modality``: one filter for all queries, or a list with one per query."""
+        ``modality``: one filter for all queries, or a list with one per query.
+
+        ``mode`` (None = "auto"): ``hybrid`` (auto when the run has RUN/hybrid): generative and added
+        items ranked by one score, identifier-prefix log-prob + w * cosine (``ace/newitems/hybrid.py``;
+        ``raw_score`` = log-prob, ``cosine``); ``merged`` (auto otherwise): as above; ``generative`` /
+        ``fallback``: one path. Every hit names its path (``source``) and the mode that scored it."""
+        mode = mode or "auto"
+        if mode not in SEARCH_MODES:
+            raise RetrieverError(f"unknown search mode {mode!r}; known: {', '.join(SEARCH_MODES)}")
+        if mode == "auto":
+            mode = "hybrid" if self.hybrid is not None else "merged"
+        if mode == "hybrid":
+            mods = self._per_query(modality, len(queries)) if not isinstance(queries, str) else [modality]
+            if len(set(mods)) <= 1:
+                return self.search_hybrid(queries, k, num_beams, mods[0] if mods else None, batch_size=batch_size)
+            out: list = [None] * len(queries)
+            for m in set(mods):  # one hybrid search per modality filter
+                idx = [i for i, x in enumerate(mods) if x == m]
+                for i, row in zip(idx, self.search_hybrid([queries[i] for i in idx], k, num_beams, m, batch_size=batch_size)):
+                    out[i] = row
+            return out
+        if mode == "fallback":
+            return self.search_fallback(queries, k, modality)
+        if mode == "generative":
+            return self.search_generative(queries, k, num_beams, modality, batch_size=batch_size, progress=progress)
         if self.calibration is None or self.fallback is None or len(self.fallback) == 0:
             return self.search_generative(queries, k, num_beams, modality, batch_size=batch_size, progress=progress)
         self._check_queries(queries, k)
@@ -236,8 +272,44 @@ class Retriever:
                 merged = merge_rankings([(h.item_id, h.score) for h in g_row], [(h.item_id, h.score) for h in f_row],
                                         self.calibration, k=k, generative_cosines=g_cos)
                 out.append([SearchHit(m.item_id, hits[m.source, m.item_id].modality, m.score,
-                                      hits[m.source, m.item_id].identifier, m.source, m.raw_score) for m in merged])
+                                      hits[m.source, m.item_id].identifier, m.source, m.raw_score, "merged")
+                            for m in merged])
             return out
+
+    @torch.inference_mode()
+    def search_hybrid(self, queries: list[str], k: int = 10, num_beams: int | None = None,
+                      modality: str | None = None, *, batch_size: int = 100) -> list[list[SearchHit]]:
+        """Hybrid mode (see ``search``): one fused score for generative and added items."""
+        if self.hybrid is None:
+            raise RetrieverError(f"hybrid search needs the run's hybrid item vectors and weight (RUN/hybrid), which "
+                                 f"{self.run_dir or 'this retriever'} does not have: run the pipeline stage 'hybrid' "
+                                 f"(hybrid.enabled=true, split.scorer_queries > 0)")
+        self._check_queries(queries, k)
+        if modality is not None and modality not in MODALITIES:
+            raise RetrieverError(f"unknown modality {modality!r}; known: {', '.join(MODALITIES)}")
+        if not queries:
+            return []
+        beams = max(int(num_beams or self.default_beams), k)
+        cat = self.catalog
+        with self._state:
+            trie = self._generative_trie(modality)
+            fb_ids = [i for i in cat.stored if self.fallback is not None and i in self.fallback
+                      and (modality is None or cat.modality.get(i) == modality)]
+            if trie is None and not fb_ids:
+                self.trie(modality)  # raises the "no items" error
+            tok = self.id_tokenizer
+            codes_of = dict(zip(tok.trie.item_ids, np.asarray(tok.trie.codes)))
+            tokens = self.vocab.encode(np.stack([codes_of[i] for i in fb_ids])) if fb_ids else np.zeros((0, 1))
+            try:
+                rows = self.hybrid.search(queries, k, beams, trie=trie, table_ids=tok.trie.item_ids, vocab=self.vocab,
+                                          later_items=list(cat.stored.values()),
+                                          fallback_items=[cat.stored[i] for i in fb_ids], fallback_tokens=tokens,
+                                          batch_size=batch_size)
+            except HybridError as exc:
+                raise RetrieverError(str(exc)) from None
+            return [[SearchHit(h.item_id, cat.modality.get(h.item_id, "unknown"), h.score,
+                               tuple(int(c) for c in codes_of[h.item_id]), h.source, h.logprob, "hybrid", h.cosine)
+                     for h in row] for row in rows]
 
     @torch.inference_mode()
     def search_generative(self, queries: list[str], k: int = 10, num_beams: int | None = None,
@@ -330,7 +402,8 @@ class Retriever:
             for row, modality in zip(results, mods):
                 row = [(i, s) for i, s in row if modality is None or self.catalog.modality.get(i) == modality][:k]
                 codes = tok.codes_of([i for i, _ in row]) if row else []
-                out.append([SearchHit(i, self.catalog.modality.get(i, "unknown"), float(s), tuple(int(c) for c in cc), "fallback")
+                out.append([SearchHit(i, self.catalog.modality.get(i, "unknown"), float(s), tuple(int(c) for c in cc), "fallback",
+                                      mode="fallback")
                             for (i, s), cc in zip(row, codes)])
             return out
 

@@ -21,6 +21,9 @@ class SearchRequest(BaseModel):
     k: StrictInt | None = Field(None, ge=1, le=100, description="results to return (default: config default_k = 10)")
     modality: Modality | None = Field(None, description="only items of this modality")
     beams: StrictInt | None = Field(None, ge=1, description="beam width of the constrained beam search (default: the run's)")
+    mode: Literal["auto", "hybrid", "merged", "generative", "fallback"] | None = Field(
+        None, description="how results are found and scored (Retriever.search): auto = hybrid when the run has "
+                          "RUN/hybrid, else merged")
 
 
 class SearchResult(BaseModel):
@@ -28,7 +31,11 @@ class SearchResult(BaseModel):
     modality: str
     score: float | None = Field(description="the retriever's score (generative: sequence log-probability); null if not finite")
     identifier: list[int] = Field(description="semantic identifier (k, v1..vM, u)")
-    source: str = Field(description="'generative' or 'fallback'")
+    source: str = Field(description="'generative' or 'fallback': the path that found the item")
+    mode: str | None = Field(None, description="the search mode that produced `score`: hybrid (log-prob + w * cosine), "
+                                               "merged (calibrated probability), generative (log-prob), fallback (cosine)")
+    raw_score: float | None = Field(None, description="the path's own score (hybrid: the identifier log-prob)")
+    cosine: float | None = Field(None, description="hybrid: cosine(query vector, item vector) inside `score`")
     media_url: str | None
     poster_url: str | None = Field(None, description="a still frame of a video item (GET /poster/{item_id}); null otherwise")
     captions: list[str] = Field(description="the item's first captions (config result_captions; all via GET /items/{item_id})")

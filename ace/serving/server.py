@@ -94,6 +94,8 @@ def _write_error(exc: Exception) -> HTTPException:
 
 def _finite_or_none(x: Any) -> float | None:
     """JSON has no NaN/inf: a non-finite score is sent as null (a non-number score is a retriever bug and raises)."""
+    if x is None:  # a field the hit does not carry (e.g. cosine outside hybrid mode)
+        return None
     v = float(x)
     return v if math.isfinite(v) else None
 
@@ -178,8 +180,9 @@ def _search_batch_fn(retriever: RetrieverLike, config: ServeConfig) -> Callable[
 
     def search_batch(queries: list[str], keys: list[tuple]) -> list[list[dict]]:
         mods = [key[1] for key in keys]
+        mode = keys[0][4] if len(keys[0]) > 4 else None  # the search mode is a shared part of the key
         ranked = retriever.search(queries, k=max(key[0] for key in keys), num_beams=keys[0][2],
-                                  modality=mods[0] if len(set(mods)) == 1 else mods)
+                                  modality=mods[0] if len(set(mods)) == 1 else mods, **({"mode": mode} if mode else {}))
         out = []
         for hits, key in zip(ranked, keys):
             rows = []
@@ -191,7 +194,9 @@ def _search_batch_fn(retriever: RetrieverLike, config: ServeConfig) -> Callable[
                         continue
                     raise RuntimeError(f"retriever returned item {h.item_id!r} that its item() does not know") from None
                 rows.append({**meta, "modality": h.modality, "score": _finite_or_none(h.score),
-                             "identifier": [int(c) for c in h.identifier], "source": str(h.source)})
+                             "identifier": [int(c) for c in h.identifier], "source": str(h.source),
+                             "mode": getattr(h, "mode", None), "raw_score": _finite_or_none(getattr(h, "raw_score", None)),
+                             "cosine": _finite_or_none(getattr(h, "cosine", None))})
             out.append(rows)
         return out
 
@@ -259,7 +264,7 @@ def _add_search_routes(app: FastAPI, config: ServeConfig, batcher: MicroBatcher,
         try:
             # queries of one beam width share a beam search (k <= width: the same results as a call of their own)
             width = max(req.beams or default_beams, k) if default_beams else req.beams
-            results = await asyncio.wait_for(batcher.submit(query, (k, req.modality, width, None if mixed_modalities else req.modality)),
+            results = await asyncio.wait_for(batcher.submit(query, (k, req.modality, width, None if mixed_modalities else req.modality, req.mode)),
                                              timeout=config.search_timeout_s)
         except ServerBusy as exc:
             latency.failed += 1

@@ -1,0 +1,82 @@
+"""The hybrid operating point in ``python -m ace.bench quality``: methods ``ace_hybrid`` (float32 item
+vectors), ``ace_hybrid_int8`` and ``ace_hybrid_pq``. Each re-scores the ``ace`` model of the same
+seed (no extra training): its top-B by log-prob + w * cosine (ace/newitems/hybrid.py), w fitted on
+the ``split.scorer_queries`` training queries held out of training (ace/pipeline/hybrid_stage.py)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+HYBRID_VARIANTS = {"ace_hybrid": "float32", "ace_hybrid_int8": "int8", "ace_hybrid_pq": "pq"}  # -> item-vector storage
+HYBRID_LABELS = {"ace_hybrid": "ACE hybrid (float32 item vectors)", "ace_hybrid_int8": "ACE hybrid (int8 item vectors)",
+                 "ace_hybrid_pq": "ACE hybrid (PQ item vectors)"}
+_CANDIDATES: dict = {}  # (run dir, beams, levels, queries) -> (generative_candidates(...), seconds)
+
+
+def decode_hybrid(run_dir: Path, cfg, storage: str, queries: list[str], targets: list[str], beams: int, *,
+                  device: str, top_k: int = 10) -> tuple[list[list[str]], dict, dict]:
+    """(rankings, seconds, extra) of the hybrid scorer over the run's `ace` model at ``beams`` candidates.
+
+    The scorer (item vectors in ``storage`` + w fitted on RUN/scorer_queries.json) is built once per
+    (storage, beams) into RUN/hybrid_<storage>_b<beams>/ by ``ace.pipeline.hybrid_stage.build_run_hybrid``."""
+    from ace.newitems.hybrid import HybridScorer, generative_candidates, rerank
+    from ace.pipeline.hybrid_stage import build_run_hybrid
+    from ace.serving.retriever import Retriever
+
+    dev = None if device == "auto" else device
+    hcfg = dataclasses.replace(cfg.hybrid, storage=storage, candidates=beams)
+    name = f"hybrid_{storage}_b{beams}"
+    t = time.perf_counter()
+    key = json.dumps(dataclasses.asdict(hcfg), sort_keys=True)
+    info_file = run_dir / name / "scorer.json"
+    if not info_file.is_file() or json.loads(info_file.read_text()).get("config") != key:
+        build_run_hybrid(run_dir, hcfg, device=dev or "cpu", seed=cfg.seed, name=name)
+        info = json.loads(info_file.read_text())
+        info["config"] = key
+        info_file.write_text(json.dumps(info, indent=2))
+    fit_s = time.perf_counter() - t
+    scorer = HybridScorer.load(run_dir, name)
+    retriever = Retriever.from_run(run_dir, device=dev, fallback=False)
+    ids = retriever.id_tokenizer.trie.item_ids
+    # the generative top-B of the test queries does not depend on the item-vector storage: one beam
+    # pass per (run, beams, levels), re-scored by each storage's scorer
+    ckey = (str(run_dir.resolve()), beams, scorer.levels, len(queries))
+    t0 = time.perf_counter()
+    if ckey not in _CANDIDATES:
+        _CANDIDATES[ckey] = (generative_candidates(retriever.model, retriever.query_tokenizer, retriever.trie(),
+                                                   retriever.vocab, queries, beams, levels=scorer.levels),
+                             time.perf_counter() - t0)
+    (rows, lp, qv), pass_s = _CANDIDATES[ckey]
+    t1 = time.perf_counter()
+    vec_rows = scorer.vectors.rows_of([ids[r] if r >= 0 else None for r in rows.ravel().tolist()]).reshape(rows.shape)
+    ranked, _ = rerank(rows, lp, scorer.vectors.cosine(qv, vec_rows), scorer.weight)
+    secs = pass_s + time.perf_counter() - t1
+    retriever.close()
+    rankings = [[ids[r] for r in row[:top_k] if r >= 0] for row in ranked.tolist()]
+    gold = [t in {ids[r] for r in row if r >= 0} for row, t in zip(rows.tolist(), targets)]
+    fit = scorer.info["fit"]
+    extra = {"weight": scorer.weight, "bytes_per_item": scorer.vectors.bytes_per_item(),
+             "shared_bytes": scorer.vectors.shared_bytes(), "candidate_recall": 100 * float(np.mean(gold)),
+             "item_vectors": scorer.info["item_vectors"], "levels": scorer.levels,
+             "val_queries": fit["queries"], "val_R@1": fit["val_at_weight"]["R@1"],
+             "val_R@1_generative": (fit["val_generative_only"] or {}).get("R@1")}
+    return rankings, {"fit": fit_s, "search": secs}, extra
+
+
+def hybrid_notes(rows: list[dict], labels: dict) -> list[str]:
+    """Markdown lines under the quality table: each hybrid row's w, validation figures, bytes per item."""
+    hyb = [r for r in rows if r["method"] in HYBRID_VARIANTS]
+    lines: list[str] = []
+    if hyb:
+        lines += ["", "Hybrid rows (per seed): w fitted on held-out training queries; item vectors; bytes per item; "
+                  "gold among the re-scored top-B candidates (test queries):", ""]
+        lines += [f"- {labels[r['method']]}, beams {r['beams']}, seed {r['seed']}: w = {r['weight']:g} "
+                  f"({r['val_queries']} val queries: R@1 {r['val_R@1']:.1f} vs generative alone "
+                  f"{r['val_R@1_generative']:.1f}); {r['item_vectors']} vectors, {r['bytes_per_item']:.0f} B/item"
+                  + (f" + {r['shared_bytes']} B shared codebook" if r["shared_bytes"] else "")
+                  + f"; gold in top-{r['beams']}: {r['candidate_recall']:.1f}%" for r in hyb]
+    return lines

@@ -1,0 +1,485 @@
+"""Hybrid operating point: re-score generative candidates by ``log-prob + w * cosine(query, item vector)``.
+
+One scorer for every candidate, whatever produced it:
+
+    score(q, item) = log P(identifier prefix of item | q) + w * cos(v_q, v_item)
+
+- ``log P``: the model's summed log-probability of the item's first ``levels`` identifier tokens
+  (``prefix``: k, v1..vM, the semantic part; ``full``: + u). Generative candidates carry it from
+  the beam search; an item added after training (fallback) has an identifier from the fitted
+  tokenizer too, so its prefix is scored teacher-forced by the same model
+  (``ace.decoding.score_identifiers``) and the two paths rank on one scale.
+- ``v_q``: the sentence vector of the query from the encoder pass the model already runs for
+  decoding (attention-masked mean of its last encoder layer, L2-normalised; for the recipe's
+  frozen all-MiniLM-L6-v2 this is exactly the sentence-transformers embedding). No second encoder.
+- ``v_item``: the item vector in that same text space, built from the item's texts by the same
+  encoder (``ItemVectorSet``): ``document`` (its description) or ``doc_plus_queries`` (normalised
+  mean of its description and its training queries, as DT document+queries). Stored as float32,
+  int8 (per-row scale) or product-quantisation codes (``storage``).
+- ``w``: fitted on held-out *training* queries the model never trained on
+  (``split.scorer_queries`` -> RUN/scorer_queries.json), never on test queries.
+
+The pipeline stage ``hybrid`` (``ace.pipeline.hybrid_stage.build_run_hybrid``) writes RUN/hybrid/: ``vectors.npz``,
+``item_ids.json``, ``scorer.json`` (w, levels, storage, fit figures).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+STORAGES = ("float32", "int8", "pq")
+SOURCES = ("document", "doc_plus_queries")
+LEVELS = ("prefix", "full")
+FORMAT_VERSION = 1
+
+
+class HybridError(ValueError):
+    """Hybrid scoring cannot run with these inputs (no stored vectors, dimension mismatch, NaN); the message says why."""
+
+
+@dataclass
+class HybridConfig:
+    """Pipeline section ``hybrid:`` (stage ``hybrid``, after ``train``)."""
+    enabled: bool = False                    # needs split.scorer_queries > 0 (held-out queries to fit w on)
+    item_vectors: str = "doc_plus_queries"   # document | doc_plus_queries
+    storage: str = "float32"                 # float32 | int8 | pq
+    pq_bytes: int = 48                       # PQ sub-quantisers (bytes per item at 8 bits each); must divide the dim
+    levels: str = "prefix"                   # identifier levels in the log-prob: prefix (k..vM) | full (+ u)
+    candidates: int = 50                     # generative top-B re-scored (beams = B)
+    weights: list[float] = field(default_factory=lambda: [0.0] + [round(float(x), 4) for x in np.geomspace(0.25, 256, 31)])
+
+    def __post_init__(self):
+        if self.item_vectors not in SOURCES:
+            raise HybridError(f"hybrid.item_vectors must be one of {SOURCES}, got {self.item_vectors!r}")
+        if self.storage not in STORAGES:
+            raise HybridError(f"hybrid.storage must be one of {STORAGES}, got {self.storage!r}")
+        if self.levels not in LEVELS:
+            raise HybridError(f"hybrid.levels must be one of {LEVELS}, got {self.levels!r}")
+        if self.candidates < 1 or self.pq_bytes < 1:
+            raise HybridError(f"hybrid.candidates and hybrid.pq_bytes must be >= 1 ({self.candidates}, {self.pq_bytes})")
+        if not self.weights or any(not math.isfinite(w) or w < 0 for w in self.weights):
+            raise HybridError(f"hybrid.weights must be finite and >= 0, got {self.weights}")
+
+
+# ----------------------------------------------------------------------------- vectors
+
+
+def sentence_vectors(last_hidden, attention_mask) -> np.ndarray:
+    """(B, N, d) last encoder layer + (B, N) mask -> (B, d) float32: ``pooled_query`` L2-normalised."""
+    import torch
+
+    from ace.model.modeling import pooled_query
+
+    mean = pooled_query(last_hidden[:, None], attention_mask.to(last_hidden.device))
+    return torch.nn.functional.normalize(mean.float(), dim=-1).cpu().numpy()
+
+
+def encode_texts(model, query_tokenizer, texts: list[str], *, batch_size: int = 256) -> np.ndarray:
+    """Sentence vectors (n, d) of ``texts`` from the model's own encoder (the query-side text space)."""
+    import torch
+
+    out = []
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for s in range(0, len(texts), batch_size):
+                enc = query_tokenizer(texts[s:s + batch_size], max_length=model.config.max_query_length)
+                ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+                out.append(sentence_vectors(model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask))
+    finally:
+        model.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, model.config.d_model), np.float32)
+
+
+def item_texts(description: str | None, queries: list[str], source: str) -> list[str]:
+    """The texts an item vector averages: its description (document) and, for doc_plus_queries, its
+    training queries; duplicates counted once (the caption proxy's document is also a training query)."""
+    texts = [description] if description else []
+    if source == "doc_plus_queries":
+        texts += queries
+    return list(dict.fromkeys(t for t in texts if t and t.strip()))
+
+
+def mean_vectors(groups: list[list[str]], encode, ids: list[str]) -> np.ndarray:
+    """Normalised mean of the unit text vectors of each group -> (n, d); ``encode(texts) -> (m, d)``."""
+    empty = [ids[i] for i, g in enumerate(groups) if not g]
+    if empty:
+        raise HybridError(f"{len(empty)} item(s) have no text for a hybrid item vector (no description, captions or "
+                          f"training queries), e.g. {empty[:5]}")
+    flat = [t for g in groups for t in g]
+    vecs = encode(flat).astype(np.float64)
+    out, s = [], 0
+    for g in groups:
+        out.append(vecs[s:s + len(g)].mean(0))
+        s += len(g)
+    out = np.stack(out)
+    return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+class ItemVectorSet:
+    """Item vectors of one text space, stored as float32, int8 (+ a float32 scale per row) or PQ codes.
+
+    ``cosine(query_vecs (B, d), rows (B, P)) -> (B, P)``: query vectors against the decoded rows
+    (re-normalised, so int8/PQ give a cosine too); rows < 0 give 0 (their log-prob is -inf)."""
+
+    def __init__(self, ids: list[str], storage: str, dim: int, data: dict):
+        self.ids = list(ids)
+        self.storage = storage
+        self.dim = int(dim)
+        self.data = data
+        self.row = {iid: i for i, iid in enumerate(self.ids)}
+
+    # -- build
+    @classmethod
+    def build(cls, ids: list[str], vectors: np.ndarray, storage: str = "float32", *, pq_bytes: int = 48,
+              seed: int = 0) -> "ItemVectorSet":
+        vectors = check_vectors(vectors, "item vectors")
+        if len(ids) != len(vectors):
+            raise HybridError(f"{len(ids)} item ids but {len(vectors)} item vectors")
+        n, d = vectors.shape
+        if storage == "float32":
+            data = {"vectors": vectors.astype(np.float32)}
+        elif storage == "int8":
+            scale = np.maximum(np.abs(vectors).max(1), 1e-12) / 127.0
+            data = {"codes": np.clip(np.rint(vectors / scale[:, None]), -127, 127).astype(np.int8),
+                    "scale": scale.astype(np.float32)}
+        elif storage == "pq":
+            if d % pq_bytes:
+                raise HybridError(f"hybrid.pq_bytes={pq_bytes} must divide the vector dimension {d}")
+            nbits = min(8, int(math.log2(max(n, 2))))
+            import faiss
+            pq = faiss.ProductQuantizer(d, pq_bytes, nbits)
+            pq.cp.seed = seed
+            pq.train(np.ascontiguousarray(vectors, dtype=np.float32))
+            codes = pq.compute_codes(np.ascontiguousarray(vectors, dtype=np.float32))
+            cent = faiss.vector_to_array(pq.centroids).reshape(pq_bytes, 2 ** nbits, d // pq_bytes)
+            if nbits != 8:
+                codes = np.stack([_unpack_codes(c, pq_bytes, nbits) for c in codes])
+            data = {"codes": codes.astype(np.uint8), "centroids": cent.astype(np.float32)}
+        else:
+            raise HybridError(f"unknown item-vector storage {storage!r}; known: {', '.join(STORAGES)}")
+        return cls(ids, storage, d, data)
+
+    def bytes_per_item(self) -> float:
+        """Bytes of the per-item arrays / N (the PQ codebook is shared and reported apart)."""
+        per = {"float32": ["vectors"], "int8": ["codes", "scale"], "pq": ["codes"]}[self.storage]
+        return sum(self.data[k].nbytes for k in per) / max(1, len(self.ids))
+
+    def shared_bytes(self) -> int:
+        return int(self.data["centroids"].nbytes) if self.storage == "pq" else 0
+
+    # -- read
+    def decode(self, rows: np.ndarray) -> np.ndarray:
+        """(...,) row indices (>= 0) -> (..., d) float32 unit vectors."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.storage == "float32":
+            out = self.data["vectors"][rows]
+        elif self.storage == "int8":
+            out = self.data["codes"][rows].astype(np.float32) * self.data["scale"][rows][..., None]
+        else:
+            cent = self.data["centroids"]                       # (m, ksub, dsub)
+            codes = self.data["codes"][rows].astype(np.int64)    # (..., m)
+            out = cent[np.arange(cent.shape[0]), codes].reshape(*rows.shape, self.dim)
+        return out / np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
+
+    def cosine(self, query_vecs: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        query_vecs = np.asarray(query_vecs, dtype=np.float32)
+        if query_vecs.ndim != 2 or query_vecs.shape[1] != self.dim:
+            raise HybridError(f"query vectors have shape {query_vecs.shape}, the stored item vectors have dimension "
+                              f"{self.dim}: the run's item vectors come from another encoder; rebuild them "
+                              f"(pipeline stage hybrid)")
+        rows = np.asarray(rows, dtype=np.int64)
+        vec = self.decode(np.maximum(rows, 0))                  # (B, P, d)
+        cos = np.einsum("bpd,bd->bp", vec, query_vecs)
+        return np.where(rows >= 0, cos, 0.0)    # padded slots: their log-prob is -inf already
+
+    def rows_of(self, item_ids) -> np.ndarray:
+        missing = [i for i in item_ids if i is not None and i not in self.row]
+        if missing:
+            raise HybridError(f"no hybrid item vector for {len(missing)} item(s), e.g. {missing[:5]}")
+        return np.asarray([-1 if i is None else self.row[i] for i in item_ids], dtype=np.int64)
+
+    # -- files
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez(folder / "vectors.npz", **self.data)
+        (folder / "item_ids.json").write_text(json.dumps(self.ids))
+
+    @classmethod
+    def load(cls, folder: Path, storage: str, dim: int) -> "ItemVectorSet":
+        with np.load(folder / "vectors.npz") as z:
+            data = {k: z[k] for k in z.files}
+        ids = json.loads((folder / "item_ids.json").read_text())
+        out = cls(ids, storage, dim, data)
+        n = len(next(iter(data.values())))
+        if n != len(ids):
+            raise HybridError(f"{folder}: {len(ids)} item ids but {n} stored item vectors")
+        return out
+
+
+def _unpack_codes(packed: np.ndarray, m: int, nbits: int) -> np.ndarray:
+    bits = np.unpackbits(packed, bitorder="little")[: m * nbits].reshape(m, nbits)
+    return (bits * (1 << np.arange(nbits))).sum(1).astype(np.uint8)
+
+
+def check_vectors(vectors, what: str) -> np.ndarray:
+    arr = np.asarray(vectors, dtype=np.float32)
+    if arr.ndim != 2 or arr.shape[0] == 0:
+        raise HybridError(f"{what} must be a non-empty (N, D) array, got shape {arr.shape}")
+    bad = np.where(~np.isfinite(arr).all(1))[0]
+    if len(bad):
+        raise HybridError(f"{what}: {len(bad)} row(s) contain NaN or infinite values (rows {bad[:5].tolist()})")
+    zero = np.where(np.linalg.norm(arr, axis=1) == 0)[0]
+    if len(zero):
+        raise HybridError(f"{what}: {len(zero)} row(s) are all zeros (rows {zero[:5].tolist()})")
+    return arr
+
+
+# ----------------------------------------------------------------------------- the scorer
+
+
+def fuse(logprob: np.ndarray, cosine: np.ndarray, weight: float) -> np.ndarray:
+    """The hybrid score: log-prob + w * cosine (-inf stays -inf)."""
+    return np.asarray(logprob, dtype=np.float64) + float(weight) * np.asarray(cosine, dtype=np.float64)
+
+
+def rerank_order(items: np.ndarray, logprob: np.ndarray, cosine: np.ndarray, weight: float):
+    """(order (Q, P), fused scores (Q, P)): each row's candidates sorted best first; -1 items last."""
+    score = np.where(np.asarray(items) >= 0, fuse(logprob, cosine, weight), -np.inf)
+    return np.argsort(-score, axis=1, kind="stable"), score
+
+
+def rerank(items: np.ndarray, logprob: np.ndarray, cosine: np.ndarray, weight: float):
+    """(items, fused scores) of each row sorted best first; -1 items / -inf scores last."""
+    order, score = rerank_order(items, logprob, cosine, weight)
+    return np.take_along_axis(np.asarray(items), order, 1), np.take_along_axis(score, order, 1)
+
+
+def fit_weight(items: np.ndarray, logprob: np.ndarray, cosine: np.ndarray, targets: np.ndarray,
+               weights: list[float]) -> dict:
+    """The w of ``weights`` with the best MRR (over the candidate lists) on validation queries.
+
+    items (Q, P) candidate rows (-1 pads), targets (Q,) gold rows. Returns the fit record:
+    weight, per-weight R@1 / MRR, the candidate recall (gold among the P candidates)."""
+    if len(items) == 0:
+        raise HybridError("no validation queries to fit the hybrid weight on (set split.scorer_queries > 0)")
+    targets = np.asarray(targets)[:, None]
+    table = []
+    for w in weights:
+        ranked, _ = rerank(items, logprob, cosine, w)
+        hit = ranked == targets
+        pos = np.where(hit.any(1), hit.argmax(1), -1)
+        table.append({"w": float(w), "R@1": float(100 * (pos == 0).mean()),
+                      "MRR": float(100 * np.where(pos >= 0, 1.0 / (np.maximum(pos, 0) + 1), 0.0).mean())})
+    best = max(table, key=lambda r: (r["MRR"], r["R@1"], -r["w"]))
+    return {"weight": best["w"], "queries": int(len(items)),
+            "candidate_recall": float(100 * (np.asarray(items) == targets).any(1).mean()),
+            "val_at_weight": best, "val_generative_only": table[0] if weights[0] == 0 else None, "grid": table}
+
+
+@dataclass
+class HybridScorer:
+    """A run's fitted scorer: item vectors + w + the identifier levels in the log-prob."""
+    vectors: ItemVectorSet
+    weight: float
+    levels: str
+    candidates: int
+    info: dict
+
+    @classmethod
+    def load(cls, run_dir: str | Path, name: str = "hybrid") -> "HybridScorer":
+        folder = Path(run_dir) / name
+        if not (folder / "scorer.json").is_file():
+            raise HybridError(f"{run_dir} has no hybrid item vectors (RUN/hybrid/scorer.json): hybrid search needs the "
+                              f"pipeline stage 'hybrid' (python train.py --config ... ; split.scorer_queries > 0)")
+        info = json.loads((folder / "scorer.json").read_text())
+        if info.get("format_version") != FORMAT_VERSION:
+            raise HybridError(f"{folder}/scorer.json has format version {info.get('format_version')}, "
+                              f"this code reads {FORMAT_VERSION}: rebuild it (pipeline stage hybrid)")
+        vectors = ItemVectorSet.load(folder, info["storage"], info["dim"])
+        return cls(vectors, float(info["weight"]), info["levels"], int(info["candidates"]), info)
+
+    def n_levels(self, identifier_length: int) -> int:
+        return identifier_length - 1 if self.levels == "prefix" else identifier_length
+
+
+def check_query_dim(scorer_dim: int, model) -> None:
+    d = model.config.d_model if model.encoder.bert is None else model.encoder.bert.config.hidden_size
+    if d != scorer_dim:
+        raise HybridError(f"the hybrid item vectors have dimension {scorer_dim} but the model's encoder gives "
+                          f"{d}-dimensional query vectors; rebuild RUN/hybrid (pipeline stage hybrid)")
+
+
+# ----------------------------------------------------------------------------- candidates of one query batch
+
+
+def generative_candidates(model, query_tokenizer, trie, vocab, queries: list[str], num_beams: int, *,
+                          levels: str = "prefix", batch_size: int = 100):
+    """Generative top-B of each query with what the scorer needs, from one encoder pass per batch:
+    (rows (Q, B) identifier-table rows, -1 pads; logprob (Q, B) of ``levels``; query vectors (Q, d))."""
+    import torch
+
+    from ace.model.decoding import constrained_beam_search
+
+    device = next(model.parameters()).device
+    rows, lps, qv = [], [], []
+    for s in range(0, len(queries), batch_size):
+        enc = query_tokenizer(queries[s:s + batch_size], max_length=model.config.max_query_length)
+        state: dict = {}
+        ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+        items, full = constrained_beam_search(model, ids, mask, trie, vocab, num_beams=num_beams, top_k=num_beams,
+                                              state=state)
+        rows.append(items.numpy())
+        lps.append((state["prefix_scores"] if levels == "prefix" else full).numpy())
+        qv.append(sentence_vectors(state["last_hidden"], mask))
+        del state
+    return np.concatenate(rows), np.concatenate(lps), np.concatenate(qv)
+
+
+@dataclass
+class HybridHit:
+    item_id: str
+    score: float        # log-prob + w * cosine
+    logprob: float      # log P(identifier levels | query)
+    cosine: float
+    source: str         # "generative" (beam search) | "fallback" (added item, identifier scored teacher-forced)
+
+
+@dataclass
+class FallbackItems:
+    """Items served outside the trie (added after training): their ids, unit text-space vectors
+    (n, d) and identifier token ids (n, L) from the fitted tokenizer."""
+    ids: list[str]
+    vectors: np.ndarray
+    tokens: np.ndarray
+
+    def __post_init__(self):
+        if len(self.ids):
+            self.vectors = check_vectors(self.vectors, "fallback item vectors")
+        if not (len(self.ids) == len(self.vectors) == len(self.tokens)):
+            raise HybridError(f"fallback items: {len(self.ids)} ids, {len(self.vectors)} vectors, "
+                              f"{len(self.tokens)} identifiers")
+
+
+def search_merged(model, query_tokenizer, trie, table_ids: list[str], vocab, scorer: HybridScorer, queries: list[str],
+                  num_beams: int, k: int, *, extra_vectors: dict | None = None, fallback: FallbackItems | None = None,
+                  fallback_candidates: int | None = None) -> list[list[HybridHit]]:
+    """Hybrid search of one query batch over both paths with ONE scorer.
+
+    Generative candidates: the beam search's top-``num_beams`` (trie rows -> ``table_ids``). Fallback
+    candidates: the ``fallback_candidates`` (default ``num_beams``) added items nearest the query
+    vector, their identifiers scored teacher-forced by the same model. Every candidate's score is
+    log P(its identifier levels | q) + w * cos(q, item vector); the vector of a trie item comes from
+    the stored set, or from ``extra_vectors`` (id -> unit vector) for items trained in later (folded)."""
+    import torch
+
+    from ace.model.decoding import constrained_beam_search, score_identifiers
+
+    check_query_dim(scorer.vectors.dim, model)
+    extra_vectors = extra_vectors or {}
+    device = next(model.parameters()).device
+    enc = query_tokenizer(queries, max_length=model.config.max_query_length)
+    ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+    state: dict = {}
+    levels = scorer.n_levels(vocab.length)
+    if trie is not None:
+        rows, full = constrained_beam_search(model, ids, mask, trie, vocab, num_beams=num_beams, top_k=num_beams,
+                                             state=state)
+        lp = (state["prefix_scores"] if scorer.levels == "prefix" else full).numpy().astype(np.float64)
+        rows = rows.numpy()
+    else:  # no item left on the generative path: the encoder pass only, for the fallback items' scores
+        with torch.inference_mode():
+            layers = model.eval().encode(ids, mask)
+            state = {"last_hidden": layers[:, -1], "memory": model.decoder.memory(layers),
+                     "mask": mask.bool()[:, None, None, :], "query": model.prototype_query(layers, mask)}
+        rows, lp = np.zeros((len(queries), 0), dtype=np.int64), np.zeros((len(queries), 0))
+    qv = sentence_vectors(state["last_hidden"], mask)
+    Q, B = rows.shape
+    cand_ids = [[table_ids[r] if r >= 0 else None for r in row] for row in rows.tolist()]
+    stored = np.full((Q, B), -1, dtype=np.int64)
+    cos = np.zeros((Q, B))
+    for i, row in enumerate(cand_ids):
+        for j, iid in enumerate(row):
+            if iid is None:
+                continue
+            r = scorer.vectors.row.get(iid)
+            if r is not None:
+                stored[i, j] = r
+            elif iid in extra_vectors:
+                cos[i, j] = float(extra_vectors[iid] @ qv[i])
+            else:
+                raise HybridError(f"no hybrid item vector for generative item {iid!r}")
+    cos = np.where(stored >= 0, scorer.vectors.cosine(qv, stored), cos)
+    src = np.zeros((Q, B), dtype=np.int8)
+    if fallback is not None and len(fallback.ids):
+        F = min(fallback_candidates or num_beams, len(fallback.ids))
+        fcos_all = qv @ fallback.vectors.T                                                 # (Q, n)
+        top = np.argsort(-fcos_all, axis=1, kind="stable")[:, :F]
+        toks = torch.as_tensor(fallback.tokens[top], dtype=torch.long, device=device)       # (Q, F, L)
+        flp = score_identifiers(model, state["memory"], state["mask"], toks, levels,
+                                query=state["query"]).cpu().numpy().astype(np.float64)
+        cand_ids = [row + [fallback.ids[t] for t in trow] for row, trow in zip(cand_ids, top.tolist())]
+        lp = np.concatenate([lp, flp], 1)
+        cos = np.concatenate([cos, np.take_along_axis(fcos_all, top, 1)], 1)
+        src = np.concatenate([src, np.ones((Q, F), dtype=np.int8)], 1)
+        rows = np.concatenate([rows, np.zeros((Q, F), dtype=np.int64)], 1)
+    order, score = rerank_order(rows, lp, cos, scorer.weight)
+    out = []
+    for i in range(Q):
+        hits = []
+        for j in order[i]:
+            if len(hits) == k or not np.isfinite(score[i, j]):
+                break
+            hits.append(HybridHit(cand_ids[i][j], float(score[i, j]), float(lp[i, j]), float(cos[i, j]),
+                                  "fallback" if src[i, j] else "generative"))
+        out.append(hits)
+    return out
+
+
+class HybridIndex:
+    """A retriever's hybrid state: the run's fitted scorer, plus text-space vectors of the items that
+    came after training (added: served from outside the trie; folded: trained in later), built from
+    their texts by the model's encoder on first use and cached per item id."""
+
+    def __init__(self, scorer: HybridScorer, model, query_tokenizer):
+        check_query_dim(scorer.vectors.dim, model)
+        self.scorer, self.model, self.query_tokenizer = scorer, model, query_tokenizer
+        self._vectors: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def load(cls, run_dir, model, query_tokenizer) -> "HybridIndex":
+        return cls(HybridScorer.load(run_dir), model, query_tokenizer)
+
+    def vectors(self, items) -> dict[str, np.ndarray]:
+        """id -> unit vector of each CorpusItem (its description and captions, as the scorer's item vectors)."""
+        todo = [it for it in items if it.item_id not in self._vectors]
+        if todo:
+            source = self.scorer.info.get("item_vectors", "doc_plus_queries")
+            groups = [item_texts(it.description(), list(it.captions), source) for it in todo]
+            vecs = mean_vectors(groups, lambda t: encode_texts(self.model, self.query_tokenizer, t),
+                                [it.item_id for it in todo])
+            self._vectors.update(zip([it.item_id for it in todo], vecs))
+        return {it.item_id: self._vectors[it.item_id] for it in items}
+
+    def search(self, queries: list[str], k: int, num_beams: int, *, trie, table_ids: list[str], vocab,
+               later_items, fallback_items, fallback_tokens: np.ndarray, batch_size: int = 100) -> list[list[HybridHit]]:
+        """``search_merged`` over query batches. ``later_items``: CorpusItems added/folded after training
+        that may appear (trie or fallback); ``fallback_items`` (in ``fallback_tokens`` order): the
+        added ones served outside the trie; ``trie`` None = no generative items."""
+        extra = self.vectors([it for it in later_items if it.item_id not in self.scorer.vectors.row])
+        fb = None
+        if fallback_items:
+            vec = self.vectors(fallback_items)
+            fb = FallbackItems([it.item_id for it in fallback_items],
+                               np.stack([vec[it.item_id] for it in fallback_items]), fallback_tokens)
+        out: list[list[HybridHit]] = []
+        for s in range(0, len(queries), batch_size):
+            out += search_merged(self.model, self.query_tokenizer, trie, table_ids, vocab, self.scorer,
+                                 queries[s:s + batch_size], num_beams, k, extra_vectors=extra, fallback=fb)
+        return out

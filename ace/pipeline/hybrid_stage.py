@@ -1,0 +1,78 @@
+"""Pipeline stage ``hybrid``: the trained items' vectors in the query encoder's text space and the
+fused scorer's weight w, fitted on the training queries held out of training (RUN/hybrid/).
+The scorer itself lives in ``ace/newitems/hybrid.py``."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ace.newitems.hybrid import (FORMAT_VERSION, HybridConfig, HybridError, ItemVectorSet, encode_texts, fit_weight,
+                                 generative_candidates, item_texts, mean_vectors)
+from ace.run_folder import load_run_corpus, read_pairs, write_json_atomic
+from ace.serving.retriever import Retriever
+
+
+def build_run_hybrid(run_dir: str | Path, cfg: HybridConfig, *, device: str = "cpu", seed: int = 0,
+                     name: str = "hybrid") -> dict:
+    """Stage ``hybrid``: item vectors of the trained items + w fitted on RUN/scorer_queries.json -> RUN/hybrid/.
+
+    The fit uses item vectors built from the queries the model trained on only (the held-out queries
+    must not be in them); the stored vectors then use every training query (the serving item vectors)."""
+    run_dir = Path(run_dir)
+    held = read_pairs(run_dir / "scorer_queries.json") if (run_dir / "scorer_queries.json").is_file() else []
+    if not held:
+        raise HybridError(f"{run_dir}: no held-out scorer queries (RUN/scorer_queries.json is empty): set "
+                          f"split.scorer_queries > 0 so the hybrid weight is fitted on queries the model did not "
+                          f"train on (or hybrid.enabled=false)")
+    retriever = Retriever.from_run(run_dir, device=device, fallback=False)
+    model, qtok, vocab = retriever.model, retriever.query_tokenizer, retriever.vocab
+    tok = retriever.id_tokenizer
+    ids = list(tok.trie.item_ids)
+    corpus = {it.item_id: it for it in load_run_corpus(run_dir, "corpus_train.jsonl").items}
+    all_pairs = read_pairs(run_dir / "train_queries.json")
+    held_set = set(map(tuple, held))
+    by_item_all: dict = {}
+    by_item_kept: dict = {}
+    for q, iid in all_pairs:
+        by_item_all.setdefault(iid, []).append(q)
+        if (q, iid) not in held_set:
+            by_item_kept.setdefault(iid, []).append(q)
+
+    def desc(iid):
+        it = corpus.get(iid)
+        return it.description() if it is not None else None
+
+    cache: dict = {}
+
+    def encode(texts):
+        new = [t for t in dict.fromkeys(texts) if t not in cache]
+        if new:
+            for t, v in zip(new, encode_texts(model, qtok, new)):
+                cache[t] = v
+        return np.stack([cache[t] for t in texts])
+
+    fit_vecs = mean_vectors([item_texts(desc(i), by_item_kept.get(i, []), cfg.item_vectors) for i in ids], encode, ids)
+    serve_vecs = mean_vectors([item_texts(desc(i), by_item_all.get(i, []), cfg.item_vectors) for i in ids], encode, ids)
+    fit_set = ItemVectorSet.build(ids, fit_vecs, cfg.storage, pq_bytes=cfg.pq_bytes, seed=seed)
+    serve_set = ItemVectorSet.build(ids, serve_vecs, cfg.storage, pq_bytes=cfg.pq_bytes, seed=seed)
+
+    queries, targets = [q for q, _ in held], fit_set.rows_of([iid for _, iid in held])
+    rows, lp, qv = generative_candidates(model, qtok, retriever.trie(), vocab, queries, cfg.candidates,
+                                         levels=cfg.levels)
+    fit = fit_weight(rows, lp, fit_set.cosine(qv, rows), targets, cfg.weights)
+    folder, tmp = run_dir / name, run_dir / f"{name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    serve_set.save(tmp)
+    info = {"format_version": FORMAT_VERSION, "weight": fit["weight"], "levels": cfg.levels, "storage": cfg.storage,
+            "item_vectors": cfg.item_vectors, "dim": int(serve_vecs.shape[1]), "candidates": cfg.candidates,
+            "items": len(ids), "bytes_per_item": serve_set.bytes_per_item(), "shared_bytes": serve_set.shared_bytes(),
+            "fit": fit}
+    write_json_atomic(tmp / "scorer.json", info)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    retriever.close()
+    return {k: v for k, v in info.items() if k != "fit"} | {"fit": {k: v for k, v in fit.items() if k != "grid"}}

@@ -1,0 +1,344 @@
+"""The hybrid scorer (ace/newitems/hybrid.py): fusion, item-vector storage, query vectors from the model's own
+encoder pass, teacher-forced identifier scores that match the beam search, and its bad-input errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ace.newitems.hybrid import (HybridError, HybridScorer, ItemVectorSet, encode_texts, fit_weight, fuse, item_texts,
+                        mean_vectors, rerank)
+
+
+def test_fused_scores_equal_a_hand_computed_fusion():
+    items = np.array([[3, 7, 5, -1]])
+    lp = np.array([[-0.5, -1.0, -2.0, -np.inf]])
+    cos = np.array([[0.2, 0.6, 0.9, 0.0]])
+    # by hand, w = 2: 3 -> -0.5 + 0.4 = -0.1; 7 -> -1.0 + 1.2 = 0.2; 5 -> -2.0 + 1.8 = -0.2
+    ranked, score = rerank(items, lp, cos, 2.0)
+    assert ranked.tolist() == [[7, 3, 5, -1]]
+    np.testing.assert_allclose(score[0, :3], [0.2, -0.1, -0.2])
+    assert score[0, 3] == -np.inf
+    # w = 0: the generative order; the padded slot stays last (no 0 * -inf NaN)
+    assert rerank(items, lp, cos, 0.0)[0].tolist() == [[3, 7, 5, -1]]
+    np.testing.assert_allclose(fuse(lp[:, :3], cos[:, :3], 0.5), [[-0.4, -0.7, -1.55]])
+
+
+def test_fit_weight_picks_the_weight_that_ranks_the_validation_gold_first():
+    # query 0: gold 7 needs w > 1.25 (-1.0 + 0.6w > -0.5 + 0.2w); query 1: gold 4 wins at any w <= 2.5
+    items = np.array([[3, 7], [4, 8]])
+    lp = np.array([[-0.5, -1.0], [-0.1, -1.1]])
+    cos = np.array([[0.2, 0.6], [0.5, 0.9]])
+    fit = fit_weight(items, lp, cos, np.array([7, 4]), [0.0, 1.0, 2.0, 4.0])
+    assert fit["weight"] == 2.0 and fit["val_at_weight"]["R@1"] == 100.0
+    assert fit["val_generative_only"]["R@1"] == 50.0 and fit["candidate_recall"] == 100.0
+    with pytest.raises(HybridError, match="no validation queries"):
+        fit_weight(np.zeros((0, 2), int), np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0, int), [0.0])
+
+
+def _unit(rng, n, d):
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_item_vector_storages_bytes_and_cosines(tmp_path):
+    rng = np.random.default_rng(0)
+    vec, q = _unit(rng, 300, 32), _unit(rng, 4, 32)
+    ids = [f"i{i}" for i in range(300)]
+    rows = np.array([[0, 5, -1], [7, 8, 9], [1, 2, 3], [299, 0, 4]])
+    exact = np.einsum("bpd,bd->bp", vec[np.maximum(rows, 0)], q)
+    sizes = {}
+    for storage, tol in (("float32", 1e-6), ("int8", 0.02), ("pq", 0.35)):
+        s = ItemVectorSet.build(ids, vec, storage, pq_bytes=8)
+        s.save(tmp_path / storage)
+        s = ItemVectorSet.load(tmp_path / storage, storage, 32)
+        cos = s.cosine(q, rows)
+        assert cos[0, 2] == 0.0  # padded slot
+        np.testing.assert_allclose(cos[rows >= 0], exact[rows >= 0], atol=tol)
+        sizes[storage] = s.bytes_per_item()
+    assert sizes == {"float32": 128.0, "int8": 36.0, "pq": 8.0}
+
+
+def test_bad_vectors_and_missing_scorer_give_clear_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    vec = _unit(rng, 10, 8)
+    bad = vec.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(HybridError, match=r"NaN or infinite values \(rows \[3\]\)"):
+        ItemVectorSet.build([str(i) for i in range(10)], bad)
+    with pytest.raises(HybridError, match="all zeros"):
+        ItemVectorSet.build([str(i) for i in range(10)], np.zeros((10, 8)))
+    with pytest.raises(HybridError, match="10 item ids but 9"):
+        ItemVectorSet.build([str(i) for i in range(10)], vec[:9])
+    s = ItemVectorSet.build([str(i) for i in range(10)], vec)
+    with pytest.raises(HybridError, match="dimension 8"):
+        s.cosine(_unit(rng, 2, 16), np.zeros((2, 3), int))
+    with pytest.raises(HybridError, match="no hybrid item vector"):
+        s.rows_of(["0", "nope"])
+    with pytest.raises(HybridError, match="has no hybrid item vectors"):
+        HybridScorer.load(tmp_path)
+    with pytest.raises(HybridError, match="no text"):
+        mean_vectors([["a"], []], lambda t: _unit(rng, len(t), 8), ["x", "y"])
+
+
+def test_item_texts_count_a_document_that_is_also_a_query_once():
+    assert item_texts("a dog", ["a dog", "a puppy"], "doc_plus_queries") == ["a dog", "a puppy"]
+    assert item_texts("a dog", ["a dog", "a puppy"], "document") == ["a dog"]
+    assert item_texts(None, ["a puppy"], "doc_plus_queries") == ["a puppy"]
+
+
+def test_query_vectors_from_the_models_encoder_equal_the_minilm_sentence_embedding():
+    from ace.data.encoders import MINILM, TextEncoder, resolve_text_model
+    from ace.model.modeling import AceConfig, AceModel
+    from ace.model.tokens import QueryTokenizer
+
+    path = resolve_text_model("minilm")
+    model = AceModel(AceConfig(d_model=384, n_heads=6, encoder_layers=3, decoder_layers=1, ffn_dim=64,
+                               max_query_length=40, level_sizes=[4, 4, 4], pretrained_encoder=path))
+    qtok = QueryTokenizer.from_pretrained(path, max_length=40)
+    texts = ["a dog runs on the beach", "two men play chess in a park", "x"]
+    ours = encode_texts(model, qtok, texts)
+    ref = TextEncoder(MINILM, device="cpu").encode(texts)
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """A tiny untrained AceModel over 40 synthetic items: (task, identifier tokenizer, query tokenizer, model, vocab)."""
+    from ace.model.modeling import AceModel
+    from ace.bench.synthetic import make_synthetic_task, synthetic_model_config
+    from ace.model.tokens import IdentifierVocab, QueryTokenizer
+    from identifiers.config import IdentifierConfig
+    from identifiers.semantic_ids import SemanticIdTokenizer
+
+    task = make_synthetic_task(40, dim=32, seed=0)
+    tok = SemanticIdTokenizer.fit(task.embeddings, task.item_ids, IdentifierConfig(
+        K=4, M=1, codebook_size=4, max_u=32, kmeans_n_init=1, kmeans_max_iter=20, hidden_dims=(32,), latent_dim=8,
+        rqvae_max_steps=30, rqvae_batch_size=64, codebook_kmeans_iters=5, seed=0))
+    qtok = QueryTokenizer.train([q for q, _ in task.train_pairs], vocab_size=60, max_length=24)
+    torch.manual_seed(0)
+    model = AceModel(synthetic_model_config(qtok.vocab_size, tok.level_sizes, d_model=32, n_heads=2,
+                                            encoder_layers=1, decoder_layers=1, ffn_dim=64)).eval()
+    return task, tok, qtok, model, IdentifierVocab(tok.level_sizes)
+
+
+def test_teacher_forced_identifier_scores_equal_the_beam_search_scores(tiny_model):
+    from ace.model.decoding import constrained_beam_search, score_identifiers
+
+    task, tok, qtok, model, vocab = tiny_model
+    enc = qtok([q for q, _ in task.val_pairs[:5]])
+    state: dict = {}
+    items, full = constrained_beam_search(model, enc.input_ids, enc.attention_mask, tok.trie.flat(), vocab,
+                                          num_beams=8, top_k=8, state=state)
+    tokens = torch.as_tensor(vocab.encode(tok.codes[items.clamp_min(0).numpy()]))        # (B, P, L)
+    L = vocab.length
+    tf_full = score_identifiers(model, state["memory"], state["mask"], tokens, L)
+    tf_prefix = score_identifiers(model, state["memory"], state["mask"], tokens, L - 1)
+    ok = items >= 0
+    torch.testing.assert_close(tf_full[ok], full[ok], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(tf_prefix[ok], state["prefix_scores"][ok], atol=1e-4, rtol=1e-4)
+    assert (tf_prefix[ok] >= tf_full[ok] - 1e-6).all()
+
+
+def test_pipeline_stage_fits_the_weight_on_held_out_training_queries(hybrid_run, tmp_path):
+    from ace.config import load_config
+    from ace.newitems.hybrid import search_merged
+    from ace.pipeline.stages import Pipeline, PipelineError, RunConfig, read_pairs
+    from ace.serving.retriever import Retriever
+
+    run = hybrid_run
+    held = read_pairs(run / "scorer_queries.json")
+    trained = read_pairs(run / "train_queries.json")
+    assert len(held) == 12 and len({iid for _, iid in held}) == 12
+    info = json.loads((run / "hybrid" / "scorer.json").read_text())
+    assert info["weight"] in RunConfig().hybrid.weights and info["fit"]["queries"] == 12
+    assert info["items"] == 36 and info["dim"] == 32 and info["bytes_per_item"] == 128
+    # the training stage did not see the held-out queries (its marker counts the pairs it trained on)
+    rec = json.loads((run / "stages" / "train.json").read_text())
+    assert rec["train_pairs"] == len(trained) - 12 and rec["scorer_queries"] == 12
+
+    r = Retriever.from_run(run, device="cpu", fallback=False)
+    scorer = HybridScorer.load(run)
+    ids = r.id_tokenizer.trie.item_ids
+    qs = [q for q, _ in held]
+    for row in search_merged(r.model, r.query_tokenizer, r.trie(), ids, r.vocab, scorer, qs, 8, 5):
+        assert len(row) == 5 and all(h.source == "generative" for h in row)
+        np.testing.assert_allclose([h.score for h in row], [h.logprob + scorer.weight * h.cosine for h in row])
+        assert [h.score for h in row] == sorted((h.score for h in row), reverse=True)
+    r.close()
+
+    bad = load_config(RunConfig, run.parent / "tiny.yaml", ["hybrid.enabled=true", "fallback.enabled=false",
+                                                             f"run_dir={tmp_path / 'bad'}"])
+    with pytest.raises(PipelineError, match="split.scorer_queries > 0"):
+        Pipeline(bad, progress=False)  # at once, before any stage trains
+
+
+def test_merged_search_scores_both_paths_with_the_same_fusion(tiny_model):
+    from ace.model.decoding import constrained_beam_search, score_identifiers
+    from ace.newitems.hybrid import FallbackItems, search_merged
+
+    task, tok, qtok, model, vocab = tiny_model
+    ids = list(tok.trie.item_ids)
+    rng = np.random.default_rng(1)
+    vec = _unit(rng, len(ids), 32)
+    # the last 10 items leave the trie and come back as "added" (fallback) items with their identifiers
+    added = ids[30:]
+    rows = [ids.index(i) for i in added]
+    import copy
+    trained_tok = copy.deepcopy(tok)
+    trained_tok.remove(added)
+    table = list(trained_tok.trie.item_ids)
+    scorer = HybridScorer(ItemVectorSet.build(ids[:30], vec[:30]), 3.0, "prefix", 8, {})
+    fb = FallbackItems(added, vec[30:], vocab.encode(tok.codes[rows]))
+    queries = [q for q, _ in task.val_pairs[:6]]
+    hits = search_merged(model, qtok, trained_tok.trie.flat(), table, vocab, scorer, queries, 8, 10, fallback=fb,
+                         fallback_candidates=4)
+    enc = qtok(queries)
+    state: dict = {}
+    constrained_beam_search(model, enc.input_ids, enc.attention_mask, trained_tok.trie.flat(), vocab, num_beams=8,
+                            top_k=8, state=state)
+    from ace.newitems.hybrid import sentence_vectors
+    qv = sentence_vectors(state["last_hidden"], enc.attention_mask)
+    row_of = {iid: i for i, iid in enumerate(ids)}
+    seen_sources = set()
+    for i, row in enumerate(hits):
+        assert len(row) == 10 and [h.score for h in row] == sorted((h.score for h in row), reverse=True)
+        for h in row:
+            seen_sources.add(h.source)
+            assert h.cosine == pytest.approx(float(vec[row_of[h.item_id]] @ qv[i]), abs=1e-5)
+            assert h.score == pytest.approx(h.logprob + 3.0 * h.cosine, abs=1e-6)
+            assert (h.source == "fallback") == (h.item_id in added)
+            code = tok.codes[row_of[h.item_id]][None, None]
+            tokens = torch.as_tensor(vocab.encode(np.repeat(code, len(queries), 0)))     # (Q, 1, L)
+            tf = score_identifiers(model, state["memory"], state["mask"], tokens, vocab.length - 1)[i, 0]
+            assert h.logprob == pytest.approx(float(tf), abs=1e-4)
+    assert seen_sources == {"generative", "fallback"}
+
+
+# ---------------------------------------------------------------------------------- Retriever: modes, merged search
+NEW = [("purple", "kite"), ("orange", "kite"), ("purple", "lamp"), ("orange", "lamp"), ("grey", "kite"), ("grey", "lamp")]
+
+
+@pytest.fixture(scope="module")
+def hybrid_run(tmp_path_factory):
+    """The tiny pipeline run (36 items) with the fallback and hybrid stages."""
+    from ace.config import load_config
+    from ace.pipeline.stages import Pipeline, RunConfig
+    from tests.test_pipeline import config
+
+    tmp = tmp_path_factory.mktemp("hybrid_run")
+    overrides = ["split.scorer_queries=12", "hybrid.enabled=true", "hybrid.candidates=10", "device=cpu",
+                 "identifiers.max_u=1024", "fallback.calibration_queries=36", "fallback.tower.epochs=20",
+                 "fallback.tower.batch_size=32", "fallback.tower.device=cpu", "fallback.hash.bits=64",
+                 "fallback.hash.steps=100", "fallback.hash.device=cpu", "fallback.index.kind=flat"]
+    Pipeline(load_config(RunConfig, config(tmp), overrides), progress=False).run_all(until="hybrid")
+    return tmp / "run"
+
+
+def _r_at(hits, targets, k):
+    return 100 * np.mean([t in [h.item_id for h in row[:k]] for row, t in zip(hits, targets)])
+
+
+def test_hybrid_mode_is_the_default_and_every_hit_says_its_mode(hybrid_run, tmp_path):
+    import shutil
+
+    from ace.serving.retriever import Retriever, RetrieverError
+
+    run = tmp_path / "run"
+    shutil.copytree(hybrid_run, run, ignore=shutil.ignore_patterns("checkpoints", "cache"))
+    r = Retriever.from_run(run, device="cpu")
+    q = ["a red car", "the dog is blue"]
+    auto, hyb = r.search(q, k=5), r.search(q, k=5, mode="hybrid")
+    assert [[(h.item_id, h.score) for h in row] for row in auto] == [[(h.item_id, h.score) for h in row] for row in hyb]
+    for row in hyb:
+        for h in row:
+            assert h.mode == "hybrid" and h.source == "generative"
+            assert h.score == pytest.approx(h.raw_score + r.hybrid.scorer.weight * h.cosine)
+    assert all(h.mode == "generative" for row in r.search(q, k=5, mode="generative") for h in row)
+    with pytest.raises(RetrieverError, match="unknown search mode 'best'"):
+        r.search(q, mode="best")
+    r.close()
+    # a run without RUN/hybrid: hybrid mode is a clear error, auto falls back to the documented merged/generative
+    shutil.rmtree(run / "hybrid")
+    r = Retriever.from_run(run, device="cpu")
+    with pytest.raises(RetrieverError, match=r"hybrid search needs the run's hybrid item vectors .*RUN/hybrid"):
+        r.search(q, mode="hybrid")
+    assert all(h.mode == "generative" for row in r.search(q, k=3) for h in row)
+    r.close()
+    # stored vectors of another dimension: a clear error at load
+    shutil.copytree(hybrid_run / "hybrid", run / "hybrid")
+    info = json.loads((run / "hybrid" / "scorer.json").read_text())
+    info["dim"] = 16
+    (run / "hybrid" / "scorer.json").write_text(json.dumps(info))
+    with pytest.raises(RetrieverError, match="dimension 16 but the model's encoder gives 32"):
+        Retriever.from_run(run, device="cpu")
+
+
+def test_merged_search_with_the_shared_scorer_is_never_worse_than_either_path(hybrid_run, tmp_path):
+    """Constructed case: 6 items added after training (new colours and things). Old items' held-out
+    queries through the generative path alone, new items' queries through the fallback path alone,
+    and both through merged search: with one scorer, merged search loses neither set."""
+    import shutil
+
+    from ace.data.corpus import CorpusItem
+    from ace.pipeline.stages import read_pairs
+    from ace.serving.retriever import Retriever
+
+    run = tmp_path / "run"
+    shutil.copytree(hybrid_run, run, ignore=shutil.ignore_patterns("checkpoints", "cache"))
+    r = Retriever.from_run(run, device="cpu")
+    rng = np.random.default_rng(5)
+    new_items, new_pairs = [], []
+    for c, t in NEW:
+        iid = f"{c}-{t}"
+        captions = [f"a {c} {t}", f"the {t} is {c}", f"photo of a {c} {t}"]
+        new_items.append(CorpusItem(iid, "image", embedding=rng.standard_normal(24).astype(np.float32), captions=captions))
+        new_pairs.append((f"{c} coloured {t}", iid))
+    r.add_items(new_items)
+    old_pairs = read_pairs(run / "test_queries.json")
+    oq, ot = [q for q, _ in old_pairs], [t for _, t in old_pairs]
+    nq, nt = [q for q, _ in new_pairs], [t for _, t in new_pairs]
+    for k in (1, 5):
+        old_alone = _r_at(r.search(oq, k=k, num_beams=10, mode="generative"), ot, k)
+        new_alone = _r_at(r.search(nq, k=k, mode="fallback"), nt, k)
+        old_merged = r.search(oq, k=k, num_beams=10, mode="hybrid")
+        new_merged = r.search(nq, k=k, num_beams=10, mode="hybrid")
+        assert _r_at(old_merged, ot, k) >= old_alone, k
+        assert _r_at(new_merged, nt, k) >= new_alone, k
+        assert {h.source for row in new_merged for h in row} == {"generative", "fallback"} or k == 1
+    # every fallback hit is scored like a generative one: log-prob of its identifier prefix + w * cosine
+    fb_hits = [h for row in r.search(nq, k=5, num_beams=10) for h in row if h.source == "fallback"]
+    assert fb_hits and all(h.score == pytest.approx(h.raw_score + r.hybrid.scorer.weight * h.cosine) for h in fb_hits)
+    r.close()
+
+
+def test_post_search_exposes_the_mode_and_each_hit_says_which_mode_scored_it(hybrid_run, tmp_path):
+    import shutil
+    import sys
+    from pathlib import Path
+
+    import httpx
+
+    from ace.config import ServeConfig
+    from ace.serving.retriever import Retriever
+    from ace.serving.server import create_app
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from serving_support import running_server
+
+    run = tmp_path / "run"
+    shutil.copytree(hybrid_run, run, ignore=shutil.ignore_patterns("checkpoints", "cache"))
+    r = Retriever.from_run(run, device="cpu")
+    with running_server(create_app(r, ServeConfig())) as url:
+        auto = httpx.post(url + "/search", json={"query": "a red car", "k": 3}, timeout=60).json()["results"]
+        gen = httpx.post(url + "/search", json={"query": "a red car", "k": 3, "mode": "generative"}, timeout=60).json()
+        bad = httpx.post(url + "/search", json={"query": "a red car", "mode": "best"}, timeout=60)
+    assert [h["mode"] for h in auto] == ["hybrid"] * 3
+    lib = r.search(["a red car"], k=3, mode="hybrid")[0]
+    assert [h["item_id"] for h in auto] == [h.item_id for h in lib]
+    for h, g in zip(auto, lib):
+        assert h["score"] == pytest.approx(g.score, abs=1e-5) and h["raw_score"] == pytest.approx(g.raw_score, abs=1e-5)
+        assert h["cosine"] == pytest.approx(g.cosine, abs=1e-5)
+    assert [h["mode"] for h in gen["results"]] == ["generative"] * 3 and all(h["cosine"] is None for h in gen["results"])
+    assert bad.status_code == 422 and "mode" in bad.text
+    r.close()
