@@ -229,12 +229,11 @@ def _unpack_codes(packed: np.ndarray, m: int, nbits: int) -> np.ndarray:
 
 
 def check_vectors(vectors, what: str) -> np.ndarray:
-    arr = np.asarray(vectors, dtype=np.float32)
-    if arr.ndim != 2 or arr.shape[0] == 0:
+    from ace.arrays import check_matrix
+
+    arr = check_matrix(np.asarray(vectors, dtype=np.float32), name=what, error=HybridError)
+    if arr.shape[0] == 0:
         raise HybridError(f"{what} must be a non-empty (N, D) array, got shape {arr.shape}")
-    bad = np.where(~np.isfinite(arr).all(1))[0]
-    if len(bad):
-        raise HybridError(f"{what}: {len(bad)} row(s) contain NaN or infinite values (rows {bad[:5].tolist()})")
     zero = np.where(np.linalg.norm(arr, axis=1) == 0)[0]
     if len(zero):
         raise HybridError(f"{what}: {len(zero)} row(s) are all zeros (rows {zero[:5].tolist()})")

@@ -10,7 +10,7 @@ import numpy as np
 
 from ace.newitems.hybrid import (FORMAT_VERSION, HybridConfig, HybridError, ItemVectorSet, encode_texts, fit_weight,
                                  generative_candidates, item_texts, mean_vectors)
-from ace.run_folder import load_run_corpus, read_pairs, write_json_atomic
+from ace.run_folder import RunPaths, load_run_corpus, read_pairs, write_json_atomic
 from ace.serving.retriever import Retriever
 
 
@@ -21,7 +21,8 @@ def build_run_hybrid(run_dir: str | Path, cfg: HybridConfig, *, device: str = "c
     The fit uses item vectors built from the queries the model trained on only (the held-out queries
     must not be in them); the stored vectors then use every training query (the serving item vectors)."""
     run_dir = Path(run_dir)
-    held = read_pairs(run_dir / "scorer_queries.json") if (run_dir / "scorer_queries.json").is_file() else []
+    paths = RunPaths(run_dir)
+    held = read_pairs(paths.scorer_queries) if paths.scorer_queries.is_file() else []
     if not held:
         raise HybridError(f"{run_dir}: no held-out scorer queries (RUN/scorer_queries.json is empty): set "
                           f"split.scorer_queries > 0 so the hybrid weight is fitted on queries the model did not "
@@ -30,8 +31,8 @@ def build_run_hybrid(run_dir: str | Path, cfg: HybridConfig, *, device: str = "c
     model, qtok, vocab = retriever.model, retriever.query_tokenizer, retriever.vocab
     tok = retriever.id_tokenizer
     ids = list(tok.trie.item_ids)
-    corpus = {it.item_id: it for it in load_run_corpus(run_dir, "corpus_train.jsonl").items}
-    all_pairs = read_pairs(run_dir / "train_queries.json")
+    corpus = {it.item_id: it for it in load_run_corpus(run_dir, RunPaths.CORPUS_TRAIN).items}
+    all_pairs = read_pairs(paths.train_queries)
     held_set = set(map(tuple, held))
     by_item_all: dict = {}
     by_item_kept: dict = {}
