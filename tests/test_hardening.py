@@ -336,3 +336,24 @@ def test_mixed_k_and_modality_share_one_retriever_call_with_the_results_of_separ
         assert batches["retriever_calls"] < len(asks), batches  # one call per micro-batch, not per (k, modality)
     finally:
         r.close()
+
+
+# ---------------------------------------------------------------------------------- found by the CI fuzz step
+def test_an_overlong_media_path_is_a_422_naming_the_item_not_a_500(run, text_encoder):
+    """schemathesis (scripts/api_fuzz.py): a 4,000-character media file name reached the file system (ENAMETOOLONG)."""
+    with serving(run, text_encoder) as (c, r):
+        item = {"item_id": "long-media", "modality": "text", "media": "0" * 4000, "captions": ["x"]}
+        res = c.post("/items", json=item, headers=KEY)
+        assert res.status_code == 422, res.text
+        assert "long-media" in res.json()["detail"] and "media path" in res.json()["detail"]
+        healthy(c)
+
+
+def test_hybrid_mode_on_a_run_without_hybrid_vectors_is_a_422_naming_the_mode(run, text_encoder):
+    """A schema-valid search for a mode the run cannot serve is a 422 on `mode`, not a 400 (schemathesis ST202)."""
+    with serving(run, text_encoder) as (c, r):
+        assert r.hybrid is None
+        res = c.post("/search", json={"query": "a red car", "k": 3, "mode": "hybrid"})
+        assert res.status_code == 422, res.text
+        assert res.json()["detail"].startswith("mode:") and "RUN/hybrid" in res.json()["detail"]
+        healthy(c)

@@ -278,7 +278,12 @@ class ItemCatalog:
             raise RetrieverError(f"item {item.item_id!r}: media path {item.media!r} is outside the corpus root") from None
         except ValueError as exc:
             raise RetrieverError(f"item {item.item_id!r}: {exc}; give an embedding and no media") from None
-        if not path.is_file():
+        try:
+            found = path.is_file()
+        except OSError as exc:  # e.g. a path component longer than the file system allows
+            raise RetrieverError(f"item {item.item_id!r}: media path {item.media!r} cannot be used: "
+                                 f"{exc.strerror or exc}") from None
+        if not found:
             raise RetrieverError(f"item {item.item_id!r}: media file not found: {item.media!r} (under "
                                  f"{'the run folder' if str(item.media).startswith('run:') else self.corpus.root})")
         return path

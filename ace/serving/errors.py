@@ -5,6 +5,10 @@ class RetrieverError(ValueError):
     """A run folder is incomplete, or a search request is malformed; the message names the problem."""
 
 
+class SearchModeUnavailableError(RetrieverError):
+    """A well-formed search asks for a mode this run cannot serve (e.g. hybrid without RUN/hybrid)."""
+
+
 class ItemConflictError(RetrieverError):
     """An added item id is already known (trained, added, folded or deleted: ids are never reused)."""
 

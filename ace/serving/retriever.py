@@ -47,7 +47,8 @@ from ace.newitems.index import FallbackIndex
 from ace.newitems.query_tower import run_text_tower
 from ace.run_folder import RunPaths, load_run_corpus, load_run_embeddings, read_encoder_config
 from ace.serving.catalog import ItemCatalog
-from ace.serving.errors import ItemConflictError, ItemNotFoundError, RetrieverError, WriterLockError  # noqa: F401 (API)
+from ace.serving.errors import (ItemConflictError, ItemNotFoundError, RetrieverError,  # noqa: F401 (API)
+                                SearchModeUnavailableError, WriterLockError)
 from ace.validation import InputError, check_query
 from identifiers import FlatTrie, SemanticIdTokenizer
 
@@ -281,7 +282,7 @@ class Retriever:
                       modality: str | None = None, *, batch_size: int = 100) -> list[list[SearchHit]]:
         """Hybrid mode (see ``search``): one fused score for generative and added items."""
         if self.hybrid is None:
-            raise RetrieverError(f"hybrid search needs the run's hybrid item vectors and weight (RUN/hybrid), which "
+            raise SearchModeUnavailableError(f"hybrid search needs the run's hybrid item vectors and weight (RUN/hybrid), which "
                                  f"{self.run_dir or 'this retriever'} does not have: run the pipeline stage 'hybrid' "
                                  f"(hybrid.enabled=true, split.scorer_queries > 0)")
         self._check_queries(queries, k)

@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ace.config import ServeConfig
 from ace.serving.batcher import LatencyStats, MicroBatcher, ServerBusy
-from ace.serving.errors import ItemConflictError, ItemNotFoundError, WriterLockError
+from ace.serving.errors import ItemConflictError, ItemNotFoundError, SearchModeUnavailableError, WriterLockError
 from ace.serving.guards import BodyLimitMiddleware, validation_message, require_read_key, require_write_key
 from ace.serving.media import (MediaPathError, UploadError, UploadExistsError, media_response_headers,
                                resolve_item_media, save_upload, upload_name)
@@ -272,6 +272,9 @@ def _add_search_routes(app: FastAPI, config: ServeConfig, batcher: MicroBatcher,
         except asyncio.TimeoutError:
             latency.failed += 1
             raise HTTPException(504, f"search not answered within {config.search_timeout_s} s") from None
+        except SearchModeUnavailableError as exc:  # a valid request this run cannot serve: name the field
+            latency.failed += 1
+            raise HTTPException(422, f"mode: {exc}") from None
         except (ValueError, KeyError) as exc:
             latency.failed += 1
             raise HTTPException(400, f"search rejected: {exc}") from None
