@@ -51,9 +51,8 @@ from ace.serving.errors import ItemConflictError, ItemNotFoundError, SearchModeU
 from ace.serving.guards import BodyLimitMiddleware, validation_message, require_read_key, require_write_key
 from ace.serving.media import (MediaPathError, UploadError, UploadExistsError, media_response_headers,
                                resolve_item_media, save_upload, upload_name)
-from ace.serving.schemas import AddItemsResponse, ItemResponse, ItemsFormatError
-from ace.serving.schemas import SearchRequest as BaseSearchRequest
-from ace.serving.schemas import SearchResponse, add_items_openapi, items_from_json
+from ace.serving.schemas import (AddItemsResponse, ItemResponse, ItemsFormatError, SearchRequest as BaseSearchRequest,
+                                 SearchResponse, add_items_openapi, items_from_json)
 from ace.serving.store import DuplicateItemError, UnknownItemError
 from ace.validation import QUERY_PATTERN, InputError, check_query
 
@@ -272,12 +271,10 @@ def _add_search_routes(app: FastAPI, config: ServeConfig, batcher: MicroBatcher,
         except asyncio.TimeoutError:
             latency.failed += 1
             raise HTTPException(504, f"search not answered within {config.search_timeout_s} s") from None
-        except SearchModeUnavailableError as exc:  # a valid request this run cannot serve: name the field
+        except (ValueError, KeyError) as exc:  # a mode this run cannot serve: a 422 naming `mode`
             latency.failed += 1
-            raise HTTPException(422, f"mode: {exc}") from None
-        except (ValueError, KeyError) as exc:
-            latency.failed += 1
-            raise HTTPException(400, f"search rejected: {exc}") from None
+            unavailable = isinstance(exc, SearchModeUnavailableError)
+            raise HTTPException(422 if unavailable else 400, f"{'mode' if unavailable else 'search rejected'}: {exc}") from None
         except Exception:
             latency.failed += 1
             raise  # a server error: logged with a request id, a generic 500 for the client
