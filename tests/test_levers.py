@@ -79,6 +79,33 @@ def test_query_aware_identifiers_differ_from_document_only_and_are_unique(tmp_pa
     assert pipe.keys["identifiers"] == config_hash(pipe.keys["encode"], old)
 
 
+def test_query_aware_identifiers_leave_out_the_held_out_scorer_queries(tmp_path, minilm_docs):
+    """With split.scorer_queries > 0 the hybrid weight is fitted on training queries held out of
+    training: the identifiers must not have seen them either (they would leak into the prototypes)."""
+    from ace.newitems.query_tower import item_plus_query_vectors
+    from ace.pipeline.stages import hold_out_pairs, read_pairs
+
+    enc, docs = minilm_docs
+    corpus = _corpus(tmp_path / "corpus.jsonl", docs)
+    pipe = _pipeline(tmp_path, corpus, "held", "item_plus_queries")
+    pipe.cfg.split.scorer_queries = 10
+    pipe.run_all(until="identifiers")
+    run = tmp_path / "held"
+    pairs = read_pairs(run / "train_queries.json")
+    kept, held = hold_out_pairs(pairs, 10, seed=pipe.cfg.seed)
+    assert len(held) == 10 and len(kept) == len(pairs) - 10
+    ids = json.loads((run / "item_ids.json").read_text())
+    saved = np.load(run / "identifier_vectors.npy")
+    np.testing.assert_allclose(saved, item_plus_query_vectors(docs, ids, enc.encode([q for q, _ in kept]),
+                                                              [iid for _, iid in kept]), atol=1e-5)
+    everything = item_plus_query_vectors(docs, ids, enc.encode([q for q, _ in pairs]), [iid for _, iid in pairs])
+    assert not np.allclose(saved, everything, atol=1e-3)                            # the held-out ones changed it
+    key = pipe.keys["identifiers"]
+    pipe2 = _pipeline(tmp_path, corpus, "held", "item_plus_queries")               # scorer_queries=0: a new key
+    pipe2.run_all(until="identifiers")
+    assert pipe2.keys["identifiers"] != key
+
+
 def test_query_aware_identifiers_need_a_query_encoder_in_the_item_space(tmp_path):
     from ace.pipeline.stages import PipelineError
 

@@ -64,8 +64,8 @@ ACE_VARIANTS = {  # method -> (run folder, RunConfig overrides, constrained deco
     "ace_qid_proto": ("ace_qid_proto", ["identifiers.vectors=item_plus_queries", "model.prototype_levels=2"], True),
 }
 INT8_VARIANTS = {"ace_int8"}  # decoded with the dynamic-int8 model (CPU), as `serve.py --quantize` serves it
-for _m in HYBRID_VARIANTS:  # the hybrid operating point (ace/bench/quality_hybrid.py): the `ace` model re-scored
-    ACE_VARIANTS[_m] = ("ace", [], True)
+for _m in HYBRID_VARIANTS:  # the hybrid operating point (ace/bench/quality_hybrid.py): a trained variant re-scored
+    ACE_VARIANTS[_m] = ACE_VARIANTS["ace_qid_proto" if _m.startswith("ace_qid_proto") else "ace"]
 METHODS = BASELINES + tuple(ACE_VARIANTS)
 LABELS = {"dt_zero_shot": "DT zero-shot", "dt_doc_plus_queries": "DT document+queries",
           "dt_trained": "DT trained (query tower)", "ace": "ACE (full)",

@@ -265,7 +265,8 @@ class Pipeline:
         from ace.data.encoders import TextEncoder
         from ace.newitems.query_tower import item_plus_query_vectors
 
-        pairs = read_pairs(self.run.train_queries)
+        # the training pairs only: queries held out for the hybrid weight (split.scorer_queries) stay unseen
+        pairs, _ = hold_out_pairs(read_pairs(self.run.train_queries), self.cfg.split.scorer_queries, seed=self.cfg.seed)
         enc = TextEncoder(icfg.query_encoder, device=self.device)
         if enc.dim != emb.shape[1]:
             raise PipelineError(f"identifiers.vectors=item_plus_queries: the query encoder {icfg.query_encoder!r} "
@@ -299,7 +300,8 @@ class Pipeline:
             return {"summary": summary, "vectors": cfg.identifiers.vectors}
 
         key = config_hash(self.keys["encode"], section_key(cfg.identifiers, "identifiers"),
-                          *([self.keys["querygen"]] if cfg.identifiers.vectors != "item" else []))
+                          *([self.keys["querygen"], cfg.split.scorer_queries, cfg.seed]
+                            if cfg.identifiers.vectors != "item" else []))
         self._stage("identifiers", key, run)
 
     # train -----------------------------------------------------------------------------------
