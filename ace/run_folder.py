@@ -41,6 +41,7 @@ class RunPaths:
     STORE, STORE_LOCK, FOLD = "store.sqlite", "store.lock", "fold"
     IDENTIFIER_VECTORS, PRETRAIN = "identifier_vectors.npy", "pretrain.json"
     SCORER_QUERIES, HYBRID = "scorer_queries.json", "hybrid"
+    FOLD_REPORT = "fold_report.json"
     # what a trained run needs to be served (Retriever.from_run) or folded (+ config.yaml)
     TRAINED = (MODEL, QUERY_TOKENIZER, IDENTIFIER_VOCAB, IDENTIFIERS, CORPUS)
 
@@ -68,6 +69,7 @@ class RunPaths:
     store = _entry(STORE, "items added / folded / deleted after training (SQLite)")
     store_lock = _entry(STORE_LOCK, "the writer lock of the item store")
     fold = _entry(FOLD, "one folder per fold of added items into the model")
+    fold_report = _entry(FOLD_REPORT, "the latest fold's report: what was folded, what stayed and why")
     identifier_vectors = _entry(IDENTIFIER_VECTORS, "item + query vectors the identifiers were built from (issue 19)")
     pretrain = _entry(PRETRAIN, "what identifier-space pretraining used (issue 19)")
     scorer_queries = _entry(SCORER_QUERIES, "[[query, item_id], ...] training queries held out of training (hybrid w)")

@@ -113,3 +113,78 @@ def test_frozen_encoder_keeps_its_weights_and_stays_in_eval_mode(task, tmp_path)
     assert not torch.equal(dec_before, model.decoder.head.weight)
     model.train()
     assert model.decoder.training and not model.encoder.training
+
+
+# ----------------------------------------------------------------------------- anchor to the previous model (fold)
+
+
+def _batch(task):
+    from ace.training.pairs import encode_pairs
+
+    enc = encode_pairs(task.pairs[:8], task.qtok, task.idtok, task.vocab, max_query_length=16)
+    return enc.batch(torch.arange(8))
+
+
+def test_anchor_term_is_zero_for_equal_models_and_positive_once_they_differ(task):
+    from ace.training.distill import PreviousModel, anchor_kl
+    from ace.training.losses import ace_loss
+
+    model = make_model(task).eval()
+    previous = PreviousModel(model)
+    batch = _batch(task)
+    rows = torch.ones(8, dtype=torch.bool)
+    teacher = previous.logits(batch)
+    out = ace_loss(model, batch, omega=0.0, anchor=(teacher, rows, 1.0))
+    assert out.anchor is not None and float(out.anchor) == pytest.approx(0.0, abs=1e-7)
+    assert float(out.loss.detach()) == pytest.approx(float(out.ce), abs=1e-6)   # the anchor adds nothing
+    with torch.no_grad():
+        model.decoder.head.weight.add_(0.5 * torch.randn_like(model.decoder.head.weight))
+    moved = ace_loss(model, batch, omega=0.0, anchor=(teacher, rows, 1.0))
+    assert float(moved.anchor) > 1e-3
+    assert float(moved.loss.detach()) == pytest.approx(float(moved.ce) + float(moved.anchor), rel=1e-5)
+    # rows not anchored contribute nothing; no anchored row: exactly 0
+    none = ace_loss(model, batch, omega=0.0, anchor=(teacher, torch.zeros(8, dtype=torch.bool), 1.0))
+    assert float(none.anchor) == 0.0
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       decoder_input_ids=batch["decoder_input_ids"]).logits
+    half = torch.zeros(logits.shape[:2], dtype=torch.bool)
+    half[:4] = True
+    assert float(anchor_kl(logits, teacher, half)) != pytest.approx(float(anchor_kl(logits, teacher, ~half)))
+
+
+def test_previous_model_is_a_frozen_copy(task):
+    from ace.training.distill import PreviousModel
+
+    model = make_model(task)
+    previous = PreviousModel(model)
+    batch = _batch(task)
+    before = previous.logits(batch)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert torch.equal(previous.logits(batch), before)   # later updates of the model do not reach the copy
+    assert not any(p.requires_grad for p in previous.model.parameters()) and not previous.model.training
+
+
+def test_training_with_the_anchor_logs_it_and_stays_closer_to_the_previous_model(task, tmp_path):
+    from ace.training.distill import PreviousModel, anchor_kl
+
+    batch = _batch(task)
+    drift = {}
+    for weight in (0.0, 5.0):
+        model = make_model(task)
+        previous = PreviousModel(model)
+        anchored = [True] * len(task.pairs)
+        res = train_retriever(model, task.qtok, task.idtok, task.vocab, task.pairs, None,
+                              small_cfg(max_steps=12, lr=1e-2, omega=0.0), tmp_path / f"w{weight}", resume=False,
+                              anchor=(previous, anchored, weight))
+        log = [json.loads(line) for line in (tmp_path / f"w{weight}" / "train_log.jsonl").read_text().splitlines()]
+        assert ("anchor" in log[-1]) == (weight > 0)
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           decoder_input_ids=batch["decoder_input_ids"]).logits
+        drift[weight] = float(anchor_kl(logits, previous.logits(batch), torch.ones(logits.shape[:2], dtype=torch.bool)))
+        assert res.step == 12
+    assert drift[5.0] < drift[0.0]

@@ -14,7 +14,7 @@ from tests.test_pipeline import TEMPLATES, make_corpus
 
 NEW = ["white-car", "blue-tree", "black-dog", "green-boat", "yellow-chair", "red-house"]  # added after training
 FOLD = ["steps=80", "batch_size=32", "lr=3e-3", "warmup_steps=10", "min_replay=100", "checkpoint_every=40",
-        "num_beams=5", "top_k=5", "eval_batch_size=50", "progress=false", "device=cpu"]
+        "num_beams=5", "top_k=5", "eval_batch_size=50", "progress=false", "device=cpu", "gate=false"]
 
 
 def _captions(item_id: str) -> list[str]:
@@ -118,7 +118,7 @@ def test_fold_moves_added_items_to_the_generative_path(run):
     assert metrics["before"]["new_fallback"]["queries"] == len(NEW)
     assert metrics["after"]["new_generative"]["queries"] == len(NEW)
     assert metrics["after"]["old_generative"]["queries"] > 0
-    assert "| new items, generative path |" in (result.fold_dir / "report.md").read_text()
+    assert "| folded items: fallback before, generative after |" in (result.fold_dir / "report.md").read_text()
 
 
 def test_deleted_items_stay_deleted_and_second_fold_does_nothing(run):
@@ -213,3 +213,174 @@ def test_crash_between_the_renames_is_rolled_forward(run, monkeypatch):
     result = _fold(run, "steps=10")
     assert sorted(result.folded) == sorted(NEW)
     assert _model_bytes(run) == staged and {p.name: p.read_bytes() for p in (run / "model.prev").iterdir()} == old_model
+
+
+# ----------------------------------------------------------------------------- issue 16: fold without forgetting
+
+
+def _assert_every_item_served(run: Path) -> None:
+    """The run loads, nothing is quarantined, and every live item is on the generative path or in the fallback."""
+    trained = set(json.loads((run / "item_ids.json").read_text()))
+    r = Retriever.from_run(run, device="cpu")
+    try:
+        assert not r.catalog.quarantined
+        fallback = set(r.fallback.item_ids)
+        generative = {i for i in r.id_tokenizer.item_ids if i not in fallback}
+        assert generative | fallback == trained | set(NEW) and not generative & fallback
+        assert len(r.search(["a white car", "a red dog"], k=5, num_beams=5)[0]) > 0
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("point", ["staged", "swapping", "exchange", "swapped", "folded", "done"])
+def test_a_crash_at_any_point_of_a_fold_leaves_a_loadable_run_serving_every_item(run, monkeypatch, point):
+    import ace.pipeline.fold as fold_mod
+
+    real_set, real_exchange = fold_mod._set_phase, fold_mod._exchange
+    if point == "exchange":   # the model swapped in, the identifiers not yet
+        calls = []
+
+        def exchange(a, b):
+            if calls:
+                raise RuntimeError("injected crash between the two swaps")
+            calls.append(a)
+            return real_exchange(a, b)
+
+        monkeypatch.setattr(fold_mod, "_exchange", exchange)
+    else:
+        def set_phase(fold_dir, phase, **info):
+            if phase == point:
+                raise RuntimeError(f"injected crash before phase {phase}")
+            real_set(fold_dir, phase, **info)
+
+        monkeypatch.setattr(fold_mod, "_set_phase", set_phase)
+    with pytest.raises(RuntimeError, match="injected"):
+        _fold(run, "steps=10")
+    assert (run / "model").is_dir() and (run / "identifiers").is_dir()
+    _assert_every_item_served(run)
+    monkeypatch.undo()
+    result = _fold(run, "steps=10")
+    assert sorted(result.folded) == sorted(NEW) and result.fold_dir.name == "1"
+    with ItemStore(run / "store.sqlite") as store:
+        assert store.count(source="folded") == len(NEW) and store.count(source="added") == 0
+    _assert_every_item_served(run)
+    assert json.loads((run / "fold_report.json").read_text())["folded"] == result.folded
+
+
+def test_the_gate_keeps_items_in_the_fallback_when_the_generative_path_is_worse(run):
+    """Constructed case: a fine-tuning too small to learn the new items (1 step, tiny lr), so their
+    generative recall (R@1 here) stays below the fallback's; those items stay in the fallback, served there."""
+    old_model = _model_bytes(run)
+    result = _fold(run, "gate=true", "steps=1", "lr=1e-7", "warmup_steps=0", "checkpoint_every=1", "top_k=1")
+    gate = json.loads((result.fold_dir / "gate.json").read_text())
+    report = json.loads((run / "fold_report.json").read_text())
+    assert report["gate"] == gate and set(report["stayed"]) == set(result.stayed)
+    worse = [i for i, d in gate["items"].items() if d["generative"] is not None and d["generative"] < d["fallback"]]
+    assert len(worse) >= 3, gate["items"]                    # the constructed case: the generative path is worse
+    assert set(worse) <= set(result.stayed) and not set(worse) & set(result.folded)
+    assert sorted(result.folded + result.stayed) == sorted(NEW)
+    with ItemStore(run / "store.sqlite") as store:
+        assert {it.item_id for it in store.list_active(source="added")} == set(result.stayed)
+    if not result.folded:
+        assert _model_bytes(run) == old_model and not (run / "model.prev").exists()
+    text = (result.fold_dir / "report.md").read_text()
+    assert "stay in the fallback" in text and f"| {worse[0]} |" in text
+    r = Retriever.from_run(run, device="cpu")
+    try:
+        assert set(r.fallback.item_ids) == set(result.stayed)     # still served, by the fallback
+        hits = r.search_fallback([_captions(i)[0] for i in worse], k=5)
+        assert all(i in [h.item_id for h in row] for i, row in zip(worse, hits))
+    finally:
+        r.close()
+    _assert_every_item_served(run)
+
+
+MORE = ["purple-kite", "orange-lamp"]
+
+
+def test_a_second_fold_after_more_adds_starts_from_the_folded_model(run):
+    from ace.pipeline.fold import _fingerprint
+
+    first = _fold(run, "steps=20")
+    assert sorted(first.folded) == sorted(NEW)
+    folded_model = _fingerprint(run / "model")
+    assert json.loads((first.fold_dir / "plan.json").read_text())["base_model"] != folded_model
+    emb = np.load(run / "embeddings.npy")
+    r = Retriever.from_run(run, device="cpu")
+    r.add_items([CorpusItem(iid, "image", captions=[tpl.format(c=iid.split("-")[0], t=iid.split("-")[1]) for tpl in
+                                                    ("a {c} {t}", "the {t} is {c}", "photo of a {c} {t}")],
+                            embedding=(emb[3 * j] + emb[3 * j + 7]) / np.linalg.norm(emb[3 * j] + emb[3 * j + 7]))
+                 for j, iid in enumerate(MORE)])
+    r.close()
+    second = _fold(run, "steps=20", "min_replay=1000")
+    assert second.fold_dir.name == "2" and sorted(second.folded) == sorted(MORE)
+    assert json.loads((second.fold_dir / "plan.json").read_text())["base_model"] == folded_model
+    assert _fingerprint(run / "model.prev") == folded_model and _fingerprint(run / "model") != folded_model
+    split = json.loads((second.fold_dir / "split.json").read_text())
+    assert {i for _, i in split["replay"]} & set(NEW)          # the first fold's items are replayed as old ones
+    with ItemStore(run / "store.sqlite") as store:
+        assert {it.item_id for it in store.list_active(source="folded")} == set(NEW) | set(MORE)
+    r = Retriever.from_run(run, device="cpu")
+    try:
+        assert len(r.fallback) == 0 and set(NEW) | set(MORE) <= set(r.id_tokenizer.item_ids)
+    finally:
+        r.close()
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory) -> Path:
+    """The tiny run with the recipe's model shape: frozen MiniLM encoder, prototype heads; 6 items added."""
+    from ace.config import load_config
+    from ace.pipeline.run_config import RunConfig
+    from ace.pipeline.stages import Pipeline
+
+    base = tmp_path_factory.mktemp("fold_recipe")
+    path = _config(base)
+    text = path.read_text()
+    text = text.replace("model: {d_model: 32, n_heads: 2, encoder_layers: 2, decoder_layers: 1, ffn_dim: 64, query_vocab_size: 60}",
+                        "model: {pretrained_encoder: minilm, d_model: 384, n_heads: 6, encoder_layers: 3, decoder_layers: 1, "
+                        "ffn_dim: 64, max_query_length: 16, prototype_levels: 2}")
+    text = text.replace("training: {batch_size: 30,", "training: {freeze_encoder: true, batch_size: 30,")
+    assert "minilm" in text and "freeze_encoder" in text
+    path.write_text(text)
+    Pipeline(load_config(RunConfig, path), progress=False).run_all(until="fallback")
+    run = base / "run"
+    new = json.loads((base / "new.json").read_text())
+    retriever = Retriever.from_run(run, device="cpu")
+    retriever.add_items([CorpusItem(r["item_id"], "image", captions=r["captions"][:-1],
+                                    embedding=np.asarray(r["embedding"], np.float32) / np.linalg.norm(r["embedding"]))
+                         for r in new])
+    retriever.close()
+    return run
+
+
+def test_fold_on_the_recipe_model_moves_only_the_decoder_and_fills_the_prototype_tables(recipe_run):
+    from ace.model.modeling import AceModel, prefix_prototypes
+
+    run = recipe_run
+    result = _fold(run, "steps=20")
+    assert sorted(result.folded) == sorted(NEW) and result.metrics["frozen_encoder"] is True
+    new, old = (AceModel.from_pretrained(str(run / name)).state_dict() for name in ("model", "model.prev"))
+    assert all(torch_equal(new[k], old[k]) for k in new if k.startswith("encoder."))
+    moved = [k for k in new if not k.startswith("encoder.") and not torch_equal(new[k], old[k])]
+    assert any(k.startswith("decoder.embed") for k in moved) and any("layers" in k for k in moved)
+    # the prototype tables are rebuilt over the trained and the folded items' vectors
+    ids = json.loads((run / "item_ids.json").read_text())
+    vectors = dict(zip(ids, np.load(run / "embeddings.npy")))
+    with ItemStore(run / "store.sqlite") as store:
+        vectors.update({i: store.get(i).embedding for i in NEW})
+    r = Retriever.from_run(run, device="cpu")
+    try:
+        items, codes = r.id_tokenizer.item_ids, r.id_tokenizer.codes
+    finally:
+        r.close()
+    level0, level1 = prefix_prototypes(codes, np.stack([vectors[i] for i in items]), r.id_tokenizer.level_sizes, 2)
+    assert np.allclose(new["decoder.prototypes.level0"].numpy(), level0, atol=1e-6)
+    assert np.allclose(new["decoder.prototypes.level1"].numpy(), level1, atol=1e-6)
+    assert not np.allclose(old["decoder.prototypes.level1"].numpy(), level1, atol=1e-6)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

@@ -1,29 +1,42 @@
 """Fold items added after training into the generative model: ``python train.py fold --run RUN_DIR``.
 
 Items added through the API (store source ``"added"``) are served by the fallback index. A fold
-generates training queries for them with the run's querygen backend, fine-tunes the run's model
-on those pairs plus a replay sample of the old training pairs, writes the new model and the
-identifiers (now including the folded items, with the identifiers they got when they were added)
-crash-safely, and marks the items ``"folded"`` in the store: from then on the generative path
-serves them and they leave the fallback. A running server picks the new model up on restart.
+generates training queries for them with the run's querygen backend, holds some out for validation
+(``val_per_item``), fine-tunes the run's current model (the previous fold's, when there was one) on
+the rest plus a structured replay sample of old training pairs (ace/pipeline/fold_gate.py), with a
+KL term that keeps its next-token distributions on the replayed pairs close to the previous model's
+(``distill_weight``; a frozen encoder stays frozen: only the decoder and identifier embeddings move;
+prototype heads get the new items' prefixes). The gate then compares, per new item, its generative
+recall after fine-tuning with its fallback recall before, on its validation queries: items below stay
+in the fallback (still served there); the model is swapped in only when old-item recall on validation
+queries drops by less than ``max_old_drop``. The new model and the identifiers (with the folded
+items, under the identifiers they got when added) are committed crash-safely and the folded items
+marked ``"folded"`` in the store. A running server picks the new model up on restart.
 
     RUN/fold/<n>/plan.json        the items of this fold, fixed when it starts (a resumed fold reuses it)
     RUN/fold/<n>/queries/         querygen output; pairs.json the new (query, item_id) pairs
     RUN/fold/<n>/checkpoints/     fine-tuning checkpoints: a killed fold resumes where it stopped
-    RUN/fold/<n>/before.json      recall before the fold; metrics.json + report.md when done
+    RUN/fold/<n>/split.json       new pairs split into training / validation, the replay sample, old validation
+    RUN/fold/<n>/before.json      held-out test recall before the fold; gate.json the gate's measurements and decision
+    RUN/fold/<n>/metrics.json + report.md when done; RUN/fold_report.json the latest fold's
     RUN/model.prev/, RUN/identifiers.prev/   the previous model and identifiers
 
 Commit protocol (``state.json`` records the phase): the new model and identifiers are written in
 RUN/fold/<n>/ (phase ``staged``); phase ``swapping``; RUN/model -> RUN/model.prev and the staged
-model -> RUN/model by rename (same for identifiers); phase ``swapped``; ``store.mark_folded``;
-phase ``folded``; metrics; phase ``done``. A crash before ``swapping`` leaves the old model in
-place (the next fold resumes from the checkpoints); a crash later is rolled forward by the next
-``train.py fold``.
+model and RUN/model exchange places atomically (Linux ``renameat2(RENAME_EXCHANGE)``; elsewhere two
+renames), then the old one moves to RUN/model.prev (same for identifiers); phase ``swapped``;
+``store.mark_folded``; phase ``folded``; metrics; phase ``done``. At every point RUN/model and
+RUN/identifiers exist and every live item is served (folded items only once marked; until then by the
+fallback). A crash before ``swapping`` leaves the old model in place (the next fold resumes from the
+checkpoints); a crash later is rolled forward by the next ``train.py fold``. A gate refusal stages
+nothing: phase ``staged`` with no items, then the report.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -33,12 +46,15 @@ import numpy as np
 
 from ace.arrays import resolve_device
 from ace.config import load_config, to_dict
-from ace.metrics import retrieval_metrics
-from ace.run_folder import (LockBusy, RunFolderError, RunPaths, read_pairs, run_media_root, take_lock,
-                             write_json_atomic)
+from ace.pipeline import fold_gate
+from ace.pipeline.fold_measure import evaluate_paths, format_report, gate_after, gate_before
+from ace.pipeline.fold_train import FoldTrainingError, fine_tune
+from ace.run_folder import (LockBusy, RunFolderError, RunPaths, load_run_embeddings, read_pairs, run_media_root,
+                            take_lock, write_json_atomic)
 
 PHASES = ("planned", "staged", "swapping", "swapped", "folded", "done")
 SWAPPED = (RunPaths.MODEL, RunPaths.IDENTIFIERS)
+TAG = "FOLD"   # file in a staged model / identifiers folder naming its fold (tells whether it is swapped in)
 
 
 class FoldError(RuntimeError):
@@ -51,6 +67,15 @@ class FoldConfig:
     steps: int = 500                  # fine-tuning steps
     replay_ratio: float = 1.0         # old training pairs replayed per new pair
     min_replay: int = 1000            # at least this many old pairs (all of them when fewer exist)
+    replay: str = "structured"        # "structured": every prefix the new items touch + a sample stratified
+                                      # by the first level (fold_gate.structured_replay); "random"
+    replay_per_prefix: int = 2        # old pairs replayed per touched prefix (structured)
+    distill_weight: float = 1.0       # KL(previous model || folded model) on replayed old pairs; 0: replay only
+    gate: bool = True                 # false: fold every item (the gate still measures)
+    max_old_drop: float = 1.0         # swap only when old-item R@top_k on validation queries drops by less
+    val_per_item: int = 1             # new items' generated queries held out of fine-tuning for the gate
+    val_old: int = 500                # old items' validation queries of the gate (0: none; the run's
+                                      # scorer queries when it has them, else old training pairs left out of replay)
     batch_size: int | None = None     # None: the run's training.batch_size
     lr: float | None = None           # None: half the run's training.lr
     warmup_steps: int = 50
@@ -70,9 +95,12 @@ class FoldConfig:
         for name in ("steps", "checkpoint_every", "num_beams", "top_k", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("replay_ratio", "min_replay", "warmup_steps", "eval_queries"):
+        for name in ("replay_ratio", "min_replay", "warmup_steps", "eval_queries", "replay_per_prefix",
+                     "distill_weight", "max_old_drop", "val_per_item", "val_old"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.replay not in ("structured", "random"):
+            raise ValueError(f"replay must be 'structured' or 'random', got {self.replay!r}")
         if self.top_k > self.num_beams:
             raise ValueError(f"top_k ({self.top_k}) cannot exceed num_beams ({self.num_beams})")
 
@@ -84,6 +112,7 @@ class FoldResult:
     folded: list[str]
     metrics: dict | None
     message: str
+    stayed: list[str] = dataclasses.field(default_factory=list)   # candidates left in the fallback
 
 
 # ----------------------------------------------------------------------------- run folder
@@ -141,44 +170,45 @@ def _insert_identifiers(tok, codes: np.ndarray, item_ids: list[str]) -> None:
         raise FoldError(f"cannot restore the identifiers of the added items: {exc}") from None
 
 
-# ----------------------------------------------------------------------------- evaluation
+def _tag(folder: Path) -> str | None:
+    path = folder / TAG
+    return path.read_text().strip() if path.is_file() else None
 
 
-def _recall(search, pairs: list[tuple[str, str]], k: int, num_beams: int, batch_size: int) -> dict | None:
-    """retrieval_metrics of one search path on (query, item_id) pairs; None when there are none."""
-    if not pairs:
-        return None
-    hits = search([q for q, _ in pairs], k=k, num_beams=num_beams, batch_size=batch_size)
-    rankings = [[h.item_id for h in row] for row in hits]
-    return {**retrieval_metrics(rankings, [t for _, t in pairs]), "queries": len(pairs)}
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directory entries atomically (Linux ``renameat2`` with RENAME_EXCHANGE); False when the
+    system or file system cannot."""
+    import ctypes
 
-
-def evaluate_paths(run: Path, old_pairs, new_pairs, cfg: FoldConfig, device: str, *, folded: bool) -> dict:
-    """R@k of the old items (generative path, merged search) and of the new ones: before the fold
-    through the fallback path, after it through the generative path (and merged search both times)."""
-    from ace.serving.retriever import Retriever
-
-    retriever = Retriever.from_run(run, device=device)
-    kw = dict(k=cfg.top_k, num_beams=cfg.num_beams, batch_size=cfg.eval_batch_size)
-
-    def fallback(queries, k, num_beams, batch_size):
-        return retriever.search_fallback(queries, k=k)
-
-    new_path = ("new_generative", retriever.search_generative) if folded else ("new_fallback", fallback)
     try:
-        return {"old_generative": _recall(retriever.search_generative, old_pairs, **kw),
-                "old_merged": _recall(retriever.search, old_pairs, **kw),
-                new_path[0]: _recall(new_path[1], new_pairs, **kw),
-                "new_merged": _recall(retriever.search, new_pairs, **kw)}
-    finally:
-        retriever.close()
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def _fingerprint(model_dir: Path) -> str:
+    """sha256 of a saved model's weight files (which model a fold started from)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- the fold
 
 
 class Fold:
-    """One fold of a run's added items: plan -> queries -> fine-tune -> stage -> swap -> mark -> report."""
+    """One fold of a run's added items: plan -> queries -> fine-tune -> gate -> stage -> swap -> mark -> report."""
 
     def __init__(self, run_dir: str | Path, cfg: FoldConfig | None = None):
         from ace.pipeline.run_config import RunConfig
@@ -214,7 +244,7 @@ class Fold:
         fold_dir.mkdir(parents=True)
         write_json_atomic(fold_dir / "plan.json", {
             "items": [it.item_id for it in items], "identifiers": [list(it.identifier) for it in items],
-            "config": to_dict(self.cfg), "created": time.time()})
+            "config": to_dict(self.cfg), "created": time.time(), "base_model": _fingerprint(self.paths.model)})
         _set_phase(fold_dir, "planned")
         return fold_dir
 
@@ -240,16 +270,16 @@ class Fold:
         write_json_atomic(path, pairs)
         return pairs
 
-    def _replay_pool(self, active) -> list[tuple[str, str]]:
-        """Old training pairs of live items: the run's, plus those of earlier folds."""
+    def _replay_pool(self, on_path) -> list[tuple[str, str]]:
+        """Old training pairs of the items on the generative path: the run's, plus those of earlier folds."""
         pool = _read_pairs(self.paths.train_queries)
         for _, d in _fold_dirs(self.run):
             if _phase(d) == "done":
                 pool += _read_pairs(d / "pairs.json")
-        return [p for p in pool if active(p[1])]
+        return [p for p in pool if on_path(p[1])]
 
     def _held_out(self, active, fold_items: set[str]) -> tuple[list, list]:
-        """(old-item, new-item) held-out (query, item_id) pairs, old ones subsampled to eval_queries."""
+        """(old-item, new-item) held-out test (query, item_id) pairs, old ones subsampled to eval_queries."""
         old = _read_pairs(self.paths.test_queries)
         for _, d in _fold_dirs(self.run):
             if _phase(d) == "done":
@@ -262,44 +292,37 @@ class Fold:
         new = [p for p in _read_pairs(src) if p[1] in fold_items]
         return old, new
 
-    # ---- training ----------------------------------------------------------------------------
-    def _train_config(self):
-        t = self.run_cfg.training
-        return dataclasses.replace(
-            t, max_steps=self.cfg.steps, warmup_steps=min(self.cfg.warmup_steps, self.cfg.steps),
-            lr=self.cfg.lr if self.cfg.lr is not None else 0.5 * t.lr,
-            batch_size=self.cfg.batch_size or t.batch_size,
-            omega=self.cfg.omega if self.cfg.omega is not None else t.omega,
-            checkpoint_every=self.cfg.checkpoint_every, eval_every=0, seed=self.cfg.seed,
-            progress=self.cfg.progress)
-
-    def _fine_tune(self, fold_dir: Path, tok, pairs: list[tuple[str, str]]) -> dict:
-        """Fine-tune RUN/model on ``pairs``; the model lands in fold_dir/model (resumes from checkpoints)."""
-        import torch
-
-        from ace.model.modeling import AceModel
-        from ace.model.tokens import IdentifierVocab, QueryTokenizer
-        from ace.training.loop import train_retriever
-
-        torch.manual_seed(self.cfg.seed)
-        model = AceModel.from_pretrained(str(self.paths.model)).to(self.device)
-        qtok = QueryTokenizer.load(self.paths.query_tokenizer)
-        vocab = IdentifierVocab.load(self.paths.identifier_vocab)
-        result = train_retriever(model, qtok, tok, vocab, pairs, None, self._train_config(), fold_dir, resume=True)
-        return {"steps": result.step, "seconds": result.seconds}
+    def _split(self, fold_dir: Path, pairs, tok, on_path, plan: dict) -> dict:
+        """Training / validation pairs of the new items, the replay sample, the old validation pairs
+        (fixed in split.json when first computed, so that a resumed fold trains on the same pairs)."""
+        path = fold_dir / "split.json"
+        if path.is_file():
+            return {k: ([tuple(p) for p in v] if isinstance(v, list) else v) for k, v in json.loads(path.read_text()).items()}
+        scorer = [tuple(p) for p in _read_pairs(self.paths.scorer_queries)]
+        out = fold_gate.make_split(pairs, self._replay_pool(on_path), scorer, tok, plan["identifiers"], self.cfg, on_path)
+        write_json_atomic(path, out)
+        return out
 
     # ---- commit ------------------------------------------------------------------------------
     def _swap_in(self, fold_dir: Path) -> None:
-        """RUN/<name> -> RUN/<name>.prev, staged fold_dir/<name> -> RUN/<name>; idempotent (roll forward)."""
+        """Staged fold_dir/<name> -> RUN/<name>, the old one -> RUN/<name>.prev; idempotent (roll forward).
+        RUN/<name> never goes missing where the system can exchange two folders atomically."""
         for name in SWAPPED:
             staged, live, prev = fold_dir / name, self.run / name, self.run / f"{name}.prev"
-            if not staged.exists():
-                continue  # already moved in
-            if live.exists():
+            if _tag(live) != fold_dir.name:   # not swapped in yet
+                if not staged.exists():
+                    raise FoldError(f"{staged} is missing: fold {fold_dir.name} cannot be finished")
+                if not live.exists():
+                    staged.rename(live)
+                elif not _exchange(staged, live):   # two renames: a crash between them is rolled forward
+                    if prev.exists():
+                        shutil.rmtree(prev)
+                    live.rename(prev)
+                    staged.rename(live)
+            if staged.exists():   # the previous one, after an exchange
                 if prev.exists():
                     shutil.rmtree(prev)
-                live.rename(prev)
-            staged.rename(live)
+                staged.rename(prev)
 
     # ---- driver ------------------------------------------------------------------------------
     def run_fold(self) -> FoldResult:
@@ -336,11 +359,68 @@ class Fold:
             if store is not None:
                 store.close()
 
-    def _advance(self, fold_dir: Path, store) -> FoldResult:
+    def _train_and_stage(self, fold_dir: Path, store, plan: dict, active) -> dict:
+        """Phase ``planned`` -> ``staged``: queries, split, fine-tuning, gate, staged model + identifiers."""
         from identifiers import SemanticIdTokenizer
 
-        plan = json.loads((fold_dir / "plan.json").read_text())
         items = plan["items"]
+        old_test, new_test = self._held_out(active, set(items))
+        write_json_atomic(fold_dir / "test_pairs.json", new_test)
+        if not (fold_dir / "before.json").is_file():
+            print(f"[fold] recall before: {len(old_test)} old-item, {len(new_test)} new-item held-out queries")
+            write_json_atomic(fold_dir / "before.json",
+                              evaluate_paths(self.run, old_test, new_test, self.cfg, self.device, folded=None))
+        pairs = self._new_pairs(fold_dir, store, items)
+        got = {i for _, i in pairs}
+        items = [i for i in items if i in got]  # items without a usable query stay in the fallback
+        if not items:
+            raise FoldError("no added item got a usable training query; nothing can be folded")
+        tok = SemanticIdTokenizer.load(self.paths.identifiers, device="cpu")
+        old_ids = set(tok.item_ids)
+
+        def on_path(iid: str) -> bool:   # old items on the generative path
+            return iid in old_ids and active(iid)
+
+        old_rows = [r for r, iid in enumerate(tok.item_ids) if on_path(iid)]
+        codes = np.asarray([plan["identifiers"][plan["items"].index(i)] for i in items], dtype=np.int64)
+        _insert_identifiers(tok, codes, items)
+        split = self._split(fold_dir, [p for p in pairs if p[1] in set(items)], tok, on_path, plan)
+        before = gate_before(self.run, fold_dir, self.cfg, self.device, split)
+        row = {iid: i for i, iid in enumerate(tok.item_ids)}
+        print(f"[fold] {len(items)} items, {len(split['train_new'])} new pairs ({len(split['val_new'])} held out for "
+              f"the gate) + {len(split['replay'])} replayed old pairs ({self.cfg.replay}), {self.cfg.steps} steps, "
+              f"distill_weight {self.cfg.distill_weight}")
+        try:
+            train_info = fine_tune(self.run, self.run_cfg, self.cfg, self.device, fold_dir, tok, split,
+                                   old_rows + [row[i] for i in items], store)
+        except FoldTrainingError as exc:
+            raise FoldError(str(exc)) from None
+        decision = gate_after(self.run, fold_dir, self.cfg, self.device, tok, split, old_rows, items, before)
+        folded = decision["folded"]
+        print(f"[fold] gate: {'swap' if decision['swap'] else 'no swap'} ({decision['why']}); "
+              f"{len(folded)} folded, {len(decision['stayed'])} stay in the fallback")
+        for name in SWAPPED:
+            if (fold_dir / name).exists() and (not folded or name == RunPaths.IDENTIFIERS):
+                shutil.rmtree(fold_dir / name)
+        if folded:   # identifiers: the current ones + the folded items only
+            staged = SemanticIdTokenizer.load(self.paths.identifiers, device="cpu")
+            _insert_identifiers(staged, np.asarray([plan["identifiers"][plan["items"].index(i)] for i in folded],
+                                                   dtype=np.int64), folded)
+            staged.save(fold_dir / RunPaths.IDENTIFIERS)
+            for name in SWAPPED:
+                (fold_dir / name / TAG).write_text(fold_dir.name)
+        shutil.rmtree(fold_dir / "checkpoints", ignore_errors=True)  # the model is staged: optimizer state is dead weight
+        n = len(items)
+        cost = {"items": n, "folded": len(folded), "steps_per_item": train_info["steps"] / n,
+                "seconds_per_item": train_info["seconds"] / n,
+                "steps_per_folded_item": train_info["steps"] / len(folded) if folded else None,
+                "seconds_per_folded_item": train_info["seconds"] / len(folded) if folded else None}
+        return {"items": folded, "stayed": decision["stayed"], "candidates": items, "new_pairs": len(split["train_new"]),
+                "val_pairs": len(split["val_new"]), "replay_pairs": len(split["replay"]),
+                "replay_info": split["replay_info"], "cost": cost, "swap": decision["swap"], **train_info}
+
+    def _advance(self, fold_dir: Path, store) -> FoldResult:
+        plan = json.loads((fold_dir / "plan.json").read_text())
         phase = _phase(fold_dir)
         deleted = store.deleted_ids() if store is not None else set()
 
@@ -348,39 +428,17 @@ class Fold:
             return item_id not in deleted
 
         if phase == "planned":
-            old_pairs, new_pairs = self._held_out(active, set(items))
-            write_json_atomic(fold_dir / "test_pairs.json", new_pairs)
-            if not (fold_dir / "before.json").is_file():
-                print(f"[fold] recall before: {len(old_pairs)} old-item, {len(new_pairs)} new-item held-out queries")
-                write_json_atomic(fold_dir / "before.json", evaluate_paths(self.run, old_pairs, new_pairs, self.cfg, self.device, folded=False))
-            pairs = self._new_pairs(fold_dir, store, items)
-            got = {i for _, i in pairs}
-            items = [i for i in items if i in got]  # items without a usable query stay in the fallback
-            if not items:
-                raise FoldError("no added item got a usable training query; nothing can be folded")
-            tok = SemanticIdTokenizer.load(self.paths.identifiers, device="cpu")
-            codes = np.asarray([plan["identifiers"][plan["items"].index(i)] for i in items], dtype=np.int64)
-            _insert_identifiers(tok, codes, items)
-            pool = self._replay_pool(active)
-            n_replay = min(len(pool), max(self.cfg.min_replay, int(round(self.cfg.replay_ratio * len(pairs)))))
-            pick = np.random.default_rng(self.cfg.seed).permutation(len(pool))[:n_replay]
-            replay = [pool[i] for i in sorted(pick)]
-            print(f"[fold] {len(items)} items, {len(pairs)} new pairs + {len(replay)} replayed old pairs, "
-                  f"{self.cfg.steps} steps")
-            train_info = self._fine_tune(fold_dir, tok, pairs + replay)
-            if (fold_dir / "identifiers").exists():
-                shutil.rmtree(fold_dir / "identifiers")
-            tok.save(fold_dir / "identifiers")
-            _set_phase(fold_dir, "staged", items=items, new_pairs=len(pairs), replay_pairs=len(replay), **train_info)
+            _set_phase(fold_dir, "staged", **self._train_and_stage(fold_dir, store, plan, active))
             phase = "staged"
         record = json.loads((fold_dir / "state.json").read_text())
-        items = record.get("items", items)
-        if phase in ("staged", "swapping"):
+        items = record.get("items", [])
+        if phase in ("staged", "swapping") and items:
             _set_phase(fold_dir, "swapping", **_info(record))
             self._swap_in(fold_dir)
             _set_phase(fold_dir, "swapped", **_info(record))
-            shutil.rmtree(fold_dir / "checkpoints", ignore_errors=True)  # the model is committed: optimizer state is dead weight
             phase = "swapped"
+        elif phase == "staged":
+            phase = "folded"   # the gate refused: nothing to swap or mark
         if phase == "swapped":
             # items deleted meanwhile stay deleted; after a crash some may already be folded
             live = [i for i in items if store.status(i) == "active" and store.get(i).source == "added"]
@@ -389,21 +447,37 @@ class Fold:
             _set_phase(fold_dir, "folded", **_info(record))
             phase = "folded"
         if phase == "folded":
-            metrics = self._report(fold_dir, active, items, record)
+            metrics = self._report(fold_dir, active, record)
             _set_phase(fold_dir, "done", **_info(record))
-            return FoldResult(fold_dir, items, metrics, f"folded {len(items)} items (fold {fold_dir.name})")
+            stayed = record.get("stayed", [])
+            msg = (f"folded {len(items)} items (fold {fold_dir.name})" + (f"; {len(stayed)} stay in the fallback" if stayed else "")
+                   if items else f"fold {fold_dir.name}: nothing swapped in ({metrics['gate']['why']}); "
+                                 f"{len(stayed)} items stay in the fallback")
+            return FoldResult(fold_dir, items, metrics, msg, stayed)
         raise FoldError(f"{fold_dir}/state.json has an unknown phase {phase!r}; expected one of {PHASES}")
 
-    def _report(self, fold_dir: Path, active, items: list[str], record: dict) -> dict:
-        old_pairs, _ = self._held_out(active, set(items))
+    def _report(self, fold_dir: Path, active, record: dict) -> dict:
+        items = record.get("items", [])
+        candidates = record.get("candidates", items)
+        old_pairs, _ = self._held_out(active, set(candidates))
         new_pairs = _read_pairs(fold_dir / "test_pairs.json")
         before = json.loads((fold_dir / "before.json").read_text())
-        after = evaluate_paths(self.run, old_pairs, new_pairs, self.cfg, self.device, folded=True)
-        metrics = {"fold": int(fold_dir.name), "items": len(items), "new_pairs": record.get("new_pairs"),
-                   "replay_pairs": record.get("replay_pairs"), "steps": record.get("steps"),
-                   "train_seconds": record.get("seconds"), "before": before, "after": after,
-                   "config": to_dict(self.cfg)}
+        rankings = before.pop("new_fallback_rankings", [])
+        mine = set(items)
+        sub = [(r, p) for r, p in zip(rankings, new_pairs) if p[1] in mine]
+        before["folded_fallback"] = fold_gate.metrics([r for r, _ in sub], [p for _, p in sub]) if sub else None
+        after = evaluate_paths(self.run, old_pairs, new_pairs, self.cfg, self.device, folded=items)
+        gate = json.loads((fold_dir / "gate.json").read_text())
+        metrics = {"fold": int(fold_dir.name), "items": len(items), "folded": items, "stayed": record.get("stayed", []),
+                   "candidates": len(candidates), "new_pairs": record.get("new_pairs"),
+                   "val_pairs": record.get("val_pairs"), "replay_pairs": record.get("replay_pairs"),
+                   "replay_info": record.get("replay_info"), "steps": record.get("steps"),
+                   "train_seconds": record.get("seconds"), "cost": record.get("cost"),
+                   "frozen_encoder": record.get("frozen_encoder"),
+                   "base_model": json.loads((fold_dir / "plan.json").read_text()).get("base_model"),
+                   "before": before, "after": after, "gate": gate, "config": to_dict(self.cfg)}
         write_json_atomic(fold_dir / "metrics.json", metrics)
+        write_json_atomic(self.paths.fold_report, metrics)
         (fold_dir / "report.md").write_text(format_report(metrics))
         print(format_report(metrics))
         return metrics
@@ -411,29 +485,6 @@ class Fold:
 
 def _info(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in ("phase", "time")}
-
-
-def format_report(m: dict) -> str:
-    """Markdown report of one fold: recall of each path before and after."""
-    rows = [("old items, generative path", "old_generative"), ("old items, merged search", "old_merged"),
-            ("new items, fallback path", "new_fallback"), ("new items, generative path", "new_generative"),
-            ("new items, merged search", "new_merged")]
-
-    def cell(d, key):
-        r = d.get(key)
-        return "-" if r is None else f"{r['R@1']:.1f} / {r['R@10']:.1f}"
-
-    lines = [f"# Fold {m['fold']}", "",
-             f"{m['items']} items folded: {m['new_pairs']} new pairs + {m['replay_pairs']} replayed old pairs, "
-             f"{m['steps']} fine-tuning steps ({(m['train_seconds'] or 0):.0f} s).", "",
-             "| R@1 / R@10 on held-out queries | before | after | queries |", "| --- | --- | --- | --- |"]
-    for label, key in rows:
-        q = (m["after"].get(key) or m["before"].get(key) or {}).get("queries", 0)
-        lines.append(f"| {label} | {cell(m['before'], key)} | {cell(m['after'], key)} | {q} |")
-    lines += ["", "Before the fold the new items are in the fallback index (the generative path cannot return them); "
-              "after it they are in the generative path and leave the fallback. Old-item recall before vs after "
-              "measures forgetting. A running server serves the new model after a restart.", ""]
-    return "\n".join(lines)
 
 
 def fold_run(run_dir: str | Path, cfg: FoldConfig | None = None) -> FoldResult:

@@ -182,3 +182,55 @@ def teacher_for_pairs(pairs, id_tokenizer, vocab, *, encoder: str = "all-MiniLM-
             np.save(tmp, vecs)
             tmp.replace(cache_file)
     return PrefixTeacher.from_queries(vecs, rows, id_tokenizer.codes, vocab, tau=tau), vecs
+
+
+# ----------------------------------------------------------------------------- anchor to a previous model
+
+
+def anchor_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions, averaged over the positions where ``mask``
+    (B, T) is true; 0 when no position is selected. Logits (B, T, V) of the same teacher-forced input.
+    Used by ``train.py fold`` to keep the folded model's outputs on replayed old pairs close to the
+    previous model's (learning without forgetting); exactly 0 when both give the same logits."""
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 3:
+        raise TeacherError(f"anchor logits must be (B, T, V) of one shape, got {tuple(student_logits.shape)} "
+                           f"and {tuple(teacher_logits.shape)}")
+    if mask.shape != student_logits.shape[:2]:
+        raise TeacherError(f"anchor mask {tuple(mask.shape)} does not match (B, T) = {tuple(student_logits.shape[:2])}")
+    mask = mask.bool()
+    if not mask.any():
+        return student_logits.new_zeros((), dtype=torch.float32)
+    log_t = F.log_softmax(teacher_logits.float(), dim=-1)
+    log_s = F.log_softmax(student_logits.float(), dim=-1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)                     # (B, T)
+    return kl[mask].mean()
+
+
+class PreviousModel:
+    """A frozen copy of a model before it is fine-tuned further (``train.py fold``): its next-token
+    logits on a teacher-forced batch, the targets of ``anchor_kl``. Eval mode (no dropout), no gradients."""
+
+    def __init__(self, model: torch.nn.Module):
+        import copy
+
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def to(self, device) -> "PreviousModel":
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def logits(self, batch: dict) -> torch.Tensor:
+        """(B, T, V) logits for a training batch (input_ids, attention_mask, decoder_input_ids; a frozen
+        encoder's cached ``encoder_layer_states`` are used when present: the previous model shares them)."""
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                  "decoder_input_ids": batch["decoder_input_ids"]}
+        states = batch.get("encoder_layer_states")
+        if states is not None:
+            from ace.model.modeling import AceEncoderOutput
+
+            inputs["input_ids"] = None
+            inputs["encoder_outputs"] = AceEncoderOutput(last_hidden_state=states[:, -1], layer_states=states)
+        return self.model(**inputs).logits.float()

@@ -259,11 +259,13 @@ def make_accelerator(cfg: TrainConfig):
 def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab,
                     train_pairs: Sequence[tuple[str, Any]], val_pairs: Sequence[tuple[str, Any]] | None,
                     cfg: TrainConfig, run_dir: str | Path, *, resume: bool = True, accelerator=None,
-                    stop_at: int | None = None, teacher=None) -> TrainResult:
+                    stop_at: int | None = None, teacher=None, anchor=None) -> TrainResult:
     """Train ``model`` on (query, item) pairs; checkpoints, resume, periodic eval, best-model export.
 
     ``teacher`` = (PrefixTeacher, (P, D) teacher vectors of ``train_pairs``) is required when
     ``cfg.distill_weight > 0`` (ace/training/distill.py; ``teacher_for_pairs`` builds both).
+    ``anchor`` = (PreviousModel, (P,) bool: the anchored pairs, weight) adds weight x KL(previous ||
+    current) of the next-token distributions on those pairs (``train.py fold``: the replayed old ones).
 
     ``stop_at`` ends the run after that step (checkpointing it) as if the job had been killed
     there; a later call with ``resume=True`` continues from it.
@@ -299,6 +301,13 @@ def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab
         if teacher_vectors.shape[0] != len(train):
             raise ValueError(f"teacher has {teacher_vectors.shape[0]} query vectors for {len(train)} training pairs")
 
+    if anchor is not None:
+        previous, anchored, anchor_weight = anchor[0], torch.as_tensor(anchor[1], dtype=torch.bool), float(anchor[2])
+        if anchored.shape != (len(train),):
+            raise ValueError(f"anchor marks {tuple(anchored.shape)} pairs, expected ({len(train)},)")
+        if anchor_weight <= 0:
+            anchor = None
+
     global_bs = min(cfg.batch_size, len(train) - len(train) % world) if len(train) < cfg.batch_size else cfg.batch_size
     if global_bs < world:
         raise TrainingDataError(f"{len(train)} training pairs cannot feed {world} processes")
@@ -316,6 +325,8 @@ def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab
         optimizer, lambda s: warmup_cosine(s, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
                                            min_lr_ratio=cfg.min_lr_ratio))
     model, optimizer = accelerator.prepare(model, optimizer)
+    if anchor is not None:
+        previous.to(accelerator.device)
     if cfg.freeze_encoder and cfg.encoder_cache_gb > 0:
         encoder = accelerator.unwrap_model(model).encoder
         train.encoder_states = cache_encoder_states(encoder, train, budget_gb=cfg.encoder_cache_gb,
@@ -402,7 +413,7 @@ def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab
     bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=not (cfg.progress and main),
                dynamic_ncols=True)
     final_metrics = None
-    running = torch.zeros(4, device=accelerator.device)  # sums of loss, ce, kl, kd since the last log
+    running = torch.zeros(5, device=accelerator.device)  # sums of loss, ce, kl, kd, anchor since the last log
     n_running = 0
     while state.step < end:
         epoch, pos = divmod(state.step, steps_per_epoch)
@@ -415,8 +426,12 @@ def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab
         if cfg.distill_weight > 0:
             ids, probs = teacher_model.targets(teacher_vectors[index], train.rows[index])
             distill = (ids.to(accelerator.device), probs.to(accelerator.device), cfg.distill_weight)
+        anchor_args = None
+        if anchor is not None and anchored[index].any():
+            rows = anchored[index].to(accelerator.device)
+            anchor_args = (previous.logits(batch), rows, anchor_weight)
         with accelerator.autocast():
-            out = ace_loss(model, batch, omega=cfg.omega, distill=distill)
+            out = ace_loss(model, batch, omega=cfg.omega, distill=distill, anchor=anchor_args)
         if not torch.isfinite(out.loss):
             raise FloatingPointError(f"loss is {out.loss.item()} at step {state.step}; lower lr or check the data")
         accelerator.backward(out.loss)
@@ -427,8 +442,10 @@ def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        kd = out.kd if out.kd is not None else torch.zeros((), device=accelerator.device)
-        running += torch.stack([out.loss.detach().float(), out.ce.float(), out.kl.float(), kd.float()])
+        zero = torch.zeros((), device=accelerator.device)
+        kd = out.kd if out.kd is not None else zero
+        anc = out.anchor if out.anchor is not None else zero
+        running += torch.stack([out.loss.detach().float(), out.ce.float(), out.kl.float(), kd.float(), anc.float()])
         n_running += 1
         bar.update(1)
 
@@ -438,6 +455,8 @@ def train_retriever(model: torch.nn.Module, query_tokenizer, id_tokenizer, vocab
                    "kl": avg[2], "lr": scheduler.get_last_lr()[0]}
             if cfg.distill_weight > 0:
                 rec["kd"] = avg[3]
+            if anchor is not None:
+                rec["anchor"] = avg[4]
             if grad_norm is not None:
                 rec["grad_norm"] = float(grad_norm)
             log.write(rec)

@@ -7,7 +7,9 @@ implementation; ``omega = 0`` turns R-Drop off and runs a single plain pass.
 
 Optional (not in the paper, off by default): ``distill`` = (sibling ids, teacher probabilities,
 weight) from ``ace.training.distill.PrefixTeacher`` adds weight x KL(teacher || student) over the sibling
-tokens of every level, averaged over the passes.
+tokens of every level, averaged over the passes; ``anchor`` = (previous model's logits, rows, weight)
+adds weight x KL(previous || current) of the full next-token distributions on those rows (``train.py
+fold``: the replayed old pairs), averaged over the passes.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class AceLossOutput:
     ce: torch.Tensor
     kl: torch.Tensor
     kd: torch.Tensor | None = None  # distillation term (None when off)
+    anchor: torch.Tensor | None = None  # KL to the previous model on replayed rows (None when off)
 
 
 def _check_logits(logits: torch.Tensor, name: str) -> None:
@@ -82,11 +85,24 @@ def _with_distill(out: AceLossOutput, logits: torch.Tensor, distill, passes: int
     return AceLossOutput(loss=out.loss + weight * kd, ce=out.ce, kl=out.kl, kd=kd.detach())
 
 
-def ace_loss(model: torch.nn.Module, batch: dict, omega: float = 0.15, *, distill=None) -> AceLossOutput:
+def _with_anchor(out: AceLossOutput, logits: torch.Tensor, labels: torch.Tensor, anchor, passes: int) -> AceLossOutput:
+    """Add weight x KL(previous model || this one) on the anchored rows' label positions (averaged over passes)."""
+    if anchor is None:
+        return out
+    from ace.training.distill import anchor_kl
+
+    teacher_logits, rows, weight = anchor
+    mask = (labels != IGNORE_INDEX) & rows.bool()[:, None]
+    term = anchor_kl(logits, teacher_logits.repeat(passes, 1, 1), mask.repeat(passes, 1))
+    return AceLossOutput(loss=out.loss + weight * term, ce=out.ce, kl=out.kl, kd=out.kd, anchor=term.detach())
+
+
+def ace_loss(model: torch.nn.Module, batch: dict, omega: float = 0.15, *, distill=None, anchor=None) -> AceLossOutput:
     """CE averaged over two dropout passes + omega * rdrop_kl; one plain pass when omega == 0.
     ``batch["encoder_layer_states"]`` (B, S, N, d), when present, is the output of a frozen encoder
     (ace/training/loop.py caches it) and replaces the encoder forward.
-    ``distill`` = (ids (B, L, C), probs (B, L, C), weight) adds the teacher term (ace/training/distill.py)."""
+    ``distill`` = (ids (B, L, C), probs (B, L, C), weight) adds the teacher term (ace/training/distill.py);
+    ``anchor`` = (previous model's logits (B, T, V), rows (B,) bool, weight) the anchor term (``anchor_kl``)."""
     if omega < 0:
         raise ValueError(f"omega must be >= 0, got {omega}")
     input_ids, attention_mask, decoder_input_ids, labels = _batch_tensors(batch)
@@ -101,7 +117,8 @@ def ace_loss(model: torch.nn.Module, batch: dict, omega: float = 0.15, *, distil
         logits = model(**inputs).logits
         ce = token_cross_entropy(logits, labels)
         zero = ce.new_zeros(())
-        return _with_distill(AceLossOutput(loss=ce, ce=ce.detach(), kl=zero), logits, distill, 1)
+        out = _with_distill(AceLossOutput(loss=ce, ce=ce.detach(), kl=zero), logits, distill, 1)
+        return _with_anchor(out, logits, labels, anchor, 1)
     # both passes in one forward: rows [0, B) and [B, 2B) get independent dropout masks; the model
     # shares what has no dropout between them (a frozen encoder, the cross-attention keys/values)
     B = decoder_input_ids.shape[0]
@@ -110,4 +127,5 @@ def ace_loss(model: torch.nn.Module, batch: dict, omega: float = 0.15, *, distil
     ce = token_cross_entropy(logits, labels.repeat(2, 1))  # mean over both passes' tokens
     kl = rdrop_kl(logits_a, logits_b, labels != IGNORE_INDEX)
     loss = ce + omega * kl
-    return _with_distill(AceLossOutput(loss=loss, ce=ce.detach(), kl=kl.detach()), logits, distill, 2)
+    out = _with_distill(AceLossOutput(loss=loss, ce=ce.detach(), kl=kl.detach()), logits, distill, 2)
+    return _with_anchor(out, logits, labels, anchor, 2)

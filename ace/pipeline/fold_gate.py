@@ -1,0 +1,210 @@
+"""What a fold trains on and what it may swap in (issue 16, "fold without forgetting"):
+
+- ``hold_out_per_item``: validation queries split from training queries (at most ``per_item`` per
+  item, never an item's last one), for the gate;
+- ``structured_replay``: the old pairs replayed next to the new ones: every identifier prefix the
+  new items touch (the deepest prefix each shares with old items) gets ``per_prefix`` old pairs,
+  the rest of the budget is a sample stratified by the first identifier level;
+- ``gate``: per new item, generative recall after fine-tuning vs fallback recall before it on its
+  validation queries (items below stay in the fallback), and old-item recall before vs after (the
+  swap happens only when it drops by less than ``max_old_drop`` R@k points);
+- ``format_gate_report``: the Markdown part of the fold report saying what was folded, what stayed, why.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from ace.metrics import retrieval_metrics
+
+
+def hold_out_per_item(pairs: list[tuple[str, str]], per_item: int, *, limit: int | None = None,
+                      seed: int = 0) -> tuple[list, list]:
+    """(kept, held) (query, item_id) pairs: up to ``per_item`` pairs of each item held out, never its
+    last one, at most ``limit`` in all, chosen by a seeded permutation (both lists keep their order)."""
+    if per_item <= 0 or (limit is not None and limit <= 0):
+        return list(pairs), []
+    left: dict[str, int] = defaultdict(int)
+    for _, iid in pairs:
+        left[iid] += 1
+    held: set[int] = set()
+    taken: dict[str, int] = defaultdict(int)
+    for i in np.random.default_rng([seed, 16]).permutation(len(pairs)).tolist():
+        if limit is not None and len(held) >= limit:
+            break
+        iid = pairs[i][1]
+        if taken[iid] < per_item and left[iid] > 1:
+            held.add(i)
+            taken[iid] += 1
+            left[iid] -= 1
+    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
+
+
+def structured_replay(pool: list[tuple[str, str]], codes: dict[str, tuple], new_codes: list[tuple], size: int,
+                      *, per_prefix: int = 2, seed: int = 0) -> tuple[list, dict]:
+    """Old (query, item_id) pairs to replay: every prefix touched by the new items first, then a
+    sample stratified by the first identifier level up to ``size`` pairs in all (the touched part is
+    kept whole when it alone exceeds ``size``). ``codes``: item id -> identifier of the pool's items;
+    ``new_codes``: the new items' identifiers. Returns (pairs in pool order, summary)."""
+    rng = np.random.default_rng([seed, 61])
+    if not pool or size <= 0:
+        return [], {"touched_prefixes": 0, "touched_pairs": 0, "stratified_pairs": 0}
+    by_item: dict[str, list[int]] = defaultdict(list)
+    for j, (_, iid) in enumerate(pool):
+        by_item[iid].append(j)
+    items = list(by_item)
+    length = len(next(iter(codes.values()))) - 1           # prefix levels (k, v1..vM); u is per item
+    under: list[dict[tuple, list[str]]] = [defaultdict(list) for _ in range(length + 1)]
+    for iid in items:
+        c = tuple(codes[iid])
+        for d in range(1, length + 1):
+            under[d][c[:d]].append(iid)
+    touched: set[tuple] = set()
+    for c in new_codes:                                    # the deepest prefix shared with old items
+        for d in range(length, 0, -1):
+            if tuple(c[:d]) in under[d]:
+                touched.add(tuple(c[:d]))
+                break
+    chosen: set[int] = set()
+    for prefix in sorted(touched):
+        members = under[len(prefix)][prefix]
+        shuffled = [members[m] for m in rng.permutation(len(members))]
+        order: list[int] = []   # round robin over the prefix's items: per_prefix pairs cover as many items as possible
+        for r in range(max(len(by_item[iid]) for iid in members)):
+            order += [by_item[iid][r] for iid in shuffled if r < len(by_item[iid])]
+        chosen.update(order[:per_prefix])
+    n_touched = len(chosen)
+    rest = [j for j in range(len(pool)) if j not in chosen]
+    budget = max(0, min(size, len(pool)) - n_touched)
+    if budget and rest:                                    # proportional allocation over the first level
+        strata: dict[int, list[int]] = defaultdict(list)
+        for j in rest:
+            strata[int(codes[pool[j][1]][0])].append(j)
+        keys = sorted(strata)
+        share = np.array([len(strata[k]) for k in keys], dtype=np.float64) * budget / len(rest)
+        take = np.floor(share).astype(int)
+        for i in np.argsort(-(share - take))[:budget - int(take.sum())]:
+            take[i] += 1
+        for k, n in zip(keys, take):
+            members = strata[k]
+            chosen.update(members[i] for i in rng.permutation(len(members))[:n])
+    picked = sorted(chosen)
+    return [pool[j] for j in picked], {"touched_prefixes": len(touched), "touched_pairs": n_touched,
+                                       "stratified_pairs": len(picked) - n_touched}
+
+
+def make_split(pairs, pool, scorer, tok, new_identifiers, cfg, on_path) -> dict:
+    """What a fold trains and validates on. ``pairs``: the candidates' generated (query, item_id) pairs;
+    ``pool``: old training pairs of the items on the generative path; ``scorer``: the run's training
+    queries held out of training (RUN/scorer_queries.json: never replayed, the old validation queries
+    when present, else ``val_old`` pool pairs left out of the replay); ``tok``: the identifiers;
+    ``new_identifiers``: the candidates' identifiers; ``cfg``: the FoldConfig."""
+    train_new, val_new = hold_out_per_item(pairs, cfg.val_per_item, seed=cfg.seed)
+    held = set(scorer)
+    pool = [p for p in pool if p not in held]
+    if cfg.val_old and held:
+        val_old = sorted(p for p in held if on_path(p[1]))
+        if len(val_old) > cfg.val_old:
+            val_old = [val_old[i] for i in sorted(np.random.default_rng(cfg.seed).permutation(len(val_old))[:cfg.val_old])]
+        source = "scorer queries (held out of training)"
+    else:
+        pool, val_old = hold_out_per_item(pool, 1, limit=cfg.val_old, seed=cfg.seed)
+        source = "old training pairs left out of the replay (the previous model trained on them)"
+    n_replay = min(len(pool), max(cfg.min_replay, int(round(cfg.replay_ratio * len(train_new)))))
+    if cfg.replay == "structured" and pool:
+        row = {iid: i for i, iid in enumerate(tok.item_ids)}
+        codes = {iid: tuple(int(c) for c in tok.codes[row[iid]]) for iid in {i for _, i in pool}}
+        replay, info = structured_replay(pool, codes, [tuple(c) for c in new_identifiers], n_replay,
+                                         per_prefix=cfg.replay_per_prefix, seed=cfg.seed)
+    else:
+        pick = np.random.default_rng(cfg.seed).permutation(len(pool))[:n_replay]
+        replay, info = [pool[i] for i in sorted(pick)], {}
+    return {"train_new": train_new, "val_new": val_new, "replay": replay, "val_old": val_old,
+            "replay_info": {"kind": cfg.replay, "pool": len(pool), **info}, "val_old_source": source}
+
+
+def hits(rankings: list[list[str]], pairs: list[tuple[str, str]], k: int) -> list[bool]:
+    """Per (query, item_id) pair: is the item among the first k of its ranking."""
+    return [t in row[:k] for row, (_, t) in zip(rankings, pairs)]
+
+
+def per_item_recall(hit: list[bool], pairs: list[tuple[str, str]]) -> dict[str, float]:
+    """Item id -> share of its validation queries answered in the top k (percent)."""
+    got: dict[str, list[bool]] = defaultdict(list)
+    for h, (_, iid) in zip(hit, pairs):
+        got[iid].append(bool(h))
+    return {iid: 100.0 * sum(v) / len(v) for iid, v in got.items()}
+
+
+def metrics(rankings: list[list[str]], pairs: list[tuple[str, str]]) -> dict | None:
+    return retrieval_metrics(rankings, [t for _, t in pairs]) if pairs else None
+
+
+def gate(items: list[str], generative: dict[str, float], fallback: dict[str, float], old_before: dict | None,
+         old_after: dict | None, *, k: int, max_old_drop: float, enabled: bool = True) -> dict:
+    """The fold gate's decision. ``generative`` / ``fallback``: item -> recall@k on its validation
+    queries (after fine-tuning / before, through the fallback). An item is folded when its
+    generative recall is not below its fallback recall; an item without validation queries stays
+    (no evidence). The swap happens when old-item R@k (``old_before`` -> ``old_after``, the
+    ``retrieval_metrics`` of the old validation queries) drops by less than ``max_old_drop``
+    points. ``enabled=False`` folds every item (the gate only measures)."""
+    key = f"R@{k}"
+    decisions = {}
+    for iid in items:
+        g, f = generative.get(iid), fallback.get(iid)
+        if not enabled:
+            decisions[iid] = {"fold": True, "why": "gate off", "generative": g, "fallback": f}
+        elif g is None:
+            decisions[iid] = {"fold": False, "why": "no validation query (stays in the fallback)",
+                              "generative": None, "fallback": f}
+        elif g < (f or 0.0):
+            decisions[iid] = {"fold": False, "why": f"generative R@{k} {g:.0f} < fallback {f:.0f}",
+                              "generative": g, "fallback": f}
+        else:
+            decisions[iid] = {"fold": True, "why": f"generative R@{k} {g:.0f} >= fallback {(f or 0.0):.0f}",
+                              "generative": g, "fallback": f}
+    drop = None if old_before is None or old_after is None else old_before[key] - old_after[key]
+    passing = [i for i in items if decisions[i]["fold"]]
+    if not passing:
+        swap, why = False, "no item does at least as well on the generative path as in the fallback"
+    elif enabled and drop is not None and drop >= max_old_drop:
+        swap, why = False, (f"old-item {key} on the validation queries drops by {drop:.2f} points "
+                            f"({old_before[key]:.1f} -> {old_after[key]:.1f}), not less than max_old_drop={max_old_drop}")
+    else:
+        swap = True
+        why = ("gate off" if not enabled else "no old-item validation queries" if drop is None else
+               f"old-item {key} drop {drop:.2f} < max_old_drop={max_old_drop}")
+    return {"swap": swap, "why": why, "k": k, "old_drop": drop, "max_old_drop": max_old_drop,
+            "folded": passing if swap else [], "stayed": [i for i in items if not (swap and decisions[i]["fold"])],
+            "items": decisions}
+
+
+def format_gate_report(g: dict, cost: dict | None = None, limit: int = 20) -> str:
+    """Markdown: the gate's decision, the recall it compared and what was folded / stayed."""
+    k = g["k"]
+
+    def cell(m):
+        return "-" if m is None else f"{m['R@1']:.1f} / {m[f'R@{k}']:.1f} ({m['queries']} q)"
+
+    lines = ["## Gate", "", f"**{'swapped in' if g['swap'] else 'not swapped'}**: {g['why']}.", "",
+             f"| validation queries (split from training queries), R@1 / R@{k} | before the fold | after fine-tuning |",
+             "| --- | --- | --- |",
+             f"| old items, generative path | {cell(g.get('old_before'))} | {cell(g.get('old_after'))} |",
+             f"| new items: fallback before, generative after | {cell(g.get('new_fallback'))} | "
+             f"{cell(g.get('new_generative'))} |", "",
+             f"{len(g['folded'])} item(s) folded, {len(g['stayed'])} stay in the fallback (still served there)."]
+    if cost:
+        line = (f"Fine-tuning cost per candidate item: {cost.get('steps_per_item', 0):.2f} steps, "
+                f"{cost.get('seconds_per_item', 0):.2f} s ({cost.get('items', 0)} candidates)")
+        if cost.get("steps_per_folded_item") is not None:
+            line += (f"; per folded item: {cost['steps_per_folded_item']:.2f} steps, "
+                     f"{cost['seconds_per_folded_item']:.2f} s")
+        lines.append(line + ".")
+    stayed = [i for i in g["stayed"]][:limit]
+    if stayed:
+        lines += ["", "| stayed in the fallback | why |", "| --- | --- |"]
+        lines += [f"| {i} | {g['items'][i]['why'] if g['swap'] else 'swap refused: ' + g['why']} |" for i in stayed]
+        if len(g["stayed"]) > limit:
+            lines.append(f"| ... {len(g['stayed']) - limit} more (fold_report.json) | |")
+    return "\n".join(lines) + "\n"

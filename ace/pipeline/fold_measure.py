@@ -1,0 +1,149 @@
+"""What ``train.py fold`` measures and reports (ace/pipeline/fold.py): held-out test recall through the
+run as served (before / after), the gate's validation recall (before through the served run, after on
+the fine-tuned model in memory) and the Markdown report."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ace.pipeline import fold_gate
+from ace.run_folder import RunPaths, write_json_atomic
+
+
+def _rankings(search, pairs, k: int, num_beams: int, batch_size: int) -> list[list[str]]:
+    if not pairs:
+        return []
+    hits = search([q for q, _ in pairs], k=k, num_beams=num_beams, batch_size=batch_size)
+    return [[h.item_id for h in row] for row in hits]
+
+
+def _recall(search, pairs: list[tuple[str, str]], k: int, num_beams: int, batch_size: int) -> dict | None:
+    """retrieval_metrics of one search path on (query, item_id) pairs; None when there are none."""
+    return fold_gate.metrics(_rankings(search, pairs, k, num_beams, batch_size), pairs)
+
+
+def evaluate_paths(run: Path, old_pairs, new_pairs, cfg, device: str, *, folded: list[str] | None) -> dict:
+    """Held-out recall through the run as served. Before the fold (``folded=None``): old items on the
+    generative path and merged search, the new ones through the fallback (``new_fallback_rankings``
+    kept, to compare subsets later) and merged search. After it: folded items through the generative
+    path, items that stayed through the fallback, all new items through merged search."""
+    from ace.serving.retriever import Retriever
+
+    retriever = Retriever.from_run(run, device=device)
+    kw = dict(k=cfg.top_k, num_beams=cfg.num_beams, batch_size=cfg.eval_batch_size)
+
+    def fallback(queries, k, num_beams, batch_size):
+        return retriever.search_fallback(queries, k=k)
+
+    try:
+        out = {"old_generative": _recall(retriever.search_generative, old_pairs, **kw),
+               "old_merged": _recall(retriever.search, old_pairs, **kw),
+               "new_merged": _recall(retriever.search, new_pairs, **kw)}
+        if folded is None:
+            rankings = _rankings(fallback, new_pairs, **kw) if retriever.fallback is not None else []
+            out["new_fallback"] = fold_gate.metrics(rankings, new_pairs) if rankings else None
+            out["new_fallback_rankings"] = rankings
+        else:
+            mine = set(folded)
+            out["new_generative"] = _recall(retriever.search_generative, [p for p in new_pairs if p[1] in mine], **kw)
+            stayed = [p for p in new_pairs if p[1] not in mine]
+            out["stayed_fallback"] = _recall(fallback, stayed, **kw) if retriever.fallback is not None else None
+        return out
+    finally:
+        retriever.close()
+
+
+def search_rows(run: Path, cfg, model, tok, rows: list[int], pairs) -> list[list[str]]:
+    """Generative rankings (item ids) of ``pairs`` by ``model`` over the identifiers ``rows`` of ``tok``."""
+    from ace.model.decoding import search_texts
+    from ace.model.tokens import IdentifierVocab, QueryTokenizer
+    from identifiers import FlatTrie
+
+    if not pairs:
+        return []
+    paths = RunPaths(run)
+    trie = FlatTrie.from_codes(tok.codes[rows], tok.level_sizes, items=np.asarray(rows, dtype=np.int64))
+    idx, _, _ = search_texts(model, QueryTokenizer.load(paths.query_tokenizer), [q for q, _ in pairs], trie,
+                             IdentifierVocab.load(paths.identifier_vocab), num_beams=cfg.num_beams, top_k=cfg.top_k,
+                             batch_size=cfg.eval_batch_size)
+    return [[tok.item_ids[i] for i in row if i >= 0] for row in np.asarray(idx).tolist()]
+
+
+def gate_before(run: Path, fold_dir: Path, cfg, device: str, split: dict) -> dict:
+    """Validation recall through the run as served before the fold: old items on the generative path,
+    new items through the fallback, per new item too (cached in fold_dir/gate_before.json)."""
+    path = fold_dir / "gate_before.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    from ace.serving.retriever import Retriever
+
+    r = Retriever.from_run(run, device=device)
+    kw = dict(k=cfg.top_k, num_beams=cfg.num_beams, batch_size=cfg.eval_batch_size)
+    try:
+        old = _rankings(r.search_generative, split["val_old"], **kw)
+        new = ([] if r.fallback is None else
+               _rankings(lambda q, k, num_beams, batch_size: r.search_fallback(q, k=k), split["val_new"], **kw))
+    finally:
+        r.close()
+    out = {"old_before": fold_gate.metrics(old, split["val_old"]),
+           "new_fallback": fold_gate.metrics(new, split["val_new"]) if new else None,
+           "fallback_by_item": (fold_gate.per_item_recall(fold_gate.hits(new, split["val_new"], cfg.top_k), split["val_new"])
+                                if new else {})}
+    write_json_atomic(path, out)
+    return out
+
+
+def gate_after(run: Path, fold_dir: Path, cfg, device: str, tok, split: dict, old_rows: list[int], items: list[str],
+               before: dict) -> dict:
+    """The fine-tuned model (fold_dir/model) on the validation queries, and the gate's decision (gate.json):
+    new items over the old items + every candidate, old items over the old items + the passing candidates."""
+    from ace.model.modeling import AceModel
+
+    model = AceModel.from_pretrained(str(fold_dir / RunPaths.MODEL)).to(device).eval()
+    row = {iid: i for i, iid in enumerate(tok.item_ids)}
+    k = cfg.top_k
+    new_rank = search_rows(run, cfg, model, tok, old_rows + [row[i] for i in items], split["val_new"])
+    generative = fold_gate.per_item_recall(fold_gate.hits(new_rank, split["val_new"], k), split["val_new"])
+    args = dict(k=k, max_old_drop=cfg.max_old_drop, enabled=cfg.gate)
+    first = fold_gate.gate(items, generative, before["fallback_by_item"], before["old_before"], None, **args)
+    passing = [i for i in items if first["items"][i]["fold"]]
+    old_after = fold_gate.metrics(search_rows(run, cfg, model, tok, old_rows + [row[i] for i in passing],
+                                              split["val_old"]), split["val_old"])
+    decision = fold_gate.gate(items, generative, before["fallback_by_item"], before["old_before"], old_after, **args)
+    decision.update(old_before=before["old_before"], old_after=old_after, new_fallback=before["new_fallback"],
+                    new_generative=fold_gate.metrics(new_rank, split["val_new"]), val_old_source=split["val_old_source"])
+    write_json_atomic(fold_dir / "gate.json", decision)
+    return decision
+
+
+def format_report(m: dict) -> str:
+    """Markdown report of one fold: the gate's decision, then held-out test recall of each path before and after."""
+    rows = [("old items, generative path", "old_generative", "old_generative"),
+            ("old items, merged search", "old_merged", "old_merged"),
+            ("folded items: fallback before, generative after", "folded_fallback", "new_generative"),
+            ("new items: fallback before / those that stayed after", "new_fallback", "stayed_fallback"),
+            ("all new items, merged search", "new_merged", "new_merged")]
+
+    def cell(d, key):
+        r = d.get(key)
+        return "-" if r is None else f"{r['R@1']:.1f} / {r['R@10']:.1f} ({r['queries']} q)"
+
+    cost = m.get("cost") or {}
+    lines = [f"# Fold {m['fold']}", "",
+             f"{m['candidates']} candidate items: {m['new_pairs']} new pairs (+ {m.get('val_pairs') or 0} held out "
+             f"for the gate) + {m['replay_pairs']} replayed old pairs ({(m.get('replay_info') or {}).get('kind', '-')}), "
+             f"{m['steps']} fine-tuning steps ({(m['train_seconds'] or 0):.0f} s), distill_weight "
+             f"{m['config']['distill_weight']}, frozen encoder: {m.get('frozen_encoder')}; started from model "
+             f"{m.get('base_model')}.", "",
+             f"**{m['items']} folded, {len(m['stayed'])} stayed in the fallback.**", "",
+             fold_gate.format_gate_report(m["gate"], cost),
+             "## Held-out test queries", "",
+             "| R@1 / R@10 | before | after |", "| --- | --- | --- |"]
+    for label, b, a in rows:
+        lines.append(f"| {label} | {cell(m['before'], b)} | {cell(m['after'], a)} |")
+    lines += ["", "Before the fold the new items are in the fallback index (the generative path cannot return them); "
+              "after it the folded ones are in the generative path and leave the fallback, the others stay in it. "
+              "Old-item recall before vs after measures forgetting. A running server serves the new model after a restart.", ""]
+    return "\n".join(lines)

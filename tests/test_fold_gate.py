@@ -1,0 +1,84 @@
+"""The fold's gate, replay sample and validation split (ace/pipeline/fold_gate.py) on constructed cases."""
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+
+from ace.pipeline import fold_gate
+
+
+def test_gate_keeps_items_whose_generative_recall_is_below_the_fallback():
+    generative = {"a": 0.0, "b": 100.0, "c": 50.0, "d": 100.0}
+    fallback = {"a": 100.0, "b": 100.0, "c": 100.0, "d": 0.0}
+    old = {"R@10": 60.0, "R@1": 30.0, "queries": 10}
+    g = fold_gate.gate(["a", "b", "c", "d", "e"], generative, fallback, old, {**old, "R@10": 59.5},
+                       k=10, max_old_drop=1.0)
+    assert g["swap"] and g["folded"] == ["b", "d"]
+    assert g["stayed"] == ["a", "c", "e"]
+    assert "< fallback" in g["items"]["a"]["why"] and "no validation query" in g["items"]["e"]["why"]
+    assert g["old_drop"] == pytest.approx(0.5)
+
+
+def test_gate_refuses_the_swap_when_old_items_drop_by_the_bound():
+    old = {"R@10": 60.0, "R@1": 30.0, "queries": 10}
+    g = fold_gate.gate(["a"], {"a": 100.0}, {"a": 0.0}, old, {**old, "R@10": 59.0}, k=10, max_old_drop=1.0)
+    assert not g["swap"] and g["folded"] == [] and g["stayed"] == ["a"]
+    assert "drops by 1.00 points" in g["why"]
+    report = fold_gate.format_gate_report({**g, "old_before": old, "old_after": {**old, "R@10": 59.0},
+                                           "new_fallback": None, "new_generative": None})
+    assert "not swapped" in report and "| a | swap refused" in report
+    # every item worse: no swap whatever the old items do
+    g = fold_gate.gate(["a"], {"a": 0.0}, {"a": 100.0}, old, old, k=10, max_old_drop=1.0)
+    assert not g["swap"] and "no item" in g["why"]
+    # gate off: everything is folded, the drop is only reported
+    g = fold_gate.gate(["a"], {"a": 0.0}, {"a": 100.0}, old, {**old, "R@10": 10.0}, k=10, max_old_drop=1.0, enabled=False)
+    assert g["swap"] and g["folded"] == ["a"] and g["old_drop"] == 50.0
+
+
+def test_hold_out_per_item_never_takes_an_items_last_query():
+    pairs = [(f"q{i}{j}", f"item{i}") for i in range(5) for j in range(i + 1)]   # item0 has 1 query, item4 5
+    kept, held = fold_gate.hold_out_per_item(pairs, 2, seed=1)
+    assert sorted(kept + held) == sorted(pairs)
+    per = Counter(i for _, i in held)
+    assert per["item0"] == 0 and per["item1"] == 1 and all(per[f"item{i}"] == 2 for i in (2, 3, 4))
+    assert {i for _, i in kept} == {f"item{i}" for i in range(5)}
+    _, limited = fold_gate.hold_out_per_item(pairs, 1, limit=2, seed=1)
+    assert len(limited) == 2
+    assert fold_gate.hold_out_per_item(pairs, 0) == (pairs, [])
+
+
+def test_structured_replay_covers_every_touched_prefix_then_stratifies():
+    # 40 old items: k in 0..3, v1 in 0..4, u in 0..1 -> prefixes (k, v1) with 2 items each, 3 queries per item
+    codes = {f"o{k}{v}{u}": (k, v, u) for k in range(4) for v in range(5) for u in range(2)}
+    pool = [(f"{iid} q{j}", iid) for iid in codes for j in range(3)]
+    new = [(1, 2, 5), (3, 4, 7), (2, 9, 0)]   # (1, 2) and (3, 4) shared with old items; (2, 9) only at k = 2
+    replay, info = fold_gate.structured_replay(pool, codes, new, size=30, per_prefix=2, seed=0)
+    assert info["touched_prefixes"] == 3 and info["touched_pairs"] == 6
+    under = Counter(codes[i][:2] for _, i in replay)
+    assert under[(1, 2)] >= 2 and under[(3, 4)] >= 2
+    assert sum(1 for _, i in replay if codes[i][0] == 2) >= 2
+    # round robin: the 2 pairs of a touched (k, v1) prefix come from its 2 different items
+    assert len({i for _, i in replay if codes[i][:2] == (1, 2)}) == 2
+    assert len(replay) == 30 and len(set(replay)) == 30
+    strata = Counter(codes[i][0] for _, i in replay)
+    assert all(strata[k] >= 6 for k in range(4))   # the stratified part spreads over every first-level code
+    # the touched part is kept whole when the budget is smaller
+    small, info = fold_gate.structured_replay(pool, codes, new, size=2, per_prefix=2, seed=0)
+    assert len(small) == 6 and info["stratified_pairs"] == 0
+    assert fold_gate.structured_replay([], codes, new, size=10)[0] == []
+
+
+def test_make_split_uses_the_scorer_queries_as_old_validation_and_never_replays_them():
+    codes = {f"o{k}{u}": (k, 0, u) for k in range(3) for u in range(3)}
+    tok = SimpleNamespace(item_ids=list(codes), codes=[codes[i] for i in codes])
+    pool = [(f"{i} q{j}", i) for i in codes for j in range(3)]
+    scorer = [pool[0], pool[3]]
+    new_pairs = [(f"n{j}", "new") for j in range(3)]
+    cfg = SimpleNamespace(val_per_item=1, seed=0, val_old=10, min_replay=100, replay_ratio=1.0, replay="structured",
+                          replay_per_prefix=2)
+    split = fold_gate.make_split(new_pairs, pool, scorer, tok, [(0, 0, 9)], cfg, lambda i: True)
+    assert split["val_old"] == sorted(scorer) and "scorer" in split["val_old_source"]
+    assert not set(split["replay"]) & set(scorer) and len(split["replay"]) == len(pool) - 2
+    assert len(split["val_new"]) == 1 and len(split["train_new"]) == 2
+    split = fold_gate.make_split(new_pairs, pool, [], tok, [(0, 0, 9)], cfg, lambda i: True)
+    assert len(split["val_old"]) == 9 and not set(split["replay"]) & set(split["val_old"])
