@@ -210,14 +210,14 @@ def read_encoder_config(run_dir: str | Path):
 
 def copy_trained_run(src: str | Path, dst: str | Path) -> Path:
     """A fresh copy of a trained run as the pipeline left it (``dst`` replaced): without checkpoints,
-    caches, plots, the item store and its lock, folds, or the model/identifiers a fold replaced."""
+    caches, plots, the item store and its lock, folds (and the fold report), or the model/identifiers a fold replaced."""
     import shutil
 
     dst = Path(dst)
     if dst.exists():
         shutil.rmtree(dst)
     skip = (RunPaths.CHECKPOINTS, RunPaths.CACHE, RunPaths.PLOTS, RunPaths.FOLD, RunPaths.STORE + "*",
-            RunPaths.STORE_LOCK, RunPaths.MODEL + ".prev", RunPaths.IDENTIFIERS + ".prev")
+            RunPaths.STORE_LOCK, RunPaths.MODEL + ".prev", RunPaths.IDENTIFIERS + ".prev", RunPaths.FOLD_REPORT)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*skip))
     return dst
 

@@ -18,7 +18,12 @@
    InfoNCE projection trained on every item's generated queries) over the same candidates;
    old items again (the generative path must be unchanged). Bytes per item of the index.
 5. ``train.py fold --run WORK``; recall of both sets again (forgetting; new items via the
-   generative path).
+   generative path, or the fallback for the items the fold gate kept there).
+
+``--folds N`` (issue 16) splits the added items into N equal parts: add a part, measure, fold it, measure,
+then the next part (each fold starts from the previous one's model); every round is recorded
+(``rounds``), with the fold's own report (gate decision, folded-item recall on the generative path vs
+the fallback, cost per folded item).
 
 Writes ``--out`` (JSON) and prints a Markdown summary.
 """
@@ -138,6 +143,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-fold", action="store_true")
+    ap.add_argument("--folds", type=int, default=1, help="successive add + fold rounds over equal parts of the added items")
+    ap.add_argument("--skip-dt", action="store_true", help="no DT-trained reference (saves its tower training)")
     ap.add_argument("fold_overrides", nargs="*", help="key=value settings for train.py fold (e.g. steps=800)")
     args = ap.parse_intermixed_args(argv)
 
@@ -189,55 +196,80 @@ def main(argv=None) -> dict:
     result["before_adds"] = _measure(r, old, [], folded=False, beams=args.beams)
     result["before_adds"]["seconds"] = time.time() - t
 
-    # 3. add the other items through the API -------------------------------------------------------
+    # 3-5. rounds: add a part of the other items through the API, measure, fold, measure ---------
     # The caption-proxy "media" (COCO file names) are not on disk; the run's encoder embeds an item
     # from its first caption, so the benchmark runs that encoder itself and passes the embedding.
     from ace.data.encoders import build_encoder
     from ace.run_folder import read_encoder_config
 
     encoder = build_encoder(read_encoder_config(work))
-    encode_s = add_s = 0.0
-    for s in range(0, len(new_items), args.add_batch):
-        batch = new_items[s:s + args.add_batch]
+    n_rounds = max(1, args.folds)
+    bounds = np.linspace(0, len(new_items), n_rounds + 1).astype(int)
+    result["rounds"] = []
+    added_ids: list[str] = []
+    for rnd in range(n_rounds):
+        part = new_items[bounds[rnd]:bounds[rnd + 1]]
+        ids = {it.item_id for it in part}
+        part_test = [p for p in new_test if p[1] in ids]
+        earlier = [p for p in new_test if p[1] in set(added_ids)]
+        encode_s = add_s = 0.0
+        for s in range(0, len(part), args.add_batch):
+            batch = part[s:s + args.add_batch]
+            t = time.time()
+            emb = encoder.encode(batch)
+            encode_s += time.time() - t
+            t = time.time()
+            r.add_items([dataclasses.replace(it, embedding=e, media=None) for it, e in zip(batch, emb)])
+            add_s += time.time() - t
+        added_ids += sorted(ids)
+        store_bytes = sum(p.stat().st_size for p in work.glob(RunPaths.STORE + "*"))
+        n = len(part)
+        rec = {"round": rnd + 1, "adds": {
+            "items": n, "batch": args.add_batch, "encode_seconds": encode_s, "add_seconds": add_s,
+            "items_per_s_add_items": n / add_s, "items_per_s_with_encoding": n / (encode_s + add_s),
+            "fallback_bytes_per_item": r.fallback.bytes_per_item(), "store_bytes_per_item": store_bytes / len(added_ids),
+            "note": "add_items = identifier assign + SQLite commit (WAL, synchronous=FULL) + fallback "
+                    "index add; encoding = the run's MiniLM encoder on the item's first caption"}}
+        print(json.dumps(rec["adds"], default=str))
         t = time.time()
-        emb = encoder.encode(batch)
-        encode_s += time.time() - t
-        t = time.time()
-        r.add_items([dataclasses.replace(it, embedding=e, media=None) for it, e in zip(batch, emb)])
-        add_s += time.time() - t
-    store_bytes = sum(p.stat().st_size for p in work.glob(RunPaths.STORE + "*"))
-    n = len(new_items)
-    result["adds"] = {"items": n, "batch": args.add_batch, "encode_seconds": encode_s, "add_seconds": add_s,
-                      "items_per_s_add_items": n / add_s, "items_per_s_with_encoding": n / (encode_s + add_s),
-                      "fallback_bytes_per_item": r.fallback.bytes_per_item(), "store_bytes_per_item": store_bytes / n,
-                      "note": "add_items = identifier assign + SQLite commit (WAL, synchronous=FULL) + fallback "
-                              "index add; encoding = the run's MiniLM encoder on the item's first caption"}
-    print(json.dumps(result["adds"], default=str))
-
-    # 4. after the adds: fallback vs DT-trained, old items unchanged -------------------------------
-    t = time.time()
-    result["after_adds"] = _measure(r, old, new_test, folded=False, beams=args.beams)
-    result["after_adds"]["seconds"] = time.time() - t
-    r.close()
-    result["dt_trained"] = dt_trained_reference(args.captions, {it.item_id for it in new_items},
-                                                ROOT / "benchmarks" / "out" / "cache", args.seed)
-    fb, dt = result["after_adds"]["new_fallback"]["R@10"], result["dt_trained"]["over_new_items"]["R@10"]
-    result["fallback_over_dt_trained_R@10"] = fb / dt
-    print(json.dumps({k: result[k] for k in ("after_adds", "dt_trained", "fallback_over_dt_trained_R@10")}, default=str))
-
-    # 5. fold ------------------------------------------------------------------------------------
-    if not args.skip_fold:
-        (work / "added_test_queries.json").write_text(json.dumps([list(p) for p in new_test]))
-        fold_cmd = [sys.executable, "train.py", "fold", "--run", str(work), "--quiet", *args.fold_overrides]
-        result["fold"] = {"command": " ".join(["python"] + fold_cmd[1:]), "seconds": _run(fold_cmd, logs / "fold.log")}
-        metrics = json.loads(sorted(RunPaths(work).fold.glob("*/metrics.json"))[-1].read_text())
-        result["fold"].update({k: metrics[k] for k in ("items", "new_pairs", "replay_pairs", "steps", "train_seconds")})
-        r = Retriever.from_run(work, device="cpu")
-        t = time.time()
-        result["after_fold"] = _measure(r, old, new_test, folded=True, beams=args.beams)
-        result["after_fold"]["seconds"] = time.time() - t
-        result["after_fold"]["fallback_items"] = len(r.fallback)
+        rec["after_adds"] = _measure(r, old, part_test, folded=False, beams=args.beams)
+        if earlier:   # items folded in earlier rounds (generative path unless the gate kept them)
+            rec["after_adds"]["earlier_merged"] = _recall(r.search([q for q, _ in earlier], k=10, num_beams=args.beams), earlier)
+        rec["after_adds"]["seconds"] = time.time() - t
         r.close()
+        if rnd == 0 and not args.skip_dt:
+            result["dt_trained"] = dt_trained_reference(args.captions, {it.item_id for it in new_items},
+                                                        ROOT / "benchmarks" / "out" / "cache", args.seed)
+        if not args.skip_fold:
+            (work / "added_test_queries.json").write_text(json.dumps([list(p) for p in new_test if p[1] in set(added_ids)]))
+            fold_cmd = [sys.executable, "train.py", "fold", "--run", str(work), "--quiet", *args.fold_overrides]
+            rec["fold"] = {"command": " ".join(["python"] + fold_cmd[1:]),
+                           "seconds": _run(fold_cmd, logs / f"fold{rnd + 1}.log")}
+            metrics = json.loads(RunPaths(work).fold_report.read_text())
+            rec["fold"].update({k: metrics.get(k) for k in ("fold", "items", "candidates", "new_pairs", "val_pairs",
+                                                            "replay_pairs", "replay_info", "steps", "train_seconds",
+                                                            "cost", "stayed", "base_model")})
+            rec["fold"]["gate"] = {k: v for k, v in metrics["gate"].items() if k != "items"}
+            rec["fold"]["test"] = {"before": {k: v for k, v in metrics["before"].items() if k != "new_fallback_rankings"},
+                                   "after": metrics["after"]}
+            r = Retriever.from_run(work, device="cpu")
+            t = time.time()
+            folded = set(metrics.get("folded") or [])
+            rec["after_fold"] = _measure(r, old, [p for p in part_test if p[1] in folded], folded=True, beams=args.beams)
+            rec["after_fold"]["new_merged_all"] = _recall(r.search([q for q, _ in part_test], k=10, num_beams=args.beams),
+                                                          part_test)
+            if earlier:
+                rec["after_fold"]["earlier_merged"] = _recall(r.search([q for q, _ in earlier], k=10, num_beams=args.beams), earlier)
+            rec["after_fold"]["seconds"] = time.time() - t
+            rec["after_fold"]["fallback_items"] = len(r.fallback)
+        else:
+            r = Retriever.from_run(work, device="cpu")
+        result["rounds"].append(rec)
+        out_path.write_text(json.dumps(result, indent=2, default=str))
+    r.close()
+    if "dt_trained" in result:
+        fb = result["rounds"][0]["after_adds"]["new_fallback"]["R@10"]
+        result["fallback_over_dt_trained_R@10"] = fb / result["dt_trained"]["over_new_items"]["R@10"]
     result["machine"]["load_avg_end"] = os.getloadavg()
     out_path.write_text(json.dumps(result, indent=2, default=str))
     print(summary(result))
@@ -245,26 +277,45 @@ def main(argv=None) -> dict:
 
 
 def summary(res: dict) -> str:
-    """Markdown table of the recall figures."""
-    def cell(section, key):
-        m = res.get(section, {}).get(key)
+    """Markdown table of the recall figures, one block per add + fold round."""
+    def cell(d, key):
+        m = (d or {}).get(key)
         return "-" if m is None else f"{m['R@1']:.1f} / {m['R@10']:.1f}"
 
-    lines = ["| R@1 / R@10 | before adds | after adds | after fold |", "| --- | --- | --- | --- |"]
-    for label, keys in [("old items, generative path", ("old_generative",) * 3),
-                        ("old items, merged search", ("old_merged",) * 3),
-                        ("new items, fallback (before fold) / generative (after)", (None, "new_fallback", "new_generative")),
-                        ("new items, merged search", (None, "new_merged", "new_merged"))]:
-        cells = [cell(s, k) if k else "-" for s, k in zip(("before_adds", "after_adds", "after_fold"), keys)]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    dt = res["dt_trained"]
-    lines += ["", f"DT trained on the new items' queries: R@10 {dt['over_new_items']['R@10']:.1f} over the "
-              f"{dt['over_new_items']['candidates']} new items, {dt['over_all_items']['R@10']:.1f} over all "
-              f"{dt['over_all_items']['candidates']}; fallback / DT trained (same candidates) = "
-              f"{res['fallback_over_dt_trained_R@10']:.3f}",
-              f"adds: {res['adds']['items_per_s_add_items']:.1f} items/s through add_items "
-              f"({res['adds']['items_per_s_with_encoding']:.1f} items/s with encoding); fallback bytes/item {res['adds']['fallback_bytes_per_item']}; "
-              f"store bytes/item {res['adds']['store_bytes_per_item']:.0f}"]
+    lines = []
+    for rec in res["rounds"]:
+        fold = rec.get("fold", {})
+        gate = fold.get("gate", {})
+        lines += [f"round {rec['round']}: {rec['adds']['items']} items added"
+                  + (f"; fold: {fold.get('items')} folded, {len(fold.get('stayed') or [])} stayed in the fallback "
+                     f"(gate: {gate.get('why')}), {fold.get('steps')} steps, {fold.get('train_seconds') or 0:.0f} s "
+                     f"fine-tuning, {fold.get('seconds') or 0:.0f} s for train.py fold" if fold else ""), "",
+                  "| R@1 / R@10 | before adds | after adds | after fold |", "| --- | --- | --- | --- |"]
+        before = res["before_adds"] if rec["round"] == 1 else None
+        test = fold.get("test", {})
+        rows = [("old items, generative path", before, "old_generative", rec["after_adds"], "old_generative",
+                 rec.get("after_fold"), "old_generative"),
+                ("old items, merged search", before, "old_merged", rec["after_adds"], "old_merged",
+                 rec.get("after_fold"), "old_merged"),
+                ("folded items: fallback (before) / generative (after)", None, None, test.get("before"), "folded_fallback",
+                 test.get("after"), "new_generative"),
+                ("this round's new items, merged search", None, None, rec["after_adds"], "new_merged",
+                 rec.get("after_fold"), "new_merged_all"),
+                ("earlier rounds' items, merged search", None, None, rec["after_adds"], "earlier_merged",
+                 rec.get("after_fold"), "earlier_merged")]
+        for label, b, bk, a, ak, f, fk in rows:
+            lines.append(f"| {label} | {cell(b, bk) if b else '-'} | {cell(a, ak)} | {cell(f, fk)} |")
+        lines.append("")
+    dt = res.get("dt_trained")
+    if dt:
+        lines += [f"DT trained on the new items' queries: R@10 {dt['over_new_items']['R@10']:.1f} over the "
+                  f"{dt['over_new_items']['candidates']} new items, {dt['over_all_items']['R@10']:.1f} over all "
+                  f"{dt['over_all_items']['candidates']}; fallback / DT trained (same candidates) = "
+                  f"{res['fallback_over_dt_trained_R@10']:.3f}"]
+    adds = res["rounds"][0]["adds"]
+    lines += [f"adds: {adds['items_per_s_add_items']:.1f} items/s through add_items "
+              f"({adds['items_per_s_with_encoding']:.1f} items/s with encoding); fallback bytes/item "
+              f"{adds['fallback_bytes_per_item']}; store bytes/item {adds['store_bytes_per_item']:.0f}"]
     return "\n".join(lines)
 
 

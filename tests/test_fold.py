@@ -182,6 +182,12 @@ def test_bad_input_gives_clear_errors(run, tmp_path, capsys):
     assert "run folder not found" in capsys.readouterr().err
     assert train.main(["fold", "--run", str(run), "steps=0"]) == 2
     assert "steps must be >= 1" in capsys.readouterr().err
+    assert train.main(["fold", "--run", str(run), "gate_k=3"]) == 2
+    assert "gate's cut-off" in capsys.readouterr().err
+    assert train.main(["fold", "--run", str(run), "replay=everything"]) == 2
+    assert "replay must be 'structured' or 'random'" in capsys.readouterr().err
+    assert train.main(["fold", "--run", str(run), "max_old_drop=-1"]) == 2
+    assert "max_old_drop must be >= 0" in capsys.readouterr().err
     assert train.main(["fold", "--run", str(run), f"test_queries={tmp_path / 'missing.json'}"]) == 2
     assert "test_queries file not found" in capsys.readouterr().err
     shutil.rmtree(run / "model")

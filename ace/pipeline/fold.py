@@ -72,7 +72,8 @@ class FoldConfig:
     replay_per_prefix: int = 2        # old pairs replayed per touched prefix (structured)
     distill_weight: float = 1.0       # KL(previous model || folded model) on replayed old pairs; 0: replay only
     gate: bool = True                 # false: fold every item (the gate still measures)
-    max_old_drop: float = 1.0         # swap only when old-item R@top_k on validation queries drops by less
+    max_old_drop: float = 1.0         # swap only when old-item R@gate_k on validation queries drops by less
+    gate_k: int | None = None         # the gate's recall cut-off, 1, 5 or 10 (None: top_k)
     val_per_item: int = 1             # new items' generated queries held out of fine-tuning for the gate
     val_old: int = 500                # old items' validation queries of the gate (0: none; the run's
                                       # scorer queries when it has them, else old training pairs left out of replay)
@@ -101,6 +102,9 @@ class FoldConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.replay not in ("structured", "random"):
             raise ValueError(f"replay must be 'structured' or 'random', got {self.replay!r}")
+        k = self.gate_k if self.gate_k is not None else self.top_k
+        if k not in (1, 5, 10) or k > self.top_k:
+            raise ValueError(f"the gate's cut-off (gate_k, else top_k) must be 1, 5 or 10 and <= top_k ({self.top_k}), got {k}")
         if self.top_k > self.num_beams:
             raise ValueError(f"top_k ({self.top_k}) cannot exceed num_beams ({self.num_beams})")
 

@@ -71,6 +71,11 @@ def search_rows(run: Path, cfg, model, tok, rows: list[int], pairs) -> list[list
     return [[tok.item_ids[i] for i in row if i >= 0] for row in np.asarray(idx).tolist()]
 
 
+def gate_k(cfg) -> int:
+    """The gate's recall cut-off: ``gate_k``, else ``top_k``."""
+    return cfg.gate_k if cfg.gate_k is not None else cfg.top_k
+
+
 def gate_before(run: Path, fold_dir: Path, cfg, device: str, split: dict) -> dict:
     """Validation recall through the run as served before the fold: old items on the generative path,
     new items through the fallback, per new item too (cached in fold_dir/gate_before.json)."""
@@ -89,7 +94,7 @@ def gate_before(run: Path, fold_dir: Path, cfg, device: str, split: dict) -> dic
         r.close()
     out = {"old_before": fold_gate.metrics(old, split["val_old"]),
            "new_fallback": fold_gate.metrics(new, split["val_new"]) if new else None,
-           "fallback_by_item": (fold_gate.per_item_recall(fold_gate.hits(new, split["val_new"], cfg.top_k), split["val_new"])
+           "fallback_by_item": (fold_gate.per_item_recall(fold_gate.hits(new, split["val_new"], gate_k(cfg)), split["val_new"])
                                 if new else {})}
     write_json_atomic(path, out)
     return out
@@ -103,7 +108,7 @@ def gate_after(run: Path, fold_dir: Path, cfg, device: str, tok, split: dict, ol
 
     model = AceModel.from_pretrained(str(fold_dir / RunPaths.MODEL)).to(device).eval()
     row = {iid: i for i, iid in enumerate(tok.item_ids)}
-    k = cfg.top_k
+    k = gate_k(cfg)
     new_rank = search_rows(run, cfg, model, tok, old_rows + [row[i] for i in items], split["val_new"])
     generative = fold_gate.per_item_recall(fold_gate.hits(new_rank, split["val_new"], k), split["val_new"])
     args = dict(k=k, max_old_drop=cfg.max_old_drop, enabled=cfg.gate)
