@@ -45,6 +45,17 @@ eval: {{num_beams: [5], top_k: 5}}
     return path
 
 
+def _add_new_items(base: Path, run: Path) -> list[dict]:
+    """Add the NEW items through the Retriever (all captions but the last, which is held out)."""
+    new = json.loads((base / "new.json").read_text())
+    retriever = Retriever.from_run(run, device="cpu")
+    retriever.add_items([CorpusItem(r["item_id"], "image", captions=r["captions"][:-1],
+                                    embedding=np.asarray(r["embedding"], np.float32) / np.linalg.norm(r["embedding"]))
+                         for r in new])
+    retriever.close()
+    return new
+
+
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory) -> Path:
     """A trained tiny run (30 items) with its fallback stage, and 6 more items added through the Retriever."""
@@ -55,12 +66,7 @@ def base_run(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("fold")
     Pipeline(load_config(RunConfig, _config(base)), progress=False).run_all(until="fallback")
     run = base / "run"
-    new = json.loads((base / "new.json").read_text())
-    retriever = Retriever.from_run(run, device="cpu")
-    retriever.add_items([CorpusItem(r["item_id"], "image", captions=r["captions"][:-1],
-                                    embedding=np.asarray(r["embedding"], np.float32) / np.linalg.norm(r["embedding"]))
-                         for r in new])
-    retriever.close()
+    new = _add_new_items(base, run)
     (run / "added_test_queries.json").write_text(json.dumps([[r["captions"][-1], r["item_id"]] for r in new]))
     return run
 
@@ -350,14 +356,8 @@ def recipe_run(tmp_path_factory) -> Path:
     assert "minilm" in text and "freeze_encoder" in text
     path.write_text(text)
     Pipeline(load_config(RunConfig, path), progress=False).run_all(until="fallback")
-    run = base / "run"
-    new = json.loads((base / "new.json").read_text())
-    retriever = Retriever.from_run(run, device="cpu")
-    retriever.add_items([CorpusItem(r["item_id"], "image", captions=r["captions"][:-1],
-                                    embedding=np.asarray(r["embedding"], np.float32) / np.linalg.norm(r["embedding"]))
-                         for r in new])
-    retriever.close()
-    return run
+    _add_new_items(base, base / "run")
+    return base / "run"
 
 
 def test_fold_on_the_recipe_model_moves_only_the_decoder_and_fills_the_prototype_tables(recipe_run):
