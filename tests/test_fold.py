@@ -194,6 +194,8 @@ def test_bad_input_gives_clear_errors(run, tmp_path, capsys):
     assert "replay must be 'structured' or 'random'" in capsys.readouterr().err
     assert train.main(["fold", "--run", str(run), "max_old_drop=-1"]) == 2
     assert "max_old_drop must be >= 0" in capsys.readouterr().err
+    assert train.main(["fold", "--run", str(run), "val_per_item=0"]) == 2
+    assert "gate=true needs val_per_item >= 1" in capsys.readouterr().err
     assert train.main(["fold", "--run", str(run), f"test_queries={tmp_path / 'missing.json'}"]) == 2
     assert "test_queries file not found" in capsys.readouterr().err
     shutil.rmtree(run / "model")

@@ -102,6 +102,9 @@ class FoldConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.replay not in ("structured", "random"):
             raise ValueError(f"replay must be 'structured' or 'random', got {self.replay!r}")
+        if self.gate and self.val_per_item < 1:
+            raise ValueError("gate=true needs val_per_item >= 1 (validation queries per new item); "
+                             "set gate=false to fold every item without them")
         k = self.gate_k if self.gate_k is not None else self.top_k
         if k not in (1, 5, 10) or k > self.top_k:
             raise ValueError(f"the gate's cut-off (gate_k, else top_k) must be 1, 5 or 10 and <= top_k ({self.top_k}), got {k}")
