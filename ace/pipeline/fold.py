@@ -422,7 +422,8 @@ class Fold:
                 "seconds_per_item": train_info["seconds"] / n,
                 "steps_per_folded_item": train_info["steps"] / len(folded) if folded else None,
                 "seconds_per_folded_item": train_info["seconds"] / len(folded) if folded else None}
-        return {"items": folded, "stayed": decision["stayed"], "candidates": items, "new_pairs": len(split["train_new"]),
+        no_query = [i for i in plan["items"] if i not in got]   # no usable query: stay in the fallback too
+        return {"items": folded, "stayed": decision["stayed"] + no_query, "candidates": items, "new_pairs": len(split["train_new"]),
                 "val_pairs": len(split["val_new"]), "replay_pairs": len(split["replay"]),
                 "replay_info": split["replay_info"], "cost": cost, "swap": decision["swap"], **train_info}
 
