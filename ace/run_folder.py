@@ -5,6 +5,7 @@ and writers, and how a stage knows it is done.
         identifiers/  queries/  train_queries.json  test_queries.json  model/  query_tokenizer/
         identifier_vocab.json  checkpoints/  train_log.jsonl  fallback/  metrics.json  report.md  plots/
         cache/  stages/  store.sqlite  store.lock  fold/  identifier_vectors.npy  pretrain.json
+        encode_shards/ (while the encode stage runs)
 
 ``RunPaths(run_dir)`` names every entry (``paths.model``, ``paths.train_queries``, ...) without
 touching the disk; ``RunFolder`` (the pipeline's writer) creates the folder and records stages.
@@ -42,6 +43,7 @@ class RunPaths:
     IDENTIFIER_VECTORS, PRETRAIN = "identifier_vectors.npy", "pretrain.json"
     SCORER_QUERIES, HYBRID = "scorer_queries.json", "hybrid"
     FOLD_REPORT = "fold_report.json"
+    ENCODE_SHARDS = "encode_shards"
     # what a trained run needs to be served (Retriever.from_run) or folded (+ config.yaml)
     TRAINED = (MODEL, QUERY_TOKENIZER, IDENTIFIER_VOCAB, IDENTIFIERS, CORPUS)
 
@@ -74,6 +76,7 @@ class RunPaths:
     pretrain = _entry(PRETRAIN, "what identifier-space pretraining used (issue 19)")
     scorer_queries = _entry(SCORER_QUERIES, "[[query, item_id], ...] training queries held out of training (hybrid w)")
     hybrid = _entry(HYBRID, "hybrid scorer: item vectors + fitted weight (ace/newitems/hybrid.py)")
+    encode_shards = _entry(ENCODE_SHARDS, "the encode stage's shards while it runs (ace/pipeline/encode_stage.py)")
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -179,6 +182,17 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_npy_atomic(path: str | Path, array) -> None:
+    """np.save through a temp file + rename (a kill never leaves a torn .npy)."""
+    import numpy as np
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
 def _json_default(obj):
     import numpy as np
 
@@ -217,7 +231,8 @@ def copy_trained_run(src: str | Path, dst: str | Path) -> Path:
     if dst.exists():
         shutil.rmtree(dst)
     skip = (RunPaths.CHECKPOINTS, RunPaths.CACHE, RunPaths.PLOTS, RunPaths.FOLD, RunPaths.STORE + "*",
-            RunPaths.STORE_LOCK, RunPaths.MODEL + ".prev", RunPaths.IDENTIFIERS + ".prev", RunPaths.FOLD_REPORT)
+            RunPaths.STORE_LOCK, RunPaths.MODEL + ".prev", RunPaths.IDENTIFIERS + ".prev", RunPaths.FOLD_REPORT,
+            RunPaths.ENCODE_SHARDS)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*skip))
     return dst
 

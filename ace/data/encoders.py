@@ -753,21 +753,53 @@ class MultiModalEncoder:
             self.encoders[modality] = enc
         return self.encoders[modality]
 
-    def encode(self, items: list["CorpusItem"], *, root: str | Path | None = None, progress: bool = False) -> np.ndarray:
-        """Items of any modalities -> float32 (N, D) L2-normalised, rows in item order."""
-        if not items:
-            raise EncoderError("nothing to encode: empty item list")
+    def plan(self, items: list["CorpusItem"]) -> list[tuple[str, list[int]]]:
+        """The forward passes that encode ``items``: (modality, item rows) per batch, modalities in order of
+        first appearance, each modality's items in item order cut into batches of its ``batch_size``.
+        Float results can depend on the batch an item is in (padding, kernel choice): every way of
+        encoding a corpus (one process or shards over many, ace/pipeline/encode_stage.py) runs these batches."""
+        from ace.data.corpus import MODALITIES
+
         groups: dict[str, list[int]] = {}
         for i, it in enumerate(items):
+            if it.modality not in MODALITIES:
+                raise EncoderError(f"item {it.item_id!r}: unknown modality '{it.modality}'; known: {', '.join(MODALITIES)}")
             groups.setdefault(it.modality, []).append(i)
-        raw = {m: self.encoder_for(m).encode([items[i] for i in rows], root=root, progress=progress)
-               for m, rows in groups.items()}
-        d_out = self.cfg.dim or max(e.shape[1] for e in raw.values())
-        out = np.zeros((len(items), d_out), dtype=np.float32)
+        out = []
         for m, rows in groups.items():
-            proj = ModalityProjection(raw[m].shape[1], d_out, kind=self.cfg.projection, seed=self.cfg.seed, modality=m)
-            out[rows] = proj(raw[m])
+            size = getattr(self.cfg, m).batch_size
+            out += [(m, rows[s:s + size]) for s in range(0, len(rows), size)]
         return out
+
+    def encode_batch(self, items: list["CorpusItem"], modality: str, *, root: str | Path | None = None) -> np.ndarray:
+        """One batch of ``plan`` -> its modality encoder's unit rows (B, d_modality), before projection."""
+        return self.encoder_for(modality).encode(items, root=root)
+
+    def project(self, n: int, raw: dict[str, tuple[list[int], np.ndarray]]) -> np.ndarray:
+        """{modality: (item rows, raw unit rows)} of ``n`` items -> float32 (n, D): each modality's rows
+        through its ModalityProjection, all of a modality's rows at once."""
+        d_out = self.cfg.dim or max(e.shape[1] for _, e in raw.values())
+        out = np.zeros((n, d_out), dtype=np.float32)
+        for m, (rows, emb) in raw.items():
+            proj = ModalityProjection(emb.shape[1], d_out, kind=self.cfg.projection, seed=self.cfg.seed, modality=m)
+            out[rows] = proj(emb)
+        return out
+
+    def encode(self, items: list["CorpusItem"], *, root: str | Path | None = None, progress: bool = False) -> np.ndarray:
+        """Items of any modalities -> float32 (N, D) L2-normalised, rows in item order (the batches of ``plan``)."""
+        if not items:
+            raise EncoderError("nothing to encode: empty item list")
+        batches = self.plan(items)
+        if progress:
+            from tqdm.auto import tqdm
+            batches = tqdm(batches, desc="encode", unit="batch")
+        pieces: dict[str, tuple[list[int], list[np.ndarray]]] = {}
+        for m, rows in batches:
+            emb = self.encode_batch([items[i] for i in rows], m, root=root)
+            got = pieces.setdefault(m, ([], []))
+            got[0].extend(rows)
+            got[1].append(emb)
+        return self.project(len(items), {m: (rows, np.concatenate(embs)) for m, (rows, embs) in pieces.items()})
 
     def encode_corpus(self, corpus: "Corpus", *, progress: bool = False) -> np.ndarray:
         return self.encode(corpus.items, root=corpus.root, progress=progress)

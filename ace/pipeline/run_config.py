@@ -1,7 +1,7 @@
 """The run config (``train.py --config``): one section per stage, each owned by its stage's module.
 
 ``RunConfig`` gathers them: ``corpus`` / ``split`` / ``pretrain`` / ``eval`` (defined here), ``encoder``
-(ace/data/encoders.py), ``identifiers`` (identifiers/), ``querygen`` (querygen/), ``model``
+(ace/data/encoders.py), ``encode`` (ace/pipeline/encode_stage.py: processes and shards), ``identifiers`` (identifiers/), ``querygen`` (querygen/), ``model``
 (ace/model/config.py, derived from AceConfig), ``training`` (ace/training/loop.py) and ``fallback``
 (ace/newitems/index.py). Read one with ``ace.config.load_config(RunConfig, path, overrides)``.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ace.data.encoders import MultiModalEncoderConfig
+from ace.pipeline.encode_stage import EncodeConfig
 from ace.model.config import ModelSection
 from ace.newitems.hybrid import HybridConfig
 from ace.newitems.index import FallbackConfig
@@ -69,6 +70,7 @@ class RunConfig:
     device: str = "auto"
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     encoder: MultiModalEncoderConfig = field(default_factory=MultiModalEncoderConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)         # how the encode stage runs: processes, shards
     identifiers: IdentifierConfig = field(default_factory=IdentifierConfig)
     querygen: QueryGenConfig = field(default_factory=QueryGenConfig)
     split: SplitConfig = field(default_factory=SplitConfig)

@@ -20,12 +20,13 @@ import numpy as np
 from ace.arrays import resolve_device
 from ace.config import config_hash, save_config, to_dict
 from ace.data.corpus import Corpus, corpus_from_captions, load_corpus
-from ace.data.encoders import build_encoder
 from ace.metrics import retrieval_metrics
 from ace.model.config import ace_model_config
+from ace.pipeline.encode_stage import EncodeError, EncodeStage
+from ace.pipeline.launch import Launch, LaunchError, run_launched
 from ace.pipeline.run_config import CorpusConfig, EvalConfig, PretrainConfig, RunConfig, SplitConfig
 from ace.run_folder import (RunFolder, RunPaths, load_run_corpus, load_run_embeddings, read_pairs, write_json_atomic,
-                            write_pairs)
+                            write_npy_atomic, write_pairs)
 from identifiers import SemanticIdTokenizer
 
 log = logging.getLogger("ace.pipeline.stages")
@@ -174,7 +175,8 @@ class Pipeline:
             raise PipelineError("hybrid.enabled=true needs split.scorer_queries > 0: the hybrid weight is fitted on "
                                 "training queries held out of training")
         self.forced = set(force)
-        for stage in self.forced:
+        self.launch = Launch()  # the ranks of accelerate launch / torchrun: all encode, rank 0 runs the rest
+        for stage in self.forced if self.launch.rank == 0 else ():
             self.run.invalidate(stage)
         self.progress = progress
         self.device = resolve_device(cfg.device, error=PipelineError)
@@ -210,27 +212,42 @@ class Pipeline:
             return {"items": len(corpus), "test_queries": len(test_pairs),
                     "modalities": {m: len(v) for m, v in corpus.by_modality().items()}}
 
-        self._stage("corpus", config_hash(cfg.corpus, cfg.split), run)
+        self._stage("corpus", self.corpus_key(), run)
+
+    def corpus_key(self) -> str:
+        return config_hash(self.cfg.corpus, self.cfg.split)
 
     def _corpus(self, name: str = RunPaths.CORPUS_TRAIN) -> Corpus:
         return load_run_corpus(self.run.path, name)
 
     # encode ----------------------------------------------------------------------------------
     def stage_encode(self):
+        """Item embeddings; data-parallel over ``encode.processes`` workers or the ranks of a launch
+        (ace/pipeline/encode_stage.py), the same bytes as one process."""
         cfg = self.cfg
+        key = config_hash(self.keys["corpus"], cfg.encoder)
+        enc_cfg = dataclasses.replace(cfg.encoder, cache_dir=cfg.encoder.cache_dir or str(self.run.cache / "embeddings"))
+        try:
+            stage = EncodeStage(self.run.path, enc_cfg, cfg.encode, key, launch=self.launch, progress=self.progress)
+            if self.launch.rank > 0:
+                self.keys["encode"] = key
+                stage.follow(self._corpus)
+                return
 
-        def run():
-            corpus = self._corpus()
-            enc_cfg = dataclasses.replace(cfg.encoder, cache_dir=cfg.encoder.cache_dir or str(self.run.cache / "embeddings"))
-            emb = build_encoder(enc_cfg).encode_corpus(corpus, progress=self.progress)
-            if not np.isfinite(emb).all():
-                bad = np.where(~np.isfinite(emb).all(1))[0][:10]
-                raise PipelineError(f"the encoder returned NaN/inf embeddings for items {[corpus.items[i].item_id for i in bad]}")
-            np.save(self.run.embeddings, emb)
-            write_json_atomic(self.run.item_ids, corpus.item_ids)
-            return {"shape": list(emb.shape)}
+            def run():
+                corpus = self._corpus()
+                emb, info = stage.run(corpus)
+                if not np.isfinite(emb).all():
+                    bad = np.where(~np.isfinite(emb).all(1))[0][:10]
+                    raise PipelineError(f"the encoder returned NaN/inf embeddings for items {[corpus.items[i].item_id for i in bad]}")
+                write_npy_atomic(self.run.embeddings, emb)
+                write_json_atomic(self.run.item_ids, corpus.item_ids)
+                return {"shape": list(emb.shape), **info}
 
-        self._stage("encode", config_hash(self.keys["corpus"], cfg.encoder), run)
+            if self._stage("encode", key, run):
+                stage.folder.remove()
+        except EncodeError as exc:
+            raise PipelineError(str(exc)) from None
 
     # querygen --------------------------------------------------------------------------------
     def stage_querygen(self):
@@ -501,11 +518,23 @@ class Pipeline:
         write_report(self.run.path, title=f"ACE run: {self.cfg.name}", metrics=metrics, sections=sections, plots=plots)
         print(f"[report] {self.run.report}")
 
-    def run_all(self, until: str = "report"):
+    def save_config(self):
         save_config(self.cfg, self.run.config)
+
+    def run_all(self, until: str = "report"):
         steps = [self.stage_corpus, self.stage_encode, self.stage_querygen, self.stage_identifiers,
                  self.stage_train, self.stage_fallback, self.stage_hybrid, self.stage_eval, self.stage_report]
-        for name, step in zip(STAGES, steps):
+        first = 0
+        if self.launch.world > 1:  # corpus (rank 0) and encode (every rank) under the launch, then rank 0 alone
+            try:
+                if not run_launched(self, until) or until in STAGES[:2]:
+                    return
+            except LaunchError as exc:
+                raise PipelineError(str(exc)) from None
+            first = 2
+        else:
+            self.save_config()
+        for name, step in list(zip(STAGES, steps))[first:]:
             step()
             if name == until:
                 break
