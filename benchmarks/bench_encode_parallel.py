@@ -30,11 +30,19 @@ def train(args, run: Path, *extra: str, threads: int = 1, launch: list[str] | No
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                 start_new_session=True), cmd
-    t = time.time()
+    t, cpu = time.time(), _children_cpu()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    return time.time() - t, cmd
+    return time.time() - t, _children_cpu() - cpu, cmd
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of every finished (waited-for) descendant: the command and its workers."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def record(run: Path) -> dict:
@@ -69,9 +77,9 @@ def main() -> None:
     rows = []
     for label, name, extra, threads, launch in runs:
         load0 = os.getloadavg()[0]
-        wall, cmd = train(args, out / name, *extra, threads=threads, launch=launch)
+        wall, cpu, cmd = train(args, out / name, *extra, threads=threads, launch=launch)
         rec = record(out / name)
-        rows.append((label, wall, rec["seconds"], rec["shards"], sha(out / name), load0, os.getloadavg()[0], cmd))
+        rows.append((label, wall, cpu, rec["seconds"], rec["shards"], sha(out / name), load0, os.getloadavg()[0], cmd))
         print(rows[-1][:-1], flush=True)
 
     # kill -9 mid-encode (the stage and its workers), then the same command again
@@ -87,13 +95,14 @@ def main() -> None:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     plan = json.loads((shards / "plan.json").read_text())
-    wall, _ = train(args, run, *extra)
+    wall, _, _ = train(args, run, *extra)
     rec = record(run)
 
-    print("\n| how | wall s (whole command) | encode stage s | shards | sha256(embeddings.npy)[:16] | load avg before / after |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for label, wall_s, stage_s, n, digest, l0, l1, _ in rows:
-        print(f"| {label} | {wall_s:.1f} | {stage_s:.1f} | {n} | `{digest}` | {l0:.1f} / {l1:.1f} |")
+    print("\n| how | wall s (whole command) | CPU s (all its processes) | encode stage s | shards | "
+          "sha256(embeddings.npy)[:16] | load avg before / after |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for label, wall_s, cpu_s, stage_s, n, digest, l0, l1, _ in rows:
+        print(f"| {label} | {wall_s:.1f} | {cpu_s:.1f} | {stage_s:.1f} | {n} | `{digest}` | {l0:.1f} / {l1:.1f} |")
     print(f"\nkill -9 after {written} of {len(plan['shards'])} shards were written; the re-run reused "
           f"{rec['shards_reused']} shards, encode stage {rec['seconds']:.1f} s, sha256 `{sha(run)}`")
     print("\ncommands:")
