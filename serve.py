@@ -3,7 +3,8 @@
     python serve.py --run RUN_DIR [--host 127.0.0.1 --port 8000] [--config serve.yaml] [max_batch=64 ...]
 
 Settings are ``ace.config.ServeConfig`` fields: from ``--config`` YAML, then ``key=value``
-overrides, then ``--host``/``--port``. Write endpoints need an API key (``api_key=...`` or the
+overrides (e.g. ``store.url=postgresql://...`` for replicas sharing one item store, docs/SCALING.md),
+then ``--host``/``--port``. Write endpoints need an API key (``api_key=...`` or the
 ``ACE_API_KEY`` environment variable). See docs/serving.md.
 """
 from __future__ import annotations
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(config.torch_threads)
 
     try:
-        retriever = Retriever.from_run(args.run, device=args.device, quantize=args.quantize)
+        retriever = Retriever.from_run(args.run, device=args.device, quantize=args.quantize, store_url=config.store.url)
         app = create_app(retriever, config, media_root=args.media_root)
     except ValueError as exc:  # RetrieverError (incomplete run), missing media root, ...
         print(f"serve.py: {exc}", file=sys.stderr)

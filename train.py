@@ -26,6 +26,8 @@ def fold_main(argv: list[str]) -> int:
                                  "(served by the fallback index) into its generative model.")
     ap.add_argument("--run", required=True, help="run folder written by train.py (run_dir)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--store-url", default=None, help="the run's item store, as the servers' store.url "
+                    "(default $ACE_STORE_URL, else RUN/store.sqlite)")
     ap.add_argument("overrides", nargs="*", help=f"key=value FoldConfig settings: {', '.join(FoldConfig.__dataclass_fields__)}")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -35,7 +37,7 @@ def fold_main(argv: list[str]) -> int:
 
     try:
         cfg = load_config(FoldConfig, None, args.overrides + (["progress=false"] if args.quiet else []))
-        result = fold_run(args.run, cfg)
+        result = fold_run(args.run, cfg, store_url=args.store_url)
     except (FoldError, ValueError, FileNotFoundError) as exc:  # ConfigError, store/retriever/training errors
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -177,6 +177,20 @@ def config_hash(*parts: Any) -> str:
 
 
 @dataclasses.dataclass
+class StoreConfig:
+    """The item store a server reads and writes (ace/serving/store.py, docs/SCALING.md)."""
+    url: str | None = None               # sqlite:///path or postgresql://...; None -> $ACE_STORE_URL, else RUN/store.sqlite
+    poll_interval_s: float = 0.2         # how often a replica applies other processes' writes (and checks for a fold)
+    reload_model: bool = True            # reload the model when train.py fold marks a new one (one replica at a time)
+
+    def __post_init__(self):
+        if not self.poll_interval_s > 0:
+            raise ValueError(f"store.poll_interval_s must be > 0, got {self.poll_interval_s}")
+        if self.url is not None and not str(self.url).lower().startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError(f"store.url must start with sqlite:/// or postgresql://, got {str(self.url)[:30]!r}")
+
+
+@dataclasses.dataclass
 class ServeConfig:
     """HTTP serving (ace/serving/server.py): limits, micro-batching, auth. api_key falls back to env ACE_API_KEY."""
     host: str = "127.0.0.1"
@@ -198,6 +212,7 @@ class ServeConfig:
     latency_window: int = 10_000         # recent searches kept for /stats percentiles
     result_captions: int = 1             # captions per search result (GET /items/{id} gives all)
     torch_threads: int = 0               # >0: torch.set_num_threads(n) before loading (1 is far faster on a busy CPU)
+    store: StoreConfig = dataclasses.field(default_factory=StoreConfig)  # the item store (shared by replicas)
 
     def __post_init__(self):
         if self.max_batch < 1 or self.max_wait_ms < 0 or self.max_queue < 1:

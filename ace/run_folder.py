@@ -258,3 +258,20 @@ def read_pairs(path: str | Path, *, missing_ok: bool = False) -> list[tuple[str,
 def write_pairs(path: str | Path, pairs) -> None:
     """(query, item_id) pairs -> a pairs file, atomically."""
     write_json_atomic(path, [[q, i] for q, i in pairs])
+
+
+def model_version(run_dir: str | Path) -> str | None:
+    """Short content hash of RUN/model (every file's name and bytes): the same on every replica that serves
+    the same model files, new after training or ``train.py fold``; None without a model folder."""
+    import hashlib
+
+    folder = RunPaths(run_dir).model
+    if not folder.is_dir():
+        return None
+    h = hashlib.sha256()
+    for p in sorted(q for q in folder.rglob("*") if q.is_file()):
+        h.update(str(p.relative_to(folder)).encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:12]

@@ -78,3 +78,27 @@ def run(base_run, tmp_path) -> Path:
     (tmp_path / "media").mkdir()
     (out / "corpus_root.json").write_text(json.dumps({"root": str(tmp_path / "media")}))
     return out
+
+
+# ---- PostgreSQL for the shared item store (tests/pg_support.py) ---------------------------------------------
+@pytest.fixture(scope="session")
+def pg_server():
+    """The admin URL of a PostgreSQL server: $ACE_TEST_PG_URL, else a throwaway cluster for this session."""
+    from tests.pg_support import Cluster
+
+    if os.environ.get("ACE_TEST_PG_URL"):
+        yield os.environ["ACE_TEST_PG_URL"]
+        return
+    cluster = Cluster()
+    try:
+        yield cluster.url()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server) -> str:
+    """The URL of a fresh, empty database for one test."""
+    from tests.pg_support import new_database
+
+    return new_database(pg_server)

@@ -177,7 +177,7 @@ def test_version_1_file_is_migrated_in_place(tmp_path):
         assert store.get("a").captions == ["cap"] and store.get("a").identifier == (1, 2, 0)
         assert store.mark_folded(["a"]) == 1 and store.get("a").source == "folded"
     conn = sqlite3.connect(path)
-    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
     conn.close()
 
 

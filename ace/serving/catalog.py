@@ -1,17 +1,20 @@
 """The item lifecycle of a loaded run: the items added, folded and deleted after training.
 
-``ItemCatalog`` owns RUN/store.sqlite (``ItemStore``), the run's writer lock (RUN/store.lock, held for
-one write at a time, so a running server and the items CLI take turns), validation of new items
+``ItemCatalog`` owns the run's item store (``store.url``: RUN/store.sqlite by default, or a PostgreSQL
+database shared by serving replicas), the SQLite writer lock (RUN/store.lock, held for one write at a
+time, so a running server and the items CLI take turns), validation of new items
 (``ace/validation.py``), their embedding (given, or the run's encoder on a media file inside the
 corpus root or the run's uploads), identifier assignment, add/delete, and the quarantine of stored
 rows that cannot be served. ``Retriever`` keeps
 model loading and search, and delegates ``add_items`` / ``delete_items`` / ``item`` here; both
 share one re-entrant lock (searches vs adds/deletes: deletes shift trie rows).
 
-Every add/delete batch is one SQLite transaction, committed before the call returns and before the
-in-memory indexes change: acknowledged = durable. Before each write, under the writer lock, the
-catalog catches up with what other processes committed since it last read the store (SQLite's
-``data_version``), so identifiers are always assigned from the current table.
+Every add/delete batch is one store transaction, committed before the call returns and before the
+in-memory indexes change: acknowledged = durable. Each write transaction first takes the store's write
+lock (its change-sequence row), then catches up with what other processes committed since this one
+last read the store (``changes(since)``), so identifiers are always assigned from the current table;
+``refresh()`` (called by the server's replica sync, ``ace/serving/replica.py``) catches up between
+writes, so another process's writes show here within one poll interval.
 """
 from __future__ import annotations
 
@@ -30,11 +33,16 @@ from ace.newitems.index import FallbackIndex
 from ace.run_folder import LockBusy, RunPaths, read_encoder_config, take_lock
 from ace.serving.errors import ItemConflictError, ItemNotFoundError, RetrieverError, WriterLockError
 from ace.serving.media import MediaPathError, resolve_item_media
-from ace.serving.store import ItemStore, StoreError, check_item
+from ace.serving.store import (BaseItemStore, IdentifierConflictError, StoreError, check_item, open_item_store,
+                               store_exists)
 from ace.validation import InputError, check_item_fields
 from identifiers import SemanticIdTokenizer
 
 log = logging.getLogger("ace.serving.catalog")
+
+
+class CatalogRetired(RuntimeError):
+    """A model reload replaced this catalog while a write waited: the retriever retries on the new one."""
 
 
 class ItemCatalog:
@@ -43,8 +51,10 @@ class ItemCatalog:
     modality; ``on_change`` is called after identifiers were removed (the retriever drops its tries)."""
 
     def __init__(self, *, corpus: Corpus, id_tokenizer: SemanticIdTokenizer, fallback: FallbackIndex | None,
-                 run_dir: Path | None, state: threading.RLock, on_change: Callable[[], None]):
+                 run_dir: Path | None, state: threading.RLock, on_change: Callable[[], None],
+                 store_url: str | None = None):
         self.corpus, self.id_tokenizer, self.fallback, self.run_dir = corpus, id_tokenizer, fallback, run_dir
+        self.store_url = store_url                   # None: no item store (a retriever not loaded from a run)
         self.state = state
         self.on_change = on_change
         self.modality: dict[str, str] = {it.item_id: it.modality for it in corpus.items}
@@ -52,23 +62,48 @@ class ItemCatalog:
         self.deleted: set[str] = set()
         self.quarantined: dict[str, str] = {}        # stored rows that cannot be served: item id -> why
         self.lock_timeout_s = 10.0                   # how long a write waits for another process's write
-        self._data_version: int | None = None        # the store's data_version when this process last read it
-        self._store: ItemStore | None = None
+        self.write_retries = 3                       # identifier conflicts (a stale view) retried this often
+        self.cursor = 0                              # every store change up to this change sequence is applied
+        self.store_fold: int | None = None           # the store's model_fold marker when last read
+        self.retired = False                         # a model reload replaced this catalog: writes go to the new one
+        self._store: BaseItemStore | None = None
         self._encoder = None
 
+    def has_store(self) -> bool:
+        """Whether the run has an item store to read (a SQLite file appears with the first write)."""
+        return self._store is not None or (self.store_url is not None and store_exists(self.store_url))
+
     def load_store(self) -> None:
-        """Rebuild identifiers, tries and the fallback index from every row of RUN/store.sqlite. A row that
+        """Rebuild identifiers, tries and the fallback index from every row of the item store. A row that
         cannot be served (undecodable, invalid fields, an identifier that clashes) is quarantined: logged,
         reported by ``quarantine_report()`` (and /stats), kept in the store untouched, its id never reused."""
-        self.sync(self.open_store())
+        store = self.open_store()
+        self.store_fold = store.state()["model_fold"]
+        self.sync(store)
 
-    def sync(self, store: ItemStore) -> None:
-        """Bring the in-memory state up to the store's rows: rows this process has not seen are restored (or
-        quarantined), items another process deleted are dropped. At load, and before each write when another
-        process has committed since this one last read the store."""
-        version = store.data_version()  # read first: a commit after it makes the next write sync again
+    def refresh(self) -> bool:
+        """Catch up with what other processes committed since this one last read the store (one cheap read
+        when nothing changed); True when something was applied. The replica sync calls this every poll."""
+        if not self.has_store():
+            return False
+        store = self.open_store()
+        state = store.state()
+        self.store_fold = state["model_fold"]
+        if state["change_seq"] <= self.cursor:
+            return False
+        with self.state:
+            if self.retired:
+                return False
+            self.sync(store)
+        return True
+
+    def sync(self, store: BaseItemStore) -> None:
+        """Bring the in-memory state up to the store's rows changed since ``cursor``: rows this process has not
+        seen are restored (or quarantined), items another process deleted are dropped. At load, before each
+        write (inside its transaction, so nothing else commits meanwhile) and on ``refresh``."""
         errors: list[tuple[str, str]] = []
-        rows = list(store.iterate(status=None, errors=errors))
+        top = store.visible_seq()  # read first: rows committed after it are read again next time (idempotent)
+        rows = list(store.changes(self.cursor, errors=errors))
         for item_id, reason in errors:
             self._quarantine(item_id, reason)
         tok = self.id_tokenizer
@@ -77,6 +112,9 @@ class ItemCatalog:
         for r in rows:
             i = r.item_id
             if i in self.quarantined:
+                if r.status == "deleted":  # another process deleted a quarantined row: nothing left to report
+                    self.quarantined.pop(i, None)
+                    self.deleted.add(i)
                 continue
             if r.status == "deleted":
                 if i not in self.deleted:
@@ -110,7 +148,7 @@ class ItemCatalog:
             self.modality[r.item_id] = r.modality
         if changed or serve:
             self.on_change()
-        self._data_version = version
+        self.cursor = top
 
     def _unservable(self, r) -> str | None:
         """Why a stored active added/folded row cannot be served, or None."""
@@ -160,6 +198,13 @@ class ItemCatalog:
                 "items": [{"item_id": i.encode("utf-8", "backslashreplace").decode("utf-8"), "reason": why}
                           for i, why in list(self.quarantined.items())[:limit]]}
 
+    def store_info(self) -> dict:
+        """The store's backend and the change sequence applied here (no URL: it may hold a password)."""
+        backend = None
+        if self.store_url is not None:
+            backend = "sqlite" if self.store_url.lower().startswith("sqlite:") else "postgresql"
+        return {"backend": backend, "change_seq": self.cursor, "model_fold": self.store_fold}
+
     def _forget(self, ids: list[str]) -> None:
         """Drop deleted items from every in-memory index (the store already marks them deleted)."""
         tok = self.id_tokenizer
@@ -174,36 +219,45 @@ class ItemCatalog:
             self.stored.pop(i, None)
             self.modality.pop(i, None)
 
-    def open_store(self) -> ItemStore:
+    def open_store(self) -> BaseItemStore:
         if self._store is None:
-            if self.run_dir is None:
+            if self.store_url is None:
                 raise RetrieverError("this retriever was not loaded from a run folder: it has no item store")
-            self._store = ItemStore(RunPaths(self.run_dir).store)
+            try:
+                self._store = open_item_store(self.store_url)
+            except StoreError as exc:
+                raise RetrieverError(str(exc)) from None
         return self._store
 
     # ---- the writer lock -----------------------------------------------------------------------
     @contextlib.contextmanager
     def writing(self):
-        """Hold the run's writer lock (flock on RUN/store.lock) for one write, after catching up with what
-        other processes committed since this one last read the store: a running server and the items CLI
-        take turns, and identifiers are always assigned from the current table. Waits up to
-        ``lock_timeout_s`` for another writer, then WriterLockError."""
+        """One write transaction on the store, caught up: the store's write lock is taken first (the change-
+        sequence row; for SQLite also the flock on RUN/store.lock, so a running server and the items CLI take
+        turns), then the rows other processes committed since this one last read the store are applied, so
+        identifiers are assigned from the current table. Committed when the block ends. Waits up to
+        ``lock_timeout_s`` for another local writer, then WriterLockError."""
         store = self.open_store()
+        with self._local_lock(store), store.transaction():
+            self.sync(store)
+            yield store
+        self.cursor = max(self.cursor, store.last_commit_seq or 0)
+
+    def _local_lock(self, store: BaseItemStore):
+        """The flock of a SQLite store's folder (RUN/store.lock); none for a database server's store."""
+        if store.backend != "sqlite":
+            return contextlib.nullcontext()
+        path = RunPaths(store.path.parent).store_lock
         deadline = time.monotonic() + self.lock_timeout_s
         while True:
             try:
-                lock = take_lock(RunPaths(self.run_dir).store_lock)
-                break
+                return take_lock(path)  # closing the file drops the flock
             except LockBusy as exc:
                 if time.monotonic() >= deadline:
                     raise WriterLockError(f"another process (pid {exc.holder}) has been writing the items of "
                                           f"{self.run_dir} for over {self.lock_timeout_s:g} s; try again later, "
                                           f"or send the change to the running server's HTTP API") from None
                 time.sleep(0.005)
-        with lock:  # closing the file drops the flock
-            if store.data_version() != self._data_version:
-                self.sync(store)
-            yield store
 
     def close(self) -> None:
         """Release the item store and the writer lock."""
@@ -316,23 +370,38 @@ class ItemCatalog:
                                  "run the pipeline's `fallback` stage (python train.py --config ...)")
         self.check_new_items(items)
         emb = self.embed(items)  # may run the encoder: outside the state lock
-        with self.state, self.writing() as store:
-            ids = [it.item_id for it in items]
-            self.check_ids_free(ids)  # again, caught up: another request or process may have added them meanwhile
-            codes = self.id_tokenizer.assign(emb, ids)
-            stored = [CorpusItem(it.item_id, it.modality, media=it.media, embedding=e, captions=list(it.captions),
-                                 metadata=dict(it.metadata)) for it, e in zip(items, emb)]
-            try:
-                store.add(stored, identifiers=codes, source="added")
-            except BaseException:
-                self.id_tokenizer.remove(ids)  # nothing committed: forget the identifiers
-                raise
-            self.fallback.add(ids, emb)  # validated above; the store already holds the items
-            # the generative tries are unchanged: added rows are appended to the identifier trie, never decoded
-            for it in stored:
-                self.stored[it.item_id] = it
-                self.modality[it.item_id] = it.modality
-        return [tuple(int(c) for c in row) for row in codes]
+        ids = [it.item_id for it in items]
+        stored = [CorpusItem(it.item_id, it.modality, media=it.media, embedding=e, captions=list(it.captions),
+                             metadata=dict(it.metadata)) for it, e in zip(items, emb)]
+        for attempt in range(self.write_retries):
+            with self.state:
+                self._check_live()
+                assigned = False
+                try:
+                    with self.writing() as store:
+                        self.check_ids_free(ids)  # again, caught up: another request or process may have added them
+                        codes = self.id_tokenizer.assign(emb, ids)
+                        assigned = True
+                        store.add(stored, identifiers=codes, source="added")
+                except IdentifierConflictError as exc:  # a stale view despite the catch-up: catch up again, retry
+                    self.id_tokenizer.remove(ids)
+                    log.warning("identifier conflict on add (attempt %d): %s", attempt + 1, exc)
+                    continue
+                except BaseException:
+                    if assigned:
+                        self.id_tokenizer.remove(ids)  # nothing committed: forget the identifiers
+                    raise
+                self.fallback.add(ids, emb)  # validated above; the store already holds the items
+                # the generative tries are unchanged: added rows are appended to the identifier trie, never decoded
+                for it in stored:
+                    self.stored[it.item_id] = it
+                    self.modality[it.item_id] = it.modality
+                return [tuple(int(c) for c in row) for row in codes]
+        raise WriterLockError(f"identifier conflicts with other writers {self.write_retries} times in a row; try again")
+
+    def _check_live(self) -> None:
+        if self.retired:
+            raise CatalogRetired("the model was reloaded: this catalog was replaced")
 
     def delete(self, item_ids: Sequence[str]) -> int:
         """Delete items of any source, durably (one transaction); they are never returned again."""
@@ -343,22 +412,28 @@ class ItemCatalog:
             raise RetrieverError("delete_items() got no item ids")
         if len(set(ids)) != len(ids):
             raise RetrieverError("duplicate item ids in one delete")
-        with self.state, self.writing() as store:  # caught up: another process may have deleted some
-            gone = [i for i in ids if i in self.deleted]
-            if gone:
-                raise ItemNotFoundError(f"item id(s) already deleted: {', '.join(map(repr, gone[:5]))}")
-            unknown = [i for i in ids if not isinstance(i, str) or (i not in self.modality and i not in self.quarantined)]
-            if unknown:
-                raise ItemNotFoundError(f"unknown item id(s): {', '.join(map(repr, unknown[:5]))}")
-            tok = self.id_tokenizer
-            trained = [(self.corpus.get(i), tok.codes_of([i])[0] if i in tok.trie else None)
-                       for i in ids if i not in self.stored and i not in self.quarantined]
-            store.delete(ids, trained=trained)
+        with self.state:
+            self._check_live()
+            with self.writing() as store:  # caught up: another process may have deleted some
+                trained = self._check_deletable(ids)
+                store.delete(ids, trained=trained)
             self._forget(ids)
             for i in ids:
                 self.quarantined.pop(i, None)  # a deleted row needs no quarantine
             self.on_change()
         return len(ids)
+
+    def _check_deletable(self, ids: list[str]) -> list:
+        """ItemNotFoundError for ids already deleted or unknown; the trained items among them with identifiers."""
+        gone = [i for i in ids if i in self.deleted]
+        if gone:
+            raise ItemNotFoundError(f"item id(s) already deleted: {', '.join(map(repr, gone[:5]))}")
+        unknown = [i for i in ids if not isinstance(i, str) or (i not in self.modality and i not in self.quarantined)]
+        if unknown:
+            raise ItemNotFoundError(f"unknown item id(s): {', '.join(map(repr, unknown[:5]))}")
+        tok = self.id_tokenizer
+        return [(self.corpus.get(i), tok.codes_of([i])[0] if i in tok.trie else None)
+                for i in ids if i not in self.stored and i not in self.quarantined]
 
     def item(self, item_id: str) -> CorpusItem:
         if item_id in self.deleted:

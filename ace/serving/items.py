@@ -9,9 +9,9 @@
 ``captions`` and ``metadata``. Each batch is one transaction (all or none), committed before the
 next starts; the identifiers assigned are printed as JSON lines.
 
-A running server does not see changes made here until it restarts (it rebuilds its state from
-the store on start); while a server is writing items, this command refuses to write (the run's
-writer lock). For live changes, use the server's ``POST /items`` and ``DELETE /items/{id}``.
+The store is the run's ``store.url``: ``--store-url``, else $ACE_STORE_URL, else RUN/store.sqlite. A
+running server on the same store applies the changes made here within its poll interval
+(``store.poll_interval_s``, 0.2 s by default); the CLI and a server take turns on the store's write lock.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def cmd_add(args) -> int:
     from ace.serving.retriever import Retriever
 
     items = read_items_file(args.file)
-    retriever = Retriever.from_run(args.run, device=args.device)
+    retriever = Retriever.from_run(args.run, device=args.device, store_url=args.store_url)
     try:
         done = 0
         with tqdm(total=len(items), desc="add", unit="item", disable=args.quiet) as bar:
@@ -74,7 +74,7 @@ def cmd_add(args) -> int:
 def cmd_delete(args) -> int:
     from ace.serving.retriever import Retriever
 
-    retriever = Retriever.from_run(args.run, device=args.device)
+    retriever = Retriever.from_run(args.run, device=args.device, store_url=args.store_url)
     try:
         n = retriever.delete_items(list(args.ids))
     finally:
@@ -84,14 +84,13 @@ def cmd_delete(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from ace.run_folder import RunPaths
-    from ace.serving.store import ItemStore
+    from ace.serving.store import open_item_store, resolve_store_url, store_exists
 
-    path = RunPaths(args.run).store
-    if not path.is_file():
+    url = resolve_store_url(args.run, args.store_url)
+    if not store_exists(url):
         print(f"{args.run} has no store.sqlite: no item was added or deleted since training", file=sys.stderr)
         return 0
-    with ItemStore(path, create=False) as store:
+    with open_item_store(url, create=False) as store:
         status = None if args.status == "all" else args.status
         for it in store.iterate(status=status, source=args.source):
             print(json.dumps({"item_id": it.item_id, "modality": it.modality, "source": it.source, "status": it.status,
@@ -115,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     lst.add_argument("--source", default=None, choices=["trained", "added", "folded"])
     for p in (add, delete, lst):
         p.add_argument("--run", required=True, type=Path, help="run folder written by train.py")
+        p.add_argument("--store-url", default=None, help="the run's item store (sqlite:///... or postgresql://...); "
+                                                          "default $ACE_STORE_URL, else RUN/store.sqlite")
     for p in (add, delete):
         p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
     args = ap.parse_args(argv)

@@ -16,11 +16,12 @@ State, rebuilt on every load from RUN/identifiers, RUN/fallback and RUN/store.sq
 - identifiers: the trained items' plus every stored item's (restored unchanged, u never reused);
 - the generative trie: trained + folded items, minus deleted ones;
 - the fallback index: stored items with source "added" that are active.
-Every ``add_items``/``delete_items`` batch is one SQLite transaction, committed before the call
-returns and before the in-memory indexes change: acknowledged = durable. One process writes a run's
-items at a time (a lock file, held for one write); each write first catches up with what other
-processes (``python -m ace.serving.items``, another server) committed, so a running server sees their
-changes from its next write on, or after a restart.
+Every ``add_items``/``delete_items`` batch is one store transaction (``store.url``: RUN/store.sqlite, or
+a PostgreSQL database shared by replicas), committed before the call returns and before the in-memory
+indexes change: acknowledged = durable. Each write first takes the store's write lock and catches up
+with what other processes (``python -m ace.serving.items``, another replica) committed; ``refresh()``
+catches up between writes (a serving replica calls it every poll, ``ace/serving/replica.py``), and
+``reload()`` swaps in a new model (after ``train.py fold``) while the old one serves.
 
 ``modality`` in the searches is one filter for all queries, or one per query: queries of several
 modalities then share one batched beam search (each decodes in its own modality's trie).
@@ -45,8 +46,9 @@ from ace.newitems.calibration import Calibration, load_calibration, merge_rankin
 from ace.newitems.hybrid import HybridError, HybridIndex
 from ace.newitems.index import FallbackIndex
 from ace.newitems.query_tower import run_text_tower
-from ace.run_folder import RunPaths, load_run_corpus, load_run_embeddings, read_encoder_config
-from ace.serving.catalog import ItemCatalog
+from ace.run_folder import RunPaths, load_run_corpus, load_run_embeddings, model_version, read_encoder_config
+from ace.serving.store import StoreError, resolve_store_url, store_backend
+from ace.serving.catalog import CatalogRetired, ItemCatalog
 from ace.serving.errors import (ItemConflictError, ItemNotFoundError, RetrieverError,  # noqa: F401 (API)
                                 SearchModeUnavailableError, WriterLockError)
 from ace.validation import InputError, check_query
@@ -76,7 +78,7 @@ class Retriever:
     def __init__(self, *, model: AceModel, query_tokenizer: QueryTokenizer, vocab: IdentifierVocab,
                  id_tokenizer: SemanticIdTokenizer, corpus: Corpus, default_beams: int = 10,
                  run_dir: Path | None = None, fallback: FallbackIndex | None = None,
-                 calibration: Calibration | None = None):
+                 calibration: Calibration | None = None, store_url: str | None = None):
         if vocab.level_sizes != list(id_tokenizer.level_sizes):
             raise RetrieverError(f"identifier vocabulary {vocab.level_sizes} does not match the identifier "
                                  f"tokenizer's levels {id_tokenizer.level_sizes}")
@@ -98,14 +100,20 @@ class Retriever:
         self._state = threading.RLock()               # searches vs add/delete (rows shift on delete)
         self.hybrid: HybridIndex | None = None         # RUN/hybrid (ace/newitems/hybrid.py): the fused scorer
         self.catalog = ItemCatalog(corpus=corpus, id_tokenizer=id_tokenizer, fallback=fallback, run_dir=run_dir,
-                                   state=self._state, on_change=self.invalidate_tries)
+                                   state=self._state, on_change=self.invalidate_tries,
+                                   store_url=store_url or (resolve_store_url(run_dir) if run_dir is not None else None))
+        self.model_fold: int | None = None            # the store's fold marker when this model was loaded
+        self.model_version: str | None = None          # content hash of RUN/model as loaded (run_folder.model_version)
+        self._load_args: dict = {}                     # from_run's arguments, for reload()
 
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
     def from_run(cls, run_dir: str | Path, *, device: str | None = None, quantize: bool = False,
-                 default_beams: int = 10, fallback: bool = True, text_encoder=None) -> "Retriever":
+                 default_beams: int = 10, fallback: bool = True, text_encoder=None,
+                 store_url: str | None = None) -> "Retriever":
         """Load model, tokenizers, identifiers and corpus of a run folder written by train.py, then
-        RUN/fallback (unless ``fallback=False``) and the items added/deleted since (RUN/store.sqlite).
+        RUN/fallback (unless ``fallback=False``) and the items added/deleted since (the item store:
+        ``store_url``, else $ACE_STORE_URL, else RUN/store.sqlite).
 
         ``text_encoder``: the fallback query tower's frozen text encoder, when already loaded.
         """
@@ -116,6 +124,7 @@ class Retriever:
             raise RetrieverError(f"{run_dir} is not a trained run: missing {', '.join(missing)} "
                                  f"(run `python train.py --config ...` with run_dir={run_dir} first)")
         device = resolve_device(device, error=RetrieverError)
+        version = model_version(run_dir)  # before loading: a fold swapping RUN/model meanwhile gives the older name
         model = AceModel.from_pretrained(str(paths.model)).to(device).eval()
         if quantize:
             if device != "cpu":
@@ -131,18 +140,35 @@ class Retriever:
                 raise RetrieverError(f"{paths.fallback} holds {len(fb)} items; the saved fallback index must be "
                                      f"empty (added items live in store.sqlite)")
             cal = load_calibration(paths.fallback / RunPaths.CALIBRATION)
+        try:
+            url = resolve_store_url(run_dir, store_url)
+            store_backend(url)
+        except StoreError as exc:
+            raise RetrieverError(str(exc)) from None
         out = cls(model=model, query_tokenizer=QueryTokenizer.load(paths.query_tokenizer),
                   vocab=IdentifierVocab.load(paths.identifier_vocab),
                   id_tokenizer=SemanticIdTokenizer.load(paths.identifiers, device="cpu"),
-                  corpus=corpus, default_beams=default_beams, run_dir=run_dir, fallback=fb, calibration=cal)
+                  corpus=corpus, default_beams=default_beams, run_dir=run_dir, fallback=fb, calibration=cal,
+                  store_url=url)
+        out.model_version = version
+        out._load_args = dict(device=device, quantize=quantize, default_beams=default_beams, fallback=fallback,
+                              text_encoder=text_encoder, store_url=url)
         if (paths.hybrid / "scorer.json").is_file():
             try:
                 out.hybrid = HybridIndex.load(run_dir, out.model, out.query_tokenizer)
             except HybridError as exc:
                 raise RetrieverError(str(exc)) from None
-        if paths.store.is_file():
+        if out.catalog.has_store():
             out.catalog.load_store()
+            out.model_fold = out.catalog.store_fold
         return out
+
+    # ---- staying in step with other replicas ----------------------------------------------------
+    def refresh(self) -> bool:
+        """Apply what other processes committed to the item store since this one last read it; True when
+        something changed. Cheap when nothing did (one read of the store's change sequence). A new model
+        (after ``train.py fold``) is swapped in by ``ace.serving.replica.reload_retriever``."""
+        return self.catalog.refresh()
 
     def close(self) -> None:
         """Release the item store and the writer lock."""
@@ -418,28 +444,25 @@ class Retriever:
 
         Returns each item's identifier (k, v1..vM, u). Searchable as soon as this returns.
         """
-        return self.catalog.add(items)
+        while True:
+            try:
+                return self.catalog.add(items)
+            except CatalogRetired:  # a model reload swapped the catalog while this write waited
+                continue
 
     def delete_items(self, item_ids: Sequence[str]) -> int:
         """Delete items of any source, durably (one transaction); they are never returned again."""
-        return self.catalog.delete(item_ids)
+        while True:
+            try:
+                return self.catalog.delete(item_ids)
+            except CatalogRetired:
+                continue
 
     def item(self, item_id: str) -> CorpusItem:
         return self.catalog.item(item_id)
 
     def is_deleted(self, item_id: str) -> bool:
         return self.catalog.is_deleted(item_id)
-
-    def _model_version(self) -> str | None:
-        """Short hash of the saved model's config + weights file names and sizes (changes when retrained)."""
-        if self.run_dir is None:
-            return None
-        import hashlib
-
-        h = hashlib.sha256()
-        for p in sorted(RunPaths(self.run_dir).model.glob("*")):
-            h.update(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode())
-        return h.hexdigest()[:12]
 
     def counts(self) -> dict:
         """Live items by source: generative (trained + folded), fallback (added), and deleted ones."""
@@ -455,7 +478,8 @@ class Retriever:
         counts = self.counts()
         out = {"items": counts["generative"] + counts["fallback"], "corpus_items": len(self.corpus),
                "by_source": counts,
-               "model_version": self._model_version(), "identifier_version": FORMAT_VERSION,
+               "model_version": self.model_version, "model_fold": self.model_fold,
+               "identifier_version": FORMAT_VERSION, "store": self.catalog.store_info(),
                "identifier_levels": list(self.id_tokenizer.level_sizes),
                "model": {"d_model": self.model.config.d_model, "fusion": self.model.config.fusion,
                          "parameters": sum(p.numel() for p in self.model.parameters())},

@@ -1,23 +1,18 @@
 """HTTP serving of a trained run: FastAPI app over a Retriever, with micro-batched search and a search page.
 
-    app = create_app(Retriever.from_run("runs/demo"), ServeConfig())
-    uvicorn.run(app, host="127.0.0.1", port=8000)
+    app = create_app(Retriever.from_run("runs/demo"), ServeConfig())   # then uvicorn.run(app, port=8000)
 
-Endpoints: ``POST /search``, ``GET /items/{item_id}``, ``GET /media/{item_id}``, ``GET /health``,
-``GET /stats``, ``GET /`` (the search page, ``ace/serving/static``), ``/docs`` and ``/openapi.json``; behind
-the write API key: ``POST /items`` (one item or a batch, JSON with an embedding or a media path
-inside the corpus root, or a multipart upload of one media file) and ``DELETE /items/{item_id}``.
-An acknowledged (2xx) add or delete is committed to RUN/store.sqlite and searchable at once.
+Endpoints: ``POST /search``, ``GET /items/{item_id}``, ``GET /media/{item_id}``, ``GET /health``, ``GET /stats``,
+``GET /`` (the search page, ``ace/serving/static``), ``/docs``, ``/openapi.json``; behind the write API key:
+``POST /items`` (JSON items with an embedding or a media path inside the corpus root, or a multipart upload)
+and ``DELETE /items/{item_id}``. An acknowledged (2xx) write is committed to the item store, searchable at once.
 
-Concurrent ``POST /search`` requests share one constrained beam search (ace/serving/batcher.py);
-request checks (API keys, body limits) live in ace/serving/guards.py, the API's data shapes in
-ace/serving/schemas.py. Media are served only from files inside the corpus root, looked up by item id -
-never from a path in the request.
-
-The retriever is any object with ``search(queries, k, num_beams, modality) -> list[list[SearchHit]]``,
-``item(item_id) -> CorpusItem`` (KeyError or ValueError for unknown ids) and ``info() -> dict``
-(see ``ace/serving/retriever.py``); the write endpoints also need ``add_items(items) -> identifiers`` and
-``delete_items(ids) -> int`` (501 without them).
+Concurrent ``POST /search`` requests share one constrained beam search (ace/serving/batcher.py); checks
+(API keys, body limits) live in ace/serving/guards.py, data shapes in ace/serving/schemas.py; a background
+thread keeps the retriever in step with other replicas' writes and folds (ace/serving/replica.py).
+Media are served only from files inside the corpus root, looked up by item id, never from a request path.
+The retriever: any object with ``search(queries, k, num_beams, modality)``, ``item(item_id)`` (KeyError or
+ValueError if unknown), ``info()``; writes need ``add_items(items)`` and ``delete_items(ids)`` (else 501).
 """
 from __future__ import annotations
 
@@ -51,6 +46,7 @@ from ace.serving.errors import ItemConflictError, ItemNotFoundError, SearchModeU
 from ace.serving.guards import BodyLimitMiddleware, validation_message, require_read_key, require_write_key
 from ace.serving.media import (MediaPathError, UploadError, UploadExistsError, media_response_headers,
                                resolve_item_media, save_upload, upload_name)
+from ace.serving.replica import ReplicaSync
 from ace.serving.schemas import (AddItemsResponse, ItemResponse, ItemsFormatError, SearchRequest as BaseSearchRequest,
                                  SearchResponse, add_items_openapi, items_from_json)
 from ace.serving.store import DuplicateItemError, UnknownItemError
@@ -129,19 +125,23 @@ def create_app(retriever: RetrieverLike, config: ServeConfig | None = None, *, m
     batcher = MicroBatcher(_search_batch_fn(retriever, config), max_batch=config.max_batch,
                            max_wait_ms=config.max_wait_ms, max_queue=config.max_queue)
     latency = LatencyStats(config.latency_window)
+    sync = (ReplicaSync(retriever, interval_s=config.store.poll_interval_s, reload_model=config.store.reload_model)
+            if ReplicaSync.supported(retriever) else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await batcher.start()
+        sync and sync.start()
         try:
             yield
         finally:
+            sync and sync.stop()
             await batcher.stop()
 
     app = FastAPI(title="ACE retrieval server", version="1", lifespan=lifespan,
                   description="Generative cross-modal retrieval: a text query is decoded into the "
                               "identifiers of matching images, audio clips and videos.")
-    app.state.retriever, app.state.config, app.state.batcher = retriever, config, batcher
+    app.state.retriever, app.state.config, app.state.batcher, app.state.replica_sync = retriever, config, batcher, sync
     app.state.api_key = config.resolved_api_key()
     app.state.media_root = root
     app.state.latency = latency
