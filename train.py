@@ -37,7 +37,9 @@ def fold_main(argv: list[str]) -> int:
 
     try:
         cfg = load_config(FoldConfig, None, args.overrides + (["progress=false"] if args.quiet else []))
-        result = fold_run(args.run, cfg, store_url=args.store_url)
+        if args.store_url:  # the run's item store for this process: the fold and its evaluations read it
+            os.environ["ACE_STORE_URL"] = args.store_url
+        result = fold_run(args.run, cfg)
     except (FoldError, ValueError, FileNotFoundError) as exc:  # ConfigError, store/retriever/training errors
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -39,7 +39,7 @@ class RunPaths:
     MODEL, QUERY_TOKENIZER, IDENTIFIER_VOCAB = "model", "query_tokenizer", "identifier_vocab.json"
     CHECKPOINTS, TRAIN_LOG, FALLBACK, CALIBRATION = "checkpoints", "train_log.jsonl", "fallback", "calibration.json"
     METRICS, REPORT, PLOTS, CACHE, STAGES = "metrics.json", "report.md", "plots", "cache", "stages"
-    STORE, STORE_LOCK, FOLD = "store.sqlite", "store.lock", "fold"
+    STORE, STORE_LOCK, RELOAD_LOCK, FOLD = "store.sqlite", "store.lock", "reload.lock", "fold"
     IDENTIFIER_VECTORS, PRETRAIN = "identifier_vectors.npy", "pretrain.json"
     SCORER_QUERIES, HYBRID = "scorer_queries.json", "hybrid"
     FOLD_REPORT = "fold_report.json"
@@ -70,6 +70,7 @@ class RunPaths:
     stages = _entry(STAGES, "one marker per finished stage")
     store = _entry(STORE, "items added / folded / deleted after training (SQLite)")
     store_lock = _entry(STORE_LOCK, "the writer lock of the item store")
+    reload_lock = _entry(RELOAD_LOCK, "held by the one server of the run reloading its model (SQLite store)")
     fold = _entry(FOLD, "one folder per fold of added items into the model")
     fold_report = _entry(FOLD_REPORT, "the latest fold's report: what was folded, what stayed and why")
     identifier_vectors = _entry(IDENTIFIER_VECTORS, "item + query vectors the identifiers were built from (issue 19)")
@@ -231,8 +232,8 @@ def copy_trained_run(src: str | Path, dst: str | Path) -> Path:
     if dst.exists():
         shutil.rmtree(dst)
     skip = (RunPaths.CHECKPOINTS, RunPaths.CACHE, RunPaths.PLOTS, RunPaths.FOLD, RunPaths.STORE + "*",
-            RunPaths.STORE_LOCK, RunPaths.MODEL + ".prev", RunPaths.IDENTIFIERS + ".prev", RunPaths.FOLD_REPORT,
-            RunPaths.ENCODE_SHARDS)
+            RunPaths.STORE_LOCK, RunPaths.RELOAD_LOCK, RunPaths.MODEL + ".prev", RunPaths.IDENTIFIERS + ".prev",
+            RunPaths.FOLD_REPORT, RunPaths.ENCODE_SHARDS)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*skip))
     return dst
 

@@ -35,12 +35,16 @@ ITEMS_DIM = 24
 @pytest.fixture(scope="session")
 def base_run(tmp_path_factory) -> Path:
     """The tiny pipeline run of tests/test_pipeline.py (36 items, 24-d inline embeddings) + the fallback stage."""
+    return build_items_run(tmp_path_factory.mktemp("items_run"))
+
+
+def build_items_run(tmp: Path) -> Path:
+    """Train the tiny run with a fallback stage in ``tmp`` (also benchmarks/bench_replicas.py's run); returns RUN."""
     from ace.config import load_config
     from ace.pipeline.run_config import RunConfig
     from ace.pipeline.stages import Pipeline
     from tests.test_pipeline import make_corpus
 
-    tmp = tmp_path_factory.mktemp("items_run")
     corpus = make_corpus(tmp / "corpus.jsonl", dim=ITEMS_DIM)
     cfg_path = tmp / "tiny.yaml"
     cfg_path.write_text(f"""

@@ -153,3 +153,27 @@ def running_server(app, *, timeout: float = 20.0):
     finally:
         server.should_exit = True
         thread.join(timeout)
+
+
+def stream_until_killed(client, batches, killer, *, headers: dict, kill_after: int = 3,
+                        on_ack=None) -> tuple[list[int], list[int]]:
+    """POST /items the batches ``batches(n)`` (n = 0, 1, ...) back to back until the connection drops; ``killer``
+    (a threading.Timer that kills the server) starts once ``kill_after`` batches are acknowledged, so the kill
+    lands while later batches stream in. ``on_ack(response)`` sees every 201. Returns (acked, sent) batch numbers."""
+    import httpx
+
+    acked, sent = [], []
+    for n in range(10_000):
+        batch = batches(n)
+        sent.append(n)
+        try:
+            res = client.post("/items", headers=headers, json={"items": batch})
+        except httpx.TransportError:
+            break
+        assert res.status_code == 201, res.text
+        acked.append(n)
+        if on_ack is not None:
+            on_ack(res)
+        if len(acked) == kill_after:
+            killer.start()
+    return acked, sent

@@ -20,7 +20,7 @@ from ace.serving.retriever import ItemConflictError, ItemNotFoundError, Retrieve
 from ace.serving.server import create_app
 from ace.serving.store import ItemStore
 from tests.conftest import ROOT
-from tests.serving_support import free_port, png_bytes, running_server, wav_bytes
+from tests.serving_support import free_port, png_bytes, running_server, stream_until_killed, wav_bytes
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from load_test import _wait_healthy  # noqa: E402  (benchmarks/load_test.py: polls /health, fails if the process exits)
@@ -413,21 +413,11 @@ def test_sigkill_during_a_stream_of_adds_loses_no_acknowledged_item(run, text_en
     try:
         _wait_healthy(url, proc, 180)
         rng = np.random.default_rng(0)
-        acked, sent = [], []
         killer = threading.Timer(0.5, proc.kill)  # SIGKILL
         with httpx.Client(base_url=url, timeout=30) as c:
-            for b in range(10_000):
-                batch = [{"item_id": f"s{b}/{j}", "modality": "image", "embedding": rng.standard_normal(DIM).tolist()}
-                         for j in range(20)]
-                sent.append(b)
-                try:
-                    res = c.post("/items", headers=KEY, json={"items": batch})
-                except httpx.TransportError:
-                    break
-                assert res.status_code == 201, res.text
-                acked.append(b)
-                if len(acked) == 3:
-                    killer.start()  # the kill lands while later batches stream in
+            acked, sent = stream_until_killed(c, lambda b: [{"item_id": f"s{b}/{j}", "modality": "image",
+                                                             "embedding": rng.standard_normal(DIM).tolist()}
+                                                            for j in range(20)], killer, headers=KEY)
         proc.wait(30)
         assert proc.returncode == -signal.SIGKILL
         assert len(acked) >= 3 and len(sent) > len(acked)

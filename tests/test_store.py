@@ -279,3 +279,18 @@ def test_one_replica_reloads_at_a_time(open_store):
             assert (first, second) == (True, False)
     with b.reload_slot() as again:  # released when the reloading replica is done
         assert again
+
+
+def test_a_postgresql_store_reconnects_after_the_server_drops_its_connection(pg_url):
+    import psycopg
+
+    with open_item_store(pg_url) as store:
+        store.add([_item(0)], identifiers=[(0, 0)])
+        pid = store._conn.info.backend_pid
+        with psycopg.connect(pg_url, autocommit=True) as admin:  # as a server restart would
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(psycopg.OperationalError):
+            store.get("x0")  # the statement that finds the connection gone fails ...
+        assert store.get("x0").identifier == (0, 0)  # ... the next one reconnects
+        store.add([_item(1)], identifiers=[(0, 1)])
+        assert store.change_seq() == 2

@@ -11,7 +11,9 @@ recall after fine-tuning with its fallback recall before, on its validation quer
 in the fallback (still served there); the model is swapped in only when old-item recall on validation
 queries drops by less than ``max_old_drop``. The new model and the identifiers (with the folded
 items, under the identifiers they got when added) are committed crash-safely and the folded items
-marked ``"folded"`` in the store. A running server picks the new model up on restart.
+marked ``"folded"`` in the store (the run's item store: $ACE_STORE_URL, else RUN/store.sqlite; ``train.py
+fold --store-url``) with the fold's number as the store's fold marker: running servers then reload the
+new model, one replica at a time (ace/serving/replica.py). A fold is single-writer: one per run at a time.
 
     RUN/fold/<n>/plan.json        the items of this fold, fixed when it starts (a resumed fold reuses it)
     RUN/fold/<n>/queries/         querygen output; pairs.json the new (query, item_id) pairs
@@ -164,9 +166,14 @@ def _set_phase(fold_dir: Path, phase: str, **info) -> None:
 
 
 def _open_store(run: Path):
-    from ace.serving.store import ItemStore
+    """The run's item store ($ACE_STORE_URL, else RUN/store.sqlite); None when a SQLite one was never written."""
+    from ace.serving.store import StoreError, open_item_store, resolve_store_url, store_exists
 
-    return ItemStore(RunPaths(run).store) if RunPaths(run).store.is_file() else None
+    try:
+        url = resolve_store_url(run)
+        return open_item_store(url) if store_exists(url) else None
+    except StoreError as exc:
+        raise FoldError(str(exc)) from None
 
 
 def _insert_identifiers(tok, codes: np.ndarray, item_ids: list[str]) -> None:
@@ -358,7 +365,7 @@ class Fold:
             if fold_dir is None:
                 fold_dir = self._plan(store)
                 if fold_dir is None:
-                    msg = f"nothing to fold: no active items with source 'added' in {self.run / 'store.sqlite'}"
+                    msg = f"nothing to fold: no active items with source 'added' in the item store of {self.run}"
                     return FoldResult(None, [], None, msg)
                 print(f"[fold] fold {fold_dir.name} in {fold_dir}")
             return self._advance(fold_dir, store)
@@ -450,7 +457,7 @@ class Fold:
         if phase == "swapped":
             # items deleted meanwhile stay deleted; after a crash some may already be folded
             live = [i for i in items if store.status(i) == "active" and store.get(i).source == "added"]
-            n = store.mark_folded(live)
+            n = store.mark_folded(live, fold=int(fold_dir.name))  # + the fold marker: running servers reload
             print(f"[fold] {n} items marked folded; the generative path serves them now")
             _set_phase(fold_dir, "folded", **_info(record))
             phase = "folded"

@@ -150,5 +150,5 @@ def format_report(m: dict) -> str:
         lines.append(f"| {label} | {cell(m['before'], b)} | {cell(m['after'], a)} |")
     lines += ["", "Before the fold the new items are in the fallback index (the generative path cannot return them); "
               "after it the folded ones are in the generative path and leave the fallback, the others stay in it. "
-              "Old-item recall before vs after measures forgetting. A running server serves the new model after a restart.", ""]
+              "Old-item recall before vs after measures forgetting. Running servers reload the new model (serve config store.reload_model).", ""]
     return "\n".join(lines)

@@ -130,7 +130,7 @@ class ItemCatalog:
             if i in tok.trie:  # e.g. folded items saved with RUN/identifiers
                 have = tuple(int(c) for c in tok.codes_of([i])[0])
                 if have != tuple(r.identifier):
-                    self._quarantine(i, f"identifier {list(r.identifier)} in store.sqlite differs from "
+                    self._quarantine(i, f"identifier {list(r.identifier)} in the item store differs from "
                                         f"RUN/identifiers {list(have)}")
                     continue
                 serve.append(r)
@@ -140,7 +140,7 @@ class ItemCatalog:
         added = [r for r in serve if r.source == "added"]
         if added:
             if self.fallback is None:
-                raise RetrieverError(f"{self.run_dir}: store.sqlite holds {len(added)} added items but the run has no "
+                raise RetrieverError(f"{self.run_dir}: the item store holds {len(added)} added items but the run has no "
                                      f"fallback index (RUN/fallback) to serve them")
             self.fallback.add([r.item_id for r in added], np.stack([r.embedding for r in added]))
         for r in serve:
@@ -189,11 +189,11 @@ class ItemCatalog:
 
     def _quarantine(self, item_id: str, reason: str) -> None:
         if item_id not in self.quarantined:
-            log.warning("store.sqlite of %s: item %r quarantined (not served): %s", self.run_dir, item_id, reason)
+            log.warning("item store of %s: item %r quarantined (not served): %s", self.run_dir, item_id, reason)
         self.quarantined[item_id] = reason
 
     def quarantine_report(self, limit: int = 20) -> dict:
-        """Rows of RUN/store.sqlite that are not served: their count and the first ``limit`` (id, reason)."""
+        """Rows of the item store that are not served: their count and the first ``limit`` (id, reason)."""
         return {"count": len(self.quarantined),
                 "items": [{"item_id": i.encode("utf-8", "backslashreplace").decode("utf-8"), "reason": why}
                           for i, why in list(self.quarantined.items())[:limit]]}

@@ -187,7 +187,7 @@ class ItemStore(BaseItemStore):
     def reload_slot(self):
         """True while this process holds RUN/reload.lock (beside the store file): one replica reloads at a time."""
         try:
-            lock = take_lock(self.path.parent / "reload.lock")
+            lock = take_lock(RunPaths(self.path.parent).reload_lock)
         except LockBusy:
             yield False
             return

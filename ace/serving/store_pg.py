@@ -77,11 +77,9 @@ class PostgresItemStore(BaseItemStore):
         self.integrity_errors = (psycopg.errors.UniqueViolation,)
         self._errors = (psycopg.Error,)
         self._slot_lock = threading.Lock()
-        try:
-            self._conn = psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(connect_timeout)))
-        except psycopg.Error as exc:
-            raise StoreError(f"cannot connect to the item store {redact(url)}: {str(exc).strip()}") from None
-        self._cur = self._conn.cursor()
+        self._connect_timeout = max(1, int(connect_timeout))
+        self._in_tx = False
+        self._connect()
         try:
             with self._conn.transaction():
                 # one schema creator at a time (CREATE ... IF NOT EXISTS races between replicas starting at once)
@@ -98,6 +96,20 @@ class PostgresItemStore(BaseItemStore):
     def __repr__(self) -> str:
         return f"PostgresItemStore({redact(self.url)})"
 
+    def _connect(self) -> None:
+        psycopg = _psycopg()
+        try:
+            self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=self._connect_timeout)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to the item store {redact(self.url)}: {str(exc).strip()}") from None
+        self._cur = self._conn.cursor()
+
+    def _reconnect_if_lost(self) -> None:
+        """Outside a transaction, a connection the server dropped (a restart, a failover) is opened again."""
+        if not self._in_tx and (self._conn.closed or self._conn.broken):
+            log.warning("item store %s: connection lost; reconnecting", redact(self.url))
+            self._connect()
+
     def _lock_key(self, name: str) -> int:
         """A 32-bit advisory-lock key for ``name`` in this database."""
         return zlib.crc32(f"ace-item-store:{name}".encode())
@@ -105,6 +117,7 @@ class PostgresItemStore(BaseItemStore):
     # -- the connection -----------------------------------------------------------------------------------
     def _execute(self, sql: str, params: Sequence = (), *, many: bool = False) -> list[tuple]:
         sql = sql.replace("?", "%s")
+        self._reconnect_if_lost()
         if many:
             self._cur.executemany(sql, list(params))
             return []
@@ -112,12 +125,16 @@ class PostgresItemStore(BaseItemStore):
         return self._cur.fetchall() if self._cur.description is not None else []
 
     def _begin(self) -> None:
+        self._reconnect_if_lost()
         self._cur.execute("BEGIN")
+        self._in_tx = True
 
     def _commit(self) -> None:
         self._cur.execute("COMMIT")
+        self._in_tx = False
 
     def _rollback(self) -> None:
+        self._in_tx = False
         with contextlib.suppress(*self._errors):
             self._cur.execute("ROLLBACK")
 
