@@ -1,7 +1,7 @@
 """Join benchmarks/BENCHMARKS_HEAD.md and benchmarks/results/*.md into BENCHMARKS.md (headings demoted)."""
 from pathlib import Path
 
-ORDER = ["quality", "ace_proxy", "ace_recipe", "efficiency", "new_items", "new_items_serving", "identifiers", "decoding", "training", "demo", "querygen", "encoders", "fallback", "serving"]
+ORDER = ["quality", "ace_proxy", "ace_recipe", "efficiency", "new_items", "new_items_serving", "identifiers", "decoding", "training", "demo", "querygen", "encoders", "fallback", "serving", "replicas"]
 
 
 def main() -> None:

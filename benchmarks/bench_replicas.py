@@ -194,6 +194,7 @@ def main(argv=None) -> int:
     if not (base / "model").is_dir():
         from tests.conftest import build_items_run
 
+        (args.work / "base").mkdir(parents=True, exist_ok=True)
         build_items_run(args.work / "base")
     cluster = None
     pg_admin = args.pg_url
