@@ -266,7 +266,7 @@ def test_a_fold_then_a_rolling_reload_serves_the_folded_items_from_both_replicas
     try:
         cmd = [sys.executable, str(ROOT / "train.py"), "fold", "--run", str(pair.run), "--quiet",
                "steps=20", "checkpoint_every=20", "warmup_steps=5", "min_replay=50", "batch_size=32", "eval_queries=20",
-               "num_beams=5", "top_k=5", "device=cpu"]
+               "num_beams=5", "top_k=5", "device=cpu", "gate=false", "val_per_item=0", "val_old=20", "distill_weight=0"]
         if pair.store_url:
             cmd += ["--store-url", pair.store_url]
         done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
