@@ -11,9 +11,7 @@ recall after fine-tuning with its fallback recall before, on its validation quer
 in the fallback (still served there); the model is swapped in only when old-item recall on validation
 queries drops by less than ``max_old_drop``. The new model and the identifiers (with the folded
 items, under the identifiers they got when added) are committed crash-safely and the folded items
-marked ``"folded"`` in the store (the run's item store: $ACE_STORE_URL, else RUN/store.sqlite; ``train.py
-fold --store-url``) with the fold's number as the store's fold marker: running servers then reload the
-new model, one replica at a time (ace/serving/replica.py). A fold is single-writer: one per run at a time.
+marked ``"folded"`` in the store with the fold marker: running servers reload it (ace/serving/replica.py).
 
     RUN/fold/<n>/plan.json        the items of this fold, fixed when it starts (a resumed fold reuses it)
     RUN/fold/<n>/queries/         querygen output; pairs.json the new (query, item_id) pairs
@@ -166,14 +164,9 @@ def _set_phase(fold_dir: Path, phase: str, **info) -> None:
 
 
 def _open_store(run: Path):
-    """The run's item store ($ACE_STORE_URL, else RUN/store.sqlite); None when a SQLite one was never written."""
-    from ace.serving.store import StoreError, open_item_store, resolve_store_url, store_exists
+    from ace.serving.store import open_run_store
 
-    try:
-        url = resolve_store_url(run)
-        return open_item_store(url) if store_exists(url) else None
-    except StoreError as exc:
-        raise FoldError(str(exc)) from None
+    return open_run_store(run)  # $ACE_STORE_URL, else RUN/store.sqlite; None if a SQLite one was never written
 
 
 def _insert_identifiers(tok, codes: np.ndarray, item_ids: list[str]) -> None:

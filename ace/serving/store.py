@@ -234,6 +234,12 @@ def store_exists(url: str) -> bool:
     return store_backend(url) != "sqlite" or sqlite_path(url).is_file()
 
 
+def open_run_store(run_dir: str | Path, url: str | None = None) -> BaseItemStore | None:
+    """The item store of a run (``resolve_store_url``), or None when it is a SQLite file never written."""
+    url = resolve_store_url(run_dir, url)
+    return open_item_store(url) if store_exists(url) else None
+
+
 def open_item_store(url: str, *, create: bool = True) -> BaseItemStore:
     """The item store at ``url``: ``sqlite:///path`` (ItemStore) or ``postgresql://...`` (PostgresItemStore)."""
     if store_backend(url) == "sqlite":
