@@ -326,6 +326,65 @@ def video_templates(a: dict) -> list:
     ]
 
 
+# ---- everyday descriptions ----------------------------------------------------------------------
+# The query generation step of the demo (method step 3: diverse descriptions per item): besides the
+# template captions above, each item gets short descriptions in the words people use, with the
+# motion and the kind of sound phrased several ways. They are training captions only (placed
+# before the last two captions, which configs/demo.yaml holds out) and come from a random stream of
+# their own, so the media and the other captions are the same as without them.
+
+PLAIN_SHAPES = {"circle": ["circle", "dot", "disk", "round shape", "ball"], "square": ["square", "box", "block", "tile"],
+                "triangle": ["triangle", "three-cornered shape", "triangle shape"],
+                "star": ["star", "pointed star", "star shape"], "cross": ["cross", "plus", "plus sign", "plus symbol"]}
+PLAIN_SIZES = {"small": ["small", "little", "tiny"], "large": ["big", "large"]}
+PLAIN_POSITIONS = {"left": ["on the left", "left side", "to the left"], "right": ["on the right", "right side", "to the right"],
+                   "top": ["at the top", "top of the image", "up top"], "bottom": ["at the bottom", "bottom of the image", "down low"],
+                   "centre": ["in the middle", "centred", "in the center"]}
+PLAIN_BACKGROUNDS = {"plain": ["grey background", "plain background"], "striped": ["stripes", "striped background"],
+                     "checkered": ["checkerboard", "checked background"], "speckled": ["grainy background", "speckles"]}
+MOTIONS = {
+    "right": ["moving right", "going right", "heading right", "travelling to the right", "moving left to right", "sliding right"],
+    "left": ["moving left", "going left", "heading left", "travelling to the left", "moving right to left", "sliding left"],
+    "up": ["moving up", "going up", "rising", "climbing", "ascending", "floating up"],
+    "down": ["moving down", "going down", "falling", "dropping", "descending", "sinking"],
+}
+PLAIN_SPEEDS = {"slow": ["slow", "slowly moving", "unhurried"], "fast": ["fast", "quick", "speedy"]}
+PLAIN_ADVERBS = {"slow": ["slowly", "gently"], "fast": ["fast", "quickly"]}
+SOUND_NAMES = {
+    "tone": ["beep", "tone", "note", "sine wave", "whistle", "pure note"],
+    "buzz": ["buzz", "buzzer", "hum", "drone", "electric buzz", "rasp"],
+    "chord": ["chord", "harmony", "several notes at once", "organ chord", "triad"],
+    "rising": ["rising tone", "upward sweep", "pitch going up", "ascending note", "rising whistle", "upward glide"],
+    "falling": ["falling tone", "downward sweep", "pitch going down", "descending note", "falling whistle", "downward glide"],
+    "noise": ["noise", "hiss", "static", "rushing sound", "hissing noise"],
+    "drum": ["drum", "drumbeat", "percussion", "drum hits", "thumps"],
+    "bell": ["bell", "chime", "ringing", "bell ring", "gong-like ring"],
+}
+PLAIN_PITCHES = {"low": ["low", "deep", "bass"], "mid": ["medium", "mid", "middle"], "high": ["high", "high-pitched", "shrill"]}
+PLAIN_RHYTHMS = {"steady": ["steady", "constant", "continuous", "long"], "slow": ["slow pulsing", "slowly repeating", "slow beats of"],
+                 "fast": ["fast pulsing", "rapidly repeating", "quick bursts of"]}
+
+
+def everyday_templates(modality: str, a: dict) -> list:
+    def w(table, key):
+        return lambda r: pick(r, table[a[key]])
+
+    if modality == "image":
+        c, s, z = (lambda r: a["colour"]), w(PLAIN_SHAPES, "shape"), w(PLAIN_SIZES, "size")
+        p, b = w(PLAIN_POSITIONS, "position"), w(PLAIN_BACKGROUNDS, "background")
+        return [lambda r: f"{c(r)} {s(r)}", lambda r: f"{z(r)} {c(r)} {s(r)}", lambda r: f"{c(r)} {s(r)} {p(r)}",
+                lambda r: f"{s(r)} that is {c(r)}", lambda r: f"{c(r)} coloured {s(r)}", lambda r: f"{c(r)} {s(r)} on {b(r)}",
+                lambda r: f"{z(r)} {s(r)} {p(r)}", lambda r: f"{s(r)}, {c(r)}, {z(r)}"]
+    if modality == "video":
+        c, s, m, v = (lambda r: a["colour"]), w(PLAIN_SHAPES, "shape"), w(MOTIONS, "direction"), w(PLAIN_SPEEDS, "speed")
+        return [lambda r: f"{c(r)} {s(r)} {m(r)}", lambda r: f"{s(r)} {m(r)}", lambda r: f"{v(r)} {s(r)} {m(r)}",
+                lambda r: f"{c(r)} {s(r)} {m(r)} {pick(r, PLAIN_ADVERBS[a['speed']])}",
+                lambda r: f"{v(r)} {c(r)} {s(r)}", lambda r: f"{c(r)} {s(r)}, {m(r)}", lambda r: f"{s(r)} {m(r)} on {a['background']}"]
+    k, p, m = w(SOUND_NAMES, "sound"), w(PLAIN_PITCHES, "pitch"), w(PLAIN_RHYTHMS, "rhythm")
+    return [lambda r: f"{k(r)}", lambda r: f"{p(r)} {k(r)}", lambda r: f"{m(r)} {k(r)}", lambda r: f"{m(r)} {p(r)} {k(r)}",
+            lambda r: f"{k(r)}, {pick(r, PITCH_LEVELS[a['pitch']])} pitch", lambda r: f"a {k(r)} sound", lambda r: f"{p(r)} {k(r)}, {m(r)}"]
+
+
 # ---- corpus -------------------------------------------------------------------------------------
 
 @dataclass
@@ -336,6 +395,8 @@ class DemoConfig:
     sounds: int = 48
     videos: int = 40
     captions: int = 10
+    everyday: int = 8              # extra training captions per item (everyday_templates); 0 = none
+    held_out: int = 2              # the last captions stay last (configs/demo.yaml holds the last two out)
     image_size: int = 96
     sample_rate: int = 16000
     sound_seconds: float = 1.5
@@ -353,12 +414,44 @@ def sample_attributes(rng: np.random.Generator, space: dict[str, list[str]], n: 
     return [dict(zip(names, combos[i])) for i in sorted(order)]
 
 
+EVAL_QUERY_SETS = ("demo_queries.jsonl", "demo_queries_check.jsonl")  # beside this file: the newcomer query sets
+
+
+def _norm(text: str) -> str:
+    words = "".join(ch if ch.isalnum() or ch in " -" else " " for ch in text.lower()).split()
+    return " ".join(words[1:] if words and words[0] in ("a", "an", "the") else words)
+
+
+def eval_queries() -> set[str]:
+    """The newcomer evaluation queries, normalised: an everyday description equal to one is not made
+    (held-out queries must stay unseen, as the held-out captions are)."""
+    out = set()
+    for name in EVAL_QUERY_SETS:
+        path = Path(__file__).resolve().parent / name
+        if path.is_file():
+            out |= {_norm(json.loads(line)["query"]) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
+    return out
+
+
+def with_everyday(captions: list[str], rng: np.random.Generator, modality: str, a: dict, cfg: DemoConfig) -> list[str]:
+    """The template captions with cfg.everyday everyday descriptions (distinct, none equal to a template
+    caption) inserted before the last cfg.held_out captions."""
+    if cfg.everyday <= 0:
+        return captions
+    banned = {_norm(c) for c in captions} | eval_queries()
+    extra = [c for c in make_captions(rng, everyday_templates(modality, a), cfg.everyday + len(captions))
+             if _norm(c) not in banned][: cfg.everyday]
+    cut = len(captions) - cfg.held_out
+    return captions[:cut] + extra + captions[cut:]
+
+
 def make_demo(cfg: DemoConfig) -> Path:
     """Write media + corpus.jsonl under cfg.out; returns the corpus path."""
     out = Path(cfg.out)
     for sub in ("images", "audio", "video"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
+    cap_rng = np.random.default_rng([cfg.seed, 1])  # the everyday descriptions' own stream
     rows = []
     img_space = {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES), "position": list(POSITIONS),
                  "background": list(BACKGROUNDS)}
@@ -366,20 +459,20 @@ def make_demo(cfg: DemoConfig) -> Path:
         rel = f"images/image_{i:03d}.png"
         render_image(a, cfg.image_size, rng).save(out / rel, optimize=False)
         rows.append({"item_id": f"image_{i:03d}", "modality": "image", "media": rel,
-                     "captions": make_captions(rng, image_templates(a), cfg.captions), "metadata": a})
+                     "captions": with_everyday(make_captions(rng, image_templates(a), cfg.captions), cap_rng, "image", a, cfg), "metadata": a})
     snd_space = {"sound": list(SOUNDS), "pitch": list(PITCHES), "rhythm": list(RHYTHMS)}
     for i, a in enumerate(sample_attributes(rng, snd_space, cfg.sounds)):
         rel = f"audio/sound_{i:03d}.wav"
         write_wav(out / rel, synth_sound(a, cfg.sample_rate, cfg.sound_seconds, rng), cfg.sample_rate)
         rows.append({"item_id": f"sound_{i:03d}", "modality": "audio", "media": rel,
-                     "captions": make_captions(rng, sound_templates(a), cfg.captions), "metadata": a})
+                     "captions": with_everyday(make_captions(rng, sound_templates(a), cfg.captions), cap_rng, "audio", a, cfg), "metadata": a})
     vid_space = {"colour": list(COLOURS), "shape": list(SHAPES), "direction": list(DIRECTIONS), "speed": list(SPEEDS),
                  "background": list(VIDEO_BACKGROUNDS)}
     for i, a in enumerate(sample_attributes(rng, vid_space, cfg.videos)):
         rel = f"video/video_{i:03d}.mp4"
         write_video(out / rel, render_video_frames(a, cfg.video_size, cfg.video_frames, rng))
         rows.append({"item_id": f"video_{i:03d}", "modality": "video", "media": rel,
-                     "captions": make_captions(rng, video_templates(a), cfg.captions), "metadata": a})
+                     "captions": with_everyday(make_captions(rng, video_templates(a), cfg.captions), cap_rng, "video", a, cfg), "metadata": a})
     path = out / "corpus.jsonl"
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

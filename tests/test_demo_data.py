@@ -50,11 +50,17 @@ def test_default_demo_corpus(full_demo):
     assert {it.metadata["shape"] for it in images} == set(SHAPES)
 
 
+def template_captions(it, cfg=DemoConfig()):
+    """The captions of the templates (without the everyday descriptions before the held-out ones)."""
+    cut = len(it.captions) - cfg.held_out
+    return it.captions[:cut - cfg.everyday] + it.captions[cut:]
+
+
 def test_captions_name_the_attributes(full_demo):
     corpus = load_corpus(full_demo[0])
     for it in corpus:
         m = it.metadata
-        for cap in it.captions:
+        for cap in template_captions(it):
             low = cap.lower()
             if it.modality in ("image", "video"):
                 assert any(s.lower() in low for s in COLOURS[m["colour"]][1]), (it.item_id, cap)
@@ -67,6 +73,38 @@ def test_captions_name_the_attributes(full_demo):
     # held-out captions are paraphrases: the last caption of an item is never a copy of another item's
     last = [it.captions[-1] for it in corpus]
     assert len(set(last)) == len(last)
+
+
+def test_everyday_descriptions(full_demo, tmp_path):
+    """The everyday descriptions name the item's attributes in plain words, sit before the held-out
+    captions, are never one of the newcomer evaluation queries, and change neither the media nor the
+    template captions."""
+    corpus = load_corpus(full_demo[0])
+    cfg = DemoConfig()
+    banned = make_demo.eval_queries()
+    assert len(banned) >= 100  # both query sets were read
+    for it in corpus:
+        m = it.metadata
+        assert len(it.captions) == cfg.captions + cfg.everyday, it.item_id
+        extra = it.captions[cfg.captions - cfg.held_out:-cfg.held_out]
+        for cap in extra:
+            low = cap.lower()
+            assert make_demo._norm(cap) not in banned, (it.item_id, cap)
+            if it.modality in ("image", "video"):
+                assert any(s in low for s in make_demo.PLAIN_SHAPES[m["shape"]]), (it.item_id, cap)
+            if it.modality == "video":
+                assert any(s in low for s in make_demo.MOTIONS[m["direction"]] + make_demo.PLAIN_SPEEDS[m["speed"]]
+                           + [m["colour"]]), (it.item_id, cap)
+            if it.modality == "audio":
+                assert any(s in low for s in make_demo.SOUND_NAMES[m["sound"]]), (it.item_id, cap)
+    # the same media and template captions without them
+    small = dict(images=4, sounds=3, videos=2)
+    a = make_demo.make_demo(DemoConfig(out=str(tmp_path / "a"), **small))
+    b = make_demo.make_demo(DemoConfig(out=str(tmp_path / "b"), everyday=0, **small))
+    assert digest(a.parent, "images/*.png") == digest(b.parent, "images/*.png")
+    assert digest(a.parent, "audio/*.wav") == digest(b.parent, "audio/*.wav")
+    for x, y in zip(load_corpus(a), load_corpus(b)):
+        assert template_captions(x) == y.captions and len(x.captions) == len(y.captions) + cfg.everyday
 
 
 def test_media_are_small_and_readable(full_demo):
@@ -86,7 +124,7 @@ def test_media_are_small_and_readable(full_demo):
 
 
 def test_deterministic_for_a_seed(tmp_path):
-    small = dict(images=5, sounds=4, videos=3, captions=8)
+    small = dict(images=5, sounds=4, videos=3, captions=8, everyday=0)
     a = make_demo.make_demo(DemoConfig(out=str(tmp_path / "a"), seed=7, **small))
     b = make_demo.make_demo(DemoConfig(out=str(tmp_path / "b"), seed=7, **small))
     c = make_demo.make_demo(DemoConfig(out=str(tmp_path / "c"), seed=8, **small))
@@ -110,17 +148,18 @@ def test_cli(tmp_path, capsys):
     assert path.is_file() and "wrote 2 images, 2 sounds, 2 videos" in capsys.readouterr().out
 
 
-def test_newcomer_query_set_fits_the_default_demo(full_demo):
-    """data/demo_queries.jsonl (eval.query_sets of configs/demo.yaml): every query has relevant items in
+@pytest.mark.parametrize("name", ["demo_queries.jsonl", "demo_queries_check.jsonl"])
+def test_newcomer_query_set_fits_the_default_demo(full_demo, name):
+    """data/demo_queries*.jsonl (eval.query_sets of configs/demo.yaml): every query has relevant items in
     the default demo corpus, none is one of its captions, and each kind of query a newcomer types is there."""
     from ace.pipeline.query_sets import load_query_set, relevant_sets
 
     path, _ = full_demo
     corpus = load_corpus(path)
-    queries = load_query_set(Path(__file__).resolve().parents[1] / "data" / "demo_queries.jsonl")
+    queries = load_query_set(Path(__file__).resolve().parents[1] / "data" / name)
     sets = relevant_sets(queries, corpus.items)  # raises when a query has no relevant item
     assert all(len(s) < len(corpus) / 4 for s in sets)  # each query is selective
-    captions = {c.lower().rstrip(".") for it in corpus.items for c in it.captions}
-    assert not [q.query for q in queries if q.query.lower() in captions]
+    captions = {make_demo._norm(c) for it in corpus.items for c in it.captions}
+    assert not [q.query for q in queries if make_demo._norm(q.query) in captions]
     assert {q.modality for q in queries} == {None, "image", "audio", "video"}
     assert len(queries) >= 50
