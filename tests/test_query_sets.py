@@ -115,6 +115,19 @@ def test_evaluate_query_set_and_report(tmp_path):
     assert '- "blue circle": none in the top 2 (aud/bell, img/rs)' in text
 
 
+def test_reference_table_shows_before_and_after():
+    """eval.reference rows beside the run's own figures, a dash where a row has no such figure."""
+    from ace.pipeline.report import reference_table
+
+    metrics = {"by_group": {"all": {"R@1": 88.25}},
+               "query_sets": {"newcomer": {"by_group": {"all": {"top1": 90.0, "top5": 98.57}}}}}
+    text = reference_table({"before": {"held-out R@1": 84.9, "newcomer top-1": 61.4}}, metrics)
+    lines = text.splitlines()
+    assert lines[0] == "| | held-out R@1 | newcomer top-1 | newcomer top-5 |"
+    assert lines[2] == "| before | 84.9 | 61.4 | – |"
+    assert lines[3] == "| this run | 88.2 | 90.0 | 98.6 |"
+
+
 def test_eval_stage_keys_on_the_query_set_files(tmp_path):
     """Editing a query set re-runs the eval stage; a missing one is a clear pipeline error."""
     from ace.pipeline.query_sets import query_set_digest

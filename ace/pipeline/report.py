@@ -101,6 +101,26 @@ def metrics_table(rows: dict[str, dict[str, Any]], keys=("R@1", "R@5", "R@10", "
     return head + body
 
 
+def run_figures(metrics: dict[str, Any]) -> dict[str, float]:
+    """A run's headline figures under the names ``eval.reference`` uses."""
+    out = {}
+    if metrics.get("by_group", {}).get("all"):
+        out["held-out R@1"] = metrics["by_group"]["all"]["R@1"]
+    for name, res in (metrics.get("query_sets") or {}).items():
+        a = res["by_group"]["all"]
+        out[f"{name} top-1"], out[f"{name} top-5"] = a["top1"], a["top5"]
+    return out
+
+
+def reference_table(reference: dict[str, dict[str, float]], metrics: dict[str, Any]) -> str:
+    """Markdown table: the ``eval.reference`` rows, then this run's figures (a dash where one has none)."""
+    rows = {**reference, "this run": run_figures(metrics)}
+    keys = list(dict.fromkeys(k for r in rows.values() for k in r))
+    head = "| | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
+    cell = lambda v: f"{v:.1f}" if isinstance(v, (int, float)) else "–"
+    return head + "".join(f"| {label} | " + " | ".join(cell(r.get(k)) for k in keys) + " |\n" for label, r in rows.items())
+
+
 def write_report(run_dir: Path, *, title: str, metrics: dict[str, Any], sections: dict[str, str] | None = None,
                  plots: list[Path] | None = None) -> Path:
     """report.md: the headline table, extra sections, and the plots."""

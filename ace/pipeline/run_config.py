@@ -60,6 +60,10 @@ class EvalConfig:
     # JSON-lines query sets judged by item metadata (ace/pipeline/query_sets.py), e.g. data/demo_queries.jsonl:
     # top-1 / top-5 relevant in metrics.json and report.md beside the held-out-caption figures
     query_sets: list[str] = field(default_factory=list)
+    # earlier figures shown beside this run's in report.md ("Before and after"), e.g. the demo before a
+    # change: {label: {figure: value}}, figures named as in the report ("held-out R@1", "<set> top-1",
+    # "<set> top-5" with <set> the query set file's stem); not part of the eval stage's key
+    reference: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass

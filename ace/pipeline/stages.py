@@ -486,11 +486,13 @@ class Pipeline:
             sets_key = query_set_digest(cfg.eval.query_sets)
         except QuerySetError as exc:
             raise PipelineError(f"eval.query_sets: {exc}") from None
-        self._stage("eval", config_hash(self.keys["train"], cfg.eval, sets_key), run)
+        eval_key = dataclasses.replace(cfg.eval, reference={})  # the reference figures only change report.md
+        self._stage("eval", config_hash(self.keys["train"], eval_key, sets_key), run)
 
     # report ----------------------------------------------------------------------------------
     def stage_report(self):
-        from ace.pipeline.report import plot_identifier_distribution, plot_recall, plot_training_curves, read_jsonl, write_report
+        from ace.pipeline.report import (plot_identifier_distribution, plot_recall, plot_training_curves, read_jsonl,
+                                         reference_table, write_report)
 
         plots_dir = self.run.plots
         plots_dir.mkdir(exist_ok=True)
@@ -513,6 +515,9 @@ class Pipeline:
                            f"max u {tok_summary.get('max_u')} · distinct prefixes {tok_summary.get('distinct_prefixes')} · "
                            f"codes used per level: {usage}",
         }
+        if self.cfg.eval.reference:
+            sections["Before and after"] = ("Earlier figures (`eval.reference` of the config) beside this run's; "
+                                            "top-1 / top-5 in %.\n\n" + reference_table(self.cfg.eval.reference, metrics))
         if metrics.get("beams"):
             sections["Beam sizes"] = "\n".join(f"- beams {b}: R@1 {m['R@1']:.1f}, R@10 {m['R@10']:.1f}" for b, m in metrics["beams"].items())
         write_report(self.run.path, title=f"ACE run: {self.cfg.name}", metrics=metrics, sections=sections, plots=plots)
