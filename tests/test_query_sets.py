@@ -143,3 +143,25 @@ def test_eval_stage_keys_on_the_query_set_files(tmp_path):
     pipe.keys["train"] = "k"
     with pytest.raises(PipelineError, match=r"eval.query_sets: query set .*missing.jsonl not found"):
         pipe.stage_eval()
+
+
+def test_eval_reference_is_not_part_of_the_eval_key(tmp_path, monkeypatch):
+    """eval.reference only changes report.md: adding it keeps a run's eval stage up to date; a query set does not."""
+    from ace.pipeline.stages import Pipeline, RunConfig
+
+    keys = []
+
+    def key_of(cfg):
+        pipe = Pipeline(cfg, progress=False)
+        pipe.keys["train"] = "k"
+        monkeypatch.setattr(pipe, "_stage", lambda name, key, fn, force=False: keys.append(key))
+        pipe.stage_eval()
+        return keys[-1]
+
+    p = write(tmp_path, [{"query": "a red square", "relevant": {"colour": "red"}}])
+    cfg = RunConfig(run_dir=str(tmp_path / "run"))
+    plain = key_of(cfg)
+    cfg.eval.reference = {"before": {"held-out R@1": 80.0}}
+    assert key_of(cfg) == plain
+    cfg.eval.query_sets = [str(p)]
+    assert key_of(cfg) != plain
