@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ace.model.decoding import (DecodingError, _allowed_children, _trie_tensors, constrained_beam_search,
-                          quantize_dynamic_int8, unconstrained_beam_search)
+                          quantize_dynamic_int8, search_batches, unconstrained_beam_search)
 from ace.model.config import AceConfig
 from ace.model.modeling import AceInputError, AceModel
 from ace.model.tokens import BOS, IdentifierVocab
@@ -195,3 +195,26 @@ def test_a_forest_decodes_each_query_in_its_own_trie_as_separate_calls_would(set
         assert all(int(x) % 3 == p for x in items[i] if x >= 0)
     with pytest.raises(DecodingError, match="roots"):
         constrained_beam_search(model, ids, mask, forest, vocab, num_beams=6, top_k=5, roots=[0, 1])
+
+
+def test_per_query_beam_widths_and_top_k_in_one_call_give_the_results_of_separate_calls(setup):
+    """A mixed micro-batch (k=20 beside k<=10) decodes in one call; each query keeps its own beam width."""
+    model, trie, codes, vocab, ids, mask = setup
+    widths, ks = [3, 8, 3, 5], [2, 8, 3, 1]
+    rows = np.arange(len(codes))
+    parts = [FlatTrie.from_codes(codes[rows % 2 == r], SIZES, items=rows[rows % 2 == r]) for r in range(2)]
+    forest, roots = FlatTrie.forest(parts)
+    pick = [1, 0, 0, 1]
+    items, lp = constrained_beam_search(model, ids, mask, forest, vocab, num_beams=widths, top_k=ks, roots=roots[pick])
+    assert items.shape == lp.shape == (4, max(ks))
+    for i, (w, k, p) in enumerate(zip(widths, ks, pick)):
+        alone, alone_lp = constrained_beam_search(model, ids[i:i + 1], mask[i:i + 1], parts[p], vocab, num_beams=w, top_k=k)
+        assert items[i, :k].tolist() == alone[0].tolist() and (items[i, k:] == -1).all()
+        torch.testing.assert_close(lp[i, :k], alone_lp[0], atol=1e-5, rtol=1e-5)
+    got, got_lp, _ = search_batches(model, ids, mask, forest, vocab, num_beams=widths, top_k=ks, batch_size=3,
+                                    roots=roots[pick])  # batches of 3 and 1, padded to the largest top_k
+    assert got.tolist() == items.tolist()
+    with pytest.raises(DecodingError, match="top_k=4 must be in"):
+        constrained_beam_search(model, ids, mask, trie, vocab, num_beams=[3, 3, 3, 3], top_k=[1, 2, 3, 4])
+    with pytest.raises(DecodingError, match="one value or one per query"):
+        constrained_beam_search(model, ids, mask, trie, vocab, num_beams=[3, 4])

@@ -85,24 +85,36 @@ def _model_device(model) -> torch.device:
 
 def _beam_search(model, input_ids, attention_mask, vocab, num_beams, tt, roots=None, state=None):
     """Run the search in eval mode (dropout off), restoring the model's mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        return _beam_search_loop(model, input_ids, attention_mask, vocab, num_beams, tt, roots, state)
-    finally:
-        model.train(was_training)
+    with _eval_mode(model):
+        return _beam_search_loop(model, model.encode(input_ids, attention_mask), attention_mask, vocab, num_beams,
+                                 tt, roots, state)
 
 
-def _beam_search_loop(model, input_ids, attention_mask, vocab: IdentifierVocab, num_beams: int, tt: dict | None,
+class _eval_mode:
+    """Dropout off for a search; a model already in eval mode (a served one) is left alone: switching
+    every submodule's mode back and forth costs milliseconds per call."""
+
+    def __init__(self, model):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self):
+        if self.was_training:
+            self.model.eval()
+
+    def __exit__(self, *exc):
+        if self.was_training:
+            self.model.train(True)
+
+
+def _beam_search_loop(model, layers, attention_mask, vocab: IdentifierVocab, num_beams: int, tt: dict | None,
                       roots: torch.Tensor | None = None, state: dict | None = None):
-    """Shared loop: returns final tokens (B, W, L), scores (B, W) sorted, trie nodes (B, W) or None.
-    ``roots`` (B,): the trie node each query starts from (default: node 0).
+    """Shared loop over an encoder pass ``layers`` (B, S, N, d): returns final tokens (B, W, L), scores (B, W)
+    sorted, trie nodes (B, W) or None. ``roots`` (B,): the trie node each query starts from (default: node 0).
 
     With a ``state`` dict it also fills in what a re-scorer needs from the same pass: ``last_hidden``
     (B, N, d) (the encoder's last layer), ``memory`` / ``mask`` (for ``score_identifiers``) and
     ``prefix_scores`` (B, W): each final beam's score before its last level (u)."""
     L = vocab.length
-    layers = model.encode(input_ids, attention_mask)                                # (B, S, N, d)
     B = layers.shape[0]
     device = layers.device
     memory = model.decoder.memory(layers)                                           # once per query
@@ -145,34 +157,101 @@ def _beam_search_loop(model, input_ids, attention_mask, vocab: IdentifierVocab, 
     return tokens, scores, nodes
 
 
+def _per_query(num_beams, top_k, B: int) -> tuple[np.ndarray, np.ndarray]:
+    """num_beams / top_k (an int, or one value per query; top_k None = the beam width) -> (B,) arrays."""
+    widths = np.asarray(num_beams, dtype=np.int64).reshape(-1)
+    ks = widths if top_k is None else np.asarray(top_k, dtype=np.int64).reshape(-1)
+    for name, v in (("num_beams", widths), ("top_k", ks)):
+        if v.size not in (1, B):
+            raise DecodingError(f"{name} must be one value or one per query ({B}), got {v.size}")
+    return np.broadcast_to(widths, (B,)), np.broadcast_to(ks, (B,))
+
+
 @torch.inference_mode()
-def constrained_beam_search(model, input_ids, attention_mask, trie, vocab: IdentifierVocab, num_beams: int = 5,
-                            top_k: int | None = None, roots=None, state: dict | None = None):
+def constrained_beam_search(model, input_ids, attention_mask, trie, vocab: IdentifierVocab, num_beams=5,
+                            top_k=None, roots=None, state: dict | None = None):
     """Top-k distinct valid items per query: (item_index int64 (B, top_k), -1 padded; logprob (B, top_k)).
 
     ``item_index`` are ``trie.leaf_item`` values (row indices into the identifier table);
     ``logprob`` is the identifier's summed log-probability (-inf where padded).
+    ``num_beams`` / ``top_k``: one value, or one per query (a mixed batch: one encoder pass, then one
+    decode per distinct beam width, each query with its own width - the same results as separate calls;
+    the output is padded to the largest top_k).
     ``roots`` (B,) int: the node each query decodes from, for a ``FlatTrie.forest`` of several tries
     (queries searching different subsets in one batch); default the root, node 0. A ``state`` dict
     receives the encoder pass and per-beam prefix scores (see ``_beam_search_loop``; its
-    ``prefix_scores`` are cut to top_k and -inf where padded, like ``logprob``)."""
+    ``prefix_scores`` are cut to top_k and -inf where padded, like ``logprob``; one beam width only)."""
+    if isinstance(input_ids, torch.Tensor):
+        widths, ks = _per_query(num_beams, top_k, input_ids.shape[0])
+        if len(set(widths.tolist())) > 1 or len(set(ks.tolist())) > 1:
+            for w, k in zip(widths.tolist(), ks.tolist()):
+                _check(model, input_ids, trie, vocab, w, k)
+            if state is not None:
+                raise DecodingError("state= needs one beam width and top_k for the whole batch")
+            return _mixed_widths(model, input_ids, attention_mask, trie, vocab, widths, ks, roots)
+        num_beams, top_k = _first(num_beams), None if top_k is None else _first(top_k)
     top_k = _check(model, input_ids, trie, vocab, num_beams, top_k)
     device = _model_device(model)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     tt = _trie_tensors(trie, device)
-    if roots is not None:
-        roots = torch.as_tensor(np.asarray(roots, dtype=np.int64))
-        if roots.shape != (input_ids.shape[0],) or (roots < 0).any() or (roots >= trie.num_nodes).any():
-            raise DecodingError(f"roots must be {input_ids.shape[0]} node ids of the trie (0..{trie.num_nodes - 1}), "
-                                f"got shape {tuple(roots.shape)}")
+    roots = _roots(roots, input_ids.shape[0], trie)
     _, scores, nodes = _beam_search(model, input_ids, attention_mask, vocab, num_beams, tt, roots, state)
-    items = torch.where(nodes >= 0, tt["leaf_item"][nodes.clamp_min(0)], -1)
-    items = torch.where(torch.isfinite(scores), items, -1)
-    scores = torch.where(items >= 0, scores, float("-inf"))
+    items, scores = _leaves(nodes, scores, tt)
     if state is not None:
         prefix = torch.where(items >= 0, state["prefix_scores"], float("-inf"))
         state["prefix_scores"] = _pad_to(items[:, :top_k], prefix[:, :top_k], top_k)[1]
     return _pad_to(items[:, :top_k], scores[:, :top_k], top_k)
+
+
+def _first(value) -> int:
+    return int(np.asarray(value).reshape(-1)[0])
+
+
+def _most(num_beams, top_k) -> int:
+    """The widest result: the largest top_k (or beam width when top_k is None) of one value or one per query."""
+    return int(np.max(np.asarray(num_beams if top_k is None else top_k)))
+
+
+def _roots(roots, B: int, trie) -> torch.Tensor | None:
+    if roots is None:
+        return None
+    roots = torch.as_tensor(np.asarray(roots, dtype=np.int64))
+    if roots.shape != (B,) or (roots < 0).any() or (roots >= trie.num_nodes).any():
+        raise DecodingError(f"roots must be {B} node ids of the trie (0..{trie.num_nodes - 1}), "
+                            f"got shape {tuple(roots.shape)}")
+    return roots
+
+
+def _leaves(nodes, scores, tt):
+    """Final beams -> (item rows, -1 where none; scores, -inf where no item)."""
+    items = torch.where(nodes >= 0, tt["leaf_item"][nodes.clamp_min(0)], -1)
+    items = torch.where(torch.isfinite(scores), items, -1)
+    return items, torch.where(items >= 0, scores, float("-inf"))
+
+
+def _mixed_widths(model, input_ids, attention_mask, trie, vocab, widths: np.ndarray, ks: np.ndarray, roots):
+    """``constrained_beam_search`` for queries with different beam widths / top_k: the encoder runs once for
+    the batch, the decoder once per distinct width over that width's queries (so a wide query never widens
+    another's beams); each query's results cut to its own top_k, padded to the largest."""
+    device = _model_device(model)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    tt = _trie_tensors(trie, device)
+    roots = _roots(roots, input_ids.shape[0], trie)
+    K = int(ks.max())
+    out_items = torch.full((len(ks), K), -1, dtype=torch.long)
+    out_scores = torch.full((len(ks), K), float("-inf"))
+    with _eval_mode(model):
+        layers = model.encode(input_ids, attention_mask)                            # one encoder pass
+        for w in sorted(set(widths.tolist())):
+            rows = np.flatnonzero(widths == w)
+            sel = torch.as_tensor(rows, device=device)
+            _, scores, nodes = _beam_search_loop(model, layers.index_select(0, sel), attention_mask.index_select(0, sel),
+                                                 vocab, w, tt, None if roots is None else roots[torch.as_tensor(rows)])
+            items, scores = _pad_to(*_leaves(nodes, scores, tt), K)
+            keep = torch.arange(items.shape[1])[None, :] < torch.as_tensor(ks[rows])[:, None]  # each query's top_k
+            out_items[rows] = torch.where(keep, items, -1)[:, :K]
+            out_scores[rows] = torch.where(keep, scores, float("-inf"))[:, :K]
+    return out_items, out_scores
 
 
 @torch.inference_mode()
@@ -266,18 +345,28 @@ def _batches(n: int, batch_size: int, progress: bool, desc: str):
 
 @torch.inference_mode()
 def search_batches(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, trie, vocab: IdentifierVocab, *,
-                   num_beams: int, top_k: int | None = None, batch_size: int = 100, constrained: bool = True,
+                   num_beams, top_k=None, batch_size: int = 100, constrained: bool = True,
                    keep_invalid: bool = False, progress: bool = False, desc: str = "search", roots=None):
     """Beam search over already tokenised queries, ``batch_size`` rows at a time.
 
     Returns (item_index int64 (N, top_k), -1 padded; logprob float (N, top_k); invalid count): the
     concatenation of ``constrained_beam_search`` (or ``unconstrained_beam_search`` with
     ``constrained=False``; invalid count 0 when constrained) over the batches. ``roots`` (N,): each query's
-    start node in a ``FlatTrie.forest`` (constrained only)."""
+    start node in a ``FlatTrie.forest`` (constrained only). ``num_beams`` / ``top_k`` may give one value per
+    query (constrained only; the output is then padded to the largest top_k)."""
     rows, scores, invalid = [], [], 0
+    k = _most(num_beams, top_k)
+    per_query = np.ndim(num_beams) > 0 or np.ndim(top_k) > 0
+    if per_query and not constrained:
+        raise DecodingError("per-query num_beams / top_k need the constrained search")
     for s in _batches(input_ids.shape[0], batch_size, progress, desc):
         args = (model, input_ids[s:s + batch_size], attention_mask[s:s + batch_size], trie, vocab)
-        if constrained:
+        if per_query:
+            widths, ks = _per_query(num_beams, top_k, input_ids.shape[0])
+            r, sc = _pad_to(*constrained_beam_search(*args, num_beams=widths[s:s + batch_size],
+                                                     top_k=ks[s:s + batch_size],
+                                                     roots=None if roots is None else roots[s:s + batch_size]), k)
+        elif constrained:
             r, sc = constrained_beam_search(*args, num_beams=num_beams, top_k=top_k,
                                             roots=None if roots is None else roots[s:s + batch_size])
         else:
@@ -285,31 +374,35 @@ def search_batches(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             invalid += bad
         rows.append(r)
         scores.append(sc)
-    k = top_k or num_beams
     if not rows:
         return np.zeros((0, k), dtype=np.int64), np.zeros((0, k)), 0
     return torch.cat(rows).numpy(), torch.cat(scores).numpy(), invalid
 
 
 @torch.inference_mode()
-def search_texts(model, query_tokenizer, queries: list[str], trie, vocab: IdentifierVocab, *, num_beams: int,
-                 top_k: int | None = None, batch_size: int = 100, max_length: int | None = None,
+def search_texts(model, query_tokenizer, queries: list[str], trie, vocab: IdentifierVocab, *, num_beams,
+                 top_k=None, batch_size: int = 100, max_length: int | None = None,
                  constrained: bool = True, keep_invalid: bool = False, progress: bool = False, desc: str = "search",
                  roots=None):
     """``search_batches`` for query texts, tokenised one batch at a time (to the model's
     ``max_query_length`` unless ``max_length``): the one batched searcher of the retriever and the
-    benchmarks. Returns (item_index (N, top_k), logprob (N, top_k), invalid count)."""
+    benchmarks. Returns (item_index (N, top_k), logprob (N, top_k), invalid count). ``num_beams`` /
+    ``top_k``: one value or one per query (see ``constrained_beam_search``)."""
     max_length = max_length or model.config.max_query_length
     rows, scores, invalid = [], [], 0
+    per_query = np.ndim(num_beams) > 0 or np.ndim(top_k) > 0
+    if per_query:
+        num_beams, top_k = _per_query(num_beams, top_k, len(queries))
+    k = _most(num_beams, top_k)
     for s in _batches(len(queries), batch_size, progress, desc):
         enc = query_tokenizer(list(queries[s:s + batch_size]), max_length=max_length)
-        r, sc, bad = search_batches(model, enc.input_ids, enc.attention_mask, trie, vocab, num_beams=num_beams,
-                                    top_k=top_k, batch_size=len(enc.input_ids), constrained=constrained,
+        r, sc, bad = search_batches(model, enc.input_ids, enc.attention_mask, trie, vocab,
+                                    num_beams=num_beams[s:s + batch_size] if per_query else num_beams,
+                                    top_k=top_k[s:s + batch_size] if per_query else top_k, batch_size=len(enc.input_ids), constrained=constrained,
                                     keep_invalid=keep_invalid, roots=None if roots is None else roots[s:s + batch_size])
         rows.append(r)
         scores.append(sc)
         invalid += bad
-    k = top_k or num_beams
     if not rows:
         return np.zeros((0, k), dtype=np.int64), np.zeros((0, k)), 0
     return np.concatenate(rows), np.concatenate(scores), invalid

@@ -2,11 +2,14 @@
 
 Each ``POST /search`` puts its query on a pending list; one worker task takes up to ``max_batch``
 pending queries (waiting at most ``max_wait_ms`` after the oldest arrived for others to join) and
-answers them in a single worker thread. A query's key is ``(k, modality, *shared)``: queries whose
-``shared`` parts agree (the beam width, and anything a retriever cannot mix in one call) share one
-``search_fn(queries, keys)`` call whatever their k and modality, so mixed traffic forms about as few
-model calls as uniform traffic (the search decodes with the group's largest k, each query in its own
-modality; the server puts the beam width in ``shared``, so k never widens another query's beams).
+answers them in a single worker thread. A query's key is ``(k, modality, beams, *shared)``: queries
+whose ``shared`` parts agree (anything the retriever cannot mix in one call) share one
+``search_fn(queries, keys)`` call whatever their k, modality and beams, so mixed traffic forms as few
+model calls as uniform traffic. ``SearchKeys`` builds the keys for a retriever and the arguments of its
+call: a retriever that takes one k / beam width / modality per query (``mixed_beam_search``,
+``mixed_modality_search``) gets one call per micro-batch (it decodes each query with its own beam
+width, so a k=20 query never widens another's beams); for others the beam width (and the modality)
+are shared parts.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ class ServerBusy(Exception):
 @dataclass
 class _Pending:
     query: str
-    key: tuple                    # (k, modality, *shared): one search_fn call per distinct key[2:]
+    key: tuple                    # (k, modality, beams, *shared): one search_fn call per distinct key[3:]
     future: asyncio.Future
     enqueued: float
 
@@ -39,7 +42,7 @@ class BatchStats:
     batches: int = 0
     queries: int = 0
     max_size: int = 0
-    calls: int = 0                # search_fn calls (one per distinct key[2:] per batch)
+    calls: int = 0                # search_fn calls (one per distinct key[3:] per batch)
 
 
 class MicroBatcher:
@@ -123,13 +126,12 @@ class MicroBatcher:
                     p.future.set_result(out)
 
     def _run_batch(self, batch: list[_Pending]) -> list[Any]:
-        """Runs in the worker thread. Pending queries whose keys agree beyond their own (k, modality) -
-        ``key[2:]``, e.g. the beam width - share one ``search_fn`` call: it decodes with the group's
-        largest k and each query's own modality, and the server cuts each result to its own k. A failing
-        call is retried query by query, so one bad query fails alone."""
+        """Runs in the worker thread. Pending queries whose keys agree beyond their own (k, modality, beams)
+        - ``key[3:]`` - share one ``search_fn`` call (see ``SearchKeys``). A failing call is retried query
+        by query, so one bad query fails alone."""
         groups: dict[tuple, list[int]] = {}
         for i, p in enumerate(batch):
-            groups.setdefault(p.key[2:], []).append(i)
+            groups.setdefault(p.key[3:], []).append(i)
         outcomes: list[Any] = [None] * len(batch)
         for idx in groups.values():
             try:
@@ -156,6 +158,35 @@ class MicroBatcher:
         if len(results) != len(queries):
             raise RuntimeError(f"retriever returned {len(results)} result lists for {len(queries)} queries")
         return results
+
+
+class SearchKeys:
+    """Micro-batch keys ``(k, modality, beams, width, modality filter, mode)`` for a retriever's searches, and
+    the ``retriever.search`` arguments of a group of them. What the retriever cannot mix in one call is
+    shared: the beam width ``max(beams or its default, k)`` unless it takes one k and beam width per query
+    (``mixed_beam_search``), the modality unless it takes one filter per query (``mixed_modality_search``),
+    always the search mode."""
+
+    def __init__(self, retriever: Any):
+        self.mixed_beams = getattr(retriever, "mixed_beam_search", False)
+        self.mixed_modalities = getattr(retriever, "mixed_modality_search", False)
+        self.default_beams = getattr(retriever, "default_beams", None)
+
+    def key(self, k: int, modality: str | None, beams: int | None, mode: str | None) -> tuple:
+        width = max(beams or self.default_beams, k) if self.default_beams else beams
+        return (k, modality, beams, None if self.mixed_beams else width,
+                None if self.mixed_modalities else modality, mode)
+
+    def call_args(self, keys: list[tuple]) -> dict:
+        """One ``retriever.search`` for queries of these keys: one value where all agree, else one per query
+        (non-mixing retrievers: the largest k and the group's width; each result is cut to its own k)."""
+        def one(values):
+            return values[0] if len(set(values)) == 1 else values
+
+        ks, mods, beams = [key[0] for key in keys], [key[1] for key in keys], [key[2] for key in keys]
+        k, num_beams = (one(ks), one(beams)) if self.mixed_beams else (max(ks), keys[0][3])
+        mode = keys[0][5]
+        return {"k": k, "num_beams": num_beams, "modality": one(mods), **({"mode": mode} if mode else {})}
 
 
 class LatencyStats:

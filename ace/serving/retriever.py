@@ -23,8 +23,8 @@ with what other processes (``python -m ace.serving.items``, another replica) com
 catches up between writes (a serving replica calls it every poll, ``ace/serving/replica.py``), and
 ``reload()`` swaps in a new model (after ``train.py fold``) while the old one serves.
 
-``modality`` in the searches is one filter for all queries, or one per query: queries of several
-modalities then share one batched beam search (each decodes in its own modality's trie).
+``modality``, ``k`` and ``num_beams`` are one value for all queries or one per query: a mixed batch
+shares one beam search (each query in its own modality's trie, own beam width, cut to its own k).
 """
 from __future__ import annotations
 
@@ -74,6 +74,7 @@ SEARCH_MODES = ("auto", "hybrid", "merged", "generative", "fallback")
 
 class Retriever:
     mixed_modality_search = True   # search(modality=[...]) takes one filter per query (the server batches them)
+    mixed_beam_search = True       # search(k=[...], num_beams=[...]) too: one model call for mixed k and beams
 
     def __init__(self, *, model: AceModel, query_tokenizer: QueryTokenizer, vocab: IdentifierVocab,
                  id_tokenizer: SemanticIdTokenizer, corpus: Corpus, default_beams: int = 10,
@@ -218,11 +219,11 @@ class Retriever:
 
     # ---- search ----------------------------------------------------------------------------
     @staticmethod
-    def _check_queries(queries, k: int) -> None:
+    def _check_queries(queries, k) -> None:
         if isinstance(queries, str):
             raise RetrieverError("search() takes a list of query strings, not a single string")
-        if k < 1:
-            raise RetrieverError(f"k must be >= 1, got {k}")
+        if min(np.ravel(k), default=1) < 1:
+            raise RetrieverError(f"k must be >= 1, got {min(np.ravel(k))}")
         for i, q in enumerate(queries):
             try:
                 check_query(q, f"query {i}", max_chars=1 << 20)  # well-formed text; length is the caller's policy
@@ -240,7 +241,16 @@ class Retriever:
             raise RetrieverError(f"unknown modality {bad[0]!r}; known: {', '.join(MODALITIES)}")
         return mods
 
-    def search(self, queries: list[str], k: int = 10, num_beams: int | None = None,
+    def _widths(self, k, num_beams, n: int) -> tuple[list[int], list[int]]:
+        """``k`` and ``num_beams`` (one value, or one per query) -> each query's k and beam width (its
+        num_beams or the run's default, raised to its k)."""
+        ks = [int(x) for x in np.ravel(k)] * (n if np.ndim(k) == 0 else 1)
+        nb = [num_beams] * n if num_beams is None or np.ndim(num_beams) == 0 else list(num_beams)
+        if len(ks) != n or len(nb) != n:
+            raise RetrieverError(f"got {len(ks)} k and {len(nb)} num_beams values for {n} queries")
+        return ks, [max(int(b or self.default_beams), kk) for b, kk in zip(nb, ks)]
+
+    def search(self, queries: list[str], k: int | Sequence[int] = 10, num_beams: int | None | Sequence[int | None] = None,
                modality: str | None | Sequence[str | None] = None,
                *, batch_size: int = 100, progress: bool = False, mode: str | None = None) -> list[list[SearchHit]]:
         """Top-k items per query. While no item waits in the fallback index (none added, or all folded):
@@ -248,7 +258,7 @@ class Retriever:
         generative and fallback results merged by calibrated probability of being the right item
         (``score``; ``raw_score`` keeps the source's own score), each hit naming its source. A cosine-scale
         calibration scores generative hits by the query tower's cosine to their item embeddings.
-        ``modality``: one filter for all queries, or a list with one per query.
+        ``modality``, ``k``, ``num_beams``: one value for all queries, or a list with one per query.
 
         ``mode`` (None = "auto"): ``hybrid`` (auto when the run has RUN/hybrid): generative and added
         items ranked by one score, identifier-prefix log-prob + w * cosine (``ace/newitems/hybrid.py``;
@@ -259,6 +269,18 @@ class Retriever:
             raise RetrieverError(f"unknown search mode {mode!r}; known: {', '.join(SEARCH_MODES)}")
         if mode == "auto":
             mode = "hybrid" if self.hybrid is not None else "merged"
+        if (np.ndim(k) or np.ndim(num_beams)) and mode in ("hybrid", "fallback"):  # one search per beam width
+            self._check_queries(queries, k)
+            ks, widths = self._widths(k, num_beams, len(queries))
+            mods = self._per_query(modality, len(queries))
+            out = [None] * len(queries)
+            for w in set(widths):
+                idx = [i for i, x in enumerate(widths) if x == w]
+                found = self.search([queries[i] for i in idx], max(ks[i] for i in idx), w, [mods[i] for i in idx],
+                                    batch_size=batch_size, mode=mode)
+                for i, row in zip(idx, found):
+                    out[i] = row[:ks[i]]
+            return out
         if mode == "hybrid":
             mods = self._per_query(modality, len(queries)) if not isinstance(queries, str) else [modality]
             if len(set(mods)) <= 1:
@@ -279,6 +301,7 @@ class Retriever:
         if not queries:
             return []
         mods = self._per_query(modality, len(queries))
+        ks = self._widths(k, num_beams, len(queries))[0]
         cosine = self.calibration.scale == "cosine"
         qv = self.fallback.tower.encode(list(queries)) if cosine else None  # (Q, D), outside the lock
         with self._state:
@@ -286,18 +309,19 @@ class Retriever:
             gen: list[list[SearchHit]] = [[] for _ in queries]
             on_gen = [i for i, m in enumerate(mods) if m in gen_mods]
             if on_gen:
-                found = self.search_generative([queries[i] for i in on_gen], k, num_beams, [mods[i] for i in on_gen],
-                                               batch_size=batch_size, progress=progress)
+                found = self.search_generative([queries[i] for i in on_gen], _pick(k, on_gen), _pick(num_beams, on_gen),
+                                               [mods[i] for i in on_gen], batch_size=batch_size, progress=progress)
                 for i, hits in zip(on_gen, found):
                     gen[i] = hits
-            fb = (self.search_fallback(queries, k, mods, query_vectors=qv) if len(self.fallback)
+            fb = (self.search_fallback(queries, max(ks), mods, query_vectors=qv) if len(self.fallback)
                   else [[] for _ in queries])
             gen_cos = self._tower_cosines(qv, gen) if cosine else [None] * len(gen)
             out = []
-            for g_row, f_row, g_cos in zip(gen, fb, gen_cos):
+            for g_row, f_row, g_cos, k_row in zip(gen, fb, gen_cos, ks):
+                f_row = f_row[:k_row]
                 hits = {("generative", h.item_id): h for h in g_row} | {("fallback", h.item_id): h for h in f_row}
                 merged = merge_rankings([(h.item_id, h.score) for h in g_row], [(h.item_id, h.score) for h in f_row],
-                                        self.calibration, k=k, generative_cosines=g_cos)
+                                        self.calibration, k=k_row, generative_cosines=g_cos)
                 out.append([SearchHit(m.item_id, hits[m.source, m.item_id].modality, m.score,
                                       hits[m.source, m.item_id].identifier, m.source, m.raw_score, "merged")
                             for m in merged])
@@ -339,25 +363,29 @@ class Retriever:
                      for h in row] for row in rows]
 
     @torch.inference_mode()
-    def search_generative(self, queries: list[str], k: int = 10, num_beams: int | None = None,
+    def search_generative(self, queries: list[str], k: int | Sequence[int] = 10,
+                          num_beams: int | None | Sequence[int | None] = None,
                           modality: str | None | Sequence[str | None] = None, *, batch_size: int = 100,
                           progress: bool = False) -> list[list[SearchHit]]:
         """Top-k items per query by trie-constrained beam search (beams are raised to k when fewer).
-        With one modality filter per query, queries of different modalities share each batched decode,
-        each starting at its own modality's trie (the same results as separate calls). A query whose
-        modality has no items on the generative path gets no hits."""
+        With one modality filter (or k, or num_beams) per query, queries of different modalities and k
+        share each batched decode, each starting at its own modality's trie with its own beam width (the
+        same results as separate calls). A query whose modality has no items on the generative path gets
+        no hits."""
         self._check_queries(queries, k)
         if not queries:
             return []
         mods = self._per_query(modality, len(queries))
-        beams = max(int(num_beams or self.default_beams), k)
+        ks, widths = self._widths(k, num_beams, len(queries))
+        if len(set(ks)) == 1 and len(set(widths)) == 1:
+            ks, widths = ks[0], widths[0]
         with self._state:
             live = {m for m in set(mods) if self._generative_trie(m) is not None}
             if len(live) < len(set(mods)):  # a modality without generative items: no hits for its queries
                 out = [[] for _ in queries]
                 on = [i for i, m in enumerate(mods) if m in live]
-                found = self.search_generative([queries[i] for i in on], k, num_beams, [mods[i] for i in on],
-                                               batch_size=batch_size, progress=progress) if on else []
+                found = self.search_generative([queries[i] for i in on], _pick(k, on), _pick(num_beams, on),
+                                               [mods[i] for i in on], batch_size=batch_size, progress=progress) if on else []
                 for i, hits in zip(on, found):
                     out[i] = hits
                 return out
@@ -369,8 +397,8 @@ class Retriever:
                 roots = np.asarray([root_of[m] for m in mods], dtype=np.int64)
             item_ids = self.id_tokenizer.trie.item_ids
             codes = np.asarray(self.id_tokenizer.trie.codes)
-            rows, scores, _ = search_texts(self.model, self.query_tokenizer, queries, trie, self.vocab, num_beams=beams,
-                                           top_k=k, batch_size=batch_size, progress=progress, roots=roots)
+            rows, scores, _ = search_texts(self.model, self.query_tokenizer, queries, trie, self.vocab, num_beams=widths,
+                                           top_k=ks, batch_size=batch_size, progress=progress, roots=roots)
             return [[SearchHit(item_ids[r], self.catalog.modality.get(item_ids[r], "unknown"), float(sc),
                                tuple(int(c) for c in codes[r]))
                      for r, sc in zip(r_row, s_row) if r >= 0]
@@ -489,3 +517,8 @@ class Retriever:
                                "tower": "dual" if self.fallback.tower.is_dual else "projected",
                                "bytes_per_item": self.fallback.bytes_per_item()}
         return out
+
+
+def _pick(value, idx: list[int]):
+    """One value for all queries stays as it is; one per query -> the values of queries ``idx``."""
+    return value if value is None or np.ndim(value) == 0 else [value[i] for i in idx]

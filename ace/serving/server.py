@@ -41,7 +41,7 @@ from pydantic import Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ace.config import ServeConfig
-from ace.serving.batcher import LatencyStats, MicroBatcher, ServerBusy
+from ace.serving.batcher import LatencyStats, MicroBatcher, SearchKeys, ServerBusy
 from ace.serving.errors import ItemConflictError, ItemNotFoundError, SearchModeUnavailableError, WriterLockError
 from ace.serving.guards import BodyLimitMiddleware, validation_message, require_read_key, require_write_key
 from ace.serving.media import (MediaPathError, UploadError, UploadExistsError, media_response_headers,
@@ -122,7 +122,8 @@ def create_app(retriever: RetrieverLike, config: ServeConfig | None = None, *, m
     if root is not None and not root.is_dir():
         raise ValueError(f"media root is not a directory: {root}")
 
-    batcher = MicroBatcher(_search_batch_fn(retriever, config), max_batch=config.max_batch,
+    keys = SearchKeys(retriever)  # what one retriever call can mix (k, beams, modality)
+    batcher = MicroBatcher(_search_batch_fn(retriever, config, keys), max_batch=config.max_batch,
                            max_wait_ms=config.max_wait_ms, max_queue=config.max_queue)
     latency = LatencyStats(config.latency_window)
     sync = (ReplicaSync(retriever, interval_s=config.store.poll_interval_s, reload_model=config.store.reload_model)
@@ -148,8 +149,7 @@ def create_app(retriever: RetrieverLike, config: ServeConfig | None = None, *, m
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes,
                        max_upload_bytes=config.max_upload_bytes)
     _add_error_handlers(app)
-    _add_search_routes(app, config, batcher, latency, mixed_modalities=getattr(retriever, "mixed_modality_search", False),
-                       default_beams=getattr(retriever, "default_beams", None))
+    _add_search_routes(app, config, batcher, latency, keys)
     _add_item_routes(app, retriever, config)
     _add_media_routes(app, retriever, root)
     _add_status_routes(app, retriever, config, batcher, latency)
@@ -170,18 +170,15 @@ def _item_summary(retriever: RetrieverLike, item_id: str, config: ServeConfig) -
             "captions": [str(c) for c in (item.captions or [])[:config.result_captions]]}
 
 
-def _search_batch_fn(retriever: RetrieverLike, config: ServeConfig) -> Callable[[list[str], list[tuple]], list[list[dict]]]:
-    """What the micro-batcher runs in its worker thread for queries with keys ``(k, modality, beams, ...)``
-    that agree from ``beams`` on (the beam width the retriever will use, when the server knows it): one
-    retriever.search with the largest k (and one modality filter per query when the retriever takes that),
-    each query's results cut to its own k."""
+def _search_batch_fn(retriever: RetrieverLike, config: ServeConfig,
+                     search_keys: SearchKeys) -> Callable[[list[str], list[tuple]], list[list[dict]]]:
+    """What the micro-batcher runs in its worker thread for queries whose ``SearchKeys`` agree on what the
+    retriever cannot mix: one retriever.search (one k / beams / modality per query where it takes them,
+    else the largest k), each query's results cut to its own k."""
     is_deleted = getattr(retriever, "is_deleted", lambda item_id: False)
 
     def search_batch(queries: list[str], keys: list[tuple]) -> list[list[dict]]:
-        mods = [key[1] for key in keys]
-        mode = keys[0][4] if len(keys[0]) > 4 else None  # the search mode is a shared part of the key
-        ranked = retriever.search(queries, k=max(key[0] for key in keys), num_beams=keys[0][2],
-                                  modality=mods[0] if len(set(mods)) == 1 else mods, **({"mode": mode} if mode else {}))
+        ranked = retriever.search(queries, **search_keys.call_args(keys))
         out = []
         for hits, key in zip(ranked, keys):
             rows = []
@@ -235,8 +232,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(405, _method_not_allowed)
 
 
-def _add_search_routes(app: FastAPI, config: ServeConfig, batcher: MicroBatcher, latency: LatencyStats, *,
-                       mixed_modalities: bool, default_beams: int | None) -> None:
+def _add_search_routes(app: FastAPI, config: ServeConfig, batcher: MicroBatcher, latency: LatencyStats,
+                       search_keys: SearchKeys) -> None:
     read = [Depends(require_read_key)]
 
     class SearchRequest(BaseSearchRequest):  # this server's limits, stated in the published schema (checked below)
@@ -261,9 +258,8 @@ def _add_search_routes(app: FastAPI, config: ServeConfig, batcher: MicroBatcher,
             raise HTTPException(422, f"beams: {req.beams} exceeds this server's max_beams = {config.max_beams}")
         t0 = time.perf_counter()
         try:
-            # queries of one beam width share a beam search (k <= width: the same results as a call of their own)
-            width = max(req.beams or default_beams, k) if default_beams else req.beams
-            results = await asyncio.wait_for(batcher.submit(query, (k, req.modality, width, None if mixed_modalities else req.modality, req.mode)),
+            # one retriever call for whatever it can mix (each query keeps its own k, beams, modality)
+            results = await asyncio.wait_for(batcher.submit(query, search_keys.key(k, req.modality, req.beams, req.mode)),
                                              timeout=config.search_timeout_s)
         except ServerBusy as exc:
             latency.failed += 1
