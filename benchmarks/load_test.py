@@ -6,6 +6,8 @@
     python benchmarks/load_test.py --url http://127.0.0.1:8000 --queries queries.txt
     # server overhead only: a constant-cost synthetic retriever (no model)
     python benchmarks/load_test.py --overhead
+    # traffic mixes against ONE server, interleaved in rounds (so machine load hits each alike)
+    python benchmarks/load_test.py --run runs/demo --compare uniform 'k=1,5,10,20;modality=any,image' --rounds 3
 
 Prints (and with --out appends as Markdown) errors, p50/p90/p99 latency, throughput, and the
 server's micro-batch sizes from /stats. With --run and --direct, also the retriever's own batched
@@ -121,12 +123,12 @@ def _wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float) -> No
     raise SystemExit(f"server at {url} not healthy after {timeout:.0f} s")
 
 
-def _proc_cpu_s(proc: subprocess.Popen | None) -> float:
-    """User+system CPU seconds of a child process so far (Linux /proc; 0 elsewhere)."""
+def _proc_cpu_s(proc: subprocess.Popen | int | None) -> float:
+    """User+system CPU seconds of a process (a child, or a pid) so far (Linux /proc; 0 elsewhere)."""
     if proc is None:
         return 0.0
     try:
-        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{getattr(proc, 'pid', proc)}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
@@ -228,7 +230,8 @@ def request_mix(spec: str | None, k: int) -> list[dict]:
 
 
 async def run_load(url: str, queries: list[str], *, clients: int, searches: int, k: int,
-                   max_seconds: float, api_key: str | None, mix: list[dict] | None = None) -> dict:
+                   max_seconds: float, api_key: str | None, mix: list[dict] | None = None,
+                   keep_latencies: bool = False) -> dict:
     latencies: list[float] = []
     errors: dict[str, int] = {}
     next_i = 0
@@ -268,7 +271,67 @@ async def run_load(url: str, queries: list[str], *, clients: int, searches: int,
             "p50_ms": round(float(np.percentile(lat, 50)), 1), "p90_ms": round(float(np.percentile(lat, 90)), 1),
             "p99_ms": round(float(np.percentile(lat, 99)), 1), "stopped_by_time": next_i < searches,
             "server_batches": stats.get("batches"), "server_latency_ms": stats.get("latency_ms"),
-            "model_version": stats.get("model_version"), "mix": mix}
+            "model_version": stats.get("model_version"), "mix": mix, **({"latencies": latencies} if keep_latencies else {})}
+
+
+def compare_mixes(url: str, proc, queries: list[str], specs: list[str], *, rounds: int, clients: int, searches: int,
+                  k: int, max_seconds: float, api_key: str | None) -> list[dict]:
+    """Each traffic mix (``uniform`` or a --mix spec) for searches/rounds searches per round, the mixes in
+    turn, ``rounds`` times, against one server: per mix the pooled q/s, latency percentiles, server CPU
+    seconds and micro-batch figures (from /stats differences), and its ratio to the first mix."""
+    headers = {"X-API-Key": api_key} if api_key else {}
+    acc = [{"spec": spec, "ok": 0, "wall_s": 0.0, "server_cpu_s": 0.0, "latencies": [], "errors": {}, "batches": 0,
+            "queries": 0.0, "calls": 0, "loadavg": []} for spec in specs]
+    per_round = max(1, searches // rounds)
+    for _ in range(rounds):
+        for a in acc:
+            mix = request_mix(None if a["spec"] == "uniform" else a["spec"], k)
+            before = httpx.get(url + "/stats", headers=headers, timeout=30).json()["batches"]
+            a["loadavg"].append(os.getloadavg()[0])
+            srv0 = _proc_cpu_s(proc)
+            res = asyncio.run(run_load(url, queries, clients=clients, searches=per_round, k=k,
+                                       max_seconds=max_seconds / (rounds * len(specs)), api_key=api_key, mix=mix,
+                                       keep_latencies=True))
+            a["server_cpu_s"] += _proc_cpu_s(proc) - srv0
+            after = res["server_batches"]
+            a["ok"] += res["ok"]
+            a["wall_s"] += res["wall_s"]
+            a["latencies"] += res["latencies"]
+            for name, n in res["errors"].items():
+                a["errors"][name] = a["errors"].get(name, 0) + n
+            a["batches"] += after["count"] - before["count"]
+            a["queries"] += (after["mean_size"] or 0) * after["count"] - (before["mean_size"] or 0) * before["count"]
+            a["calls"] += after["retriever_calls"] - before["retriever_calls"]
+            a["label"] = (f"uniform (every request k={k}, any modality)" if a["spec"] == "uniform"
+                          else f"`{a['spec']}` ({len(mix)} combinations)")
+    out = []
+    for a in acc:
+        lat = np.asarray(a.pop("latencies") or [np.nan])
+        out.append({**a, "throughput_qps": round(a["ok"] / a["wall_s"], 1) if a["wall_s"] else None,
+                    "p50_ms": round(float(np.percentile(lat, 50)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1),
+                    "per_server_cpu_s": round(a["ok"] / a["server_cpu_s"], 1) if a["server_cpu_s"] else None,
+                    "queries_per_call": round(a["queries"] / a["calls"], 1) if a["calls"] else None,
+                    "loadavg": [round(x, 1) for x in a["loadavg"]]})
+    for o in out:
+        o["vs_first_qps"] = round(o["throughput_qps"] / out[0]["throughput_qps"], 3) if out[0]["throughput_qps"] else None
+        o["vs_first_cpu"] = (round(o["per_server_cpu_s"] / out[0]["per_server_cpu_s"], 3)
+                             if out[0]["per_server_cpu_s"] and o["per_server_cpu_s"] else None)
+    return out
+
+
+def compare_markdown(title: str, command: str, rows: list[dict], rounds: int, clients: int) -> str:
+    lines = [f"### {title}", "", f"Command: `{command}`", "",
+             f"One server; the mixes in turn, {rounds} rounds, {clients} clients; load average before each "
+             "phase in the last column (other processes were running).", "",
+             "| traffic | searches ok | errors | q/s (wall) | p50 ms | p99 ms | queries per model call | "
+             "searches per server CPU-s | vs first (wall) | vs first (CPU) | load average |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['ok']} | {sum(r['errors'].values())} | "
+                     f"{r['throughput_qps']} | {r['p50_ms']} | {r['p99_ms']} | {r['queries_per_call']} | "
+                     f"{r['per_server_cpu_s']} | {r['vs_first_qps']} | {r['vs_first_cpu']} | "
+                     f"{' / '.join(str(x) for x in r['loadavg'])} |")
+    return "\n".join(lines) + "\n\n"
 
 
 def direct_throughput(run: Path, queries: list[str], *, batch: int, k: int, count: int, device: str | None) -> dict:
@@ -325,6 +388,11 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--mix", default=None, help="mixed traffic: cycle request fields, e.g. "
                    "'k=1,5,10,20;modality=any,image,audio,video' (default: every request k=--k, any modality)")
+    p.add_argument("--compare", nargs="+", default=None, metavar="MIX",
+                   help="several traffic mixes against one server, in turn for --rounds rounds: 'uniform' (every "
+                        "request k=--k) or a --mix spec; --searches per mix; ratios to the first")
+    p.add_argument("--rounds", type=int, default=3, help="--compare: rounds of the mixes in turn")
+    p.add_argument("--server-pid", type=int, default=None, help="--url --compare: the server's pid, to count its CPU time")
     p.add_argument("--max-seconds", type=float, default=900.0, help="stop sending after this long")
     p.add_argument("--queries", type=Path, help="file of queries, one a line")
     p.add_argument("--overhead-delay-ms", type=float, default=0.0, help="--overhead: fixed cost per retriever call")
@@ -364,6 +432,17 @@ def main(argv=None) -> int:
             proc = subprocess.Popen(cmd, cwd=ROOT)
             _wait_healthy(url, proc, 300)
         queries = load_queries(args)
+        if args.compare:
+            rows = compare_mixes(url, proc or args.server_pid, queries, args.compare, rounds=args.rounds, clients=args.clients,
+                                 searches=args.searches, k=args.k, max_seconds=args.max_seconds, api_key=args.api_key)
+            print(json.dumps(rows, indent=2))
+            if args.out:
+                command = "python " + shlex.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) if argv is None else shlex.join(argv)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                with open(args.out, "a") as f:
+                    f.write(compare_markdown(args.title or f"Traffic mixes on {args.run or args.url}", command, rows,
+                                             args.rounds, args.clients))
+            return 0 if not any(r["errors"] for r in rows) else 1
         cpu0, srv0 = time.process_time(), _proc_cpu_s(proc)
         res = asyncio.run(run_load(url, queries, clients=args.clients, searches=args.searches, k=args.k,
                                    max_seconds=args.max_seconds, api_key=args.api_key,
