@@ -59,6 +59,11 @@ def _child(cmd: dict) -> None:
     code = 1
     try:
         os.setpgid(0, 0)
+        try:  # Linux: die with this server even when it is killed
+            import ctypes
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
         fd_in = os.open(os.devnull, os.O_RDONLY)
         fd_out = os.open(cmd["out"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         fd_err = os.open(cmd["err"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -113,7 +118,11 @@ def serve_forever() -> None:
             answer = {"pid": pid, "returncode": children.get(pid)}
         out.write(json.dumps(answer) + "\n")
         out.flush()
-    os._exit(0)  # stdin closed: done (skips tearing down torch & co., seconds on a busy machine)
+    for pid, code in children.items():  # stdin closed (the test ended or died): no child outlives this server
+        if code is None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    os._exit(0)  # skips tearing down torch & co. (seconds on a busy machine)
 
 
 class ForkServer:

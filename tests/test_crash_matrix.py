@@ -39,7 +39,7 @@ from tests.serving_support import free_port
 KEY = {"X-API-Key": "k3y"}
 CRASH_SEED = int(os.environ.get("CRASH_SEED", "18"))
 KILLED = -signal.SIGKILL
-FOLD = ["steps=30", "batch_size=32", "lr=3e-3", "warmup_steps=5", "min_replay=60", "checkpoint_every=10",
+FOLD = ["gate=false", "steps=30", "batch_size=32", "lr=3e-3", "warmup_steps=5", "min_replay=60", "checkpoint_every=10",
         "num_beams=5", "top_k=5", "eval_batch_size=50", "eval_queries=20", "device=cpu"]
 
 
@@ -93,7 +93,7 @@ def victims(ledger: Ledger, rng, n: int) -> list[str]:
 
 def new_items(rng, base, name: str, n: int) -> list[dict]:
     return [{"item_id": f"{name}/{j}", "modality": "image", "embedding": embedding(rng, base),
-             "captions": [f"item {j} of {name}"]} for j in range(n)]  # the fold's captions backend needs captions
+             "captions": [f"item {j} of {name}", f"batch {name} number {j}"]} for j in range(n)]  # fold queries
 
 
 def check_run(run: Path, ledger: Ledger, text_encoder, *, add: list[dict] | None = None) -> None:
