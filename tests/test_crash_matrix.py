@@ -290,11 +290,12 @@ def test_kill_9_at_random_points_during_adds_deletes_and_folds(run, text_encoder
     killed, fold_s = fold_round(forks, run, "f0", None)  # calibration: folds every added item
     assert not killed
     check_run(run, ledger, text_encoder, add=new_items(rng, base, "to-fold", 12))
-    for n in range(1, 11):  # folds killed at any phase; each resumes or rolls the previous one forward
-        killed, _ = fold_round(forks, run, f"f{n}", draw.uniform(0.05, 0.7) * fold_s)
+    for n in range(1, 15):  # folds killed at any phase; each resumes or rolls the previous one forward
+        killed, took = fold_round(forks, run, f"f{n}", draw.uniform(0.05, 0.7) * fold_s)
         kills["fold"] += killed
         check_run(run, ledger, text_encoder)
-        if not killed:
+        if not killed:  # it finished first: the next kills scale with this fold (12 items, not the first's)
+            fold_s = took
             check_run(run, ledger, text_encoder, add=new_items(rng, base, f"to-fold{n}", 12))
         if kills["fold"] == 5:
             break
