@@ -51,7 +51,7 @@ from ace.serving.store import StoreError, resolve_store_url, store_backend
 from ace.serving.catalog import CatalogRetired, ItemCatalog
 from ace.serving.errors import (ItemConflictError, ItemNotFoundError, RetrieverError,  # noqa: F401 (API)
                                 SearchModeUnavailableError, WriterLockError)
-from ace.validation import InputError, check_query
+from ace.serving import per_query
 from identifiers import FlatTrie, SemanticIdTokenizer
 
 log = logging.getLogger("ace.serving.retriever")
@@ -218,37 +218,11 @@ class Retriever:
             self._forests.clear()
 
     # ---- search ----------------------------------------------------------------------------
-    @staticmethod
-    def _check_queries(queries, k) -> None:
-        if isinstance(queries, str):
-            raise RetrieverError("search() takes a list of query strings, not a single string")
-        if min(np.ravel(k), default=1) < 1:
-            raise RetrieverError(f"k must be >= 1, got {min(np.ravel(k))}")
-        for i, q in enumerate(queries):
-            try:
-                check_query(q, f"query {i}", max_chars=1 << 20)  # well-formed text; length is the caller's policy
-            except InputError as exc:
-                raise RetrieverError(str(exc)) from None
-
-    @staticmethod
-    def _per_query(modality, n: int) -> list[str | None]:
-        """``modality`` (None, one modality, or one per query) as a list of n filters."""
-        mods = [modality] * n if modality is None or isinstance(modality, str) else list(modality)
-        if len(mods) != n:
-            raise RetrieverError(f"got {len(mods)} modality filters for {n} queries")
-        bad = [m for m in mods if m is not None and m not in MODALITIES]
-        if bad:
-            raise RetrieverError(f"unknown modality {bad[0]!r}; known: {', '.join(MODALITIES)}")
-        return mods
+    _check_queries = staticmethod(per_query.check_queries)
+    _per_query = staticmethod(per_query.modalities)
 
     def _widths(self, k, num_beams, n: int) -> tuple[list[int], list[int]]:
-        """``k`` and ``num_beams`` (one value, or one per query) -> each query's k and beam width (its
-        num_beams or the run's default, raised to its k)."""
-        ks = [int(x) for x in np.ravel(k)] * (n if np.ndim(k) == 0 else 1)
-        nb = [num_beams] * n if num_beams is None or np.ndim(num_beams) == 0 else list(num_beams)
-        if len(ks) != n or len(nb) != n:
-            raise RetrieverError(f"got {len(ks)} k and {len(nb)} num_beams values for {n} queries")
-        return ks, [max(int(b or self.default_beams), kk) for b, kk in zip(nb, ks)]
+        return per_query.widths(k, num_beams, n, self.default_beams)
 
     def search(self, queries: list[str], k: int | Sequence[int] = 10, num_beams: int | None | Sequence[int | None] = None,
                modality: str | None | Sequence[str | None] = None,
@@ -270,17 +244,8 @@ class Retriever:
         if mode == "auto":
             mode = "hybrid" if self.hybrid is not None else "merged"
         if (np.ndim(k) or np.ndim(num_beams)) and mode in ("hybrid", "fallback"):  # one search per beam width
-            self._check_queries(queries, k)
-            ks, widths = self._widths(k, num_beams, len(queries))
-            mods = self._per_query(modality, len(queries))
-            out = [None] * len(queries)
-            for w in set(widths):
-                idx = [i for i, x in enumerate(widths) if x == w]
-                found = self.search([queries[i] for i in idx], max(ks[i] for i in idx), w, [mods[i] for i in idx],
-                                    batch_size=batch_size, mode=mode)
-                for i, row in zip(idx, found):
-                    out[i] = row[:ks[i]]
-            return out
+            return per_query.search_by_width(self.search, queries, k, num_beams, modality, self.default_beams,
+                                             batch_size=batch_size, mode=mode)
         if mode == "hybrid":
             mods = self._per_query(modality, len(queries)) if not isinstance(queries, str) else [modality]
             if len(set(mods)) <= 1:
@@ -309,7 +274,7 @@ class Retriever:
             gen: list[list[SearchHit]] = [[] for _ in queries]
             on_gen = [i for i, m in enumerate(mods) if m in gen_mods]
             if on_gen:
-                found = self.search_generative([queries[i] for i in on_gen], _pick(k, on_gen), _pick(num_beams, on_gen),
+                found = self.search_generative([queries[i] for i in on_gen], per_query.pick(k, on_gen), per_query.pick(num_beams, on_gen),
                                                [mods[i] for i in on_gen], batch_size=batch_size, progress=progress)
                 for i, hits in zip(on_gen, found):
                     gen[i] = hits
@@ -384,7 +349,7 @@ class Retriever:
             if len(live) < len(set(mods)):  # a modality without generative items: no hits for its queries
                 out = [[] for _ in queries]
                 on = [i for i, m in enumerate(mods) if m in live]
-                found = self.search_generative([queries[i] for i in on], _pick(k, on), _pick(num_beams, on),
+                found = self.search_generative([queries[i] for i in on], per_query.pick(k, on), per_query.pick(num_beams, on),
                                                [mods[i] for i in on], batch_size=batch_size, progress=progress) if on else []
                 for i, hits in zip(on, found):
                     out[i] = hits
@@ -517,8 +482,3 @@ class Retriever:
                                "tower": "dual" if self.fallback.tower.is_dual else "projected",
                                "bytes_per_item": self.fallback.bytes_per_item()}
         return out
-
-
-def _pick(value, idx: list[int]):
-    """One value for all queries stays as it is; one per query -> the values of queries ``idx``."""
-    return value if value is None or np.ndim(value) == 0 else [value[i] for i in idx]
