@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from ace.bench.__main__ import main as bench_main
+from ace.bench.ann_baselines import AnnError
 from ace.bench.efficiency import (EfficiencyConfig, EfficiencyError, bytes_per_item, faiss_index_bytes,
-                                  latency_summary, near_item_queries, parse_ace_spec, read_quality, ann_recall,
+                                  latency_summary, near_item_queries, parse_ace_spec, ann_recall,
                                   state_dict_bytes, trie_bytes)
 from ace.bench.synthetic import mixture_embeddings, random_codes
 from identifiers.trie import FlatTrie
@@ -25,23 +26,28 @@ def tiny_run(tmp_path_factory):
     (root / "tiny.yaml").write_text(TINY_MODEL)
     (root / "queries.txt").write_text("\n".join(f"a {c} dog on the {p}" for c in ("red", "blue", "green")
                                                 for p in ("beach", "street", "grass", "snow")))
+    tiny = {"d_model": 32, "n_heads": 2, "encoder_layers": 1, "decoder_layers": 1, "ffn_dim": 64}
     (root / "quality.json").write_text(json.dumps({"summary": [                   # ace.bench quality's format
         {"method": "dt_zero_shot", "beams": None, "R@1": 50.0, "R@10": 80.0},
-        {"method": "ace_no_fusion", "beams": 5, "R@1": 30.0, "R@10": 60.0},
-        {"method": "ace", "beams": 25, "R@1": 45.0, "R@10": 75.0},
-        {"method": "ace", "beams": 5, "R@1": 40.0, "R@10": 70.0},
-        {"method": "dt_doc_plus_queries", "beams": None, "R@1": 60.0, "R@10": 90.0}]}))
+        {"method": "ace_no_fusion", "beams": 5, "R@1": 30.0, "R@10": 60.0, "seeds": [0]},
+        {"method": "ace", "beams": 25, "R@1": 45.0, "R@10": 75.0, "seeds": [0]},
+        {"method": "ace", "beams": 5, "R@1": 40.0, "R@10": 70.0, "seeds": [0]},
+        {"method": "dt_doc_plus_queries", "beams": None, "R@1": 60.0, "R@10": 90.0}],
+        "configs": {"ace/seed0": {"model": {**tiny, "dropout": 0.1}},
+                    "ace_no_fusion/seed0": {"model": {**tiny, "fusion": False}}}}))
     out = root / "out"
     rc = bench_main(["efficiency", "--out", str(out), "--sizes", "200", "1000", "--dims", "32",
                      "--ace", f"tiny={root / 'tiny.yaml'},dropout=0.0", "--queries", str(root / "queries.txt"),
-                     "--quality-json", str(root / "quality.json"), *TINY_IDS, *FAST])
+                     "--trained", f"tiny-fp32={root / 'quality.json'}#ace beam 5",
+                     "--trained", f"DT-torch={root / 'quality.json'}#dt_doc_plus_queries", *TINY_IDS, *FAST])
     assert rc == 0
     return out, json.loads((out / "efficiency.json").read_text())
 
 
 def test_cli_json_rows_cover_every_method_and_size(tiny_run):
     _, res = tiny_run
-    methods = {"tiny-fp32", "tiny-int8", "DT-torch", "DT-faiss_flat", "DT-faiss_hnsw"}
+    methods = {"tiny-fp32", "tiny-int8", "DT-torch", "DT-faiss_flat", "DT-faiss_hnsw", "DT-faiss_ivfpq",
+               "DT-faiss_ivfsq8"}
     for n in (200, 1000):
         rows = {r["method"]: r for r in res["rows"] if r["n"] == n}
         assert set(rows) == methods
@@ -55,7 +61,17 @@ def test_cli_json_rows_cover_every_method_and_size(tiny_run):
         assert rows["DT-faiss_hnsw"]["data_bytes"] > rows["DT-faiss_flat"]["data_bytes"]   # + graph links
         assert 0.0 <= rows["DT-faiss_hnsw"]["recall_at_10_vs_exact"] <= 1.0
         assert 0.5 <= rows["DT-faiss_hnsw"]["recall_at_10_near_items"] <= 1.0     # tiny graphs: near exact
-        assert rows["DT-torch"]["recall_at_10_vs_exact"] is None
+        assert rows["DT-torch"]["recall_at_10_vs_exact"] is None and rows["DT-torch"]["ann"] is None
+        for b in ("faiss_hnsw", "faiss_ivfpq", "faiss_ivfsq8"):                # tuned, settings recorded
+            a = rows[f"DT-{b}"]["ann"]
+            assert a["target"] == 0.95 and a["met"] == (a["tune_recall"] >= 0.95) and a["tried"]
+            assert 0.0 <= rows[f"DT-{b}"]["recall_at_10_near_items"] <= 1.0
+            assert rows[f"DT-{b}"]["own_item_top10"]["exact"] == 1.0               # near-item queries find their item
+        assert set(rows["DT-faiss_hnsw"]["ann"]["params"]) == {"M", "efConstruction", "efSearch"}
+        assert rows["DT-faiss_ivfsq8"]["ann"]["params"]["nprobe"] <= rows["DT-faiss_ivfsq8"]["ann"]["params"]["nlist"]
+        pq = rows["DT-faiss_ivfpq"]["ann"]["params"]
+        assert rows["DT-faiss_ivfpq"]["data_bytes"] >= n * (pq["pq_m"] * pq["pq_nbits"] // 8 + 8)   # codes + ids
+        assert rows["DT-faiss_ivfsq8"]["data_bytes"] >= n * (32 + 8)             # + centroids and tables
         assert rows["tiny-fp32"]["data_bytes"] == rows["tiny-int8"]["data_bytes"]        # same trie + codes
         assert rows["tiny-int8"]["fixed_bytes"] < rows["tiny-fp32"]["fixed_bytes"]
     assert res["level_sizes"] == [16, 16, 16, 8]
@@ -65,7 +81,7 @@ def test_cli_json_rows_cover_every_method_and_size(tiny_run):
 
 def test_cli_ratios_and_targets_are_consistent_with_rows(tiny_run):
     _, res = tiny_run
-    assert len(res["ratios"]) == 2 * 2 * 3                                      # sizes x ACE x DT
+    assert len(res["ratios"]) == 2 * 2 * 5                                      # sizes x ACE x DT
     q = {(r["n"], r["method"]): r["qps_median"] for r in res["rows"]}
     for r in res["ratios"]:
         assert r["qps_ratio"] == pytest.approx(q[r["n"], r["ace"]] / q[r["n"], r["dt"]])
@@ -84,12 +100,19 @@ def test_cli_markdown_and_png_outputs(tiny_run):
     md = (out / "efficiency.md").read_text()
     assert md.startswith("# End-to-end efficiency")
     assert "python -m ace.bench efficiency" in md and "load average before" in md
-    assert md.count("| cpu | 1,000 | 32 |") >= 5 + 6                         # table rows + ratio rows
+    assert md.count("| cpu | 1,000 | 32 |") >= 7 + 10 + 3                    # table + ratio + ANN rows
+    assert "efConstruction" in md and "nprobe" in md
     assert "Targets at the largest N" in md and "recall_vs_throughput.png" in md
     for name in ("throughput_vs_corpus_size.png", "recall_vs_throughput.png"):
         data = (out / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5000
-    assert any("ACE = 'ace beam 5', DT = 'dt_doc_plus_queries'" in n for n in res["plot_notes"])
+    # the plot's rule: only tiny-fp32 has a trained figure of its shape; DT at D=32 is a random projection
+    assert res["trained_recall"]["tiny-fp32"]["R@10"] == 70.0
+    note = next(n for n in res["plot_notes"] if n.startswith("recall_vs_throughput.png"))
+    assert "tiny-fp32 = " in note and "#ace beam 5" in note
+    only = note.split("throughput only")[1]
+    for m in ("tiny-int8", "DT-torch", "DT-faiss_flat", "DT-faiss_hnsw", "DT-faiss_ivfpq"):
+        assert m in only
 
 
 def test_cli_ace_only_without_quality_draws_speed_only(tmp_path):
@@ -101,7 +124,7 @@ def test_cli_ace_only_without_quality_draws_speed_only(tmp_path):
     assert [r["method"] for r in res["rows"]] == ["t-fp32"] and res["ratios"] == [] and res["targets"] == []
     assert (tmp_path / "o" / "throughput_vs_corpus_size.png").is_file()
     assert not (tmp_path / "o" / "recall_vs_throughput.png").exists()
-    assert "not drawn (speed only)" in (tmp_path / "o" / "efficiency.md").read_text()
+    assert "was not drawn: no measured method has a trained recall" in (tmp_path / "o" / "efficiency.md").read_text()
 
 
 def test_cli_bad_model_key_is_a_clear_error(tmp_path, capsys):
@@ -146,8 +169,13 @@ def test_faiss_index_bytes_matches_serialisation():
         serial = len(faiss.serialize_index(index))
         assert x.nbytes <= faiss_index_bytes(index) <= serial < faiss_index_bytes(index) + 512
     assert faiss_index_bytes(flat) == x.nbytes
-    with pytest.raises(EfficiencyError, match="no size accounting"):
-        faiss_index_bytes(faiss.IndexIVFFlat(flat, 24, 4))
+    with pytest.raises(AnnError, match="no size accounting"):
+        faiss_index_bytes(faiss.IndexIVFFlat(flat, 24, 4))                         # untrained
+    ivf = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(24), 24, 4, faiss.ScalarQuantizer.QT_8bit,
+                                        faiss.METRIC_INNER_PRODUCT)
+    ivf.train(x)
+    ivf.add(x)
+    assert faiss_index_bytes(ivf) == len(faiss.serialize_index(ivf)) >= 500 * (24 + 8)   # codes + ids
 
 
 def test_state_dict_bytes_int8_smaller():
@@ -169,7 +197,7 @@ def test_ann_recall():
     exact = np.array([[1, 2, 3, 4], [5, 6, -1, -1]])
     approx = np.array([[4, 3, 9, 8], [6, 5, 7, 1]])
     assert ann_recall(approx, exact) == pytest.approx((2 / 4 + 2 / 2) / 2)
-    with pytest.raises(EfficiencyError, match="shapes"):
+    with pytest.raises(AnnError, match="shapes"):
         ann_recall(approx[:1], exact)
 
 
@@ -192,22 +220,11 @@ def test_config_validation():
         EfficiencyConfig(prepare_only=True)
     with pytest.raises(EfficiencyError, match="sizes"):
         EfficiencyConfig(sizes=[0])
+    with pytest.raises(EfficiencyError, match="ann_target"):
+        EfficiencyConfig(ann_target=1.5)
+    with pytest.raises(EfficiencyError, match="M:efConstruction"):
+        EfficiencyConfig(hnsw_builds=["32"])
     assert EfficiencyConfig(sizes=[1000, 10, 1000]).sizes == [10, 1000]
-
-
-def test_read_quality_formats(tmp_path):
-    p = tmp_path / "q.json"
-    p.write_text(json.dumps({"ACE": {"R@1": 1.0, "R@10": 2.0}, "DT": {"metrics": {"R@10": 3.0}}}))
-    assert read_quality(str(p)) == {"ACE": {"R@1": 1.0, "R@10": 2.0}, "DT": {"R@10": 3.0}}
-    p.write_text(json.dumps({"rows": [{"method": "ace", "beams": 5, "seed": 0, "R@10": 1.0},
-                                      {"method": "ace", "beams": 5, "seed": 1, "R@10": 2.0}]}))
-    assert read_quality(str(p)) == {"ace beam 5": {"method": "ace", "beams": 5, "seed": 0, "R@10": 1.0}}
-    p.write_text(json.dumps([{"name": "ACE", "R@1": 5.0}]))
-    with pytest.raises(EfficiencyError, match="R@10"):
-        read_quality(str(p))
-    p.write_text("{not json")
-    with pytest.raises(EfficiencyError, match="not valid JSON"):
-        read_quality(str(p))
 
 
 def test_random_codes_and_mixture_embeddings():
@@ -227,7 +244,36 @@ def test_cli_from_json_redraws_without_measuring(tiny_run, tmp_path):
     rc = bench_main(["efficiency", "--out", str(tmp_path / "re"), "--from-json", str(out / "efficiency.json")])
     assert rc == 0
     again = json.loads((tmp_path / "re" / "efficiency.json").read_text())
-    assert again["rows"] == res["rows"] and again["config"]["quality_json"] is None
+    assert again["rows"] == res["rows"] and again["config"]["trained"] == [] and again["trained_recall"] == {}
     assert (tmp_path / "re" / "throughput_vs_corpus_size.png").is_file()
     assert not (tmp_path / "re" / "recall_vs_throughput.png").exists()
     assert bench_main(["efficiency", "--out", str(tmp_path), "--from-json", str(tmp_path / "missing.json")]) == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ann-target", "0"], "ann_target"),
+    (["--hnsw-builds", "32:x"], "M:efConstruction"),
+    (["--ivf-nlist-factor", "-1"], "ivf_nlist_factor"),
+    (["--trained", "tiny-fp32"], "METHOD=RUN_DIR"),
+    (["--trained", "tiny-fp32=/no/such/quality.json#ace beam 5"], "not found"),
+])
+def test_cli_new_flags_reject_bad_values(tmp_path, capsys, flags, message):
+    rc = bench_main(["efficiency", "--out", str(tmp_path), "--sizes", "50", "--dims", "8", "--no-ace",
+                     *flags, *TINY_IDS, *FAST])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_ann_flags_reach_the_tuning(tmp_path):
+    rc = bench_main(["efficiency", "--out", str(tmp_path / "o"), "--sizes", "600", "--dims", "16", "--no-ace",
+                     "--dt", "faiss_flat", "faiss_hnsw", "faiss_ivfpq", "--ann-target", "0.5",
+                     "--hnsw-builds", "8:10", "16:20", "--ivf-nlist-factor", "1", "--pq-bytes", "4",
+                     "--tune-queries", "30", *FAST])
+    assert rc == 0
+    res = json.loads((tmp_path / "o" / "efficiency.json").read_text())
+    rows = {r["method"]: r for r in res["rows"]}
+    hnsw, ivf = rows["DT-faiss_hnsw"]["ann"], rows["DT-faiss_ivfpq"]["ann"]
+    assert hnsw["target"] == 0.5 and hnsw["tune_queries"] == 30
+    assert hnsw["params"]["M"] == 8 and hnsw["params"]["efConstruction"] == 10      # the first build met 0.5
+    assert ivf["params"]["nlist"] == round(600 ** 0.5) and ivf["params"]["pq_m"] == 4
+    assert res["config"]["hnsw_builds"] == ["8:10", "16:20"]

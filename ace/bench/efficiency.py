@@ -12,8 +12,9 @@ index for both):
   section or a bare model mapping, plus ``key=value`` overrides), each in fp32 and dynamic int8.
 - DT: text encoder (all-MiniLM-L6-v2) -> [fixed random projection to D when D != 384, a stand-in
   for a D-dim text tower] -> top-10 by inner product: exact ``torch`` matmul, exact faiss
-  ``IndexFlatIP``, approximate faiss ``IndexHNSWFlat`` (M, efConstruction, efSearch; its
-  recall@10 against exact search is reported).
+  ``IndexFlatIP``, and approximate faiss indexes (``ace.bench.ann_baselines``): ``IndexHNSWFlat``,
+  IVF-PQ at the hybrid mode's PQ budget and IVF-SQ8, each tuned to ``--ann-target`` recall@10 of
+  exact search on held-out near-item query vectors (chosen settings and recalls are reported).
 
 Items are synthetic: a Gaussian mixture (``ace.bench.synthetic.mixture_embeddings``), the first N rows
 of one sample per D. ACE identifiers are fitted on the largest-D embeddings of the same N items
@@ -21,7 +22,8 @@ of one sample per D. ACE identifiers are fitted on the largest-D embeddings of t
 Every (N, D) group measures all its methods interleaved (the method order rotates each repeat),
 so ratios between methods are measured in the same minutes of a possibly busy machine.
 Outputs in ``--out``: efficiency.json, efficiency.md, throughput_vs_corpus_size.png and, with
-``--quality-json``, recall_vs_throughput.png.
+``--trained METHOD=SOURCE`` figures, recall_vs_throughput.png (``ace.bench.efficiency_plots``: only
+trained models' recall of the same shape; every other method is drawn as throughput only).
 """
 from __future__ import annotations
 
@@ -39,12 +41,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ace.arrays import unit_rows
+from ace.bench.ann_baselines import (ANN_BACKENDS, AnnError, ann_markdown, ann_recall, exact_top_k,  # noqa: F401
+                                    faiss_index_bytes, near_item_queries, near_item_sample, own_item_rate,
+                                    parse_hnsw_builds, tuned_index)
+from ace.bench.efficiency_plots import PlotError, model_arch, parse_trained, plot, read_json, trained_figures
 from ace.config import ConfigError, config_hash, deep_merge, from_dict, parse_overrides, read_yaml, to_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 TRIE_ARRAYS = ("child_start", "child_count", "child_code", "child_node", "leaf_item")
-DT_BACKENDS = ("torch", "faiss_flat", "faiss_hnsw")
+DT_BACKENDS = ("torch", "faiss_flat") + ANN_BACKENDS
 PRECISIONS = ("fp32", "int8")
 TOP_K = 10
 
@@ -69,28 +74,28 @@ class EfficiencyConfig:
     latency_queries: int = 20        # batch-1 queries per method and repeat
     threads: int = 2                 # intra-op threads while measuring search
     build_threads: int = 0           # threads for HNSW builds (0 = threads)
-    hnsw_m: int = 32
-    ef_construction: int = 40
-    ef_search: int = 128
-    hnsw_max_n: int = 0              # 0 = build HNSW at every size; else skip sizes above this
+    ann_target: float = 0.95         # recall@10 vs exact the ANN indexes are tuned to (ace.bench.ann_baselines)
+    hnsw_builds: list[str] = field(default_factory=lambda: ["32:40", "32:100"])   # M:efConstruction, tried in order
+    ivf_nlist_factor: float = 4.0    # IVF lists = factor x sqrt(N)
+    pq_bytes: int = 48               # IVF-PQ bytes per item (the hybrid mode's PQ budget)
+    tune_queries: int = 200          # held-out near-item query vectors for tuning
+    hnsw_max_n: int = 0              # 0 = build ANN indexes at every size; else skip sizes above this
     identifiers: str = "fitted"      # fitted | random
     id_overrides: list[str] = field(default_factory=list)   # IdentifierConfig key=value
     queries: str | None = None       # .txt (one a line) or a caption file; default: templated queries
     text_encoder: str = "all-MiniLM-L6-v2"
     cache_dir: str | None = None     # embeddings, identifiers and HNSW indexes are kept here
     seed: int = 0
-    prepare_only: bool = False       # build the cached identifiers and HNSW indexes, measure nothing
-    quality_json: str | None = None
-    quality_ace: str | None = None   # method name in the quality JSON (default: first ACE row)
-    quality_dt: str | None = None    # (default: first DT doc+queries row, else first DT row)
+    prepare_only: bool = False       # build the cached identifiers and tuned ANN indexes, measure nothing
+    trained: list[str] = field(default_factory=list)   # METHOD=RUN_DIR | quality.json#NAME (efficiency_plots)
 
     def __post_init__(self):
         if not self.sizes or min(self.sizes) < 1:
             raise EfficiencyError(f"sizes must be positive corpus sizes, got {self.sizes}")
         if not self.dims or min(self.dims) < 1:
             raise EfficiencyError(f"dims must be positive, got {self.dims}")
-        for name in ("beams", "batch", "num_batches", "repeats", "latency_queries", "threads", "hnsw_m",
-                     "ef_construction", "ef_search"):
+        for name in ("beams", "batch", "num_batches", "repeats", "latency_queries", "threads", "tune_queries",
+                     "pq_bytes"):
             if getattr(self, name) < 1:
                 raise EfficiencyError(f"{name} must be >= 1, got {getattr(self, name)}")
         unknown = set(self.precisions) - set(PRECISIONS)
@@ -99,6 +104,13 @@ class EfficiencyConfig:
         unknown = set(self.dt_backends) - set(DT_BACKENDS)
         if unknown:
             raise EfficiencyError(f"unknown DT backend(s) {sorted(unknown)}; known: {', '.join(DT_BACKENDS)}")
+        if not 0 < self.ann_target <= 1 or self.ivf_nlist_factor <= 0:
+            raise EfficiencyError(f"ann_target must be in (0, 1] and ivf_nlist_factor > 0, got {self.ann_target} "
+                                  f"and {self.ivf_nlist_factor}")
+        try:
+            parse_hnsw_builds(self.hnsw_builds)
+        except AnnError as exc:
+            raise EfficiencyError(str(exc)) from None
         if self.identifiers not in ("fitted", "random"):
             raise EfficiencyError(f"identifiers must be 'fitted' or 'random', got {self.identifiers!r}")
         if self.prepare_only and not self.cache_dir:
@@ -133,50 +145,12 @@ def trie_bytes(trie) -> int:
     return int(sum(np.asarray(getattr(trie, name)).nbytes for name in TRIE_ARRAYS))
 
 
-def faiss_index_bytes(index) -> int:
-    """Bytes of a faiss IndexFlat / IndexHNSWFlat from faiss's own vectors (the serialised size
-    minus a header of a few hundred bytes)."""
-    import faiss
-
-    index = faiss.downcast_index(index)
-    if isinstance(index, faiss.IndexHNSW):
-        hnsw = index.hnsw
-        links = (hnsw.neighbors.size() * 4 + hnsw.offsets.size() * 8 + hnsw.levels.size() * 4
-                 + hnsw.assign_probas.size() * 8 + hnsw.cum_nneighbor_per_level.size() * 4)
-        return int(faiss_index_bytes(index.storage) + links)
-    if isinstance(index, faiss.IndexFlatCodes):
-        return int(index.codes.size())
-    raise EfficiencyError(f"no size accounting for faiss index type {type(index).__name__}")
-
-
 def bytes_per_item(*, fixed_bytes: int, data_bytes: int, n: int) -> dict:
     """Fixed (model) and per-corpus (index / trie) bytes -> per-item figures."""
     if n < 1:
         raise EfficiencyError(f"corpus size must be >= 1, got {n}")
     return {"fixed_bytes": int(fixed_bytes), "data_bytes": int(data_bytes), "data_per_item": data_bytes / n,
             "total_per_item": (fixed_bytes + data_bytes) / n}
-
-
-def near_item_queries(vectors: np.ndarray, count: int, *, noise: float = 0.5, seed: int = 0) -> np.ndarray:
-    """``count`` unit queries near random items: normalise(x_i + e), |e| ~ noise (in-distribution
-    queries, as a trained DT's queries land near their items)."""
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(vectors.shape[0], size=min(count, vectors.shape[0]), replace=False))
-    x = np.asarray(vectors[rows], dtype=np.float32)                                    # (Q, D)
-    x = x + noise * rng.standard_normal(x.shape).astype(np.float32) / np.sqrt(x.shape[1])
-    return np.ascontiguousarray(unit_rows(x), dtype=np.float32)
-
-
-def ann_recall(approx: np.ndarray, exact: np.ndarray) -> float:
-    """Recall of an approximate index against exact search: the mean share of each exact top-k row
-    found in the approximate top-k (row-wise). Not ``ace.metrics.recall_at_k``, the share of queries
-    whose one target item is in their top k."""
-    approx, exact = np.asarray(approx), np.asarray(exact)
-    if approx.shape != exact.shape or approx.ndim != 2:
-        raise EfficiencyError(f"approximate {approx.shape} and exact {exact.shape} results must be equal 2-D shapes")
-    hits = [len(set(a.tolist()) & set(e[e >= 0].tolist())) / max(int((e >= 0).sum()), 1)
-            for a, e in zip(approx, exact)]
-    return float(np.mean(hits))
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -363,7 +337,7 @@ def build_ace_searchers(cfg: EfficiencyConfig, level_sizes, texts: list[str], de
         shape = {"spec": spec, "params": sum(p.numel() for p in model.parameters()), "d_model": ace_cfg.d_model,
                  "encoder": f"pretrained ({section.pretrained_encoder})" if enc_path else "from scratch",
                  "encoder_layers": ace_cfg.encoder_layers, "decoder_layers": ace_cfg.decoder_layers,
-                 "query_vocab": ace_cfg.query_vocab_size}
+                 "query_vocab": ace_cfg.query_vocab_size, "arch": model_arch(section)}
         for precision in cfg.precisions:
             if precision == "int8":
                 if device != "cpu":
@@ -376,33 +350,9 @@ def build_ace_searchers(cfg: EfficiencyConfig, level_sizes, texts: list[str], de
     return out
 
 
-def build_hnsw(vectors: np.ndarray, cfg: EfficiencyConfig):
-    """IndexHNSWFlat (inner product) over vectors and its build seconds; cached in cache_dir."""
-    import faiss
-    n, d = vectors.shape
-    path = None
-    if cfg.cache_dir:
-        path = Path(cfg.cache_dir) / f"hnsw_{n}x{d}_s{cfg.seed}_M{cfg.hnsw_m}_efc{cfg.ef_construction}.faiss"
-        if path.is_file() and path.with_suffix(".json").is_file():
-            return faiss.read_index(str(path)), json.loads(path.with_suffix(".json").read_text())["build_s"]
-    index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = cfg.ef_construction
-    threads = cfg.build_threads or cfg.threads
-    faiss.omp_set_num_threads(threads)
-    t = time.perf_counter()
-    for s in range(0, n, 100_000):                           # chunks keep memmap reads bounded
-        index.add(np.ascontiguousarray(vectors[s:s + 100_000], dtype=np.float32))
-    build_s = time.perf_counter() - t
-    faiss.omp_set_num_threads(cfg.threads)
-    if path is not None:
-        faiss.write_index(index, str(path))
-        path.with_suffix(".json").write_text(json.dumps({"build_s": build_s, "threads": threads,
-                                                         "load_after": os.getloadavg()}))
-    return index, build_s
-
-
 def attach_dense_corpus(searchers: list[DenseSearch], vectors: np.ndarray, cfg: EfficiencyConfig) -> dict:
-    """Build each DT searcher's index over ``vectors``; returns {backend: (build_s, data_bytes)}.
+    """Build each DT searcher's index over ``vectors``; returns {backend: (build_s, data_bytes, ann info)}
+    (ANN indexes tuned to ``cfg.ann_target``: ``ace.bench.ann_baselines.tuned_index``).
 
     On CPU the torch matrix is a view of the faiss flat index's vectors when both are measured (one
     copy of N x D in memory; each method's data bytes are still counted as if it stood alone)."""
@@ -416,17 +366,43 @@ def attach_dense_corpus(searchers: list[DenseSearch], vectors: np.ndarray, cfg: 
                 np.ascontiguousarray(vectors, dtype=np.float32)
             s.items = torch.from_numpy(dense).to(s.device)                           # (N, D)
             s.owner = flat                                     # keeps the viewed faiss storage alive
-            info[s.backend] = (time.perf_counter() - t, s.items.numel() * s.items.element_size())
+            info[s.backend] = (time.perf_counter() - t, s.items.numel() * s.items.element_size(), None)
         elif s.backend == "faiss_flat":
             s.index = flat = faiss.IndexFlatIP(d)
             for i in range(0, n, 100_000):
                 s.index.add(np.ascontiguousarray(vectors[i:i + 100_000], dtype=np.float32))
-            info[s.backend] = (time.perf_counter() - t, faiss_index_bytes(s.index))
+            info[s.backend] = (time.perf_counter() - t, faiss_index_bytes(s.index), None)
         else:
-            s.index, build_s = build_hnsw(vectors, cfg)
-            s.index.hnsw.efSearch = max(cfg.ef_search, TOP_K)
-            info[s.backend] = (build_s, faiss_index_bytes(s.index))
+            s.index, ann = tune_ann(s.backend, vectors, cfg)
+            info[s.backend] = (ann["build_s"], faiss_index_bytes(s.index), ann)
     return info
+
+
+def tune_ann(backend: str, vectors: np.ndarray, cfg: EfficiencyConfig):
+    """(index at its tuned setting, info): tuned on ``cfg.tune_queries`` near-item query vectors drawn
+    with another seed than the reported near-item recall's."""
+    rows, tq = near_item_sample(vectors, cfg.tune_queries, seed=cfg.seed + 7919)
+    print(f"  tuning {backend} over {vectors.shape[0]:,} x {vectors.shape[1]} to recall@10 >= {cfg.ann_target} ...",
+          flush=True)
+    index, info = tuned_index(backend, vectors, tq, exact_top_k(vectors, tq), target=cfg.ann_target,
+                              hnsw_builds=parse_hnsw_builds(cfg.hnsw_builds), nlist_factor=cfg.ivf_nlist_factor,
+                              pq_bytes=cfg.pq_bytes, seed=cfg.seed, cache_dir=cfg.cache_dir,
+                              threads=cfg.build_threads or cfg.threads, search_threads=cfg.threads)
+    print(f"  {backend}: {info['params']}, tune recall@10 {info['tune_recall']:.3f} "
+          f"({'met' if info['met'] else 'MISSED'}), build {info['build_s']:.0f} s", flush=True)
+    return index, info
+
+
+def ann_recalls(approx, exact, text_batches: list[list[str]], vectors: np.ndarray, cfg: EfficiencyConfig) -> dict:
+    """recall@10 vs exact on the benchmark's text queries and on near-item query vectors (seed
+    ``cfg.seed``, not the tuning seed), and how often a near-item query's own item is in the top-10."""
+    qv = approx.encode([t for b in text_batches for t in b])
+    rows, near = near_item_sample(vectors, len(qv), seed=cfg.seed)
+    ex_near = exact.search_vectors(near)
+    ann_near = approx.search_vectors(near)
+    return {"recall_at_10_vs_exact": ann_recall(approx.search_vectors(qv), exact.search_vectors(qv)),
+            "recall_at_10_near_items": ann_recall(ann_near, ex_near),
+            "own_item_top10": {"ann": own_item_rate(ann_near, rows), "exact": own_item_rate(ex_near, rows)}}
 
 
 # ------------------------------------------------------------------------------ measurement
@@ -482,8 +458,9 @@ def run(cfg: EfficiencyConfig, *, command: str = "", partial: Path | None = None
     if cfg.prepare_only:
         for n in cfg.sizes:
             for d in cfg.dims:
-                if "faiss_hnsw" in cfg.dt_backends and not (cfg.hnsw_max_n and n > cfg.hnsw_max_n):
-                    print(f"HNSW {n:,} x {d}: built in {build_hnsw(vectors[d][:n], cfg)[1]:.1f} s", flush=True)
+                for b in (b for b in cfg.dt_backends if b in ANN_BACKENDS):
+                    if not (cfg.hnsw_max_n and n > cfg.hnsw_max_n):
+                        tune_ann(b, vectors[d][:n], cfg)
         return {"prepared": cfg.cache_dir, "identifier_s": id_s}
 
     rows, ratios, shapes = [], [], {}
@@ -510,18 +487,13 @@ def run(cfg: EfficiencyConfig, *, command: str = "", partial: Path | None = None
                 extra = 0 if proj is None else proj.numel() * 4
                 dense = [DenseSearch(name=f"DT-{b}", encoder=encoder, projection=proj, backend=b, device=device,
                                      fixed_bytes=enc_bytes + extra)
-                         for b in backends if not (b == "faiss_hnsw" and cfg.hnsw_max_n and n > cfg.hnsw_max_n)]
+                         for b in backends if not (b in ANN_BACKENDS and cfg.hnsw_max_n and n > cfg.hnsw_max_n)]
                 built = attach_dense_corpus(dense, vectors[d][:n], cfg)
                 group = f"{device} N={n:,} D={d}"
                 timings = measure(ace + dense, batches, latency_texts, cfg.repeats, group)
-                recall = recall_near = None
-                hnsw = [s for s in dense if s.backend == "faiss_hnsw"]
-                exact = [s for s in dense if s.backend != "faiss_hnsw"]
-                if hnsw and exact:
-                    qv = hnsw[0].encode([t for b in batches for t in b])
-                    recall = ann_recall(hnsw[0].search_vectors(qv), exact[0].search_vectors(qv))
-                    qv = near_item_queries(vectors[d][:n], len(qv), seed=cfg.seed)
-                    recall_near = ann_recall(hnsw[0].search_vectors(qv), exact[0].search_vectors(qv))
+                exact = [s for s in dense if s.backend not in ANN_BACKENDS]
+                recalls = {s.name: ann_recalls(s, exact[0], batches, vectors[d][:n], cfg)
+                           for s in dense if s.backend in ANN_BACKENDS and exact}
                 for s in ace + dense:
                     tm = timings[s.name]
                     is_ace = s.family == "ACE"
@@ -531,9 +503,8 @@ def run(cfg: EfficiencyConfig, *, command: str = "", partial: Path | None = None
                            **latency_summary(tm["latency_ms"]),
                            "build_s": trie_s if is_ace else built[s.backend][0],
                            "identifier_s": id_s if is_ace else None,
-                           "recall_at_10_vs_exact": recall if getattr(s, "backend", None) == "faiss_hnsw" else None,
-                           "recall_at_10_near_items": recall_near if getattr(s, "backend", None) == "faiss_hnsw"
-                           else None,
+                           "recall_at_10_vs_exact": None, "recall_at_10_near_items": None,
+                           **recalls.get(s.name, {}), "ann": None if is_ace else built[s.backend][2],
                            **bytes_per_item(fixed_bytes=s.fixed_bytes, data_bytes=ace_data if is_ace else built[s.backend][1], n=n)}
                     rows.append(row)
                     print(f"[{group}] {s.name}: {row['qps_median']:.0f} q/s, p50 {row['p50_ms']:.1f} ms, "
@@ -545,6 +516,7 @@ def run(cfg: EfficiencyConfig, *, command: str = "", partial: Path | None = None
                     partial.parent.mkdir(parents=True, exist_ok=True)
                     partial.write_text(json.dumps({"command": command, "rows": rows, "ratios": ratios}, indent=1))
     result = {"command": command, "config": to_dict(cfg), "level_sizes": list(level_sizes), "ace_shapes": shapes,
+              "text_encoder_dim": encoder.dim if encoder else None,
               "identifier_fit_s": id_s,
               "query_tokens_note": "end-to-end: tokenization/encoding included for every method",
               "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
@@ -600,7 +572,9 @@ def markdown(result: dict) -> str:
              f"Queries: batch {cfg['batch']} x {cfg['num_batches']} per throughput pass, {cfg['repeats']} passes "
              f"(median, best), batch-1 latency over {cfg['latency_queries']} x {cfg['repeats']} single queries. "
              f"ACE beam {cfg['beams']}, identifiers {cfg['identifiers']} {result['level_sizes']}; "
-             f"HNSW M={cfg['hnsw_m']}, efConstruction={cfg['ef_construction']}, efSearch={cfg['ef_search']}.", ""]
+             f"ANN indexes tuned to recall@10 >= {cfg['ann_target']} of exact on {cfg['tune_queries']} held-out "
+             f"near-item query vectors (HNSW builds tried {', '.join(cfg['hnsw_builds'])}; IVF nlist = "
+             f"{cfg['ivf_nlist_factor']:g} x sqrt(N), PQ {cfg['pq_bytes']} bytes); settings per row below.", ""]
     for name, s in result["ace_shapes"].items():
         lines.append(f"- {name}: `{s['spec']}`: d_model {s['d_model']}, encoder {s['encoder']} "
                      f"({s['encoder_layers']} fused), {s['decoder_layers']} decoder layers, "
@@ -620,6 +594,7 @@ def markdown(result: dict) -> str:
     for r in result["ratios"]:
         lines.append(f"| {r['device']} | {r['n']:,} | {r['dim']} | {r['ace']} | {r['dt']} | {r['qps_ratio']:.2f} | "
                      f"{r['p50_ratio']:.2f} |")
+    lines += ann_markdown(result["rows"])
     lines += ["", "Targets at the largest N:", "", "| device | N | D | ACE | target | ratio | met |",
               "|---|---:|---:|---|---|---:|---|"]
     for t in result["targets"]:
@@ -628,8 +603,8 @@ def markdown(result: dict) -> str:
     fit = result.get("identifier_fit_s")
     lines += ["", "build s: ACE = FlatTrie.from_codes over the N identifiers" +
               (f" (identifiers fitted once on the largest corpus in {fit:.0f} s, the first N rows used)" if fit else "") +
-              "; DT-torch = copying the vectors into a tensor; faiss flat = add; HNSW = add (graph build; read from "
-              "the cache when --cache-dir held it, with the time of the run that built it)."]
+              "; DT-torch = copying the vectors into a tensor; faiss flat = add; HNSW / IVF = train + add of the "
+              "chosen build (read from the cache when --cache-dir held it, with the time of the run that built it)."]
     lines += ["", "data B/item: ACE = trie arrays + identifier table (int64 codes) / N; DT = embedding matrix or "
               "faiss index / N. total B/item adds the fixed model bytes (ACE model state_dict; DT text encoder "
               "+ projection) / N."]
@@ -644,53 +619,6 @@ def fmt_load(load) -> str:
     return " / ".join(f"{x:.2f}" for x in load)
 
 
-def read_json(path: str, what: str):
-    """A JSON file, with a clear error when it is missing or corrupt."""
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise EfficiencyError(f"{what} not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise EfficiencyError(f"{what} {path} is not valid JSON: {exc}") from None
-
-
-def read_quality(path: str) -> dict[str, dict]:
-    """Method name -> metrics from a quality-benchmark JSON (ace.bench quality's ``summary`` or
-    ``rows``: method + beams -> "ace beam 5"), a list of such rows, or a mapping name -> metrics."""
-    data = read_json(path, "quality JSON")
-    if isinstance(data, dict):
-        for key in ("summary", "rows", "results"):
-            if key in data:
-                data = data[key]
-                break
-    out = {}
-    if isinstance(data, list):
-        for row in data:
-            name = isinstance(row, dict) and (row.get("method") or row.get("name"))
-            if name:
-                beams = row.get("beams")
-                out.setdefault(f"{name} beam {beams}" if beams else str(name), row.get("metrics", row))
-    elif isinstance(data, dict):
-        out = {str(k): v.get("metrics", v) for k, v in data.items() if isinstance(v, dict)}
-    out = {k: v for k, v in out.items() if isinstance(v, dict) and "R@10" in v}
-    if not out:
-        raise EfficiencyError(f"no methods with an 'R@10' figure in quality JSON {path}")
-    return out
-
-
-def pick_quality(quality: dict, wanted: str | None, patterns: list[tuple[str, ...]]) -> str | None:
-    if wanted:
-        if wanted not in quality:
-            raise EfficiencyError(f"method {wanted!r} not in the quality JSON; it has: {', '.join(quality)}")
-        return wanted
-    for words in patterns:
-        for name in quality:
-            low = name.lower()
-            if all(w in low for w in words) and not any(x in low for x in ("without", "w/o", "no ", "_no_")):
-                return name
-    return None
-
-
 def load_result(path: str) -> dict:
     """An efficiency.json written by an earlier run."""
     result = read_json(path, "efficiency JSON")
@@ -698,67 +626,6 @@ def load_result(path: str) -> dict:
     if missing:
         raise EfficiencyError(f"{path} is not an efficiency.json (missing {', '.join(missing)})")
     return result
-
-
-def plot(result: dict, out: Path, quality: dict | None, cfg: EfficiencyConfig) -> tuple[list[str], list[str]]:
-    """throughput_vs_corpus_size.png (+ recall_vs_throughput.png with quality figures); (paths, notes)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in result["rows"] if r["device"] == "cpu"] or result["rows"]
-    dims = sorted({r["dim"] for r in rows})
-    fig, axes = plt.subplots(1, len(dims), figsize=(6 * len(dims), 4.5), squeeze=False)
-    for ax, d in zip(axes[0], dims):
-        for method in dict.fromkeys(r["method"] for r in rows):
-            pts = sorted((r["n"], r["qps_median"]) for r in rows if r["dim"] == d and r["method"] == method)
-            if pts:
-                ax.plot(*zip(*pts), marker="o", ls="-" if method.startswith("DT") else "--", label=method)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("corpus size N (items)")
-        ax.set_ylabel("queries / s (end-to-end, batch %d)" % cfg.batch)
-        ax.set_title(f"DT item vectors D={d} ({rows[0]['device']}, {cfg.threads} threads)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths = [out / "throughput_vs_corpus_size.png"]
-    fig.savefig(paths[0], dpi=90)
-    plt.close(fig)
-    notes = []
-    if quality is None:
-        notes.append("No --quality-json given: recall_vs_throughput.png was not drawn (speed only).")
-        return [str(p) for p in paths], notes
-    n = max(r["n"] for r in rows)
-    ace_name = pick_quality(quality, cfg.quality_ace, [("ace", f"beam {cfg.beams}"), ("ace", "full"), ("ace",)])
-    dt_name = pick_quality(quality, cfg.quality_dt, [("dt", "doc"), ("dt",)])
-    fig, axes = plt.subplots(1, len(dims), figsize=(6 * len(dims), 4.5), squeeze=False)
-    for ax, d in zip(axes[0], dims):
-        for r in (r for r in rows if r["n"] == n and r["dim"] == d):
-            if r["family"] == "ACE" and ace_name:
-                y, label = quality[ace_name]["R@10"], f"{r['method']} ({ace_name})"
-            elif r["family"] == "DT" and dt_name:
-                rec = r.get("recall_at_10_near_items") or r["recall_at_10_vs_exact"]
-                y = quality[dt_name]["R@10"] * (rec or 1.0)
-                label = f"{r['method']} ({dt_name}" + (" x HNSW recall vs exact)" if rec is not None else ")")
-            else:
-                continue
-            ax.scatter(r["qps_median"], y, label=label)
-        ax.set_xscale("log")
-        ax.set_xlabel(f"queries / s at N={n:,} (end-to-end)")
-        ax.set_ylabel("R@10 (quality benchmark)")
-        ax.set_title(f"recall vs throughput, D={d}")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    paths.append(out / "recall_vs_throughput.png")
-    fig.savefig(paths[1], dpi=90)
-    plt.close(fig)
-    notes.append(f"recall_vs_throughput.png: R@10 from {cfg.quality_json} (ACE = '{ace_name}', DT = '{dt_name}'; "
-                 "the quality run's corpus, not the synthetic one of the speed figures); ACE int8 is drawn at the "
-                 "fp32 R@10 (not measured separately); DT+HNSW R@10 = the exact DT R@10 x HNSW recall@10 vs exact "
-                 "measured here (near-item queries when measured; an estimate).")
-    return [str(p) for p in paths], notes
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -776,22 +643,28 @@ def parse_args(argv: list[str] | None) -> tuple[EfficiencyConfig, Path, str | No
     ap.add_argument("--precisions", nargs="+", default=d.precisions, choices=PRECISIONS)
     ap.add_argument("--dt", nargs="*", default=d.dt_backends, choices=DT_BACKENDS, dest="dt_backends")
     ap.add_argument("--devices", nargs="+", default=d.devices, help="auto (cpu + cuda when present), cpu, cuda")
-    for name in ("beams", "batch", "num_batches", "repeats", "latency_queries", "threads", "build_threads", "hnsw_m",
-                 "ef_construction", "ef_search", "hnsw_max_n", "seed"):
+    for name in ("beams", "batch", "num_batches", "repeats", "latency_queries", "threads", "build_threads",
+                 "hnsw_max_n", "seed", "tune_queries", "pq_bytes"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    ap.add_argument("--ann-target", type=float, default=d.ann_target,
+                    help="recall@10 vs exact search the ANN indexes are tuned to (default 0.95)")
+    ap.add_argument("--hnsw-builds", nargs="+", default=d.hnsw_builds, metavar="M:EFC",
+                    help="HNSW builds tried in order until one reaches the target (default 32:40 32:100)")
+    ap.add_argument("--ivf-nlist-factor", type=float, default=d.ivf_nlist_factor,
+                    help="IVF lists = factor x sqrt(N) (default 4)")
     ap.add_argument("--identifiers", choices=("fitted", "random"), default=d.identifiers)
     ap.add_argument("--id", nargs="*", default=[], dest="id_overrides", metavar="KEY=VALUE",
                     help="IdentifierConfig overrides, e.g. --id K=64 max_u=256")
     ap.add_argument("--queries", default=None, help=".txt (one query a line) or a caption file")
     ap.add_argument("--text-encoder", default=d.text_encoder)
-    ap.add_argument("--cache-dir", default=None, help="keep synthetic embeddings, identifiers and HNSW indexes here")
+    ap.add_argument("--cache-dir", default=None, help="keep synthetic embeddings, identifiers and ANN indexes here")
     ap.add_argument("--prepare-only", action="store_true",
-                    help="only build the cached identifiers and HNSW indexes (needs --cache-dir)")
-    ap.add_argument("--quality-json", default=None, help="JSON of the quality benchmark (recall figures)")
+                    help="only build the cached identifiers and tuned ANN indexes (needs --cache-dir)")
+    ap.add_argument("--trained", action="append", default=[], metavar="METHOD=RUN_DIR|QUALITY.json#NAME",
+                    help="trained recall of one measured method (repeatable), e.g. minilm-fp32=runs/flickr30k_proxy "
+                         "or minilm-int8='out/quality.json#ace_int8 beam 5'; must be the same shape and precision")
     ap.add_argument("--from-json", default=None, help="re-draw the Markdown and plots of an earlier efficiency.json "
-                                                      "(e.g. with a newer --quality-json) instead of measuring")
-    ap.add_argument("--quality-ace", default=None)
-    ap.add_argument("--quality-dt", default=None)
+                                                      "(e.g. with other --trained figures) instead of measuring")
     a = vars(ap.parse_args(argv))
     out = Path(a.pop("out"))
     from_json = a.pop("from_json")
@@ -806,24 +679,28 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         cfg, out, from_json = parse_args(argv)
-        quality = read_quality(cfg.quality_json) if cfg.quality_json else None
+        for _, path, _ in parse_trained(cfg.trained):                 # fail before measuring, not after
+            if not Path(path).exists():
+                raise EfficiencyError(f"--trained source not found: {path}")
         if from_json:
             result = load_result(from_json)
-            saved = result["config"]
-            cfg = EfficiencyConfig(**{**saved, "quality_json": cfg.quality_json, "quality_ace": cfg.quality_ace,
-                                      "quality_dt": cfg.quality_dt})
+            known = set(to_dict(EfficiencyConfig()))
+            saved = {k: v for k, v in result["config"].items() if k in known}   # older runs: other keys
+            cfg = EfficiencyConfig(**{**saved, "trained": cfg.trained})
             result["config"] = to_dict(cfg)
         else:
             result = run(cfg, command="python -m ace.bench efficiency " + " ".join(argv),
                          partial=out / "efficiency.partial.json")
-    except (EfficiencyError, ConfigError) as exc:
+        if cfg.prepare_only:
+            print(json.dumps(result))
+            return 0
+        result["trained_recall"] = trained_figures(result, cfg.trained)
+        out.mkdir(parents=True, exist_ok=True)
+        result["plots"], result["plot_notes"] = plot(result, out, result["trained_recall"], batch=cfg.batch,
+                                                     threads=cfg.threads)
+    except (EfficiencyError, ConfigError, AnnError, PlotError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if cfg.prepare_only:
-        print(json.dumps(result))
-        return 0
-    out.mkdir(parents=True, exist_ok=True)
-    result["plots"], result["plot_notes"] = plot(result, out, quality, cfg)
     (out / "efficiency.json").write_text(json.dumps(result, indent=1))
     text = markdown(result)
     (out / "efficiency.md").write_text(text)
