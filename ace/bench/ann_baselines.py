@@ -33,6 +33,7 @@ from ace.arrays import unit_rows
 TOP_K = 10
 ANN_BACKENDS = ("faiss_hnsw", "faiss_ivfpq", "faiss_ivfsq8")
 EF_SEARCH_GRID = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+PLATEAU = 0.01                       # target missed: the smallest setting within this of the best recall
 CHUNK = 100_000                      # rows per add() / exact-search chunk (bounded memmap reads)
 
 
@@ -231,7 +232,8 @@ def tune_search(index, backend: str, grid, queries: np.ndarray, exact: np.ndarra
     """Walk ``grid`` (increasing efSearch / nprobe) until recall@10 vs ``exact`` >= target.
 
     Returns {"param", "value", "recall", "met", "tried": [{value, recall, ms_per_query}]}; when the
-    target is never met, the value with the highest recall (the smallest such value)."""
+    target is never met (e.g. PQ codes too coarse to order near-tied items), the smallest value within
+    ``PLATEAU`` of the highest recall seen: more probes would cost time and gain (almost) nothing."""
     tried = []
     name = "efSearch" if backend == "faiss_hnsw" else "nprobe"
     for v in grid:
@@ -242,7 +244,9 @@ def tune_search(index, backend: str, grid, queries: np.ndarray, exact: np.ndarra
         tried.append({"value": int(v), "recall": ann_recall(found, exact), "ms_per_query": ms})
         if tried[-1]["recall"] >= target:
             break
-    best = next((t for t in tried if t["recall"] >= target), None) or max(tried, key=lambda t: t["recall"])
+    top = max(t["recall"] for t in tried)
+    best = next((t for t in tried if t["recall"] >= target), None) or \
+        next(t for t in tried if t["recall"] >= top - PLATEAU)
     set_param(index, backend, best["value"])
     return {"param": name, "value": best["value"], "recall": best["recall"], "met": best["recall"] >= target,
             "tried": tried}
