@@ -1,10 +1,10 @@
-"""``python -m ace.bench {quality,efficiency} ...``: dispatch to the benchmark's own CLI."""
+"""``python -m ace.bench {quality,efficiency,profile} ...``: dispatch to the benchmark's own CLI."""
 from __future__ import annotations
 
 import importlib
 import sys
 
-COMMANDS = {"quality": "ace.bench.quality", "efficiency": "ace.bench.efficiency"}
+COMMANDS = {"quality": "ace.bench.quality", "efficiency": "ace.bench.efficiency", "profile": "ace.bench.stage_profile"}
 
 
 def main(argv: list[str] | None = None) -> int:
