@@ -15,6 +15,7 @@ encoder pass + int8 item-vector cosine of the beam's candidates + ``rerank``; it
 synthetic corpus rows (or a mixture sample of the model's d_model when it differs) as ``ItemVectorSet`` int8).
 DT: ``encode`` (MiniLM, tokenisation included) and ``search`` (exact faiss flat, and faiss HNSW at the
 efficiency benchmark's tuned setting, read from the same cache).
+The hybrid rows decode ``--hybrid-beams`` beams (its top-B, default 50 = ``HybridConfig.candidates``).
 Corpus, identifiers and weights as in ``ace.bench.efficiency`` (random weights: the cost does not depend on
 training).
 """
@@ -60,8 +61,10 @@ class StageClock:
         self._wrapped.clear()
 
 
-def profile_ace(searcher, trie, batches: list[list[str]], *, vectors=None, repeats: int = 3) -> dict:
-    """ms per query for each stage of one ACE searcher (median over repeats of the per-stage totals)."""
+def profile_ace(searcher, trie, batches: list[list[str]], *, vectors=None, repeats: int = 3,
+                beams: int | None = None) -> dict:
+    """ms per query for each stage of one ACE searcher (median over repeats of the per-stage totals);
+    ``beams``: the beam width (default the searcher's; the hybrid operating point decodes its top-B)."""
     from ace.model.decoding import constrained_beam_search
     from ace.newitems.hybrid import rerank, sentence_vectors
 
@@ -82,7 +85,8 @@ def profile_ace(searcher, trie, batches: list[list[str]], *, vectors=None, repea
                 t = time.perf_counter()
                 with torch.inference_mode():
                     items, logp = constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie,
-                                                          searcher.vocab, num_beams=searcher.beams, state=state)
+                                                          searcher.vocab, num_beams=beams or searcher.beams,
+                                                          state=state)
                 clock.seconds["search (total)"] += time.perf_counter() - t
                 if vectors is not None:
                     t = time.perf_counter()
@@ -124,7 +128,7 @@ def profile_dt(dense, batches: list[list[str]], repeats: int = 3) -> dict:
     return out
 
 
-def run(cfg: EfficiencyConfig, *, hybrid: bool, command: str) -> dict:
+def run(cfg: EfficiencyConfig, *, modes: list[str], hybrid_beams: int, command: str) -> dict:
     import faiss
 
     from ace.bench.efficiency import DenseSearch, attach_dense_corpus
@@ -151,13 +155,15 @@ def run(cfg: EfficiencyConfig, *, hybrid: bool, command: str) -> dict:
         item_sets = {}                                  # d_model -> int8 item vectors of the query encoder's dim
         for s in ace:
             d_model = s.model.config.d_model
-            if hybrid and d_model not in item_sets:
+            if "hybrid" in modes and d_model not in item_sets:
                 x = np.asarray(vectors[:n]) if d_model == dim else mixture_embeddings(n, d_model, seed=cfg.seed)
                 item_sets[d_model] = ItemVectorSet.build([str(i) for i in range(n)], x, "int8")
-            for mode, vecs in (("pure", None),) + ((("hybrid", item_sets.get(d_model)),) if hybrid else ()):
-                ms = profile_ace(s, trie, batches, vectors=vecs, repeats=cfg.repeats)
+            for mode in modes:
+                beams = hybrid_beams if mode == "hybrid" else cfg.beams
+                ms = profile_ace(s, trie, batches, vectors=item_sets.get(d_model) if mode == "hybrid" else None,
+                                 repeats=cfg.repeats, beams=beams)
                 rows.append({"n": n, "dim": dim, "method": f"{s.name} {mode}", "family": "ACE", "stages": ms,
-                             "total_ms": sum(ms.values())})
+                             "total_ms": sum(ms.values()), "beams": beams})
                 print(f"[N={n:,}] {s.name} {mode}: {rows[-1]['total_ms']:.1f} ms/query "
                       + ", ".join(f"{k} {v:.1f}" for k, v in ms.items()), flush=True)
         if encoder is not None and dim == encoder.dim:
@@ -173,7 +179,8 @@ def run(cfg: EfficiencyConfig, *, hybrid: bool, command: str) -> dict:
                 s.items = s.index = s.owner = None
     return {"command": command, "config": {"sizes": cfg.sizes, "dim": dim, "ace": cfg.ace, "precisions": cfg.precisions,
                                            "beams": cfg.beams, "batch": cfg.batch, "num_batches": cfg.num_batches,
-                                           "repeats": cfg.repeats, "threads": cfg.threads, "hybrid": hybrid},
+                                           "repeats": cfg.repeats, "threads": cfg.threads, "modes": modes,
+                                           "hybrid_beams": hybrid_beams},
             "load_before": load_before, "load_after": os.getloadavg(), "rows": rows}
 
 
@@ -183,12 +190,14 @@ def markdown(result: dict) -> str:
              f"Command: `{result['command']}`", "",
              f"Load average before {' / '.join(f'{x:.2f}' for x in result['load_before'])}, after "
              f"{' / '.join(f'{x:.2f}' for x in result['load_after'])}. Median of {c['repeats']} passes of "
-             f"{c['num_batches']} x {c['batch']} queries; beam {c['beams']}.", ""]
+             f"{c['num_batches']} x {c['batch']} queries; beam {c['beams']} (pure), "
+             f"{c.get('hybrid_beams')} (hybrid: the top-B it re-ranks).", ""]
     for r in result["rows"]:
         total = r["total_ms"]
         parts = ", ".join(f"{k} {v:.2f} ({100 * v / total:.0f}%)" for k, v in r["stages"].items())
         extra = f" [{', '.join(f'{k} {v}' for k, v in r['ann'].items())}]" if r.get("ann") else ""
-        lines.append(f"- N={r['n']:,} **{r['method']}**{extra}: {total:.2f} ms/query = {parts}")
+        beams = f" beam {r['beams']}" if r.get("beams") else ""
+        lines.append(f"- N={r['n']:,} **{r['method']}**{beams}{extra}: {total:.2f} ms/query = {parts}")
     return "\n".join(lines) + "\n"
 
 
@@ -203,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ace", action="append", default=None, metavar="NAME[=CONFIG.yaml][,key=value...]")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "int8"], choices=("fp32", "int8"))
     ap.add_argument("--dt", nargs="*", default=["faiss_flat", "faiss_hnsw"], dest="dt_backends")
-    ap.add_argument("--no-hybrid", action="store_true", help="skip the hybrid re-rank stage")
+    ap.add_argument("--modes", nargs="+", choices=("pure", "hybrid"), default=["pure", "hybrid"],
+                    help="ACE operating points: pure generative, hybrid (top-B re-ranked by log-prob + w x cosine)")
+    ap.add_argument("--hybrid-beams", type=int, default=50, help="B of the hybrid mode (HybridConfig.candidates)")
     for name, default in (("beams", 5), ("batch", 100), ("num_batches", 2), ("repeats", 3), ("threads", 1),
                           ("seed", 0)):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=default)
@@ -212,12 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--identifiers", choices=("fitted", "random"), default="fitted")
     ap.add_argument("--id", nargs="*", default=[], dest="id_overrides")
     a = vars(ap.parse_args(argv))
-    out, hybrid = Path(a.pop("out")), not a.pop("no_hybrid")
+    out, modes, hybrid_beams = Path(a.pop("out")), a.pop("modes"), a.pop("hybrid_beams")
     a["dims"] = [a.pop("dim")]
     a["ace"] = a["ace"] or ["minilm=configs/flickr30k_proxy.yaml"]
     try:
         cfg = EfficiencyConfig(**a)
-        result = run(cfg, hybrid=hybrid, command="python -m ace.bench profile " + " ".join(argv))
+        if hybrid_beams < 1:
+            raise EfficiencyError(f"--hybrid-beams must be >= 1, got {hybrid_beams}")
+        result = run(cfg, modes=modes, hybrid_beams=hybrid_beams, command="python -m ace.bench profile " + " ".join(argv))
     except (EfficiencyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
