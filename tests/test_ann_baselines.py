@@ -75,3 +75,15 @@ def test_ivf_shape_and_hnsw_build_parsing():
     for bad in (["32"], ["a:b"], ["1:40"], []):
         with pytest.raises(AnnError):
             parse_hnsw_builds(bad)
+
+
+def test_cached_builds_are_keyed_by_the_vectors_not_only_their_shape(tmp_path):
+    a = mixture_embeddings(400, 16, seed=1, components=8)
+    b = mixture_embeddings(400, 16, seed=2, components=8)                     # same shape, other items
+    kw = dict(m=8, ef_construction=10, seed=0, cache_dir=str(tmp_path), threads=1, search_threads=1)
+    ia, sa = build_hnsw(a, **kw)
+    ib, _ = build_hnsw(b, **kw)
+    assert len(list(tmp_path.glob("hnsw_*.faiss"))) == 2
+    ib.hnsw.efSearch = 400
+    assert np.array_equal(ib.search(b[:20], 1)[1][:, 0], np.arange(20))         # b's own index, not a's
+    assert build_hnsw(a, **kw)[1] == sa                                        # a's build read back from the cache

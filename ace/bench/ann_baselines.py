@@ -145,6 +145,14 @@ def ivf_shape(n: int, dim: int, *, nlist_factor: float, pq_bytes: int) -> dict:
 
 # ------------------------------------------------------------------------------ builds (cached)
 
+def vectors_tag(vectors: np.ndarray) -> str:
+    """8 hex digits of the first and last rows: two corpora of the same shape (e.g. the first 100k rows
+    of a 1M sample and a 100k sample) never share a cached index."""
+    import hashlib
+    edge = np.concatenate([np.asarray(vectors[:8], np.float32), np.asarray(vectors[-8:], np.float32)])
+    return hashlib.sha1(edge.tobytes()).hexdigest()[:8]
+
+
 def _cached(cache_dir: str | None, name: str):
     import faiss
     if not cache_dir:
@@ -169,7 +177,7 @@ def build_hnsw(vectors: np.ndarray, *, m: int, ef_construction: int, seed: int, 
     """IndexHNSWFlat (inner product) over vectors and its build seconds; cached in cache_dir."""
     import faiss
     n, d = vectors.shape
-    path, hit = _cached(cache_dir, f"hnsw_{n}x{d}_s{seed}_M{m}_efc{ef_construction}.faiss")
+    path, hit = _cached(cache_dir, f"hnsw_{n}x{d}_{vectors_tag(vectors)}_s{seed}_M{m}_efc{ef_construction}.faiss")
     if hit:
         return hit
     index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
@@ -192,7 +200,7 @@ def build_ivf(vectors: np.ndarray, kind: str, *, nlist_factor: float, pq_bytes: 
     shape = ivf_shape(n, d, nlist_factor=nlist_factor, pq_bytes=pq_bytes)
     nlist = shape["nlist"]
     tag = f"pq{shape['pq_m']}x{shape['pq_nbits']}" if kind == "pq" else "sq8"
-    path, hit = _cached(cache_dir, f"ivf_{n}x{d}_s{seed}_nl{nlist}_{tag}.faiss")
+    path, hit = _cached(cache_dir, f"ivf_{n}x{d}_{vectors_tag(vectors)}_s{seed}_nl{nlist}_{tag}.faiss")
     if hit:
         return hit
     quantizer = faiss.IndexFlatIP(d)
