@@ -17,7 +17,6 @@ import argparse
 import itertools
 import json
 import math
-import sys
 import time
 import wave
 from dataclasses import dataclass
@@ -328,14 +327,62 @@ def video_templates(a: dict) -> list:
 
 
 # ---- everyday descriptions ----------------------------------------------------------------------
-# The query generation step of the demo (method step 3: diverse descriptions per item), in
-# data/demo_everyday.py: besides the template captions above, each item gets short descriptions in
-# the words people use. They are training captions only (placed before the last two captions, which
-# configs/demo.yaml holds out) and come from a random stream of their own, so the media and the
-# other captions are the same as without them.
+# The query generation step of the demo (method step 3: diverse descriptions per item): besides the
+# template captions above, each item gets short descriptions in the words people use, with the
+# motion and the kind of sound phrased several ways. They are training captions only (placed
+# before the last two captions, which configs/demo.yaml holds out) and come from a random stream of
+# their own, so the media and the other captions are the same as without them.
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling module, however this file is loaded
-from demo_everyday import MOTIONS, PLAIN_SHAPES, PLAIN_SPEEDS, SOUND_NAMES, everyday_templates  # noqa: E402,F401
+PLAIN_SHAPES = {"circle": ["circle", "dot", "disk", "round shape", "ball"], "square": ["square", "box", "block", "tile"],
+                "triangle": ["triangle", "three-cornered shape", "triangle shape"],
+                "star": ["star", "pointed star", "star shape"], "cross": ["cross", "plus", "plus sign", "plus symbol"]}
+PLAIN_SIZES = {"small": ["small", "little", "tiny"], "large": ["big", "large"]}
+PLAIN_POSITIONS = {"left": ["on the left", "left side", "to the left"], "right": ["on the right", "right side", "to the right"],
+                   "top": ["at the top", "top of the image", "up top"], "bottom": ["at the bottom", "bottom of the image", "down low"],
+                   "centre": ["in the middle", "centred", "in the center"]}
+PLAIN_BACKGROUNDS = {"plain": ["grey background", "plain background"], "striped": ["stripes", "striped background"],
+                     "checkered": ["checkerboard", "checked background"], "speckled": ["grainy background", "speckles"]}
+MOTIONS = {
+    "right": ["moving right", "going right", "heading right", "travelling to the right", "moving left to right", "sliding right"],
+    "left": ["moving left", "going left", "heading left", "travelling to the left", "moving right to left", "sliding left"],
+    "up": ["moving up", "going up", "rising", "climbing", "ascending", "floating up"],
+    "down": ["moving down", "going down", "falling", "dropping", "descending", "sinking"],
+}
+PLAIN_SPEEDS = {"slow": ["slow", "slowly moving", "unhurried"], "fast": ["fast", "quick", "speedy"]}
+PLAIN_ADVERBS = {"slow": ["slowly", "gently"], "fast": ["fast", "quickly"]}
+SOUND_NAMES = {
+    "tone": ["beep", "tone", "note", "sine wave", "whistle", "pure note"],
+    "buzz": ["buzz", "buzzer", "hum", "drone", "electric buzz", "rasp"],
+    "chord": ["chord", "harmony", "several notes at once", "organ chord", "triad"],
+    "rising": ["rising tone", "upward sweep", "pitch going up", "ascending note", "rising whistle", "upward glide"],
+    "falling": ["falling tone", "downward sweep", "pitch going down", "descending note", "falling whistle", "downward glide"],
+    "noise": ["noise", "hiss", "static", "rushing sound", "hissing noise"],
+    "drum": ["drum", "drumbeat", "percussion", "drum hits", "thumps"],
+    "bell": ["bell", "chime", "ringing", "bell ring", "gong-like ring"],
+}
+PLAIN_PITCHES = {"low": ["low", "deep", "bass"], "mid": ["medium", "mid", "middle"], "high": ["high", "high-pitched", "shrill"]}
+PLAIN_RHYTHMS = {"steady": ["steady", "constant", "continuous", "long"], "slow": ["slow pulsing", "slowly repeating", "slow beats of"],
+                 "fast": ["fast pulsing", "rapidly repeating", "quick bursts of"]}
+
+
+def everyday_templates(modality: str, a: dict) -> list:
+    def w(table, key):
+        return lambda r: pick(r, table[a[key]])
+
+    if modality == "image":
+        c, s, z = (lambda r: a["colour"]), w(PLAIN_SHAPES, "shape"), w(PLAIN_SIZES, "size")
+        p, b = w(PLAIN_POSITIONS, "position"), w(PLAIN_BACKGROUNDS, "background")
+        return [lambda r: f"{c(r)} {s(r)}", lambda r: f"{z(r)} {c(r)} {s(r)}", lambda r: f"{c(r)} {s(r)} {p(r)}",
+                lambda r: f"{s(r)} that is {c(r)}", lambda r: f"{c(r)} coloured {s(r)}", lambda r: f"{c(r)} {s(r)} on {b(r)}",
+                lambda r: f"{z(r)} {s(r)} {p(r)}", lambda r: f"{s(r)}, {c(r)}, {z(r)}"]
+    if modality == "video":
+        c, s, m, v = (lambda r: a["colour"]), w(PLAIN_SHAPES, "shape"), w(MOTIONS, "direction"), w(PLAIN_SPEEDS, "speed")
+        return [lambda r: f"{c(r)} {s(r)} {m(r)}", lambda r: f"{s(r)} {m(r)}", lambda r: f"{v(r)} {s(r)} {m(r)}",
+                lambda r: f"{c(r)} {s(r)} {m(r)} {pick(r, PLAIN_ADVERBS[a['speed']])}",
+                lambda r: f"{v(r)} {c(r)} {s(r)}", lambda r: f"{c(r)} {s(r)}, {m(r)}", lambda r: f"{s(r)} {m(r)} on {a['background']}"]
+    k, p, m = w(SOUND_NAMES, "sound"), w(PLAIN_PITCHES, "pitch"), w(PLAIN_RHYTHMS, "rhythm")
+    return [lambda r: f"{k(r)}", lambda r: f"{p(r)} {k(r)}", lambda r: f"{m(r)} {k(r)}", lambda r: f"{m(r)} {p(r)} {k(r)}",
+            lambda r: f"{k(r)}, {pick(r, PITCH_LEVELS[a['pitch']])} pitch", lambda r: f"a {k(r)} sound", lambda r: f"{p(r)} {k(r)}, {m(r)}"]
 
 
 # ---- corpus -------------------------------------------------------------------------------------
@@ -348,7 +395,7 @@ class DemoConfig:
     sounds: int = 48
     videos: int = 40
     captions: int = 10
-    everyday: int = 10             # extra training captions per item (demo_everyday.py); 0 = none
+    everyday: int = 8              # extra training captions per item (everyday_templates); 0 = none
     held_out: int = 2              # the last captions stay last (configs/demo.yaml holds the last two out)
     image_size: int = 96
     sample_rate: int = 16000

@@ -11,7 +11,6 @@ from ace.data.corpus import load_corpus
 from ace.data.encoders import read_video_frames
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
-import demo_everyday as everyday  # noqa: E402
 import make_demo  # noqa: E402
 from make_demo import COLOURS, DIRECTIONS, PITCH_LEVELS, PITCHES, SHAPES, SOUNDS, DemoConfig  # noqa: E402
 
@@ -84,7 +83,6 @@ def test_everyday_descriptions(full_demo, tmp_path):
     cfg = DemoConfig()
     banned = make_demo.eval_queries()
     assert len(banned) >= 100  # both query sets were read
-    words = {"colour": set(), "generic": set()}
     for it in corpus:
         m = it.metadata
         assert len(it.captions) == cfg.captions + cfg.everyday, it.item_id
@@ -93,23 +91,12 @@ def test_everyday_descriptions(full_demo, tmp_path):
             low = cap.lower()
             assert make_demo._norm(cap) not in banned, (it.item_id, cap)
             if it.modality in ("image", "video"):
-                shape = everyday.PLAIN_SHAPES[m["shape"]] + everyday.SHAPE_ADJECTIVES[m["shape"]]
-                colour = everyday.PLAIN_COLOURS[m["colour"]]
-                motion = everyday.MOTIONS[m["direction"]] if it.modality == "video" else []
-                assert any(s in low for s in shape + colour + motion), (it.item_id, cap)
-                # never a word of another colour
-                others = {w for k, v in everyday.PLAIN_COLOURS.items() if k != m["colour"] for w in v
-                          if not any(w in c for c in colour)}
-                assert not any(f" {w} " in f" {low} " for w in others), (it.item_id, cap)
-                words["colour"] |= {w for w in colour if w in low and w != m["colour"]}
-                words["generic"] |= {w for w in everyday.GENERIC_NOUNS + everyday.GENERIC_MOVERS if f" {w}" in f" {low}"}
+                assert any(s in low for s in make_demo.PLAIN_SHAPES[m["shape"]]), (it.item_id, cap)
             if it.modality == "video":
-                assert any(s in low for s in everyday.MOTIONS[m["direction"]] + everyday.PLAIN_SPEEDS[m["speed"]]
-                           + everyday.PLAIN_COLOURS[m["colour"]]), (it.item_id, cap)
+                assert any(s in low for s in make_demo.MOTIONS[m["direction"]] + make_demo.PLAIN_SPEEDS[m["speed"]]
+                           + [m["colour"]]), (it.item_id, cap)
             if it.modality == "audio":
-                assert any(s in low for s in everyday.SOUND_NAMES[m["sound"]]), (it.item_id, cap)
-    # the broader vocabulary is used: colour variants and generic nouns ("thing", "object", "something")
-    assert len(words["colour"]) >= 10 and {"thing", "object", "something"} <= words["generic"], words
+                assert any(s in low for s in make_demo.SOUND_NAMES[m["sound"]]), (it.item_id, cap)
     # the same media and template captions without them
     small = dict(images=4, sounds=3, videos=2)
     a = make_demo.make_demo(DemoConfig(out=str(tmp_path / "a"), **small))
