@@ -1,6 +1,6 @@
 """A serving-benchmark run with real parts but untrained model weights, for load tests before a trained run exists.
 
-    python benchmarks/make_serving_run.py --from runs/demo --out runs/serving_bench [--config configs/demo.yaml]
+    python benchmarks/make_serving_run.py --from runs/demo --out runs/serving_bench [--config configs/demo_scratch.yaml]
 
 Copies the identifiers, corpus and held-out queries of a run that has reached the identifiers
 stage, trains a query tokenizer on the corpus captions, and saves an AceModel of the config's
@@ -26,7 +26,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from", dest="src", type=Path, required=True, help="run folder with identifiers/ and corpus.jsonl")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml", help="run config whose model: section sizes the model")
+    p.add_argument("--config", type=Path, default=ROOT / "configs" / "demo_scratch.yaml",
+                   help="run config whose model: section sizes the model (default: the from-scratch demo model the "
+                        "serving results were measured with; a pretrained encoder is dropped)")
     args = p.parse_args(argv)
 
     import torch

@@ -163,3 +163,27 @@ def test_newcomer_query_set_fits_the_default_demo(full_demo, name):
     assert not [q.query for q in queries if make_demo._norm(q.query) in captions]
     assert {q.modality for q in queries} == {None, "image", "audio", "video"}
     assert len(queries) >= 50
+
+
+def test_demo_configs_differ_only_on_the_query_side():
+    """configs/demo.yaml (frozen MiniLM + hybrid search, the default) and configs/demo_scratch.yaml (the
+    previous default) share the corpus, test split, item encoders, identifiers, training queries and
+    query sets, so their figures compare the query side only; demo.yaml's report references use the
+    names eval writes."""
+    import dataclasses
+
+    from ace.config import load_config
+    from ace.pipeline.run_config import RunConfig
+
+    root = Path(__file__).resolve().parents[1]
+    new, old = (load_config(RunConfig, str(root / "configs" / f"{n}.yaml"), []) for n in ("demo", "demo_scratch"))
+    for section in ("corpus", "encoder", "identifiers", "querygen", "fallback"):
+        assert getattr(new, section) == getattr(old, section), section
+    assert dataclasses.replace(new.split, scorer_queries=0) == old.split  # + captions held out for the hybrid fit
+    assert new.hybrid.enabled and new.split.scorer_queries > 0 and new.hybrid.levels == "full"
+    assert new.eval.query_sets == old.eval.query_sets and len(new.eval.query_sets) == 2
+    assert new.model.pretrained_encoder == "minilm" and new.training.freeze_encoder
+    assert old.model.pretrained_encoder in (None, "") and not old.training.freeze_encoder
+    assert new.run_dir == "runs/demo" and new.run_dir != old.run_dir
+    names = {"held-out R@1"} | {f"{Path(p).stem} top-{k}" for p in new.eval.query_sets for k in (1, 5)}
+    assert new.eval.reference and all(set(row) <= names for row in new.eval.reference.values())

@@ -141,6 +141,8 @@ def test_teacher_forced_identifier_scores_equal_the_beam_search_scores(tiny_mode
 
 
 def test_pipeline_stage_fits_the_weight_on_held_out_training_queries(hybrid_run, tmp_path):
+    import shutil
+
     from ace.config import load_config
     from ace.newitems.hybrid import search_merged
     from ace.pipeline.stages import Pipeline, PipelineError, RunConfig, read_pairs
@@ -166,6 +168,15 @@ def test_pipeline_stage_fits_the_weight_on_held_out_training_queries(hybrid_run,
         np.testing.assert_allclose([h.score for h in row], [h.logprob + scorer.weight * h.cosine for h in row])
         assert [h.score for h in row] == sorted((h.score for h in row), reverse=True)
     r.close()
+
+    # a fixed weight (a grid without 0, as configs/demo.yaml has) and the full identifier in the log-prob
+    fixed = tmp_path / "fixed"
+    shutil.copytree(run, fixed, ignore=shutil.ignore_patterns("checkpoints", "cache"))
+    cfg = load_config(RunConfig, run / "config.yaml", [f"run_dir={fixed}", "hybrid.weights=[3.0]", "hybrid.levels=full"])
+    Pipeline(cfg, progress=False).run_all(until="hybrid")
+    info = json.loads((fixed / "hybrid" / "scorer.json").read_text())
+    assert info["weight"] == 3.0 and info["levels"] == "full" and info["fit"]["val_generative_only"] is None
+    assert json.loads((fixed / "stages" / "train.json").read_text())["key"] == rec["key"]  # only the hybrid stage re-ran
 
     bad = load_config(RunConfig, run.parent / "tiny.yaml", ["hybrid.enabled=true", "fallback.enabled=false",
                                                              f"run_dir={tmp_path / 'bad'}"])

@@ -457,10 +457,11 @@ class Pipeline:
 
             info = build_run_hybrid(self.run.path, cfg.hybrid, device=self.device, seed=cfg.seed)
             fit = info["fit"]
+            alone = fit.get("val_generative_only")  # None when hybrid.weights has no 0 (a fixed w, say)
             print(f"[hybrid] w={info['weight']:g} ({info['item_vectors']}, {info['storage']}, "
                   f"{info['bytes_per_item']:.0f} B/item) on {fit['queries']} held-out training queries: R@1 "
-                  f"{fit['val_at_weight']['R@1']:.1f} (generative alone {fit['val_generative_only']['R@1']:.1f}), "
-                  f"gold in the top-{info['candidates']} for {fit['candidate_recall']:.1f}%")
+                  f"{fit['val_at_weight']['R@1']:.1f}" + (f" (generative alone {alone['R@1']:.1f})" if alone else "")
+                  + f", gold in the top-{info['candidates']} for {fit['candidate_recall']:.1f}%")
             return {"summary": info}
 
         self._stage("hybrid", config_hash(self.keys["train"], cfg.hybrid, cfg.seed), run)
