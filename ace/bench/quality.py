@@ -21,6 +21,9 @@ same split and the same item embeddings:
 - ``ace_hybrid`` / ``ace_hybrid_int8`` / ``ace_hybrid_pq`` (ace/bench/quality_hybrid.py): the ``ace``
   model's top-B re-scored by log-prob + w * cosine, item vectors in float32 / int8 / PQ; needs
   ``split.scorer_queries=N`` (w is fitted on N training queries held out of training).
+- ``ace_qid_proto_para`` (+ ``_hybrid``): levers 1 + 3 with the training captions kept and 3 paraphrases of
+  each added (querygen paraphrase backend, llama.cpp runtime: ``pip install -e ".[llama]"``); test captions
+  are never paraphrased (querygen reads the items without them).
 - ``--seeds 0 1 2``: the table gives the mean ± spread (population std) over the seeds.
 
 ACE methods are decoded at each ``--beams`` (top min(10, beams)); baselines have one row.
@@ -50,6 +53,8 @@ from ace.run_folder import RunPaths, read_pairs
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = ROOT / "configs" / "bench_proxy.yaml"
 BASELINES = ("dt_zero_shot", "dt_doc_plus_queries", "dt_trained")
+PARAPHRASES = ["querygen.backend=paraphrase", "querygen.runtime=llama_cpp", "querygen.keep_captions=true",
+               "querygen.num_queries=9", "querygen.batch_size=16"]  # 9 = 3 per training caption (captions 1-3)
 ACE_VARIANTS = {  # method -> (run folder, RunConfig overrides, constrained decoding)
     "ace": ("ace", [], True),
     "ace_no_cbs": ("ace", [], False),
@@ -62,10 +67,13 @@ ACE_VARIANTS = {  # method -> (run folder, RunConfig overrides, constrained deco
     "ace_qid": ("ace_qid", ["identifiers.vectors=item_plus_queries"], True),
     "ace_proto": ("ace_proto", ["model.prototype_levels=2"], True),  # lever 3: prototype-aware heads
     "ace_qid_proto": ("ace_qid_proto", ["identifiers.vectors=item_plus_queries", "model.prototype_levels=2"], True),
+    # + lever 2 (query volume): the 3 training captions kept, 3 SmolLM2 paraphrases of each added (llama.cpp runtime)
+    "ace_qid_proto_para": ("ace_qid_proto_para", ["identifiers.vectors=item_plus_queries", "model.prototype_levels=2",
+                                                  *PARAPHRASES], True),
 }
 INT8_VARIANTS = {"ace_int8"}  # decoded with the dynamic-int8 model (CPU), as `serve.py --quantize` serves it
 for _m in HYBRID_VARIANTS:  # the hybrid operating point (ace/bench/quality_hybrid.py): a trained variant re-scored
-    ACE_VARIANTS[_m] = ACE_VARIANTS["ace_qid_proto" if _m.startswith("ace_qid_proto") else "ace"]
+    ACE_VARIANTS[_m] = ACE_VARIANTS[_m.split("_hybrid")[0]]
 METHODS = BASELINES + tuple(ACE_VARIANTS)
 LABELS = {"dt_zero_shot": "DT zero-shot", "dt_doc_plus_queries": "DT document+queries",
           "dt_trained": "DT trained (query tower)", "ace": "ACE (full)",
@@ -74,7 +82,8 @@ LABELS = {"dt_zero_shot": "DT zero-shot", "dt_doc_plus_queries": "DT document+qu
           "ace_no_rqvae": "ACE w/o RQ-VAE tokens (hierarchical K-Means)",
           "ace_qid": "ACE, identifiers from document+queries vectors (lever 1)",
           "ace_proto": "ACE, prototype-aware heads on k and v1 (lever 3)",
-          "ace_qid_proto": "ACE, levers 1 + 3", **HYBRID_LABELS}
+          "ace_qid_proto": "ACE, levers 1 + 3", "ace_qid_proto_para": "ACE, levers 1 + 3 + paraphrases (lever 2)",
+          **HYBRID_LABELS}
 # stages whose artefacts a new variant folder may start from (the pipeline re-checks their keys)
 SHARED_STAGES = {"corpus": [RunPaths.CORPUS, RunPaths.CORPUS_TRAIN, RunPaths.TEST_QUERIES, RunPaths.CORPUS_ROOT],
                  "encode": [RunPaths.EMBEDDINGS, RunPaths.ITEM_IDS],
@@ -193,7 +202,8 @@ def seed_run_folder(dst: Path, donor: Path | None) -> list[str]:
         marker = donor / "stages" / f"{stage}.json"
         if not marker.is_file() or not all((donor / n).exists() for n in names):
             break
-        for n in names:
+        for n in names + ([RunPaths.QUERY_ORIGINS] if stage == "querygen" and (donor / RunPaths.QUERY_ORIGINS).is_file()
+                          else []):
             src = donor / n
             (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst / n)
         shutil.copy2(marker, dst / "stages" / marker.name)
