@@ -9,8 +9,10 @@ not depend on the batch it ran in.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import threading
 import zlib
 from pathlib import Path
 
@@ -19,6 +21,9 @@ from .base import QueryGenError
 INSTALL_HINT = ("querygen runtime llama_cpp needs llama-cpp-python, an optional extra that compiles llama.cpp "
                 "from source: pip install -e \".[llama]\" (or pip install llama-cpp-python); or set "
                 "querygen.runtime=transformers")
+
+
+_LOAD_LOCK = threading.Lock()
 
 
 def require_llama_cpp():
@@ -43,6 +48,30 @@ def default_threads() -> int | None:
     return int(value) if value.isdigit() and int(value) > 0 else None
 
 
+@contextlib.contextmanager
+def plain_cpu_buffers():
+    """Load with ``use_extra_bufts=False``: llama.cpp's extra CPU buffer types (AMX tiles, weight repacking)
+    are skipped. On this project's machine (a container on a CPU with AMX) the AMX matmul segfaults in
+    llama_decode; Q4_1 has no repacked layout, so nothing is lost for SmolLM2. Llama() takes no such
+    argument, so its default-parameters function is swapped for the load only."""
+    import llama_cpp.llama as llama_module
+
+    low = llama_module.llama_cpp
+    original = low.llama_model_default_params
+
+    def params():
+        out = original()
+        out.use_extra_bufts = False
+        return out
+
+    with _LOAD_LOCK:
+        low.llama_model_default_params = params
+        try:
+            yield
+        finally:
+            low.llama_model_default_params = original
+
+
 class LlamaCppRuntime:
     """Loads a GGUF file once; ``prompt(messages)`` applies its chat template; ``complete`` samples one rewrite."""
 
@@ -55,7 +84,8 @@ class LlamaCppRuntime:
         n_threads = n_threads or default_threads()
         kwargs = {"n_threads": n_threads, "n_threads_batch": n_threads} if n_threads else {}
         try:
-            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, verbose=False, **kwargs)
+            with plain_cpu_buffers():
+                self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, verbose=False, **kwargs)
         except Exception as exc:  # noqa: BLE001 - any loading failure becomes one clear message
             raise QueryGenError(f"cannot load GGUF model '{path}' with llama.cpp ({type(exc).__name__}: {exc})") from exc
         self.path = path
