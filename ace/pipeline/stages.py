@@ -46,7 +46,7 @@ class PipelineError(RuntimeError):
 # fields added to a config section after run folders were made: left out of the stage keys while they
 # keep their default, so those runs stay up to date
 ADDED_FIELDS = {"identifiers": ("vectors", "query_encoder"), "model": ("prototype_levels", "prototype_scale"),
-                "querygen": ("runtime", "keep_captions")}
+                "querygen": ("runtime", "keep_captions", "llama_batch", "llama_requantize")}
 
 
 def section_key(section, name: str) -> dict:
