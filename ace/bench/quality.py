@@ -57,7 +57,7 @@ BASELINES = ("dt_zero_shot", "dt_doc_plus_queries", "dt_trained")
 # querygen.num_queries (rewrites per item, over captions 1-3 in turn) is 9 = 3 per training caption unless given
 # on the command line (e.g. querygen.num_queries=3: 1 per caption); the other keys are the variant's
 PARAPHRASES = ["querygen.backend=paraphrase", "querygen.runtime=llama_cpp", "querygen.keep_captions=true",
-               "querygen.batch_size=16"]
+               "querygen.batch_size=64"]
 PARAPHRASES_PER_ITEM = 9
 ACE_VARIANTS = {  # method -> (run folder, RunConfig overrides, constrained decoding)
     "ace": ("ace", [], True),
