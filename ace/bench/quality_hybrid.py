@@ -1,6 +1,7 @@
 """The hybrid operating point in ``python -m ace.bench quality``: methods ``ace_hybrid`` (float32 item
 vectors), ``ace_hybrid_int8`` and ``ace_hybrid_pq`` re-score the ``ace`` model of the same seed, and
-``ace_qid_proto_hybrid[_int8]`` the ``ace_qid_proto`` model (levers 1 + 3; no extra training): its top-B by log-prob + w * cosine (ace/newitems/hybrid.py), w fitted on
+``ace_qid_proto_hybrid[_int8]`` the ``ace_qid_proto`` model (levers 1 + 3; no extra training), ``ace_qid_proto_para_hybrid``
+the ``ace_qid_proto_para`` model (+ lever 2's paraphrases): its top-B by log-prob + w * cosine (ace/newitems/hybrid.py), w fitted on
 the ``split.scorer_queries`` training queries held out of training (ace/pipeline/hybrid_stage.py)."""
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from pathlib import Path
 import numpy as np
 
 HYBRID_VARIANTS = {"ace_hybrid": "float32", "ace_hybrid_int8": "int8", "ace_hybrid_pq": "pq",  # -> item-vector storage
-                   "ace_qid_proto_hybrid": "float32", "ace_qid_proto_hybrid_int8": "int8"}
+                   "ace_qid_proto_hybrid": "float32", "ace_qid_proto_hybrid_int8": "int8",
+                   "ace_qid_proto_para_hybrid": "float32"}
 HYBRID_LABELS = {"ace_hybrid": "ACE hybrid (float32 item vectors)", "ace_hybrid_int8": "ACE hybrid (int8 item vectors)",
                  "ace_hybrid_pq": "ACE hybrid (PQ item vectors)",
                  "ace_qid_proto_hybrid": "ACE levers 1 + 3, hybrid (float32 item vectors)",
-                 "ace_qid_proto_hybrid_int8": "ACE levers 1 + 3, hybrid (int8 item vectors)"}
+                 "ace_qid_proto_hybrid_int8": "ACE levers 1 + 3, hybrid (int8 item vectors)",
+                 "ace_qid_proto_para_hybrid": "ACE levers 1 + 3 + paraphrases (lever 2), hybrid (float32 item vectors)"}
 _CANDIDATES: dict = {}  # (run dir, beams, levels, queries) -> (generative_candidates(...), seconds)
 
 

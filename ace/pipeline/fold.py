@@ -273,7 +273,7 @@ class Fold:
             raise FoldError(f"query generation for the added items failed: {exc}") from None
         from ace.pipeline.stages import _read_query_dataset
 
-        pairs = _read_query_dataset(Path(summary.dataset_path))
+        pairs = [(q, i) for q, i, _ in _read_query_dataset(Path(summary.dataset_path))]
         write_json_atomic(path, pairs)
         return pairs
 

@@ -10,7 +10,8 @@ import numpy as np
 
 from ace.newitems.hybrid import (FORMAT_VERSION, HybridConfig, HybridError, ItemVectorSet, encode_texts, fit_weight,
                                  generative_candidates, item_texts, mean_vectors)
-from ace.run_folder import RunPaths, load_run_corpus, read_pairs, write_json_atomic
+from ace.pipeline.query_pairs import check_origins, excluded
+from ace.run_folder import RunPaths, load_run_corpus, read_pairs, read_query_origins, write_json_atomic
 from ace.serving.retriever import Retriever
 
 
@@ -33,12 +34,16 @@ def build_run_hybrid(run_dir: str | Path, cfg: HybridConfig, *, device: str = "c
     ids = list(tok.trie.item_ids)
     corpus = {it.item_id: it for it in load_run_corpus(run_dir, RunPaths.CORPUS_TRAIN).items}
     all_pairs = read_pairs(paths.train_queries)
+    origins = read_query_origins(run_dir)
     held_set = set(map(tuple, held))
+    n_base = check_origins(all_pairs, origins)
+    # left out of the fit's item vectors: the held-out queries and the queries derived from them (lever 2)
+    out = excluded({k for k, p in enumerate(all_pairs[:n_base]) if p in held_set}, origins)
     by_item_all: dict = {}
     by_item_kept: dict = {}
-    for q, iid in all_pairs:
+    for k, (q, iid) in enumerate(all_pairs):
         by_item_all.setdefault(iid, []).append(q)
-        if (q, iid) not in held_set:
+        if k not in out:
             by_item_kept.setdefault(iid, []).append(q)
 
     def desc(iid):

@@ -24,9 +24,11 @@ from ace.metrics import retrieval_metrics
 from ace.model.config import ace_model_config
 from ace.pipeline.encode_stage import EncodeError, EncodeStage
 from ace.pipeline.launch import Launch, LaunchError, run_launched
+from ace.pipeline.query_pairs import QueryPairsError, base_first
+from ace.pipeline.query_pairs import hold_out_pairs as _hold_out_pairs
 from ace.pipeline.run_config import CorpusConfig, EvalConfig, PretrainConfig, RunConfig, SplitConfig
-from ace.run_folder import (RunFolder, RunPaths, load_run_corpus, load_run_embeddings, read_pairs, write_json_atomic,
-                            write_npy_atomic, write_pairs)
+from ace.run_folder import (RunFolder, RunPaths, load_run_corpus, load_run_embeddings, read_pairs, read_query_origins,
+                            write_json_atomic, write_npy_atomic, write_pairs)
 from identifiers import SemanticIdTokenizer
 
 log = logging.getLogger("ace.pipeline.stages")
@@ -43,7 +45,8 @@ class PipelineError(RuntimeError):
 
 # fields added to a config section after run folders were made: left out of the stage keys while they
 # keep their default, so those runs stay up to date
-ADDED_FIELDS = {"identifiers": ("vectors", "query_encoder"), "model": ("prototype_levels", "prototype_scale")}
+ADDED_FIELDS = {"identifiers": ("vectors", "query_encoder"), "model": ("prototype_levels", "prototype_scale"),
+                "querygen": ("runtime", "keep_captions", "llama_batch", "llama_requantize")}
 
 
 def section_key(section, name: str) -> dict:
@@ -136,27 +139,15 @@ def pretraining_texts(cfg: PretrainConfig, evaluated: str | Path | None, exclude
     return out
 
 
-def hold_out_pairs(pairs: list[tuple[str, str]], n: int, *, seed: int) -> tuple[list, list]:
+def hold_out_pairs(pairs: list[tuple[str, str]], n: int, *, seed: int,
+                   origins: list[int] | None = None) -> tuple[list, list]:
     """(kept, held) (query, item_id) pairs: ``n`` pairs held out of training, at most one per item and
-    never an item's last query, chosen by a seeded permutation (kept pairs keep their order)."""
-    if n <= 0:
-        return list(pairs), []
-    count: dict[str, int] = {}
-    for _, iid in pairs:
-        count[iid] = count.get(iid, 0) + 1
-    held_idx, used = set(), set()
-    for i in np.random.default_rng([seed, 7]).permutation(len(pairs)).tolist():
-        iid = pairs[i][1]
-        if len(held_idx) >= n:
-            break
-        if iid not in used and count[iid] > 1:
-            held_idx.add(i)
-            used.add(iid)
-    if len(held_idx) < n:
-        raise PipelineError(f"split.scorer_queries={n}: only {len(held_idx)} items have more than one training "
-                            f"query to hold one out from; lower split.scorer_queries")
-    return ([p for i, p in enumerate(pairs) if i not in held_idx],
-            [p for i, p in enumerate(pairs) if i in held_idx])
+    never an item's last query, chosen by a seeded permutation (kept pairs keep their order); with
+    ``origins`` only base pairs are held out and their derived pairs dropped (ace/pipeline/query_pairs.py)."""
+    try:
+        return _hold_out_pairs(pairs, n, seed=seed, origins=origins, error=PipelineError)
+    except QueryPairsError as exc:
+        raise PipelineError(str(exc)) from None
 
 
 # ----------------------------------------------------------------------------- stages
@@ -265,11 +256,20 @@ class Pipeline:
                                     f"after the time budget (querygen.max_seconds={qcfg.max_seconds}); the queries "
                                     f"made so far are cached in {self.run.queries}: re-run the same command to "
                                     f"continue, or raise querygen.max_seconds")
-            pairs = _read_query_dataset(Path(summary.dataset_path))
+            pairs, origins = base_first(_read_query_dataset(Path(summary.dataset_path)))
             write_pairs(self.run.train_queries, pairs)
-            return {"queries": len(pairs)}
+            if origins is None:
+                self.run.query_origins.unlink(missing_ok=True)
+                return {"queries": len(pairs)}
+            write_json_atomic(self.run.query_origins, origins)  # derived queries (lever 2): base pairs first
+            return {"queries": len(pairs), "derived_queries": sum(o != k for k, o in enumerate(origins))}
 
-        self._stage("querygen", config_hash(self.keys["corpus"], cfg.querygen), run)
+        self._stage("querygen", config_hash(self.keys["corpus"], section_key(cfg.querygen, "querygen")), run)
+
+    def training_pairs(self) -> tuple[list, list]:
+        """(kept, held): the training pairs minus the ``split.scorer_queries`` held out (and their derived queries)."""
+        return hold_out_pairs(read_pairs(self.run.train_queries), self.cfg.split.scorer_queries, seed=self.cfg.seed,
+                              origins=read_query_origins(self.run.path))
 
     # identifiers -----------------------------------------------------------------------------
     def identifier_vectors(self, ids: list[str], emb: np.ndarray) -> np.ndarray:
@@ -283,7 +283,7 @@ class Pipeline:
         from ace.newitems.query_tower import item_plus_query_vectors
 
         # the training pairs only: queries held out for the hybrid weight (split.scorer_queries) stay unseen
-        pairs, _ = hold_out_pairs(read_pairs(self.run.train_queries), self.cfg.split.scorer_queries, seed=self.cfg.seed)
+        pairs, _ = self.training_pairs()
         enc = TextEncoder(icfg.query_encoder, device=self.device)
         if enc.dim != emb.shape[1]:
             raise PipelineError(f"identifiers.vectors=item_plus_queries: the query encoder {icfg.query_encoder!r} "
@@ -352,7 +352,7 @@ class Pipeline:
 
             torch.manual_seed(cfg.seed)
             tok = SemanticIdTokenizer.load(self.run.identifiers, device=self.device)
-            pairs, held = hold_out_pairs(read_pairs(self.run.train_queries), cfg.split.scorer_queries, seed=cfg.seed)
+            pairs, held = self.training_pairs()
             write_pairs(self.run.scorer_queries, held)
             vectors = self.prototype_vectors(tok) if cfg.model.prototype_levels else None
             ace_cfg, enc_path = self.model_config(tok.level_sizes, 0 if vectors is None else vectors.shape[1])
@@ -546,15 +546,15 @@ class Pipeline:
                 break
 
 
-def _read_query_dataset(path: Path) -> list[tuple[str, str]]:
-    """(query, item_id) pairs from the querygen dataset (Arrow folder or JSONL)."""
+def _read_query_dataset(path: Path) -> list[tuple[str, str, str]]:
+    """(query, item_id, source) rows from the querygen dataset (Arrow folder or JSONL)."""
     if path.is_dir():
         from datasets import load_from_disk
 
         ds = load_from_disk(str(path))
-        return list(zip(ds["query"], ds["item_id"]))
+        return list(zip(ds["query"], ds["item_id"], ds["source"]))
     rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    return [(r["query"], r["item_id"]) for r in rows]
+    return [(r["query"], r["item_id"], r.get("source", "")) for r in rows]
 
 
 def evaluate_run(run_dir: str | Path, eval_cfg: EvalConfig, *, device: str = "cpu", progress: bool = False) -> dict:
