@@ -139,6 +139,23 @@ def evaluate(order_rows, gold):
             "R@10": 100 * float((pos < 10).mean()), "MRR": 100 * float(np.where(pos < 10, 1 / (pos + 1), 0).mean())}
 
 
+def listwise_fit(X, rows, gold, iters=300):
+    """Weights of a linear score X @ w maximising the softmax likelihood of the gold candidate (LBFGS)."""
+    Xt, mask = torch.tensor(X, dtype=torch.float64), torch.tensor(rows >= 0)
+    hit = rows == gold[:, None]
+    g, has = torch.tensor(hit.argmax(1)), torch.tensor(hit.any(1))
+    w = torch.ones(X.shape[-1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=iters)
+
+    def closure():
+        opt.zero_grad()
+        loss = -torch.log_softmax((Xt @ w).masked_fill(~mask, -1e9), 1)[has, g[has]].mean()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return w.detach().numpy()
+
+
 def analyse(npz: Path):
     z = dict(np.load(npz))
     grid = [0.0] + list(np.geomspace(0.25, 512, 34))
@@ -206,6 +223,14 @@ def analyse(npz: Path):
         return 1 / (p[0] + g) + p[1] / (p[0] + c)
     rrf.grid = [(k, b) for k in [1, 5, 20, 60] for b in [0.5, 1, 2, 4]]
     fit_and_test("RRF(gen rank, cos rank)", rrf)
+    # listwise softmax regression over the candidates (per-level log-probs at T=1, their sum at T=4, cos_dq):
+    # the best linear fusion of these features, fitted on validation, and on test itself as an upper bound
+    for name, fit_on in (("listwise fit on validation", "val"), ("listwise fit on TEST (upper bound)", "test")):
+        X = {s: np.concatenate([z[f"{s}_lp"][0], z[f"{s}_lp"][2].sum(-1, keepdims=True), cos[s][..., None]], -1)
+             for s in ("val", "test")}
+        w = listwise_fit(X[fit_on], z[f"{fit_on}_rows"], z[f"{fit_on}_gold"])
+        t = evaluate(rank("test", X["test"] @ w), z["test_gold"])
+        print(f"{name:40s} weights={np.round(w, 2).tolist()} | test R@1 {t['R@1']:.2f} R@10 {t['R@10']:.1f}")
     gold_in = {s: float((z[f"{s}_rows"] == z[f"{s}_gold"][:, None]).any(1).mean() * 100) for s in ("val", "test")}
     print("gold in candidates:", gold_in)
     return out
