@@ -105,7 +105,12 @@ def test_variant_configs_and_shared_stages(full_run):
     folders = {v[0] for m, v in ACE_VARIANTS.items() if m in DEFAULT_METHODS}
     assert set(res["configs"]) == {f"{f}/seed0" for f in folders} | {"dt_trained/seed0"}
     cfg = res["configs"]
-    assert cfg["ace_no_kl/seed0"]["training"]["omega"] == 0 and cfg["ace/seed0"]["training"]["omega"] > 0
+    # the recipe (issue 19): levers 1 + 3, R-Drop off; ace_kl puts the paper's R-Drop back; ace_recipe_v1 is the
+    # recipe before the levers
+    assert cfg["ace_kl/seed0"]["training"]["omega"] == 0.15 and cfg["ace/seed0"]["training"]["omega"] == 0
+    assert cfg["ace/seed0"]["identifiers"]["vectors"] == "item_plus_queries" and cfg["ace/seed0"]["model"]["prototype_levels"] == 2
+    v1 = cfg["ace_recipe_v1/seed0"]
+    assert (v1["identifiers"]["vectors"], v1["model"]["prototype_levels"], v1["training"]["omega"]) == ("item", 0, 0.15)
     assert cfg["ace_no_fusion/seed0"]["model"]["fusion"] is False
     assert cfg["ace_no_kmeans/seed0"]["identifiers"]["use_kmeans"] is False
     assert cfg["ace_no_rqvae/seed0"]["identifiers"]["quantizer"] == "kmeans"
@@ -113,7 +118,8 @@ def test_variant_configs_and_shared_stages(full_run):
     runs = res["runs"]
     assert "identifiers" in runs["ace/seed0"]["stages_ran"]
     # same identifiers config: copied from the earlier run, not refitted; other identifiers: refitted
-    assert "identifiers" not in runs["ace_no_kl/seed0"]["stages_ran"] and "train" in runs["ace_no_kl/seed0"]["stages_ran"]
+    assert "identifiers" not in runs["ace_kl/seed0"]["stages_ran"] and "train" in runs["ace_kl/seed0"]["stages_ran"]
+    assert "identifiers" in runs["ace_recipe_v1/seed0"]["stages_ran"]
     assert "identifiers" in runs["ace_no_kmeans/seed0"]["stages_ran"]
     assert "encode" not in runs["ace_no_rqvae/seed0"]["stages_ran"]
     assert runs["ace_no_kmeans/seed0"]["identifiers"]["codebook_usage"][0]["size"] == 1

@@ -211,6 +211,9 @@ def test_merged_search_scores_both_paths_with_the_same_fusion(tiny_model):
     from ace.newitems.hybrid import sentence_vectors
     qv = sentence_vectors(state["last_hidden"], enc.attention_mask)
     row_of = {iid: i for i, iid in enumerate(ids)}
+    levels = vocab.length - 1
+    best = state["prefix_scores"].numpy().max(1)           # the best generative candidate's log-prob per query
+    flat = trained_tok.trie.flat()
     seen_sources = set()
     for i, row in enumerate(hits):
         assert len(row) == 10 and [h.score for h in row] == sorted((h.score for h in row), reverse=True)
@@ -219,11 +222,33 @@ def test_merged_search_scores_both_paths_with_the_same_fusion(tiny_model):
             assert h.cosine == pytest.approx(float(vec[row_of[h.item_id]] @ qv[i]), abs=1e-5)
             assert h.score == pytest.approx(h.logprob + 3.0 * h.cosine, abs=1e-6)
             assert (h.source == "fallback") == (h.item_id in added)
-            code = tok.codes[row_of[h.item_id]][None, None]
-            tokens = torch.as_tensor(vocab.encode(np.repeat(code, len(queries), 0)))     # (Q, 1, L)
-            tf = score_identifiers(model, state["memory"], state["mask"], tokens, vocab.length - 1)[i, 0]
-            assert h.logprob == pytest.approx(float(tf), abs=1e-4)
+            code = tok.codes[row_of[h.item_id]]
+            tokens = torch.as_tensor(vocab.encode(np.repeat(code[None, None], len(queries), 0)))     # (Q, 1, L)
+            tf = score_identifiers(model, state["memory"], state["mask"], tokens, levels, per_level=True)[i, 0]
+            if h.source == "generative":   # the beam search's own log-prob of the prefix
+                assert h.logprob == pytest.approx(float(tf.sum()), abs=1e-4)
+            else:   # teacher-forced up to the deepest prefix a trained item shares, the best per-level log-prob after it
+                depth = next(d for d in range(levels, -1, -1) if d == 0 or flat.walk(list(code[:d])) >= 0)
+                want = float(tf[:depth].sum()) + (levels - depth) * float(best[i]) / levels
+                assert h.logprob == pytest.approx(want, abs=1e-4)
     assert seen_sources == {"generative", "fallback"}
+
+
+def test_untrained_levels_of_added_items_get_the_best_per_level_log_prob():
+    from ace.newitems.hybrid import trained_depth, untrained_completion
+    from identifiers.trie import FlatTrie
+
+    trie = FlatTrie.from_codes(np.array([[0, 1, 2, 0], [0, 2, 0, 0], [1, 0, 0, 0]]), [2, 3, 3, 4])
+    codes = np.array([[[0, 1, 2, 1], [0, 1, 0, 0], [1, 1, 1, 0], [0, 2, 0, 3]]])     # (Q=1, F=4, L=4)
+    depth = trained_depth(trie, codes, 3)
+    assert depth.tolist() == [[3, 2, 1, 3]]
+    assert trained_depth(None, codes, 3).tolist() == [[0, 0, 0, 0]]
+    level_lp = np.array([[[-1.0, -2.0, -3.0]] * 4])                                          # (1, 4, 3)
+    gen_lp, gen_rows = np.array([[-0.6, -3.0, -9.0]]), np.array([[0, 2, -1]])                 # best valid: -0.6
+    out = untrained_completion(level_lp, depth, gen_lp, gen_rows)
+    assert out == pytest.approx(np.array([[-6.0, -3.0 - 0.2, -1.0 - 0.4, -6.0]]))
+    # no generative candidate: the untrained levels count 0, so the cosine alone ranks added items
+    assert untrained_completion(level_lp, np.zeros((1, 4), int), gen_lp, -np.ones_like(gen_rows)) == pytest.approx(np.zeros((1, 4)))
 
 
 # ---------------------------------------------------------------------------------- Retriever: modes, merged search

@@ -13,11 +13,14 @@ same split and the same item embeddings:
   ``corpus.path`` = the caption file and the document embeddings as precomputed item embeddings;
 - ablations, each its own run folder under ``--out/runs/seed<S>/``: ``ace_no_cbs`` (the ``ace``
   model decoded without the trie; invalid identifiers keep their rank as misses), ``ace_int8`` (the
-  ``ace`` model in dynamic int8 on the CPU, as ``serve.py --quantize`` serves it), ``ace_no_kl``
-  (training.omega=0), ``ace_no_fusion`` (model.fusion=false), ``ace_no_kmeans`` (no K-Means token:
+  ``ace`` model in dynamic int8 on the CPU, as ``serve.py --quantize`` serves it), ``ace_kl``
+  (training.omega=0.15, the paper's R-Drop; the recipe has it off), ``ace_no_fusion`` (model.fusion=false), ``ace_no_kmeans`` (no K-Means token:
   identifiers.use_kmeans=false), ``ace_no_rqvae`` (hierarchical K-Means identifiers:
   identifiers.quantizer=kmeans). A variant's folder starts from the artefacts of an earlier
   variant of the same seed; the pipeline keeps the stages whose config key matches.
+- issue 19 levers named explicitly: ``ace_recipe_v1`` (the recipe before them), ``ace_qid`` (lever 1,
+  identifiers from the document+queries vectors), ``ace_proto`` (lever 3, prototype-aware heads),
+  ``ace_qid_proto`` (both: the recipe's own settings, in a folder of its own).
 - ``ace_hybrid`` / ``ace_hybrid_int8`` / ``ace_hybrid_pq`` (ace/bench/quality_hybrid.py): the ``ace``
   model's top-B re-scored by log-prob + w * cosine, item vectors in float32 / int8 / PQ; needs
   ``split.scorer_queries=N`` (w is fitted on N training queries held out of training).
@@ -60,16 +63,20 @@ PARAPHRASES = ["querygen.backend=paraphrase", "querygen.runtime=llama_cpp", "que
                "querygen.batch_size=64"]
 PARAPHRASES_PER_ITEM = 9
 ACE_VARIANTS = {  # method -> (run folder, RunConfig overrides, constrained decoding)
+    # the recipe of configs/bench_proxy.yaml (since issue 19: levers 1 + 3, R-Drop off) and its ablations
     "ace": ("ace", [], True),
     "ace_no_cbs": ("ace", [], False),
     "ace_int8": ("ace", [], True),
-    "ace_no_kl": ("ace_no_kl", ["training.omega=0"], True),
+    "ace_kl": ("ace_kl", ["training.omega=0.15"], True),  # the paper's R-Drop weight
     "ace_no_fusion": ("ace_no_fusion", ["model.fusion=false"], True),
     "ace_no_kmeans": ("ace_no_kmeans", ["identifiers.use_kmeans=false"], True),
     "ace_no_rqvae": ("ace_no_rqvae", ["identifiers.quantizer=kmeans"], True),
-    # issue 19 levers, each alone (lever 1: query-aware identifiers)
-    "ace_qid": ("ace_qid", ["identifiers.vectors=item_plus_queries"], True),
-    "ace_proto": ("ace_proto", ["model.prototype_levels=2"], True),  # lever 3: prototype-aware heads
+    # the recipe before issue 19 (identifiers from the item embedding, no prototype heads, R-Drop 0.15)
+    "ace_recipe_v1": ("ace_recipe_v1", ["identifiers.vectors=item", "model.prototype_levels=0", "training.omega=0.15"],
+                      True),
+    # issue 19 levers, each alone and together, named explicitly (lever 1: query-aware identifiers; 3: prototype heads)
+    "ace_qid": ("ace_qid", ["identifiers.vectors=item_plus_queries", "model.prototype_levels=0"], True),
+    "ace_proto": ("ace_proto", ["identifiers.vectors=item", "model.prototype_levels=2"], True),
     "ace_qid_proto": ("ace_qid_proto", ["identifiers.vectors=item_plus_queries", "model.prototype_levels=2"], True),
     # + lever 2 (query volume): the 3 training captions kept, 3 SmolLM2 paraphrases of each added (llama.cpp runtime)
     "ace_qid_proto_para": ("ace_qid_proto_para", ["identifiers.vectors=item_plus_queries", "model.prototype_levels=2",
@@ -83,7 +90,8 @@ NEEDS_LLAMA = ("ace_qid_proto_para", "ace_qid_proto_para_hybrid")  # the optiona
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in NEEDS_LLAMA)
 LABELS = {"dt_zero_shot": "DT zero-shot", "dt_doc_plus_queries": "DT document+queries",
           "dt_trained": "DT trained (query tower)", "ace": "ACE (full)",
-          "ace_no_cbs": "ACE w/o constrained beam search", "ace_int8": "ACE (full), dynamic int8 (CPU)", "ace_no_kl": "ACE w/o KL loss (omega=0)",
+          "ace_no_cbs": "ACE w/o constrained beam search", "ace_int8": "ACE (full), dynamic int8 (CPU)",
+          "ace_kl": "ACE with the R-Drop KL loss (omega=0.15)", "ace_recipe_v1": "ACE recipe before issue 19 (no levers)",
           "ace_no_fusion": "ACE w/o fusion", "ace_no_kmeans": "ACE w/o K-Means token (RQ-VAE only)",
           "ace_no_rqvae": "ACE w/o RQ-VAE tokens (hierarchical K-Means)",
           "ace_qid": "ACE, identifiers from document+queries vectors (lever 1)",

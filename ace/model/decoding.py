@@ -255,20 +255,21 @@ def _mixed_widths(model, input_ids, attention_mask, trie, vocab, widths: np.ndar
 
 
 @torch.inference_mode()
-def score_identifiers(model, memory, mask, tokens: torch.Tensor, levels: int, query=None) -> torch.Tensor:
+def score_identifiers(model, memory, mask, tokens: torch.Tensor, levels: int, query=None, *,
+                      per_level: bool = False) -> torch.Tensor:
     """Teacher-forced log-probability of given identifiers' first ``levels`` tokens.
 
     ``memory`` / ``mask``: the encoder pass of B queries (``constrained_beam_search(state=...)``);
     ``tokens`` (B, P, >= levels) identifier token ids (``IdentifierVocab.encode``), P candidates per
     query; ``query``: the pooled query of prototype heads (``state["query"]``). Returns (B, P): sum
     over levels of log-softmax over the whole identifier vocabulary, the score the beam search gives
-    the same prefix."""
+    the same prefix; ``per_level``: (B, P, levels), each level's term of that sum."""
     B, P = tokens.shape[:2]
     if tokens.dim() != 3 or tokens.shape[0] != mask.shape[0] or tokens.shape[2] < levels:
         raise DecodingError(f"tokens must be (B={mask.shape[0]}, P, >= {levels}), got {tuple(tokens.shape)}")
-    out = torch.zeros(B, P, device=tokens.device)
+    out = torch.zeros(B, P, levels, device=tokens.device)
     if P == 0:
-        return out
+        return out if per_level else out.sum(-1)
     was_training = model.training
     model.eval()
     try:
@@ -278,10 +279,10 @@ def score_identifiers(model, memory, mask, tokens: torch.Tensor, levels: int, qu
             logits, cache = model.decoder.step(prev, d, memory, mask, cache, query=query)  # (B, P, V)
             logp = torch.log_softmax(logits.float(), dim=-1)
             prev = tokens[:, :, d]
-            out = out + logp.gather(2, prev[..., None])[..., 0]
+            out[:, :, d] = logp.gather(2, prev[..., None])[..., 0]
     finally:
         model.train(was_training)
-    return out
+    return out if per_level else out.sum(-1)
 
 
 @torch.inference_mode()
