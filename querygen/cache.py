@@ -1,6 +1,8 @@
-"""Append-only JSONL cache of raw generations, keyed by (item_id, backend, fingerprint)."""
+"""Append-only JSONL cache of raw generations, keyed by (item_id, backend, fingerprint) and checked against
+the item's inputs (``item_inputs``: modality, media, captions, description): an edited item is generated again."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,8 +20,11 @@ class QueryCache:
         self.path = Path(path)
         self.backend, self.fingerprint = backend, fingerprint
 
-    def load(self) -> dict[str, list[GeneratedQuery]]:
-        """item_id -> raw queries for entries written by this backend + fingerprint (others are kept, ignored)."""
+    def load(self, inputs: dict[str, str] | None = None) -> dict[str, list[GeneratedQuery]]:
+        """item_id -> raw queries for entries written by this backend + fingerprint (others are kept, ignored).
+        ``inputs`` (item_id -> ``item_inputs``): only entries generated from those same inputs count; an entry
+        of an item whose captions, media or description changed since (or of an older cache without the
+        record) is ignored, so that item is generated again."""
         done: dict[str, list[GeneratedQuery]] = {}
         if not self.path.is_file():
             return done
@@ -36,11 +41,11 @@ class QueryCache:
                     # a run killed mid-write leaves a torn last line; that item is simply redone
                     log.warning("cache %s: ignoring malformed line %d", self.path, lineno)
                     continue
-                if key[1:] == (self.backend, self.fingerprint):
+                if key[1:] == (self.backend, self.fingerprint) and (inputs is None or rec.get("inputs") == inputs.get(key[0])):
                     done[key[0]] = queries
         return done
 
-    def append(self, finished: dict[str, list[GeneratedQuery]]) -> None:
+    def append(self, finished: dict[str, list[GeneratedQuery]], inputs: dict[str, str] | None = None) -> None:
         """Write one line per finished item and fsync, so a kill after this call loses nothing."""
         if not finished:
             return
@@ -51,7 +56,7 @@ class QueryCache:
                 fh.write("\n")  # close a torn line left by a killed run so the next record stays parseable
             for item_id, queries in finished.items():
                 rec = {"item_id": item_id, "backend": self.backend, "fingerprint": self.fingerprint,
-                       "queries": [{"query": q.query, "source": q.source, "prompt": q.prompt} for q in queries]}
+                       "inputs": (inputs or {}).get(item_id), "queries": [{"query": q.query, "source": q.source, "prompt": q.prompt} for q in queries]}
                 fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
@@ -60,3 +65,9 @@ class QueryCache:
         with open(self.path, "rb") as fh:
             fh.seek(-1, os.SEEK_END)
             return fh.read(1) == b"\n"
+
+
+def item_inputs(item) -> str:
+    """A digest of what a backend generates from: the item's modality, media path, captions and description."""
+    blob = json.dumps([item.modality, item.media, list(item.captions), item.description()], ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]

@@ -14,7 +14,7 @@ from ace.config import to_dict
 from ace.data.corpus import CorpusItem
 
 from .base import GeneratedQuery, ItemFailure, QueryBackend, QueryGenError
-from .cache import QueryCache
+from .cache import QueryCache, item_inputs
 from .config import QueryGenConfig
 from .filters import NearDuplicateFilter, clean_query, degenerate_reason
 
@@ -68,7 +68,8 @@ def _batches(seq: list, size: int):
 def generate_all(items: list[CorpusItem], backend: QueryBackend, *, config: QueryGenConfig, cache: QueryCache,
                  failures_path: Path | None = None) -> tuple[dict[str, list[GeneratedQuery]], list[ItemFailure], int]:
     """Run ``backend`` over the items not in ``cache``; returns (all raw queries by item, failures, #from cache)."""
-    done = cache.load()
+    inputs = {it.item_id: item_inputs(it) for it in items}
+    done = cache.load(inputs)
     ids = {it.item_id for it in items}
     done = {k: v for k, v in done.items() if k in ids}
     from_cache = len(done)
@@ -86,7 +87,7 @@ def generate_all(items: list[CorpusItem], backend: QueryBackend, *, config: Quer
             for q in queries:
                 if q.item_id in finished:
                     finished[q.item_id].append(q)
-            cache.append(finished)
+            cache.append(finished, inputs)
             done.update(finished)
             succeeded += len(finished)
             if failed:

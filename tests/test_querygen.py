@@ -302,6 +302,10 @@ def test_resume_after_interruption_does_not_regenerate_finished_items(tiny_lm, t
     other = FlakyParaphrase(model=tiny_lm, num_queries=2, max_new_tokens=5, prompts=["say {caption}"])
     run_querygen(items[:1], other, config=cfg, out_dir=tmp_path)
     assert other.seen == ["i0"]
+    # an item whose captions changed since its entry was written is generated again; the others come from the cache
+    edited = [CorpusItem("i1", "audio", captions=["a lion roars"])] + items[2:4]
+    fourth = FlakyParaphrase(model=tiny_lm, num_queries=2, max_new_tokens=5)
+    assert run_querygen(edited, fourth, config=cfg, out_dir=tmp_path).items_from_cache == 2 and fourth.seen == ["i1"]
 
 
 # ---- filtering and dedup -------------------------------------------------------------------------------------
