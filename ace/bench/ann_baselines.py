@@ -182,9 +182,17 @@ def build_hnsw(vectors: np.ndarray, *, m: int, ef_construction: int, seed: int, 
         return hit
     index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = ef_construction
+    return _build(index, vectors, path, threads=threads, search_threads=search_threads)
+
+
+def _build(index, vectors: np.ndarray, path, *, threads: int, search_threads: int, train_rows=None):
+    """Train (on ``train_rows``, if given) and fill ``index`` in chunks with ``threads``; save it; (index, build s)."""
+    import faiss
     faiss.omp_set_num_threads(threads)
     t = time.perf_counter()
-    for s in range(0, n, CHUNK):
+    if train_rows is not None:
+        index.train(np.ascontiguousarray(vectors[train_rows], dtype=np.float32))
+    for s in range(0, len(vectors), CHUNK):
         index.add(np.ascontiguousarray(vectors[s:s + CHUNK], dtype=np.float32))
     build_s = time.perf_counter() - t
     faiss.omp_set_num_threads(search_threads)
@@ -214,15 +222,7 @@ def build_ivf(vectors: np.ndarray, kind: str, *, nlist_factor: float, pq_bytes: 
     index.cp.niter = 10
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, size=min(n, 40 * nlist), replace=False))
-    faiss.omp_set_num_threads(threads)
-    t = time.perf_counter()
-    index.train(np.ascontiguousarray(vectors[sample], dtype=np.float32))
-    for s in range(0, n, CHUNK):
-        index.add(np.ascontiguousarray(vectors[s:s + CHUNK], dtype=np.float32))
-    build_s = time.perf_counter() - t
-    faiss.omp_set_num_threads(search_threads)
-    _save(path, index, build_s, threads)
-    return index, build_s
+    return _build(index, vectors, path, threads=threads, search_threads=search_threads, train_rows=sample)
 
 
 # ------------------------------------------------------------------------------ tuning
