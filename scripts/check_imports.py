@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -19,6 +20,8 @@ OWN = {"ace", "identifiers", "querygen", "train", "serve", "tests", "benchmarks"
 # used at run time without an `import` in our code: transformers' GGUF loading, uvicorn's fast paths,
 # FastAPI's multipart parsing
 INDIRECT = ["gguf", "multipart", "httptools", "uvloop"]
+# optional extras of pyproject.toml, not in the default install: reported, not required
+OPTIONAL = {"llama_cpp": "ace[llama] (querygen.runtime=llama_cpp)"}
 
 
 def imported_modules() -> dict[str, str]:
@@ -49,6 +52,10 @@ def main() -> int:
         modules.setdefault(name, "(runtime dependency)")
     failed = []
     for name, where in sorted(modules.items()):
+        if name in OPTIONAL:
+            found = importlib.util.find_spec(name) is not None
+            print(f"[setup] optional {name} for {OPTIONAL[name]}: {'installed' if found else 'not installed'}")
+            continue
         try:
             importlib.import_module(name)
         except Exception as exc:  # ImportError, or a broken install raising something else on import
