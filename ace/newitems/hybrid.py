@@ -248,13 +248,14 @@ def trained_depth(trie, codes: np.ndarray, levels: int) -> np.ndarray:
     was trained to emit: the depth of the deepest prefix shared with an item of the generative ``trie``
     (0 when ``trie`` is None)."""
     codes = np.asarray(codes)
-    flat = codes.reshape(-1, codes.shape[-1])
-    depth = np.zeros(len(flat), dtype=np.int64)
-    if trie is not None:
-        for i, row in enumerate(flat.tolist()):
-            while depth[i] < levels and trie.walk(row[:depth[i] + 1]) >= 0:
-                depth[i] += 1
-    return depth.reshape(codes.shape[:-1])
+    depth = np.zeros(codes.shape[:-1], dtype=np.int64)
+    if trie is None:
+        return depth
+    nodes = np.zeros_like(depth)             # the root; -1 once a prefix leaves the trie (and stays -1)
+    for level in range(levels):
+        nodes = trie.child(nodes, codes[..., level])
+        depth += nodes >= 0
+    return depth
 
 
 def untrained_completion(level_logprob: np.ndarray, depth: np.ndarray, generative_logprob: np.ndarray,
