@@ -17,8 +17,12 @@ class WriterLockError(RetrieverError):
     """Another process holds the run's writer lock (it is adding or deleting items)."""
 
 
-class ItemNotFoundError(RetrieverError, KeyError):
-    """An item id is unknown, or already deleted."""
+class MessageKeyError(KeyError):
+    """A KeyError whose str() is its message (KeyError's own would repr() it): the not-found errors' base."""
 
-    def __str__(self) -> str:  # KeyError would repr() the message
+    def __str__(self) -> str:
         return self.args[0] if self.args else ""
+
+
+class ItemNotFoundError(RetrieverError, MessageKeyError):
+    """An item id is unknown, or already deleted."""

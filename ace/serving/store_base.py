@@ -25,6 +25,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from ace.data.corpus import MODALITIES, CorpusItem
+from ace.serving.errors import MessageKeyError
 
 STATUSES = ("active", "deleted")
 SOURCES = ("trained", "added", "folded")
@@ -45,11 +46,8 @@ class IdentifierConflictError(StoreError):
     """An identifier to store is already another item's: the writer's view of the store was stale."""
 
 
-class UnknownItemError(StoreError, KeyError):
+class UnknownItemError(StoreError, MessageKeyError):
     """An item id is not in the store (or is already deleted, for ``delete``)."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return self.args[0] if self.args else ""
 
 
 class StoreCorruptError(StoreError):
