@@ -1,0 +1,126 @@
+"""Why merged search loses added items, and what the untrained-level rule does (quality.md section 11.3).
+
+    python benchmarks/merged_search_probe.py ../shared/data/flickr30k/flickr30k_val.json \
+        --config configs/flickr30k_80_20_hybrid.yaml --work benchmarks/out/merged_probe/work
+
+On a copy of the config's trained run (its first ``corpus.limit`` items), every other item of the caption
+file is added through ``Retriever.add_items`` (as benchmarks/bench_new_items.py does). Then:
+
+1. the teacher-forced log-prob of each level of the gold identifier, for the added items' test queries
+   and for old items' test queries, and how many added items share their k / (k, v1) / (k, v1, v2)
+   prefix with a trained item;
+2. merged (hybrid) search R@1 / R@10 of both query sets under the committed rule for untrained levels
+   (``untrained_completion``: the best per-level log-prob of the query's generative candidates) and
+   under the alternative of the mean per-level log-prob (patched in this process only).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ace.config import load_config  # noqa: E402
+from ace.metrics import retrieval_metrics  # noqa: E402
+from ace.pipeline.run_config import RunConfig  # noqa: E402
+from ace.pipeline.stages import load_source_corpus, split_captions  # noqa: E402
+from ace.run_folder import RunPaths, copy_trained_run, read_encoder_config, read_pairs  # noqa: E402
+
+
+def added_run(captions: str, cfg: RunConfig, work: Path) -> list[list[str]]:
+    """``work`` = the trained run + every other item of ``captions`` added; the added items' test pairs."""
+    from ace.data.encoders import build_encoder
+    from ace.serving.retriever import Retriever
+
+    pairs_file = work / "added_test_queries.json"
+    if pairs_file.is_file():
+        return json.loads(pairs_file.read_text())
+    copy_trained_run(ROOT / cfg.run_dir, work)
+    full = load_source_corpus(dataclasses.replace(cfg.corpus, path=captions, limit=None))
+    items, test = split_captions(type(full)(items=full.items[cfg.corpus.limit:], root=full.root, source=full.source),
+                                 cfg.split)
+    items = [dataclasses.replace(it, embedding=None) for it in items.items]
+    r = Retriever.from_run(work, device="cpu")
+    emb = build_encoder(read_encoder_config(work)).encode(items)
+    r.add_items([dataclasses.replace(it, embedding=e, media=None) for it, e in zip(items, emb)])
+    r.close()
+    pairs_file.write_text(json.dumps([list(p) for p in test]))
+    return [list(p) for p in test]
+
+
+@torch.inference_mode()
+def gold_level_logprobs(r, pairs) -> np.ndarray:
+    """(Q, levels) teacher-forced log P of each level of each query's gold identifier prefix."""
+    from ace.model.decoding import constrained_beam_search, score_identifiers
+
+    model, qtok, vocab = r.model.eval(), r.query_tokenizer, r.vocab
+    codes = dict(zip(r.id_tokenizer.trie.item_ids, np.asarray(r.id_tokenizer.trie.codes)))
+    out = []
+    for s in range(0, len(pairs), 100):
+        batch = pairs[s:s + 100]
+        e = qtok([q for q, _ in batch], max_length=model.config.max_query_length)
+        st: dict = {}
+        constrained_beam_search(model, e.input_ids, e.attention_mask, r.trie(), vocab, num_beams=1, top_k=1, state=st)
+        toks = torch.as_tensor(vocab.encode(np.stack([codes[g] for _, g in batch])), dtype=torch.long)[:, None, :]
+        out.append(score_identifiers(model, st["memory"], st["mask"], toks, vocab.length - 1, query=st["query"],
+                                     per_level=True)[:, 0].numpy())
+    return np.concatenate(out)
+
+
+def mean_rule(level_logprob, depth, generative_logprob, generative_rows):
+    """The alternative rule: untrained levels at the query's mean per-level log-prob of its candidates."""
+    levels = level_logprob.shape[-1]
+    valid = np.asarray(generative_rows) >= 0
+    n = valid.sum(1)
+    mean = np.where(n > 0, np.where(valid, generative_logprob, 0.0).sum(1) / np.maximum(n, 1) / levels, 0.0)
+    known = np.arange(levels) < np.asarray(depth)[..., None]
+    return np.where(known, level_logprob, mean[:, None, None]).sum(-1)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("captions")
+    ap.add_argument("--config", default="configs/flickr30k_80_20_hybrid.yaml")
+    ap.add_argument("--work", default="benchmarks/out/merged_probe/work")
+    ap.add_argument("--old-queries", type=int, default=400, help="the first N of the old items' test queries")
+    ap.add_argument("--beams", type=int, default=50)
+    args = ap.parse_args(argv)
+
+    import ace.newitems.hybrid as hybrid
+    from ace.serving.retriever import Retriever
+
+    cfg = load_config(RunConfig, ROOT / args.config, [f"corpus.path={args.captions}"])
+    work = ROOT / args.work
+    new = added_run(args.captions, cfg, work)
+    old = read_pairs(RunPaths(work).test_queries)[:args.old_queries]
+    r = Retriever.from_run(work, device="cpu")
+    tok = r.id_tokenizer
+    trained = set(json.loads((work / RunPaths.ITEM_IDS).read_text()))
+    codes = dict(zip(tok.trie.item_ids, np.asarray(tok.trie.codes)))
+    old_codes = np.stack([codes[i] for i in trained])
+    result: dict = {"gold_level_logprob": {}, "merged": {}}
+    for name, pairs in (("added", new), ("old", old)):
+        result["gold_level_logprob"][name] = gold_level_logprobs(r, pairs).mean(0).round(2).tolist()
+    gold_new = [codes[g] for _, g in new]
+    result["added_prefix_shared_with_trained"] = {
+        f"levels 1-{d}": float(np.mean([any((c[:d] == old_codes[:, :d]).all(1)) for c in gold_new])) for d in (1, 2, 3)}
+    for rule, fn in (("best (committed)", hybrid.untrained_completion), ("mean", mean_rule)):
+        hybrid.untrained_completion = fn
+        for name, pairs in (("added", new), ("old", old)):
+            hits = r.search([q for q, _ in pairs], k=10, num_beams=args.beams)
+            m = retrieval_metrics([[h.item_id for h in row] for row in hits], [g for _, g in pairs])
+            result["merged"][f"{rule}, {name} items"] = {k: round(m[k], 1) for k in ("R@1", "R@10", "queries")}
+    r.close()
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
