@@ -72,6 +72,11 @@ def test_every_method_in_json_and_markdown(full_run):
     assert {m: r["bytes_per_item"] for m, r in hyb.items()} == {"ace_hybrid": 128, "ace_hybrid_int8": 36,
                                                                 "ace_hybrid_pq": 8}
     assert all(r["val_queries"] == 10 and 0 <= r["candidate_recall"] <= 100 for r in hyb.values())
+    # + dense candidates: a superset of the same model's generative candidates, so the gold is among them as often or more
+    for b in (2, 5):
+        plain, dense = (next(r for r in rows if r["method"] == m and r["beams"] == b)
+                        for m in ("ace_qid_proto_hybrid", "ace_qid_proto_hybrid_dense"))
+        assert dense["candidate_recall"] >= plain["candidate_recall"]
     md = (out / "quality.md").read_text()
     for m in DEFAULT_METHODS:
         assert LABELS[m] in md

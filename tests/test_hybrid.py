@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ace.newitems.hybrid import (HybridError, HybridScorer, ItemVectorSet, encode_texts, fit_weight, fuse, item_texts,
+from ace.newitems.hybrid import (HybridConfig, HybridError, HybridScorer, ItemVectorSet, encode_texts, fit_weight, fuse, item_texts,
                         mean_vectors, rerank)
 
 
@@ -234,6 +234,54 @@ def test_merged_search_scores_both_paths_with_the_same_fusion(tiny_model):
     assert seen_sources == {"generative", "fallback"}
 
 
+def test_dense_candidates_add_the_trie_items_nearest_the_query_the_beams_missed(tiny_model):
+    from ace.model.decoding import constrained_beam_search, score_identifiers
+    from ace.newitems.hybrid import search_merged, sentence_vectors
+
+    task, tok, qtok, model, vocab = tiny_model
+    ids = list(tok.trie.item_ids)
+    queries = [q for q, _ in task.val_pairs[:6]]
+    enc = qtok(queries)
+    state: dict = {}
+    beam_rows, _ = constrained_beam_search(model, enc.input_ids, enc.attention_mask, tok.trie.flat(), vocab,
+                                           num_beams=3, top_k=3, state=state)
+    qv = sentence_vectors(state["last_hidden"], enc.attention_mask)
+    # item vectors: item j of query i's "planted" set points exactly at query i, so the nearest items are known
+    rng = np.random.default_rng(3)
+    vec = _unit(rng, len(ids), 32)
+    missed = [next(r for r in range(len(ids)) if r not in set(beam_rows[i].tolist()) and r % 6 == i)
+              for i in range(len(queries))]
+    for i, r in enumerate(missed):
+        vec[r] = qv[i]
+    stored_codes = np.asarray(tok.codes)
+    stored_codes_gone = stored_codes.copy()
+    for dense, codes in [(2, stored_codes), (0, stored_codes)]:
+        scorer = HybridScorer(ItemVectorSet.build(ids, vec), 5.0, "full", 3, {}, dense_candidates=dense)
+        hits = search_merged(model, qtok, tok.trie.flat(), ids, vocab, scorer, queries, 3, 5, stored_codes=codes)
+        for i, row in enumerate(hits):
+            got = {h.item_id: h for h in row}
+            assert len(got) == len(row)                                    # no item twice
+            if dense:
+                h = got[ids[missed[i]]]                                    # the beams missed it, the scan found it
+                assert h.source == "dense" and h.cosine == pytest.approx(1.0, abs=1e-5)
+                tokens = torch.as_tensor(vocab.encode(stored_codes[[missed[i]]]))[None].repeat(len(queries), 1, 1)
+                tf = score_identifiers(model, state["memory"], state["mask"], tokens, vocab.length)[i, 0]
+                assert h.logprob == pytest.approx(float(tf), abs=1e-4)    # its whole identifier, teacher-forced
+                assert h.score == pytest.approx(h.logprob + 5.0 * h.cosine, abs=1e-6)
+                assert sum(x.source == "dense" for x in row) <= 2
+            else:
+                assert {h.source for h in row} == {"generative"}
+    # an item no longer in the table (-1 codes) is never a dense candidate
+    stored_codes_gone[missed] = -1
+    scorer = HybridScorer(ItemVectorSet.build(ids, vec), 5.0, "full", 3, {}, dense_candidates=2)
+    hits = search_merged(model, qtok, tok.trie.flat(), ids, vocab, scorer, queries, 3, 5, stored_codes=stored_codes_gone)
+    assert not any(h.item_id == ids[missed[i]] and h.source == "dense" for i, row in enumerate(hits) for h in row)
+    with pytest.raises(HybridError, match="stored_codes"):
+        search_merged(model, qtok, tok.trie.flat(), ids, vocab, scorer, queries, 3, 5)
+    with pytest.raises(HybridError, match="dense_candidates"):
+        HybridConfig(dense_candidates=-1)
+
+
 def test_untrained_levels_of_added_items_get_the_best_per_level_log_prob():
     from ace.newitems.hybrid import trained_depth, untrained_completion
     from identifiers.trie import FlatTrie
@@ -377,4 +425,40 @@ def test_post_search_exposes_the_mode_and_each_hit_says_which_mode_scored_it(hyb
         assert h["cosine"] == pytest.approx(g.cosine, abs=1e-5)
     assert [h["mode"] for h in gen["results"]] == ["generative"] * 3 and all(h["cosine"] is None for h in gen["results"])
     assert bad.status_code == 422 and "mode" in bad.text
+    r.close()
+
+
+def test_a_run_built_with_dense_candidates_serves_them_and_says_so(hybrid_run, tmp_path):
+    import dataclasses
+    import shutil
+
+    from ace.newitems.hybrid import HybridConfig
+    from ace.pipeline.hybrid_stage import build_run_hybrid
+    from ace.serving.retriever import Retriever
+
+    run = tmp_path / "run"
+    shutil.copytree(hybrid_run, run, ignore=shutil.ignore_patterns("checkpoints", "cache"))
+    info = build_run_hybrid(run, dataclasses.replace(HybridConfig(enabled=True), candidates=3, dense_candidates=4,
+                                                     levels="full"), device="cpu", seed=0)
+    assert info["dense_candidates"] == 4
+    r = Retriever.from_run(run, device="cpu")
+    assert r.hybrid.scorer.dense_candidates == 4
+    q = ["a red car", "the dog is blue", "a green kite"]
+    r.hybrid.scorer.weight = w = 100.0          # the cosine decides, so the nearest items show up
+    hits = r.search(q, k=10, num_beams=10, mode="hybrid")
+    gen = r.search(q, k=10, num_beams=10, mode="generative")
+    n_dense = 0
+    for row, grow in zip(hits, gen):
+        assert len(row) == 10 and len({h.item_id for h in row}) == 10       # no item twice
+        beams = {h.item_id for h in grow}
+        for h in row:
+            assert (h.source == "generative") == (h.item_id in beams) and h.source in ("generative", "dense")
+            assert h.mode == "hybrid" and h.score == pytest.approx(h.raw_score + w * h.cosine)
+        n_dense += sum(h.source == "dense" for h in row)
+    assert n_dense > 0
+    # a modality filter keeps dense candidates inside that modality's items
+    mod = r.catalog.modality
+    some = next(iter(set(mod.values())))
+    for row in r.search(q, k=10, num_beams=10, mode="hybrid", modality=some):
+        assert all(mod[h.item_id] == some for h in row)
     r.close()

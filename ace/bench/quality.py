@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ace.bench.quality_hybrid import HYBRID_VARIANTS, decode_hybrid, hybrid_notes
+from ace.bench.quality_hybrid import DENSE_CANDIDATES, HYBRID_VARIANTS, decode_hybrid, hybrid_notes
 from ace.bench.quality_methods import (ACE_VARIANTS, BASELINES, DEFAULT_METHODS, INT8_VARIANTS,  # noqa: F401 (re-exported)
                                       LABELS, METHODS, NEEDS_LLAMA, PARAPHRASES, PARAPHRASES_PER_ITEM)
 from ace.run_folder import RunPaths, read_pairs
@@ -350,7 +350,8 @@ def run_benchmark(setup: BenchSetup) -> dict:
                 if method in HYBRID_VARIANTS:
                     for b in setup.beams:
                         rk, secs, extra = decode_hybrid(run_dir, cfg, HYBRID_VARIANTS[method], queries, targets, b,
-                                                        device=setup.device, top_k=TOP_K)
+                                                        device=setup.device, top_k=TOP_K,
+                                                        dense=DENSE_CANDIDATES.get(method, 0))
                         record(method, seed, b, rk, {"train": train_s, **secs},
                                queries_per_second=len(queries) / secs["search"], **extra)
                     continue

@@ -14,28 +14,32 @@ import numpy as np
 
 HYBRID_VARIANTS = {"ace_hybrid": "float32", "ace_hybrid_int8": "int8", "ace_hybrid_pq": "pq",  # -> item-vector storage
                    "ace_qid_proto_hybrid": "float32", "ace_qid_proto_hybrid_int8": "int8",
-                   "ace_qid_proto_para_hybrid": "float32"}
+                   "ace_qid_proto_para_hybrid": "float32", "ace_qid_proto_hybrid_dense": "float32"}
+DENSE_CANDIDATES = {"ace_qid_proto_hybrid_dense": 20}  # + the 20 items nearest the query vector (hybrid.dense_candidates)
 HYBRID_LABELS = {"ace_hybrid": "ACE hybrid (float32 item vectors)", "ace_hybrid_int8": "ACE hybrid (int8 item vectors)",
                  "ace_hybrid_pq": "ACE hybrid (PQ item vectors)",
                  "ace_qid_proto_hybrid": "ACE levers 1 + 3, hybrid (float32 item vectors)",
                  "ace_qid_proto_hybrid_int8": "ACE levers 1 + 3, hybrid (int8 item vectors)",
-                 "ace_qid_proto_para_hybrid": "ACE levers 1 + 3 + paraphrases (lever 2), hybrid (float32 item vectors)"}
+                 "ace_qid_proto_para_hybrid": "ACE levers 1 + 3 + paraphrases (lever 2), hybrid (float32 item vectors)",
+                 "ace_qid_proto_hybrid_dense": "ACE levers 1 + 3, hybrid + 20 dense candidates (float32, exact scan)"}
 _CANDIDATES: dict = {}  # (run dir, beams, levels, queries) -> (generative_candidates(...), seconds)
 
 
 def decode_hybrid(run_dir: Path, cfg, storage: str, queries: list[str], targets: list[str], beams: int, *,
-                  device: str, top_k: int = 10) -> tuple[list[list[str]], dict, dict]:
-    """(rankings, seconds, extra) of the hybrid scorer over the run's `ace` model at ``beams`` candidates.
+                  device: str, top_k: int = 10, dense: int = 0) -> tuple[list[list[str]], dict, dict]:
+    """(rankings, seconds, extra) of the hybrid scorer over the run's `ace` model at ``beams`` candidates
+    (+ ``dense`` nearest items by the query vector, ``hybrid.dense_candidates``).
 
     The scorer (item vectors in ``storage`` + w fitted on RUN/scorer_queries.json) is built once per
-    (storage, beams) into RUN/hybrid_<storage>_b<beams>/ by ``ace.pipeline.hybrid_stage.build_run_hybrid``."""
-    from ace.newitems.hybrid import HybridScorer, generative_candidates, rerank
+    (storage, beams, dense) into RUN/hybrid_<storage>_b<beams>[_d<dense>]/ by
+    ``ace.pipeline.hybrid_stage.build_run_hybrid``."""
+    from ace.newitems.hybrid import HybridScorer, generative_candidates, rerank, with_dense_candidates
     from ace.pipeline.hybrid_stage import build_run_hybrid
     from ace.serving.retriever import Retriever
 
     dev = None if device == "auto" else device
-    hcfg = dataclasses.replace(cfg.hybrid, storage=storage, candidates=beams)
-    name = f"hybrid_{storage}_b{beams}"
+    hcfg = dataclasses.replace(cfg.hybrid, storage=storage, candidates=beams, dense_candidates=dense)
+    name = f"hybrid_{storage}_b{beams}" + (f"_d{dense}" if dense else "")
     t = time.perf_counter()
     key = json.dumps(dataclasses.asdict(hcfg), sort_keys=True)
     info_file = run_dir / name / "scorer.json"
@@ -56,6 +60,17 @@ def decode_hybrid(run_dir: Path, cfg, storage: str, queries: list[str], targets:
         _CANDIDATES[ckey] = (generative_candidates(retriever.model, retriever.query_tokenizer, retriever.trie(),
                                                    retriever.vocab, queries, beams, levels=scorer.levels),
                              time.perf_counter() - t0)
+    if dense:  # + the nearest items the beams missed, from the stored vectors: cached per storage
+        base, base_s = _CANDIDATES[ckey]
+        ckey += (dense, storage)
+        if ckey not in _CANDIDATES:
+            if list(ids) != list(scorer.vectors.ids):
+                raise RuntimeError(f"{run_dir / name}: the item vectors are not in the identifier table's order")
+            t0 = time.perf_counter()
+            _CANDIDATES[ckey] = (with_dense_candidates(
+                retriever.model, retriever.query_tokenizer, retriever.trie(), retriever.vocab, queries, *base,
+                dense=(scorer.vectors, np.asarray(retriever.id_tokenizer.trie.codes), dense), levels=scorer.levels),
+                base_s + time.perf_counter() - t0)
     (rows, lp, qv), pass_s = _CANDIDATES[ckey]
     t1 = time.perf_counter()
     vec_rows = scorer.vectors.rows_of([ids[r] if r >= 0 else None for r in rows.ravel().tolist()]).reshape(rows.shape)
@@ -63,7 +78,7 @@ def decode_hybrid(run_dir: Path, cfg, storage: str, queries: list[str], targets:
     secs = pass_s + time.perf_counter() - t1
     retriever.close()
     rankings = [[ids[r] for r in row[:top_k] if r >= 0] for row in ranked.tolist()]
-    gold = [t in {ids[r] for r in row if r >= 0} for row, t in zip(rows.tolist(), targets)]
+    gold = [t in {ids[r] for r in row if r >= 0} for row, t in zip(rows.tolist(), targets)]   # + dense ones
     fit = scorer.info["fit"]
     extra = {"weight": scorer.weight, "bytes_per_item": scorer.vectors.bytes_per_item(),
              "shared_bytes": scorer.vectors.shared_bytes(), "candidate_recall": 100 * float(np.mean(gold)),

@@ -47,6 +47,7 @@ class HybridConfig:
     pq_bytes: int = 48                       # PQ sub-quantisers (bytes per item at 8 bits each); must divide the dim
     levels: str = "prefix"                   # identifier levels in the log-prob: prefix (k..vM) | full (+ u)
     candidates: int = 50                     # generative top-B re-scored (beams = B)
+    dense_candidates: int = 0                # + the D trie items nearest the query vector (exact scan; 0 = off)
     weights: list[float] = field(default_factory=lambda: [0.0] + [round(float(x), 4) for x in np.geomspace(0.25, 256, 31)])
 
     def __post_init__(self):
@@ -58,6 +59,8 @@ class HybridConfig:
             raise HybridError(f"hybrid.levels must be one of {LEVELS}, got {self.levels!r}")
         if self.candidates < 1 or self.pq_bytes < 1:
             raise HybridError(f"hybrid.candidates and hybrid.pq_bytes must be >= 1 ({self.candidates}, {self.pq_bytes})")
+        if self.dense_candidates < 0:
+            raise HybridError(f"hybrid.dense_candidates must be >= 0, got {self.dense_candidates}")
         if not self.weights or any(not math.isfinite(w) or w < 0 for w in self.weights):
             raise HybridError(f"hybrid.weights must be finite and >= 0, got {self.weights}")
 
@@ -169,6 +172,7 @@ class HybridScorer:
     levels: str
     candidates: int
     info: dict
+    dense_candidates: int = 0   # trie items nearest the query vector added to the generative candidates
 
     @classmethod
     def load(cls, run_dir: str | Path, name: str = "hybrid") -> "HybridScorer":
@@ -181,7 +185,8 @@ class HybridScorer:
             raise HybridError(f"{folder}/scorer.json has format version {info.get('format_version')}, "
                               f"this code reads {FORMAT_VERSION}: rebuild it (pipeline stage hybrid)")
         vectors = ItemVectorSet.load(folder, info["storage"], info["dim"])
-        return cls(vectors, float(info["weight"]), info["levels"], int(info["candidates"]), info)
+        return cls(vectors, float(info["weight"]), info["levels"], int(info["candidates"]), info,
+                   int(info.get("dense_candidates", 0)))
 
     def n_levels(self, identifier_length: int) -> int:
         return identifier_length - 1 if self.levels == "prefix" else identifier_length
@@ -198,9 +203,10 @@ def check_query_dim(scorer_dim: int, model) -> None:
 
 
 def generative_candidates(model, query_tokenizer, trie, vocab, queries: list[str], num_beams: int, *,
-                          levels: str = "prefix", batch_size: int = 100):
+                          levels: str = "prefix", batch_size: int = 100, dense: tuple | None = None):
     """Generative top-B of each query with what the scorer needs, from one encoder pass per batch:
-    (rows (Q, B) identifier-table rows, -1 pads; logprob (Q, B) of ``levels``; query vectors (Q, d))."""
+    (rows (Q, B) identifier-table rows, -1 pads; logprob (Q, B) of ``levels``; query vectors (Q, d)).
+    ``dense``: see ``with_dense_candidates`` (rows (Q, B + D))."""
     from ace.model.decoding import constrained_beam_search
 
     device = next(model.parameters()).device
@@ -212,10 +218,44 @@ def generative_candidates(model, query_tokenizer, trie, vocab, queries: list[str
         items, full = constrained_beam_search(model, ids, mask, trie, vocab, num_beams=num_beams, top_k=num_beams,
                                               state=state)
         rows.append(items.numpy())
-        lps.append((state["prefix_scores"] if levels == "prefix" else full).numpy())
+        lps.append((state["prefix_scores"] if levels == "prefix" else full).numpy().astype(np.float64))
         qv.append(sentence_vectors(state["last_hidden"], mask))
         del state
-    return np.concatenate(rows), np.concatenate(lps), np.concatenate(qv)
+    out = np.concatenate(rows), np.concatenate(lps), np.concatenate(qv)
+    if dense is not None and dense[2] > 0:
+        out = with_dense_candidates(model, query_tokenizer, trie, vocab, queries, *out, dense=dense, levels=levels,
+                                    batch_size=batch_size)
+    return out
+
+
+def encoder_state(model, input_ids, attention_mask) -> dict:
+    """The encoder pass the decoder steps need (the ``state`` a beam search leaves), without decoding."""
+    import torch
+
+    with torch.inference_mode():
+        layers = model.eval().encode(input_ids, attention_mask)
+        return {"last_hidden": layers[:, -1], "memory": model.decoder.memory(layers),
+                "mask": attention_mask.bool()[:, None, None, :], "query": model.prototype_query(layers, attention_mask)}
+
+
+def with_dense_candidates(model, query_tokenizer, trie, vocab, queries: list[str], rows: np.ndarray, logprob: np.ndarray,
+                          query_vecs: np.ndarray, *, dense: tuple, levels: str = "prefix", batch_size: int = 100):
+    """``generative_candidates``' (rows, logprob, query vectors) + ``dense`` = (vectors: ItemVectorSet whose rows
+    are the table's rows, codes (n, L), D): the D trie items nearest each query vector that the beams missed,
+    scored teacher-forced (``dense_candidates``) after one more encoder pass. Returns rows / logprob (Q, B + D)."""
+    vset, codes, count = dense
+    n_lv = vocab.length - 1 if levels == "prefix" else vocab.length
+    device = next(model.parameters()).device
+    add_rows, add_lp = [], []
+    for s in range(0, len(queries), batch_size):
+        enc = query_tokenizer(queries[s:s + batch_size], max_length=model.config.max_query_length)
+        state = encoder_state(model, enc.input_ids.to(device), enc.attention_mask.to(device))
+        drows, dlp = dense_candidates(model, state, trie, vocab, vset, codes, query_vecs[s:s + batch_size],
+                                      rows[s:s + batch_size], count, n_lv)
+        add_rows.append(drows)
+        add_lp.append(dlp)
+    return (np.concatenate([rows, np.concatenate(add_rows)], 1), np.concatenate([logprob, np.concatenate(add_lp)], 1),
+            query_vecs)
 
 
 @dataclass
@@ -224,7 +264,11 @@ class HybridHit:
     score: float        # log-prob + w * cosine
     logprob: float      # log P(identifier levels | query)
     cosine: float
-    source: str         # "generative" (beam search) | "fallback" (added item, identifier scored teacher-forced)
+    source: str         # "generative" (beam search) | "dense" (trie item nearest the query vector, identifier
+                        # scored teacher-forced) | "fallback" (added item, identifier scored teacher-forced)
+
+
+SOURCES_OF_HITS = ("generative", "fallback", "dense")   # by search_merged's per-candidate source code
 
 
 @dataclass
@@ -278,9 +322,52 @@ def untrained_completion(level_logprob: np.ndarray, depth: np.ndarray, generativ
     return np.where(known, level_logprob, per_level[:, None, None]).sum(-1)
 
 
+def nearest_trie_rows(vectors: ItemVectorSet, query_vecs: np.ndarray, in_trie: np.ndarray, taken: np.ndarray,
+                      count: int) -> np.ndarray:
+    """(Q, count) rows of the stored item ``vectors`` nearest each query vector (exact scan) among the items
+    ``in_trie`` (n,) bool, skipping ``taken`` (Q, B) rows (the query's generative candidates; -1 pads);
+    -1 pads when fewer are left."""
+    n = len(vectors.ids)
+    cos = np.asarray(query_vecs, dtype=np.float32) @ vectors.decode(np.arange(n)).T      # (Q, n)
+    cos = np.where(np.asarray(in_trie, dtype=bool)[None, :], cos, -np.inf)
+    taken = np.asarray(taken)
+    q_idx = np.repeat(np.arange(len(cos)), taken.shape[1])
+    t = taken.ravel()
+    cos[q_idx[t >= 0], t[t >= 0]] = -np.inf
+    top = np.argsort(-cos, axis=1, kind="stable")[:, :min(count, n)]
+    return np.where(np.isfinite(np.take_along_axis(cos, top, 1)), top, -1)
+
+
+def dense_candidates(model, state: dict, trie, vocab, vectors: ItemVectorSet, codes: np.ndarray, query_vecs: np.ndarray,
+                     taken: np.ndarray, count: int, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``count`` items of ``trie`` nearest each query vector that are not among ``taken`` (Q, B) rows of
+    ``vectors``, with the teacher-forced log-prob of their first ``levels`` identifier tokens (every level of
+    a trie item was trained, so it is on the beam search's scale). ``codes`` (n, L): the identifier of each
+    row of ``vectors``, -1 rows for items no longer in the table; ``state``: the beam search's encoder pass.
+    Returns (rows (Q, count) of ``vectors``, -1 pads; logprob (Q, count), -inf at pads)."""
+    import torch
+
+    from ace.model.decoding import score_identifiers
+
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or len(codes) != len(vectors.ids) or codes.shape[1] != vocab.length:
+        raise HybridError(f"dense candidates need the identifier of every stored item vector: got codes of shape "
+                          f"{codes.shape} for {len(vectors.ids)} vectors of {vocab.length}-token identifiers")
+    safe = np.maximum(codes, 0)
+    in_trie = (codes.min(1) >= 0) & (trained_depth(trie, safe, vocab.length) == vocab.length)
+    rows = nearest_trie_rows(vectors, query_vecs, in_trie, taken, count)                           # (Q, D)
+    Q = len(rows)
+    device = next(model.parameters()).device
+    toks = torch.as_tensor(vocab.encode(safe[np.maximum(rows, 0)].reshape(-1, vocab.length)),
+                           dtype=torch.long, device=device).reshape(Q, -1, vocab.length)
+    lp = score_identifiers(model, state["memory"], state["mask"], toks, levels,
+                           query=state["query"]).cpu().numpy().astype(np.float64)                  # (Q, D)
+    return rows, np.where(rows >= 0, lp, -np.inf)
+
+
 def search_merged(model, query_tokenizer, trie, table_ids: list[str], vocab, scorer: HybridScorer, queries: list[str],
                   num_beams: int, k: int, *, extra_vectors: dict | None = None, fallback: FallbackItems | None = None,
-                  fallback_candidates: int | None = None) -> list[list[HybridHit]]:
+                  fallback_candidates: int | None = None, stored_codes: np.ndarray | None = None) -> list[list[HybridHit]]:
     """Hybrid search of one query batch over both paths with ONE scorer.
 
     Generative candidates: the beam search's top-``num_beams`` (trie rows -> ``table_ids``). Fallback
@@ -288,7 +375,11 @@ def search_merged(model, query_tokenizer, trie, table_ids: list[str], vocab, sco
     vector, their identifiers scored teacher-forced by the same model up to their trained depth, the
     levels past it at the best per-level log-prob of the query's generative candidates (``untrained_completion``). Every candidate's score is
     log P(its identifier levels | q) + w * cos(q, item vector); the vector of a trie item comes from
-    the stored set, or from ``extra_vectors`` (id -> unit vector) for items trained in later (folded)."""
+    the stored set, or from ``extra_vectors`` (id -> unit vector) for items trained in later (folded).
+    Dense candidates (``scorer.dense_candidates`` D > 0, with ``stored_codes`` (n, L): the identifier of
+    each stored item, -1 rows for items no longer in the table): the D items of the trie nearest the
+    query vector that the beam search did not return, their whole identifier scored teacher-forced
+    (every level of a trie item was trained), source "dense"."""
     import torch
 
     from ace.model.decoding import constrained_beam_search, score_identifiers
@@ -306,10 +397,7 @@ def search_merged(model, query_tokenizer, trie, table_ids: list[str], vocab, sco
         lp = (state["prefix_scores"] if scorer.levels == "prefix" else full).numpy().astype(np.float64)
         rows = rows.numpy()
     else:  # no item left on the generative path: the encoder pass only, for the fallback items' scores
-        with torch.inference_mode():
-            layers = model.eval().encode(ids, mask)
-            state = {"last_hidden": layers[:, -1], "memory": model.decoder.memory(layers),
-                     "mask": mask.bool()[:, None, None, :], "query": model.prototype_query(layers, mask)}
+        state = encoder_state(model, ids, mask)
         rows, lp = np.zeros((len(queries), 0), dtype=np.int64), np.zeros((len(queries), 0))
     qv = sentence_vectors(state["last_hidden"], mask)
     Q, B = rows.shape
@@ -329,6 +417,17 @@ def search_merged(model, query_tokenizer, trie, table_ids: list[str], vocab, sco
                 raise HybridError(f"no hybrid item vector for generative item {iid!r}")
     cos = np.where(stored >= 0, scorer.vectors.cosine(qv, stored), cos)
     src = np.zeros((Q, B), dtype=np.int8)
+    if scorer.dense_candidates and trie is not None:
+        if stored_codes is None:
+            raise HybridError("dense candidates need the identifier of every stored item vector (stored_codes)")
+        drows, dlp = dense_candidates(model, state, trie, vocab, scorer.vectors, stored_codes, qv, stored,
+                                      scorer.dense_candidates, levels)
+        cand_ids = [row + [scorer.vectors.ids[r] if r >= 0 else None for r in drow]
+                    for row, drow in zip(cand_ids, drows.tolist())]
+        lp = np.concatenate([lp, dlp], 1)
+        cos = np.concatenate([cos, scorer.vectors.cosine(qv, drows)], 1)
+        src = np.concatenate([src, np.full(drows.shape, 2, dtype=np.int8)], 1)
+        rows = np.concatenate([rows, drows], 1)
     if fallback is not None and len(fallback.ids):
         F = min(fallback_candidates or num_beams, len(fallback.ids))
         fcos_all = qv @ fallback.vectors.T                                                 # (Q, n)
@@ -351,7 +450,7 @@ def search_merged(model, query_tokenizer, trie, table_ids: list[str], vocab, sco
             if len(hits) == k or not np.isfinite(score[i, j]):
                 break
             hits.append(HybridHit(cand_ids[i][j], float(score[i, j]), float(lp[i, j]), float(cos[i, j]),
-                                  "fallback" if src[i, j] else "generative"))
+                                  SOURCES_OF_HITS[src[i, j]]))
         out.append(hits)
     return out
 
@@ -382,10 +481,18 @@ class HybridIndex:
         return {it.item_id: self._vectors[it.item_id] for it in items}
 
     def search(self, queries: list[str], k: int, num_beams: int, *, trie, table_ids: list[str], vocab,
-               later_items, fallback_items, fallback_tokens: np.ndarray, batch_size: int = 100) -> list[list[HybridHit]]:
+               later_items, fallback_items, fallback_tokens: np.ndarray, batch_size: int = 100,
+               table_codes: np.ndarray | None = None) -> list[list[HybridHit]]:
         """``search_merged`` over query batches. ``later_items``: CorpusItems added/folded after training
         that may appear (trie or fallback); ``fallback_items`` (in ``fallback_tokens`` order): the
-        added ones served outside the trie; ``trie`` None = no generative items."""
+        added ones served outside the trie; ``trie`` None = no generative items; ``table_codes`` (rows of
+        ``table_ids``): identifiers, needed by dense candidates."""
+        stored_codes = None
+        if self.scorer.dense_candidates and table_codes is not None:
+            pos = {iid: r for r, iid in enumerate(table_ids)}
+            table_codes = np.asarray(table_codes)
+            stored_codes = np.stack([table_codes[pos[i]] if i in pos else np.full(table_codes.shape[1], -1)
+                                     for i in self.scorer.vectors.ids])
         extra = self.vectors([it for it in later_items if it.item_id not in self.scorer.vectors.row])
         fb = None
         if fallback_items:
@@ -395,5 +502,6 @@ class HybridIndex:
         out: list[list[HybridHit]] = []
         for s in range(0, len(queries), batch_size):
             out += search_merged(self.model, self.query_tokenizer, trie, table_ids, vocab, self.scorer,
-                                 queries[s:s + batch_size], num_beams, k, extra_vectors=extra, fallback=fb)
+                                 queries[s:s + batch_size], num_beams, k, extra_vectors=extra, fallback=fb,
+                                 stored_codes=stored_codes)
         return out

@@ -66,7 +66,8 @@ def build_run_hybrid(run_dir: str | Path, cfg: HybridConfig, *, device: str = "c
 
     queries, targets = [q for q, _ in held], fit_set.rows_of([iid for _, iid in held])
     rows, lp, qv = generative_candidates(model, qtok, retriever.trie(), vocab, queries, cfg.candidates,
-                                         levels=cfg.levels)
+                                         levels=cfg.levels,
+                                         dense=(fit_set, np.asarray(tok.trie.codes), cfg.dense_candidates))
     fit = fit_weight(rows, lp, fit_set.cosine(qv, rows), targets, cfg.weights)
     folder, tmp = run_dir / name, run_dir / f"{name}.tmp"
     if tmp.exists():
@@ -74,7 +75,7 @@ def build_run_hybrid(run_dir: str | Path, cfg: HybridConfig, *, device: str = "c
     serve_set.save(tmp)
     info = {"format_version": FORMAT_VERSION, "weight": fit["weight"], "levels": cfg.levels, "storage": cfg.storage,
             "item_vectors": cfg.item_vectors, "dim": int(serve_vecs.shape[1]), "candidates": cfg.candidates,
-            "items": len(ids), "bytes_per_item": serve_set.bytes_per_item(), "shared_bytes": serve_set.shared_bytes(),
+            "dense_candidates": cfg.dense_candidates, "items": len(ids), "bytes_per_item": serve_set.bytes_per_item(), "shared_bytes": serve_set.shared_bytes(),
             "fit": fit}
     write_json_atomic(tmp / "scorer.json", info)
     if folder.exists():

@@ -63,7 +63,7 @@ class SearchHit:
     modality: str
     score: float                      # generative log-probability, fallback cosine, or calibrated probability (search)
     identifier: tuple[int, ...]
-    source: str = "generative"        # "generative" | "fallback": the path that found the item
+    source: str = "generative"        # "generative" | "fallback" | "dense" (hybrid's nearest trie items): the path that found the item
     raw_score: float | None = None    # in merged results: the source's own score (hybrid: the log-prob)
     mode: str = "generative"          # the search mode that produced ``score`` (see Retriever.search)
     cosine: float | None = None       # hybrid mode: cosine(query vector, item vector) in the fused score
@@ -320,7 +320,7 @@ class Retriever:
                 rows = self.hybrid.search(queries, k, beams, trie=trie, table_ids=tok.trie.item_ids, vocab=self.vocab,
                                           later_items=list(cat.stored.values()),
                                           fallback_items=[cat.stored[i] for i in fb_ids], fallback_tokens=tokens,
-                                          batch_size=batch_size)
+                                          batch_size=batch_size, table_codes=tok.trie.codes)
             except HybridError as exc:
                 raise RetrieverError(str(exc)) from None
             return [[SearchHit(h.item_id, cat.modality.get(h.item_id, "unknown"), h.score,

@@ -31,7 +31,7 @@ class SearchResult(BaseModel):
     modality: str
     score: float | None = Field(description="the retriever's score (generative: sequence log-probability); null if not finite")
     identifier: list[int] = Field(description="semantic identifier (k, v1..vM, u)")
-    source: str = Field(description="'generative' or 'fallback': the path that found the item")
+    source: str = Field(description="'generative', 'fallback' or 'dense' (hybrid mode: a trained item nearest the query vector, scored by the same fused score): the path that found the item")
     mode: str | None = Field(None, description="the search mode that produced `score`: hybrid (log-prob + w * cosine), "
                                                "merged (calibrated probability), generative (log-prob), fallback (cosine)")
     raw_score: float | None = Field(None, description="the path's own score (hybrid: the identifier log-prob)")
