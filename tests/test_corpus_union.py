@@ -45,3 +45,23 @@ def test_subsets_are_nested_and_embeddings_follow(tmp_path):
     assert np.array_equal(se.test_queries[0], emb.test_queries[first_test])
     with pytest.raises(UnionError, match="subset size"):
         nested_subset(u, 31)
+
+
+def test_a_subset_written_as_a_caption_file_reads_back_as_the_same_split(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from union_subset_file import main as write_subsets
+
+    from ace.data.importers import load_proxy_split
+
+    a = caption_file(tmp_path / "a.json", [f"x{i}.jpg" for i in range(6)])
+    b = caption_file(tmp_path / "b.json", [f"y{i}.jpg" for i in range(5)])
+    paths = write_subsets([str(a), str(b), "--sizes", "4", "0", "--out", str(tmp_path / "out")])
+    assert [p.name for p in paths] == ["union_4.json", "union_11.json"]
+    for n, path in zip((4, 11), paths):
+        want = union_split([a, b]) if n == 11 else nested_subset(union_split([a, b]), n, 0)
+        got = load_proxy_split(path, "karpathy")
+        assert got.item_ids == want.item_ids and got.documents == want.documents
+        assert got.train_queries == want.train_queries and got.test_queries == want.test_queries
