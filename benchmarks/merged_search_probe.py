@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from ace.config import load_config  # noqa: E402
 from ace.metrics import retrieval_metrics  # noqa: E402
+from ace.newitems.hybrid import untrained_completion as committed_rule  # noqa: E402  (before any patching below)
 from ace.pipeline.run_config import RunConfig  # noqa: E402
 from ace.pipeline.stages import load_source_corpus, split_captions  # noqa: E402
 from ace.run_folder import RunPaths, copy_trained_run, read_encoder_config, read_pairs  # noqa: E402
@@ -85,6 +86,12 @@ def mean_rule(level_logprob, depth, generative_logprob, generative_rows):
     return np.where(known, level_logprob, mean[:, None, None]).sum(-1)
 
 
+def no_trained_level_rule(level_logprob, depth, generative_logprob, generative_rows):
+    """The second alternative: no level of an added item counts as trained (depth 0): every level at the best
+    per-level log-prob of the query's candidates, so only the cosine tells an added item from the best one."""
+    return committed_rule(level_logprob, np.zeros_like(np.asarray(depth)), generative_logprob, generative_rows)
+
+
 def dt_on(captions: str, ids: set) -> dict:
     """DT document+queries (the quality bench's baseline) over every item, on the test queries of ``ids``."""
     from ace.bench.baselines import dt_doc_plus_queries, encode_split, query_targets
@@ -105,6 +112,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--work", default="benchmarks/out/merged_probe/work")
     ap.add_argument("--old-queries", type=int, default=400, help="the first N of the old items' test queries")
     ap.add_argument("--beams", type=int, default=50)
+    ap.add_argument("--rules", nargs="+", default=["best (committed)", "mean"],
+                    choices=["best (committed)", "mean", "no trained level"], help="untrained-level rules to measure")
     args = ap.parse_args(argv)
 
     import ace.newitems.hybrid as hybrid
@@ -125,12 +134,24 @@ def main(argv=None) -> dict:
     gold_new = [codes[g] for _, g in new]
     result["added_prefix_shared_with_trained"] = {
         f"levels 1-{d}": float(np.mean([any((c[:d] == old_codes[:, :d]).all(1)) for c in gold_new])) for d in (1, 2, 3)}
-    for rule, fn in (("best (committed)", hybrid.untrained_completion), ("mean", mean_rule)):
-        hybrid.untrained_completion = fn
+
+    def recall(hits, pairs):
+        m = retrieval_metrics([[h.item_id for h in row] for row in hits], [g for _, g in pairs])
+        return {k: round(m[k], 1) for k in ("R@1", "R@10", "queries")}
+
+    # each path alone on its own items, at the same beams: the bar merged search must not fall below
+    result["alone"] = {"generative, old items": recall(r.search_generative([q for q, _ in old], k=10,
+                                                                          num_beams=args.beams), old),
+                       "fallback, added items": recall(r.search([q for q, _ in new], k=10, mode="fallback"), new)}
+    committed = committed_rule
+    rules = {"best (committed)": committed, "mean": mean_rule, "no trained level": no_trained_level_rule}
+    for rule in args.rules:
+        fn = rules[rule]
         for name, pairs in (("added", new), ("old", old)):
+            hybrid.untrained_completion = fn
             hits = r.search([q for q, _ in pairs], k=10, num_beams=args.beams)
-            m = retrieval_metrics([[h.item_id for h in row] for row in hits], [g for _, g in pairs])
-            result["merged"][f"{rule}, {name} items"] = {k: round(m[k], 1) for k in ("R@1", "R@10", "queries")}
+            result["merged"][f"{rule}, {name} items"] = recall(hits, pairs)
+    hybrid.untrained_completion = committed
     r.close()
     result["dt_doc_plus_queries_all_items_added_queries"] = dt_on(args.captions, {g for _, g in new})
     print(json.dumps(result, indent=2))
