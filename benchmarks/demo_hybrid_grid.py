@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ace.config import load_config  # noqa: E402
-from ace.newitems.hybrid import (HybridConfig, ItemVectorSet, encode_texts, generative_candidates,  # noqa: E402
-                                 item_texts, mean_vectors, rerank)
+from ace.newitems.candidates import generative_candidates  # noqa: E402
+from ace.newitems.hybrid import HybridConfig, ItemVectorSet, encode_texts, item_texts, mean_vectors, rerank  # noqa: E402
 from ace.pipeline.query_sets import load_query_set, relevant_sets  # noqa: E402
 from ace.pipeline.run_config import RunConfig  # noqa: E402
 from ace.run_folder import RunPaths, load_run_corpus, read_pairs  # noqa: E402

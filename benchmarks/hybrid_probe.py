@@ -42,7 +42,8 @@ def per_level_logprobs(model, memory, mask, tokens, levels, query, temps=TEMPS):
 
 def dump(run_dir: Path, beams: int, out: Path):
     from ace.model.decoding import constrained_beam_search
-    from ace.newitems.hybrid import encode_texts, item_texts, mean_vectors, sentence_vectors
+    from ace.newitems.candidates import sentence_vectors
+    from ace.newitems.hybrid import encode_texts, item_texts, mean_vectors
     from ace.run_folder import RunPaths, load_run_corpus, read_pairs
     from ace.serving.retriever import Retriever
 

@@ -208,7 +208,7 @@ def test_merged_search_scores_both_paths_with_the_same_fusion(tiny_model):
     state: dict = {}
     constrained_beam_search(model, enc.input_ids, enc.attention_mask, trained_tok.trie.flat(), vocab, num_beams=8,
                             top_k=8, state=state)
-    from ace.newitems.hybrid import sentence_vectors
+    from ace.newitems.candidates import sentence_vectors
     qv = sentence_vectors(state["last_hidden"], enc.attention_mask)
     row_of = {iid: i for i, iid in enumerate(ids)}
     levels = vocab.length - 1
@@ -236,7 +236,8 @@ def test_merged_search_scores_both_paths_with_the_same_fusion(tiny_model):
 
 def test_dense_candidates_add_the_trie_items_nearest_the_query_the_beams_missed(tiny_model):
     from ace.model.decoding import constrained_beam_search, score_identifiers
-    from ace.newitems.hybrid import search_merged, sentence_vectors
+    from ace.newitems.candidates import sentence_vectors
+    from ace.newitems.hybrid import search_merged
 
     task, tok, qtok, model, vocab = tiny_model
     ids = list(tok.trie.item_ids)
@@ -283,7 +284,8 @@ def test_dense_candidates_add_the_trie_items_nearest_the_query_the_beams_missed(
 
 
 def test_untrained_levels_of_added_items_get_the_best_per_level_log_prob():
-    from ace.newitems.hybrid import trained_depth, untrained_completion
+    from ace.newitems.candidates import trained_depth
+    from ace.newitems.hybrid import untrained_completion
     from identifiers.trie import FlatTrie
 
     trie = FlatTrie.from_codes(np.array([[0, 1, 2, 0], [0, 2, 0, 0], [1, 0, 0, 0]]), [2, 3, 3, 4])

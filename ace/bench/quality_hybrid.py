@@ -33,7 +33,8 @@ def decode_hybrid(run_dir: Path, cfg, storage: str, queries: list[str], targets:
     The scorer (item vectors in ``storage`` + w fitted on RUN/scorer_queries.json) is built once per
     (storage, beams, dense) into RUN/hybrid_<storage>_b<beams>[_d<dense>]/ by
     ``ace.pipeline.hybrid_stage.build_run_hybrid``."""
-    from ace.newitems.hybrid import HybridScorer, generative_candidates, rerank, with_dense_candidates
+    from ace.newitems.candidates import generative_candidates, with_dense_candidates
+    from ace.newitems.hybrid import HybridScorer, rerank
     from ace.pipeline.hybrid_stage import build_run_hybrid
     from ace.serving.retriever import Retriever
 

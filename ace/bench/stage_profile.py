@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ace.bench.efficiency import (EfficiencyConfig, EfficiencyError, build_ace_searchers, corpus_identifiers,
-                                  identifier_config, item_vectors, load_queries, tune_ann)
+                                  identifier_config, item_vectors, load_queries)
 
 
 class StageClock:
@@ -66,7 +66,8 @@ def profile_ace(searcher, trie, batches: list[list[str]], *, vectors=None, repea
     """ms per query for each stage of one ACE searcher (median over repeats of the per-stage totals);
     ``beams``: the beam width (default the searcher's; the hybrid operating point decodes its top-B)."""
     from ace.model.decoding import constrained_beam_search
-    from ace.newitems.hybrid import rerank, sentence_vectors
+    from ace.newitems.candidates import sentence_vectors
+    from ace.newitems.hybrid import rerank
 
     model, qtok = searcher.model, searcher.query_tokenizer
     runs = []

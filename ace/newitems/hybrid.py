@@ -18,6 +18,10 @@ One scorer for every candidate, whatever produced it:
   int8 (per-row scale) or product-quantisation codes (``storage``).
 - ``w``: fitted on held-out *training* queries the model never trained on
   (``split.scorer_queries`` -> RUN/scorer_queries.json), never on test queries.
+- candidates (``ace/newitems/candidates.py``): the beam search's top-B; with ``dense_candidates`` D > 0
+  also the D trie items nearest v_q that the beams missed (an exact scan of the stored vectors: for
+  corpora where that scan is affordable), their identifiers scored teacher-forced; added items from
+  the fallback index (``search_merged``).
 
 The pipeline stage ``hybrid`` (``ace.pipeline.hybrid_stage.build_run_hybrid``) writes RUN/hybrid/: ``vectors.npz``,
 ``item_ids.json``, ``scorer.json`` (w, levels, storage, fit figures).
@@ -31,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ace.newitems.candidates import dense_candidates, encoder_state, sentence_vectors, trained_depth
 from ace.newitems.item_vectors import STORAGES, HybridError, ItemVectorSet, check_vectors  # noqa: F401 (re-exported)
 
 SOURCES = ("document", "doc_plus_queries")
@@ -66,16 +71,6 @@ class HybridConfig:
 
 
 # ----------------------------------------------------------------------------- vectors
-
-
-def sentence_vectors(last_hidden, attention_mask) -> np.ndarray:
-    """(B, N, d) last encoder layer + (B, N) mask -> (B, d) float32: ``pooled_query`` L2-normalised."""
-    import torch
-
-    from ace.model.modeling import pooled_query
-
-    mean = pooled_query(last_hidden[:, None], attention_mask.to(last_hidden.device))
-    return torch.nn.functional.normalize(mean.float(), dim=-1).cpu().numpy()
 
 
 def encode_texts(model, query_tokenizer, texts: list[str], *, batch_size: int = 256) -> np.ndarray:
@@ -199,65 +194,6 @@ def check_query_dim(scorer_dim: int, model) -> None:
                           f"{d}-dimensional query vectors; rebuild RUN/hybrid (pipeline stage hybrid)")
 
 
-# ----------------------------------------------------------------------------- candidates of one query batch
-
-
-def generative_candidates(model, query_tokenizer, trie, vocab, queries: list[str], num_beams: int, *,
-                          levels: str = "prefix", batch_size: int = 100, dense: tuple | None = None):
-    """Generative top-B of each query with what the scorer needs, from one encoder pass per batch:
-    (rows (Q, B) identifier-table rows, -1 pads; logprob (Q, B) of ``levels``; query vectors (Q, d)).
-    ``dense``: see ``with_dense_candidates`` (rows (Q, B + D))."""
-    from ace.model.decoding import constrained_beam_search
-
-    device = next(model.parameters()).device
-    rows, lps, qv = [], [], []
-    for s in range(0, len(queries), batch_size):
-        enc = query_tokenizer(queries[s:s + batch_size], max_length=model.config.max_query_length)
-        state: dict = {}
-        ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
-        items, full = constrained_beam_search(model, ids, mask, trie, vocab, num_beams=num_beams, top_k=num_beams,
-                                              state=state)
-        rows.append(items.numpy())
-        lps.append((state["prefix_scores"] if levels == "prefix" else full).numpy().astype(np.float64))
-        qv.append(sentence_vectors(state["last_hidden"], mask))
-        del state
-    out = np.concatenate(rows), np.concatenate(lps), np.concatenate(qv)
-    if dense is not None and dense[2] > 0:
-        out = with_dense_candidates(model, query_tokenizer, trie, vocab, queries, *out, dense=dense, levels=levels,
-                                    batch_size=batch_size)
-    return out
-
-
-def encoder_state(model, input_ids, attention_mask) -> dict:
-    """The encoder pass the decoder steps need (the ``state`` a beam search leaves), without decoding."""
-    import torch
-
-    with torch.inference_mode():
-        layers = model.eval().encode(input_ids, attention_mask)
-        return {"last_hidden": layers[:, -1], "memory": model.decoder.memory(layers),
-                "mask": attention_mask.bool()[:, None, None, :], "query": model.prototype_query(layers, attention_mask)}
-
-
-def with_dense_candidates(model, query_tokenizer, trie, vocab, queries: list[str], rows: np.ndarray, logprob: np.ndarray,
-                          query_vecs: np.ndarray, *, dense: tuple, levels: str = "prefix", batch_size: int = 100):
-    """``generative_candidates``' (rows, logprob, query vectors) + ``dense`` = (vectors: ItemVectorSet whose rows
-    are the table's rows, codes (n, L), D): the D trie items nearest each query vector that the beams missed,
-    scored teacher-forced (``dense_candidates``) after one more encoder pass. Returns rows / logprob (Q, B + D)."""
-    vset, codes, count = dense
-    n_lv = vocab.length - 1 if levels == "prefix" else vocab.length
-    device = next(model.parameters()).device
-    add_rows, add_lp = [], []
-    for s in range(0, len(queries), batch_size):
-        enc = query_tokenizer(queries[s:s + batch_size], max_length=model.config.max_query_length)
-        state = encoder_state(model, enc.input_ids.to(device), enc.attention_mask.to(device))
-        drows, dlp = dense_candidates(model, state, trie, vocab, vset, codes, query_vecs[s:s + batch_size],
-                                      rows[s:s + batch_size], count, n_lv)
-        add_rows.append(drows)
-        add_lp.append(dlp)
-    return (np.concatenate([rows, np.concatenate(add_rows)], 1), np.concatenate([logprob, np.concatenate(add_lp)], 1),
-            query_vecs)
-
-
 @dataclass
 class HybridHit:
     item_id: str
@@ -287,21 +223,6 @@ class FallbackItems:
                               f"{len(self.tokens)} identifiers")
 
 
-def trained_depth(trie, codes: np.ndarray, levels: int) -> np.ndarray:
-    """(..., L) identifier codes -> (...,) how many of their first ``levels`` codes form a prefix the model
-    was trained to emit: the depth of the deepest prefix shared with an item of the generative ``trie``
-    (0 when ``trie`` is None)."""
-    codes = np.asarray(codes)
-    depth = np.zeros(codes.shape[:-1], dtype=np.int64)
-    if trie is None:
-        return depth
-    nodes = np.zeros_like(depth)             # the root; -1 once a prefix leaves the trie (and stays -1)
-    for level in range(levels):
-        nodes = trie.child(nodes, codes[..., level])
-        depth += nodes >= 0
-    return depth
-
-
 def untrained_completion(level_logprob: np.ndarray, depth: np.ndarray, generative_logprob: np.ndarray,
                          generative_rows: np.ndarray) -> np.ndarray:
     """Log-prob of added items' identifiers on the generative scale.
@@ -320,49 +241,6 @@ def untrained_completion(level_logprob: np.ndarray, depth: np.ndarray, generativ
     per_level = np.where(np.isfinite(best), best, 0.0) / levels                             # (Q,)
     known = np.arange(levels) < np.asarray(depth)[..., None]                                  # (Q, F, levels)
     return np.where(known, level_logprob, per_level[:, None, None]).sum(-1)
-
-
-def nearest_trie_rows(vectors: ItemVectorSet, query_vecs: np.ndarray, in_trie: np.ndarray, taken: np.ndarray,
-                      count: int) -> np.ndarray:
-    """(Q, count) rows of the stored item ``vectors`` nearest each query vector (exact scan) among the items
-    ``in_trie`` (n,) bool, skipping ``taken`` (Q, B) rows (the query's generative candidates; -1 pads);
-    -1 pads when fewer are left."""
-    n = len(vectors.ids)
-    cos = np.asarray(query_vecs, dtype=np.float32) @ vectors.decode(np.arange(n)).T      # (Q, n)
-    cos = np.where(np.asarray(in_trie, dtype=bool)[None, :], cos, -np.inf)
-    taken = np.asarray(taken)
-    q_idx = np.repeat(np.arange(len(cos)), taken.shape[1])
-    t = taken.ravel()
-    cos[q_idx[t >= 0], t[t >= 0]] = -np.inf
-    top = np.argsort(-cos, axis=1, kind="stable")[:, :min(count, n)]
-    return np.where(np.isfinite(np.take_along_axis(cos, top, 1)), top, -1)
-
-
-def dense_candidates(model, state: dict, trie, vocab, vectors: ItemVectorSet, codes: np.ndarray, query_vecs: np.ndarray,
-                     taken: np.ndarray, count: int, levels: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``count`` items of ``trie`` nearest each query vector that are not among ``taken`` (Q, B) rows of
-    ``vectors``, with the teacher-forced log-prob of their first ``levels`` identifier tokens (every level of
-    a trie item was trained, so it is on the beam search's scale). ``codes`` (n, L): the identifier of each
-    row of ``vectors``, -1 rows for items no longer in the table; ``state``: the beam search's encoder pass.
-    Returns (rows (Q, count) of ``vectors``, -1 pads; logprob (Q, count), -inf at pads)."""
-    import torch
-
-    from ace.model.decoding import score_identifiers
-
-    codes = np.asarray(codes)
-    if codes.ndim != 2 or len(codes) != len(vectors.ids) or codes.shape[1] != vocab.length:
-        raise HybridError(f"dense candidates need the identifier of every stored item vector: got codes of shape "
-                          f"{codes.shape} for {len(vectors.ids)} vectors of {vocab.length}-token identifiers")
-    safe = np.maximum(codes, 0)
-    in_trie = (codes.min(1) >= 0) & (trained_depth(trie, safe, vocab.length) == vocab.length)
-    rows = nearest_trie_rows(vectors, query_vecs, in_trie, taken, count)                           # (Q, D)
-    Q = len(rows)
-    device = next(model.parameters()).device
-    toks = torch.as_tensor(vocab.encode(safe[np.maximum(rows, 0)].reshape(-1, vocab.length)),
-                           dtype=torch.long, device=device).reshape(Q, -1, vocab.length)
-    lp = score_identifiers(model, state["memory"], state["mask"], toks, levels,
-                           query=state["query"]).cpu().numpy().astype(np.float64)                  # (Q, D)
-    return rows, np.where(rows >= 0, lp, -np.inf)
 
 
 def search_merged(model, query_tokenizer, trie, table_ids: list[str], vocab, scorer: HybridScorer, queries: list[str],

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ace.newitems.candidates import generative_candidates
 from ace.newitems.hybrid import (FORMAT_VERSION, HybridConfig, HybridError, ItemVectorSet, encode_texts, fit_weight,
-                                 generative_candidates, item_texts, mean_vectors)
+                                 item_texts, mean_vectors)
 from ace.pipeline.query_pairs import check_origins, excluded
 from ace.run_folder import RunPaths, load_run_corpus, read_pairs, read_query_origins, write_json_atomic
 from ace.serving.retriever import Retriever
