@@ -92,6 +92,9 @@ def no_trained_level_rule(level_logprob, depth, generative_logprob, generative_r
     return committed_rule(level_logprob, np.zeros_like(np.asarray(depth)), generative_logprob, generative_rows)
 
 
+RULES = {"best (committed)": committed_rule, "mean": mean_rule, "no trained level": no_trained_level_rule}
+
+
 def dt_on(captions: str, ids: set) -> dict:
     """DT document+queries (the quality bench's baseline) over every item, on the test queries of ``ids``."""
     from ace.bench.baselines import dt_doc_plus_queries, encode_split, query_targets
@@ -113,7 +116,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--old-queries", type=int, default=400, help="the first N of the old items' test queries")
     ap.add_argument("--beams", type=int, default=50)
     ap.add_argument("--rules", nargs="+", default=["best (committed)", "mean"],
-                    choices=["best (committed)", "mean", "no trained level"], help="untrained-level rules to measure")
+                    choices=list(RULES), help="untrained-level rules to measure")
     args = ap.parse_args(argv)
 
     import ace.newitems.hybrid as hybrid
@@ -143,15 +146,12 @@ def main(argv=None) -> dict:
     result["alone"] = {"generative, old items": recall(r.search_generative([q for q, _ in old], k=10,
                                                                           num_beams=args.beams), old),
                        "fallback, added items": recall(r.search([q for q, _ in new], k=10, mode="fallback"), new)}
-    committed = committed_rule
-    rules = {"best (committed)": committed, "mean": mean_rule, "no trained level": no_trained_level_rule}
     for rule in args.rules:
-        fn = rules[rule]
         for name, pairs in (("added", new), ("old", old)):
-            hybrid.untrained_completion = fn
+            hybrid.untrained_completion = RULES[rule]
             hits = r.search([q for q, _ in pairs], k=10, num_beams=args.beams)
             result["merged"][f"{rule}, {name} items"] = recall(hits, pairs)
-    hybrid.untrained_completion = committed
+    hybrid.untrained_completion = committed_rule
     r.close()
     result["dt_doc_plus_queries_all_items_added_queries"] = dt_on(args.captions, {g for _, g in new})
     print(json.dumps(result, indent=2))
