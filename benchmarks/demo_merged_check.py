@@ -5,8 +5,8 @@ the Flickr30K 80/20 run the untrained-level rule was chosen on (quality.md secti
         --added 6 --beams 10 50 --rules "best (committed)" "no trained level"
 
 New demonstration items come from ``data/make_demo.py`` with another seed (so they are new colours /
-shapes / sounds the run never saw, in new combinations), ``--added`` of them spread over the three
-modalities, ids prefixed ``added_``. Their last two captions are held out as test queries (as the
+shapes / sounds in combinations the run never saw: items whose attributes equal an old item's are skipped
+unless ``--duplicates``), ``--added`` of them spread over the three modalities, ids prefixed ``added_``. Their last two captions are held out as test queries (as the
 demo's own split), the rest are the captions the item is added with. On a fresh copy of the run
 (``copy_trained_run``) they are added through ``Retriever.add_items`` (encoded by the run's item
 encoders), then, at each beam width:
@@ -34,15 +34,20 @@ from ace.data.corpus import Corpus  # noqa: E402
 from ace.metrics import retrieval_metrics  # noqa: E402
 from ace.pipeline.run_config import CorpusConfig, RunConfig  # noqa: E402
 from ace.pipeline.stages import load_source_corpus, split_captions  # noqa: E402
-from ace.run_folder import RunPaths, copy_trained_run, read_encoder_config, read_pairs  # noqa: E402
+from ace.run_folder import RunPaths, copy_trained_run, load_run_corpus, read_encoder_config, read_pairs  # noqa: E402
 
 
-def new_items(n: int, seed: int, split, folder: Path):
-    """``n`` new demo items (round-robin over modalities), ids ``added_<id>``: (items, held-out (query, id))."""
+def new_items(n: int, seed: int, split, folder: Path, old_metadata: list[dict] | None = None):
+    """``n`` new demo items (round-robin over modalities), ids ``added_<id>``: (items, held-out (query, id)).
+    With ``old_metadata``, items whose attributes equal an old item's are skipped (a duplicate makes "which
+    one is right" undecidable for both items' queries)."""
     full = load_source_corpus(CorpusConfig(demo=True, demo_dir=str(folder), demo_seed=seed))
     by_mod: dict = {}
     for it in full.items:
-        by_mod.setdefault(it.modality, []).append(it)
+        if old_metadata is None or it.metadata not in old_metadata:
+            by_mod.setdefault(it.modality, []).append(it)
+    if sum(map(len, by_mod.values())) < n:
+        raise SystemExit(f"only {sum(map(len, by_mod.values()))} new items to add, asked for {n}")
     picked, k = [], 0
     while len(picked) < n:
         mod = sorted(by_mod)[k % len(by_mod)]
@@ -66,6 +71,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=7, help="make_demo seed of the new items (the run's corpus: 0)")
     ap.add_argument("--beams", type=int, nargs="+", default=[10, 50])
     ap.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
+    ap.add_argument("--duplicates", action="store_true",
+                    help="also add new items whose attributes equal an old item's (skipped by default)")
     args = ap.parse_args(argv)
 
     import ace.newitems.hybrid as hybrid
@@ -76,7 +83,8 @@ def main(argv=None) -> dict:
     cfg = load_config(RunConfig, str(RunPaths(run).config), [])
     copy_trained_run(run, work)
     with tempfile.TemporaryDirectory() as tmp:
-        items, test = new_items(args.added, args.seed, cfg.split, Path(tmp))
+        old_md = None if args.duplicates else [it.metadata for it in load_run_corpus(run).items]
+        items, test = new_items(args.added, args.seed, cfg.split, Path(tmp), old_md)
         emb = build_encoder(read_encoder_config(work)).encode([dataclasses.replace(it, embedding=None)
                                                                 for it in items.items], root=items.root)
     added = [dataclasses.replace(it, item_id=f"added_{it.item_id}", embedding=e, media=None)
@@ -85,7 +93,8 @@ def main(argv=None) -> dict:
     old = read_pairs(RunPaths(work).test_queries)
     r = Retriever.from_run(work, device="cpu")
     r.add_items(added)
-    result: dict = {"run": str(run), "added": [it.item_id for it in added], "beams": {}}
+    result: dict = {"run": str(run), "added": [it.item_id for it in added], "duplicates": args.duplicates,
+                    "beams": {}}
     committed = hybrid.untrained_completion
     for b in args.beams:
         res = {"alone": {"generative, old items": recall(r.search_generative([q for q, _ in old], k=10, num_beams=b), old),
