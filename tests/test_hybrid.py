@@ -283,6 +283,39 @@ def test_dense_candidates_add_the_trie_items_nearest_the_query_the_beams_missed(
         HybridConfig(dense_candidates=-1)
 
 
+def test_added_levels_none_scores_every_added_item_at_the_best_candidates_log_prob(tiny_model):
+    import copy
+
+    from ace.model.decoding import constrained_beam_search
+    from ace.newitems.hybrid import FallbackItems, search_merged
+
+    task, tok, qtok, model, vocab = tiny_model
+    ids = list(tok.trie.item_ids)
+    vec = _unit(np.random.default_rng(2), len(ids), 32)
+    added = ids[30:]
+    trained_tok = copy.deepcopy(tok)
+    trained_tok.remove(added)
+    fb = FallbackItems(added, vec[30:], vocab.encode(tok.codes[[ids.index(i) for i in added]]))
+    queries = [q for q, _ in task.val_pairs[:6]]
+    scorer = HybridScorer(ItemVectorSet.build(ids[:30], vec[:30]), 3.0, "prefix", 8, {}, added_levels="none")
+    hits = search_merged(model, qtok, trained_tok.trie.flat(), list(trained_tok.trie.item_ids), vocab, scorer, queries,
+                         8, 12, fallback=fb, fallback_candidates=4)
+    enc = qtok(queries)
+    state: dict = {}
+    constrained_beam_search(model, enc.input_ids, enc.attention_mask, trained_tok.trie.flat(), vocab, num_beams=8,
+                            top_k=8, state=state)
+    best = state["prefix_scores"].numpy().max(1)
+    n_fallback = 0
+    for i, row in enumerate(hits):
+        for h in row:
+            if h.source == "fallback":
+                n_fallback += 1
+                assert h.logprob == pytest.approx(float(best[i]), abs=1e-4)
+    assert n_fallback > 0
+    with pytest.raises(HybridError, match="added_levels"):
+        HybridConfig(added_levels="some")
+
+
 def test_untrained_levels_of_added_items_get_the_best_per_level_log_prob():
     from ace.newitems.candidates import trained_depth
     from ace.newitems.hybrid import untrained_completion

@@ -40,6 +40,7 @@ from ace.newitems.item_vectors import STORAGES, HybridError, ItemVectorSet, chec
 
 SOURCES = ("document", "doc_plus_queries")
 LEVELS = ("prefix", "full")
+ADDED_LEVELS = ("trained", "none")
 FORMAT_VERSION = 1
 
 
@@ -53,6 +54,9 @@ class HybridConfig:
     levels: str = "prefix"                   # identifier levels in the log-prob: prefix (k..vM) | full (+ u)
     candidates: int = 50                     # generative top-B re-scored (beams = B)
     dense_candidates: int = 0                # + the D trie items nearest the query vector (exact scan; 0 = off)
+    added_levels: str = "trained"            # which levels of an added item's identifier keep their own log-prob in
+                                             # merged search: trained (those it shares with a trained item) | none
+                                             # (every level at the best candidate's: the cosine decides); see search_merged
     weights: list[float] = field(default_factory=lambda: [0.0] + [round(float(x), 4) for x in np.geomspace(0.25, 256, 31)])
 
     def __post_init__(self):
@@ -64,6 +68,8 @@ class HybridConfig:
             raise HybridError(f"hybrid.levels must be one of {LEVELS}, got {self.levels!r}")
         if self.candidates < 1 or self.pq_bytes < 1:
             raise HybridError(f"hybrid.candidates and hybrid.pq_bytes must be >= 1 ({self.candidates}, {self.pq_bytes})")
+        if self.added_levels not in ADDED_LEVELS:
+            raise HybridError(f"hybrid.added_levels must be one of {ADDED_LEVELS}, got {self.added_levels!r}")
         if self.dense_candidates < 0:
             raise HybridError(f"hybrid.dense_candidates must be >= 0, got {self.dense_candidates}")
         if not self.weights or any(not math.isfinite(w) or w < 0 for w in self.weights):
@@ -168,6 +174,7 @@ class HybridScorer:
     candidates: int
     info: dict
     dense_candidates: int = 0   # trie items nearest the query vector added to the generative candidates
+    added_levels: str = "trained"   # HybridConfig.added_levels
 
     @classmethod
     def load(cls, run_dir: str | Path, name: str = "hybrid") -> "HybridScorer":
@@ -181,7 +188,7 @@ class HybridScorer:
                               f"this code reads {FORMAT_VERSION}: rebuild it (pipeline stage hybrid)")
         vectors = ItemVectorSet.load(folder, info["storage"], info["dim"])
         return cls(vectors, float(info["weight"]), info["levels"], int(info["candidates"]), info,
-                   int(info.get("dense_candidates", 0)))
+                   int(info.get("dense_candidates", 0)), info.get("added_levels", "trained"))
 
     def n_levels(self, identifier_length: int) -> int:
         return identifier_length - 1 if self.levels == "prefix" else identifier_length
@@ -251,7 +258,9 @@ def search_merged(model, query_tokenizer, trie, table_ids: list[str], vocab, sco
     Generative candidates: the beam search's top-``num_beams`` (trie rows -> ``table_ids``). Fallback
     candidates: the ``fallback_candidates`` (default ``num_beams``) added items nearest the query
     vector, their identifiers scored teacher-forced by the same model up to their trained depth, the
-    levels past it at the best per-level log-prob of the query's generative candidates (``untrained_completion``). Every candidate's score is
+    levels past it at the best per-level log-prob of the query's generative candidates (``untrained_completion``;
+    ``scorer.added_levels == "none"``: no level counts as trained, so an added item scores the best
+    candidate's log-prob and only the cosine tells them apart). Every candidate's score is
     log P(its identifier levels | q) + w * cos(q, item vector); the vector of a trie item comes from
     the stored set, or from ``extra_vectors`` (id -> unit vector) for items trained in later (folded).
     Dense candidates (``scorer.dense_candidates`` D > 0, with ``stored_codes`` (n, L): the identifier of
@@ -314,6 +323,8 @@ def search_merged(model, query_tokenizer, trie, table_ids: list[str], vocab, sco
         flp = score_identifiers(model, state["memory"], state["mask"], toks, levels, query=state["query"],
                                 per_level=True).cpu().numpy().astype(np.float64)                    # (Q, F, levels)
         depth = trained_depth(trie, vocab.decode(fallback.tokens[top]), levels)
+        if scorer.added_levels == "none":
+            depth = np.zeros_like(depth)
         flp = untrained_completion(flp, depth, lp, rows)
         cand_ids = [row + [fallback.ids[t] for t in trow] for row, trow in zip(cand_ids, top.tolist())]
         lp = np.concatenate([lp, flp], 1)
