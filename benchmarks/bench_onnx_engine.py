@@ -39,6 +39,9 @@ from ace.model.tokens import QueryTokenizer  # noqa: E402
 
 def top_k_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
     """Mean overlap of each row's k nearest other rows (inner product) under two sets of unit vectors."""
+    k = min(k, len(a) - 1)
+    if k < 1:
+        return float("nan")
     def nearest(x):
         sim = x @ x.T
         np.fill_diagonal(sim, -np.inf)
