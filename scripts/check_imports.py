@@ -52,6 +52,8 @@ def main() -> int:
         INDIRECT.remove("uvloop")
     for name in INDIRECT:
         modules.setdefault(name, "(runtime dependency)")
+    for name in OPTIONAL:   # some are imported by name (importlib), which the source scan does not see
+        modules.setdefault(name, "(optional extra)")
     failed = []
     for name, where in sorted(modules.items()):
         if name in OPTIONAL:
