@@ -21,7 +21,9 @@ OWN = {"ace", "identifiers", "querygen", "train", "serve", "tests", "benchmarks"
 # FastAPI's multipart parsing
 INDIRECT = ["gguf", "multipart", "httptools", "uvloop"]
 # optional extras of pyproject.toml, not in the default install: reported, not required
-OPTIONAL = {"llama_cpp": "ace[llama] (querygen.runtime=llama_cpp)"}
+OPTIONAL = {"llama_cpp": "ace[llama] (querygen.runtime=llama_cpp)",
+            "onnxruntime": "ace[onnx] (ace.bench.onnx_engine, benchmarks/bench_onnx_engine.py)",
+            "onnx": "ace[onnx] (ace.bench.onnx_engine: torch.onnx.export)"}
 
 
 def imported_modules() -> dict[str, str]:
@@ -50,6 +52,8 @@ def main() -> int:
         INDIRECT.remove("uvloop")
     for name in INDIRECT:
         modules.setdefault(name, "(runtime dependency)")
+    for name in OPTIONAL:   # some are imported by name (importlib), which the source scan does not see
+        modules.setdefault(name, "(optional extra)")
     failed = []
     for name, where in sorted(modules.items()):
         if name in OPTIONAL:
