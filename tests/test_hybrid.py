@@ -475,9 +475,9 @@ def test_a_run_built_with_dense_candidates_serves_them_and_says_so(hybrid_run, t
     shutil.copytree(hybrid_run, run, ignore=shutil.ignore_patterns("checkpoints", "cache"))
     info = build_run_hybrid(run, dataclasses.replace(HybridConfig(enabled=True), candidates=3, dense_candidates=4,
                                                      levels="full"), device="cpu", seed=0)
-    assert info["dense_candidates"] == 4
+    assert info["dense_candidates"] == 4 and info["added_levels"] == "none"      # the default since session 7
     r = Retriever.from_run(run, device="cpu")
-    assert r.hybrid.scorer.dense_candidates == 4
+    assert r.hybrid.scorer.dense_candidates == 4 and r.hybrid.scorer.added_levels == "none"
     q = ["a red car", "the dog is blue", "a green kite"]
     r.hybrid.scorer.weight = w = 100.0          # the cosine decides, so the nearest items show up
     hits = r.search(q, k=10, num_beams=10, mode="hybrid")

@@ -54,9 +54,10 @@ class HybridConfig:
     levels: str = "prefix"                   # identifier levels in the log-prob: prefix (k..vM) | full (+ u)
     candidates: int = 50                     # generative top-B re-scored (beams = B)
     dense_candidates: int = 0                # + the D trie items nearest the query vector (exact scan; 0 = off)
-    added_levels: str = "trained"            # which levels of an added item's identifier keep their own log-prob in
-                                             # merged search: trained (those it shares with a trained item) | none
-                                             # (every level at the best candidate's: the cosine decides); see search_merged
+    added_levels: str = "none"               # which levels of an added item's identifier keep their own log-prob in
+                                             # merged search: none (every level at the best candidate's: the cosine
+                                             # decides) | trained (those it shares with a trained item; before
+                                             # session 7); see search_merged and quality.md section 12.2
     weights: list[float] = field(default_factory=lambda: [0.0] + [round(float(x), 4) for x in np.geomspace(0.25, 256, 31)])
 
     def __post_init__(self):
@@ -174,7 +175,7 @@ class HybridScorer:
     candidates: int
     info: dict
     dense_candidates: int = 0   # trie items nearest the query vector added to the generative candidates
-    added_levels: str = "trained"   # HybridConfig.added_levels
+    added_levels: str = "trained"   # HybridConfig.added_levels (a scorer.json without it was built before it existed)
 
     @classmethod
     def load(cls, run_dir: str | Path, name: str = "hybrid") -> "HybridScorer":
