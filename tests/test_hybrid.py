@@ -338,6 +338,12 @@ def test_untrained_levels_of_added_items_get_the_best_per_level_log_prob():
 NEW = [("purple", "kite"), ("orange", "kite"), ("purple", "lamp"), ("orange", "lamp"), ("grey", "kite"), ("grey", "lamp")]
 
 
+HYBRID_RUN_OVERRIDES = ["split.scorer_queries=12", "hybrid.enabled=true", "hybrid.candidates=10", "device=cpu",
+                        "identifiers.max_u=1024", "fallback.calibration_queries=36", "fallback.tower.epochs=20",
+                        "fallback.tower.batch_size=32", "fallback.tower.device=cpu", "fallback.hash.bits=64",
+                        "fallback.hash.steps=100", "fallback.hash.device=cpu", "fallback.index.kind=flat"]
+
+
 @pytest.fixture(scope="module")
 def hybrid_run(tmp_path_factory):
     """The tiny pipeline run (36 items) with the fallback and hybrid stages."""
@@ -346,11 +352,7 @@ def hybrid_run(tmp_path_factory):
     from tests.test_pipeline import config
 
     tmp = tmp_path_factory.mktemp("hybrid_run")
-    overrides = ["split.scorer_queries=12", "hybrid.enabled=true", "hybrid.candidates=10", "device=cpu",
-                 "identifiers.max_u=1024", "fallback.calibration_queries=36", "fallback.tower.epochs=20",
-                 "fallback.tower.batch_size=32", "fallback.tower.device=cpu", "fallback.hash.bits=64",
-                 "fallback.hash.steps=100", "fallback.hash.device=cpu", "fallback.index.kind=flat"]
-    Pipeline(load_config(RunConfig, config(tmp), overrides), progress=False).run_all(until="hybrid")
+    Pipeline(load_config(RunConfig, config(tmp), HYBRID_RUN_OVERRIDES), progress=False).run_all(until="hybrid")
     return tmp / "run"
 
 
@@ -497,3 +499,25 @@ def test_a_run_built_with_dense_candidates_serves_them_and_says_so(hybrid_run, t
     for row in r.search(q, k=10, num_beams=10, mode="hybrid", modality=some):
         assert all(mod[h.item_id] == some for h in row)
     r.close()
+
+
+def test_the_eval_stage_runs_again_when_the_hybrid_stage_changed(hybrid_run, tmp_path, capsys):
+    import shutil
+
+    from ace.config import load_config
+    from ace.pipeline.stages import Pipeline, RunConfig
+
+    run = tmp_path / "run"
+    shutil.copytree(hybrid_run, run, ignore=shutil.ignore_patterns("cache"))
+    overrides = HYBRID_RUN_OVERRIDES + [f"run_dir={run}"]
+
+    def pipeline(*extra):
+        Pipeline(load_config(RunConfig, str(hybrid_run.parent / "tiny.yaml"), overrides + list(extra)),
+                 progress=False).run_all(until="eval")
+        return capsys.readouterr().out
+
+    first = pipeline()
+    assert "[train] up to date" in first and "[eval] running" in first
+    assert "[eval] up to date" in pipeline()
+    changed = pipeline("hybrid.weights=[7.0]")          # a new w: the search the eval measures changed
+    assert "[hybrid] running" in changed and "[eval] running" in changed

@@ -488,7 +488,9 @@ class Pipeline:
         except QuerySetError as exc:
             raise PipelineError(f"eval.query_sets: {exc}") from None
         eval_key = {k: v for k, v in to_dict(cfg.eval).items() if k != "reference"}  # it only changes report.md
-        self._stage("eval", config_hash(self.keys["train"], eval_key, sets_key), run)
+        # search goes through the fallback and hybrid stages' outputs too (Retriever.search, mode auto)
+        later = [self.keys.get(name) for name in ("fallback", "hybrid")]
+        self._stage("eval", config_hash(self.keys["train"], eval_key, sets_key, later), run)
 
     # report ----------------------------------------------------------------------------------
     def stage_report(self):
