@@ -320,12 +320,13 @@ def search_merged(model, query_tokenizer, trie, table_ids: list[str], vocab, sco
         F = min(fallback_candidates or num_beams, len(fallback.ids))
         fcos_all = qv @ fallback.vectors.T                                                 # (Q, n)
         top = np.argsort(-fcos_all, axis=1, kind="stable")[:, :F]
-        toks = torch.as_tensor(fallback.tokens[top], dtype=torch.long, device=device)       # (Q, F, L)
-        flp = score_identifiers(model, state["memory"], state["mask"], toks, levels, query=state["query"],
-                                per_level=True).cpu().numpy().astype(np.float64)                    # (Q, F, levels)
-        depth = trained_depth(trie, vocab.decode(fallback.tokens[top]), levels)
-        if scorer.added_levels == "none":
-            depth = np.zeros_like(depth)
+        if scorer.added_levels == "none":   # no level counts as trained: no teacher-forced pass to make
+            flp, depth = np.zeros((Q, F, levels)), np.zeros((Q, F), dtype=np.int64)
+        else:
+            toks = torch.as_tensor(fallback.tokens[top], dtype=torch.long, device=device)   # (Q, F, L)
+            flp = score_identifiers(model, state["memory"], state["mask"], toks, levels, query=state["query"],
+                                    per_level=True).cpu().numpy().astype(np.float64)                # (Q, F, levels)
+            depth = trained_depth(trie, vocab.decode(fallback.tokens[top]), levels)
         flp = untrained_completion(flp, depth, lp, rows)
         cand_ids = [row + [fallback.ids[t] for t in trow] for row, trow in zip(cand_ids, top.tolist())]
         lp = np.concatenate([lp, flp], 1)
