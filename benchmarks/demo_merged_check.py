@@ -6,13 +6,14 @@ the Flickr30K 80/20 run the untrained-level rule was chosen on (quality.md secti
 
 New demonstration items come from ``data/make_demo.py`` with another seed (so they are new colours /
 shapes / sounds in combinations the run never saw: items whose attributes equal an old item's are skipped
-unless ``--duplicates``), ``--added`` of them spread over the three modalities, ids prefixed ``added_``. Their last two captions are held out as test queries (as the
-demo's own split), the rest are the captions the item is added with. On a fresh copy of the run
+unless ``--duplicates``), ``--added`` of them spread over the three modalities, ids prefixed ``added_``.
+Their last two captions are held out as test queries (as the demo's own split), the rest are the
+captions the item is added with. On a fresh copy of the run
 (``copy_trained_run``) they are added through ``Retriever.add_items`` (encoded by the run's item
 encoders), then, at each beam width:
 - old items' held-out captions: the generative path alone vs merged (hybrid) search;
 - added items' held-out captions: the fallback path alone vs merged search;
-for every untrained-level rule of ``merged_search_probe.py`` (patched in this process only).
+for every added-item rule of ``merged_search_probe.py`` (``use_rule``: this process only).
 """
 from __future__ import annotations
 
@@ -27,11 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from merged_search_probe import RULES  # noqa: E402
+from merged_search_probe import RULES, recall, use_rule  # noqa: E402
 
 from ace.config import load_config  # noqa: E402
 from ace.data.corpus import Corpus  # noqa: E402
-from ace.metrics import retrieval_metrics  # noqa: E402
 from ace.pipeline.run_config import CorpusConfig, RunConfig  # noqa: E402
 from ace.pipeline.stages import load_source_corpus, split_captions  # noqa: E402
 from ace.run_folder import RunPaths, copy_trained_run, load_run_corpus, read_encoder_config, read_pairs  # noqa: E402
@@ -58,11 +58,6 @@ def new_items(n: int, seed: int, split, folder: Path, old_metadata: list[dict] |
     return items, test
 
 
-def recall(hits, pairs) -> dict:
-    m = retrieval_metrics([[h.item_id for h in row] for row in hits], [g for _, g in pairs])
-    return {k: round(m[k], 1) for k in ("R@1", "R@10", "queries")}
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/demo")
@@ -75,7 +70,6 @@ def main(argv=None) -> dict:
                     help="also add new items whose attributes equal an old item's (skipped by default)")
     args = ap.parse_args(argv)
 
-    import ace.newitems.hybrid as hybrid
     from ace.data.encoders import build_encoder
     from ace.serving.retriever import Retriever
 
@@ -95,16 +89,14 @@ def main(argv=None) -> dict:
     r.add_items(added)
     result: dict = {"run": str(run), "added": [it.item_id for it in added], "duplicates": args.duplicates,
                     "beams": {}}
-    committed = hybrid.untrained_completion
     for b in args.beams:
         res = {"alone": {"generative, old items": recall(r.search_generative([q for q, _ in old], k=10, num_beams=b), old),
                          "fallback, added items": recall(r.search([q for q, _ in new], k=10, mode="fallback"), new)},
                "merged": {}}
         for rule in args.rules:
-            hybrid.untrained_completion = RULES[rule]
+            use_rule(r, rule)
             for name, pairs in (("added", new), ("old", old)):
                 res["merged"][f"{rule}, {name} items"] = recall(r.search([q for q, _ in pairs], k=10, num_beams=b), pairs)
-        hybrid.untrained_completion = committed
         result["beams"][b] = res
     r.close()
     print(json.dumps(result, indent=2))

@@ -9,9 +9,11 @@ file is added through ``Retriever.add_items`` (as benchmarks/bench_new_items.py 
 1. the teacher-forced log-prob of each level of the gold identifier, for the added items' test queries
    and for old items' test queries, and how many added items share their k / (k, v1) / (k, v1, v2)
    prefix with a trained item;
-2. merged (hybrid) search R@1 / R@10 of both query sets under the committed rule for untrained levels
-   (``untrained_completion``: the best per-level log-prob of the query's generative candidates) and
-   under the alternative of the mean per-level log-prob (patched in this process only);
+2. merged (hybrid) search R@1 / R@10 of both query sets, and of each path alone, under each ``--rules``
+   rule for added items (``use_rule``, this process only): "best (committed)" = ``hybrid.added_levels:
+   trained`` (levels past the trained depth at the best per-level log-prob of the query's candidates,
+   ``untrained_completion``), "mean" = the same with the mean per-level log-prob, "no trained level" =
+   ``added_levels: none``;
 3. for scale, DT document+queries over all items of the file on the added items' test queries.
 """
 from __future__ import annotations
@@ -86,13 +88,22 @@ def mean_rule(level_logprob, depth, generative_logprob, generative_rows):
     return np.where(known, level_logprob, mean[:, None, None]).sum(-1)
 
 
-def no_trained_level_rule(level_logprob, depth, generative_logprob, generative_rows):
-    """The second alternative: no level of an added item counts as trained (depth 0): every level at the best
-    per-level log-prob of the query's candidates, so only the cosine tells an added item from the best one."""
-    return committed_rule(level_logprob, np.zeros_like(np.asarray(depth)), generative_logprob, generative_rows)
+# rule name -> (hybrid.added_levels, the completion of the levels it leaves untrained); only "mean" is patched in
+RULES = {"best (committed)": ("trained", committed_rule), "mean": ("trained", mean_rule),
+         "no trained level": ("none", committed_rule)}
 
 
-RULES = {"best (committed)": committed_rule, "mean": mean_rule, "no trained level": no_trained_level_rule}
+def use_rule(retriever, rule: str) -> None:
+    """Make ``retriever``'s merged search score added items by ``rule`` (this process only)."""
+    import ace.newitems.hybrid as hybrid
+
+    retriever.hybrid.scorer.added_levels, hybrid.untrained_completion = RULES[rule]
+
+
+def recall(hits, pairs) -> dict:
+    """R@1 / R@10 of search hits against (query, gold id) pairs."""
+    m = retrieval_metrics([[h.item_id for h in row] for row in hits], [g for _, g in pairs])
+    return {k: round(m[k], 1) for k in ("R@1", "R@10", "queries")}
 
 
 def dt_on(captions: str, ids: set) -> dict:
@@ -119,7 +130,6 @@ def main(argv=None) -> dict:
                     choices=list(RULES), help="untrained-level rules to measure")
     args = ap.parse_args(argv)
 
-    import ace.newitems.hybrid as hybrid
     from ace.serving.retriever import Retriever
 
     cfg = load_config(RunConfig, ROOT / args.config, [f"corpus.path={args.captions}"])
@@ -138,20 +148,16 @@ def main(argv=None) -> dict:
     result["added_prefix_shared_with_trained"] = {
         f"levels 1-{d}": float(np.mean([any((c[:d] == old_codes[:, :d]).all(1)) for c in gold_new])) for d in (1, 2, 3)}
 
-    def recall(hits, pairs):
-        m = retrieval_metrics([[h.item_id for h in row] for row in hits], [g for _, g in pairs])
-        return {k: round(m[k], 1) for k in ("R@1", "R@10", "queries")}
-
     # each path alone on its own items, at the same beams: the bar merged search must not fall below
     result["alone"] = {"generative, old items": recall(r.search_generative([q for q, _ in old], k=10,
                                                                           num_beams=args.beams), old),
                        "fallback, added items": recall(r.search([q for q, _ in new], k=10, mode="fallback"), new)}
     for rule in args.rules:
+        use_rule(r, rule)
         for name, pairs in (("added", new), ("old", old)):
-            hybrid.untrained_completion = RULES[rule]
             hits = r.search([q for q, _ in pairs], k=10, num_beams=args.beams)
             result["merged"][f"{rule}, {name} items"] = recall(hits, pairs)
-    hybrid.untrained_completion = committed_rule
+    use_rule(r, "best (committed)")
     r.close()
     result["dt_doc_plus_queries_all_items_added_queries"] = dt_on(args.captions, {g for _, g in new})
     print(json.dumps(result, indent=2))
