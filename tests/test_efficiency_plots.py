@@ -63,21 +63,27 @@ def test_a_shape_without_a_trained_figure_gets_no_recall(result, quality):
         assert drawable(rows[m, 384], figs, 384) is None
 
 
-def test_another_shapes_figure_is_refused(result, quality):
-    with pytest.raises(PlotError, match="another shape.*d_model 32 != 384"):
-        trained_figures(result, [f"big-fp32={quality}#ace beam 5"])
+# a figure of another model or setting, from the quality.json ({q}), and the error that must name why
+REFUSED = [("big-fp32={q}#ace beam 5", "another shape.*d_model 32 != 384"),
+           ("small-int8={q}#ace beam 5", "fp32 model's figure"),
+           ("small-fp32={q}#ace_int8 beam 5", "int8 model's figure"),
+           ("small-fp32={q}#ace beam 10", "beam 10, this run with 5"),
+           ("small-fp32={q}#ace_hybrid beam 5", "hybrid mode"),
+           ("DT-faiss_hnsw={q}#dt_doc_plus_queries", "exact DT rows only"),
+           ("DT-torch={q}#ace beam 5", "not a dual-tower figure"),
+           ("small-fp32={q}#dt_doc_plus_queries", "not an ACE model's figure"),
+           ("nope-fp32={q}#ace beam 5", "did not measure"),
+           ("small-fp32={q}#ace beam 7", "is not a method of")]
 
 
-def test_precision_beam_and_mode_must_match(result, quality):
-    with pytest.raises(PlotError, match="fp32 model's figure"):
-        trained_figures(result, [f"small-int8={quality}#ace beam 5"])
-    with pytest.raises(PlotError, match="int8 model's figure"):
-        trained_figures(result, [f"small-fp32={quality}#ace_int8 beam 5"])
+@pytest.mark.parametrize("spec, match", REFUSED)
+def test_another_models_or_settings_figure_is_refused(result, quality, spec, match):
+    with pytest.raises(PlotError, match=match):
+        trained_figures(result, [spec.format(q=quality)])
+
+
+def test_the_same_precision_beam_and_mode_is_accepted(result, quality):
     assert trained_figures(result, [f"small-int8={quality}#ace_int8 beam 5"])["small-int8"]["R@10"] == 38.0
-    with pytest.raises(PlotError, match="beam 10, this run with 5"):
-        trained_figures(result, [f"small-fp32={quality}#ace beam 10"])
-    with pytest.raises(PlotError, match="hybrid mode"):
-        trained_figures(result, [f"small-fp32={quality}#ace_hybrid beam 5"])
 
 
 def test_dt_figures_only_for_exact_rows_at_the_encoders_dimension(result, quality):
@@ -85,19 +91,9 @@ def test_dt_figures_only_for_exact_rows_at_the_encoders_dimension(result, qualit
     rows = {(r["method"], r["dim"]): r for r in result["rows"]}
     assert drawable(rows["DT-torch", 384], figs, 384)["R@10"] == 91.4
     assert drawable(rows["DT-torch", 1024], figs, 384) is None                 # random projection: not that model
-    with pytest.raises(PlotError, match="exact DT rows only"):
-        trained_figures(result, [f"DT-faiss_hnsw={quality}#dt_doc_plus_queries"])
-    with pytest.raises(PlotError, match="not a dual-tower figure"):
-        trained_figures(result, [f"DT-torch={quality}#ace beam 5"])
-    with pytest.raises(PlotError, match="not an ACE model's figure"):
-        trained_figures(result, [f"small-fp32={quality}#dt_doc_plus_queries"])
 
 
-def test_unknown_method_or_quality_row_is_a_clear_error(result, quality):
-    with pytest.raises(PlotError, match="did not measure"):
-        trained_figures(result, [f"nope-fp32={quality}#ace beam 5"])
-    with pytest.raises(PlotError, match="is not a method of"):
-        trained_figures(result, [f"small-fp32={quality}#ace beam 7"])
+def test_bad_trained_arguments_are_a_clear_error():
     with pytest.raises(PlotError, match="twice"):
         parse_trained(["a=x", "a=y"])
     with pytest.raises(PlotError, match="METHOD=RUN_DIR"):
