@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ace.model.modeling import pooled_query
+
 ENGINES = ("torch-fp32", "torch-int8", "torch-int8-pc", "ort-fp32", "ort-int8", "ort-fused-fp32", "ort-fused-int8")
 INPUTS = ("input_ids", "attention_mask")
 OUTPUTS = ("layer_states", "sentence")
@@ -61,8 +63,7 @@ class EncoderGraph(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         out = self.bert(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         layers = torch.stack(out.hidden_states[-self.fused_layers:], dim=1)
-        m = attention_mask.to(layers.dtype)[..., None]
-        pooled = (layers[:, -1] * m).sum(1) / m.sum(1).clamp_min(1.0)   # = ace.model.modeling.pooled_query
+        pooled = pooled_query(layers, attention_mask)
         return layers, pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
