@@ -250,7 +250,7 @@ def main(argv=None) -> dict:
                                                             "replay_pairs", "replay_info", "steps", "train_seconds",
                                                             "cost", "stayed", "base_model")})
             rec["fold"]["gate"] = {k: v for k, v in metrics["gate"].items() if k != "items"}
-            rec["fold"]["test"] = {"before": {k: v for k, v in metrics["before"].items() if k != "new_fallback_rankings"},
+            rec["fold"]["test"] = {"before": {k: v for k, v in metrics["before"].items() if not k.endswith("_rankings")},
                                    "after": metrics["after"]}
             r = Retriever.from_run(work, device="cpu")
             t = time.time()
@@ -299,6 +299,8 @@ def summary(res: dict) -> str:
                  rec.get("after_fold"), "old_merged"),
                 ("folded items: fallback (before) / generative (after)", None, None, test.get("before"), "folded_fallback",
                  test.get("after"), "new_generative"),
+                ("folded items, merged search (before / after the fold)", None, None, test.get("before"), "folded_merged",
+                 test.get("after"), "folded_merged"),
                 ("this round's new items, merged search", None, None, rec["after_adds"], "new_merged",
                  rec.get("after_fold"), "new_merged_all"),
                 ("earlier rounds' items, merged search", None, None, rec["after_adds"], "earlier_merged",

@@ -343,7 +343,8 @@ def test_a_second_fold_after_more_adds_starts_from_the_folded_model(run):
 
 @pytest.fixture(scope="module")
 def recipe_run(tmp_path_factory) -> Path:
-    """The tiny run with the recipe's model shape: frozen MiniLM encoder, prototype heads; 6 items added."""
+    """The tiny run with the recipe's model shape (frozen MiniLM encoder, prototype heads) and the hybrid
+    operating point (20 training queries held out to fit w); 6 items added."""
     from ace.config import load_config
     from ace.pipeline.run_config import RunConfig
     from ace.pipeline.stages import Pipeline
@@ -355,17 +356,19 @@ def recipe_run(tmp_path_factory) -> Path:
                         "model: {pretrained_encoder: minilm, d_model: 384, n_heads: 6, encoder_layers: 3, decoder_layers: 1, "
                         "ffn_dim: 64, max_query_length: 16, prototype_levels: 2}")
     text = text.replace("training: {batch_size: 30,", "training: {freeze_encoder: true, batch_size: 30,")
-    assert "minilm" in text and "freeze_encoder" in text
+    text = text.replace("split: {test_captions: [-1]}", "split: {test_captions: [-1], scorer_queries: 20}")
+    text += "hybrid: {enabled: true, candidates: 5, weights: [0.0, 1.0, 4.0, 16.0]}\n"
+    assert "minilm" in text and "freeze_encoder" in text and "scorer_queries" in text
     path.write_text(text)
-    Pipeline(load_config(RunConfig, path), progress=False).run_all(until="fallback")
+    Pipeline(load_config(RunConfig, path), progress=False).run_all(until="hybrid")
     _add_new_items(base, base / "run")
     return base / "run"
 
 
-def test_fold_on_the_recipe_model_moves_only_the_decoder_and_fills_the_prototype_tables(recipe_run):
+def test_fold_on_the_recipe_model_moves_only_the_decoder_and_fills_the_prototype_tables(recipe_run, tmp_path):
     from ace.model.modeling import AceModel, prefix_prototypes
 
-    run = recipe_run
+    run = Path(shutil.copytree(recipe_run, tmp_path / "run"))   # the fixture stays unfolded for the other tests
     result = _fold(run, "steps=20")
     assert sorted(result.folded) == sorted(NEW) and result.metrics["frozen_encoder"] is True
     new, old = (AceModel.from_pretrained(str(run / name)).state_dict() for name in ("model", "model.prev"))
@@ -392,3 +395,44 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+@pytest.mark.parametrize("gate_path", ["served", "generative"])
+def test_the_gate_measures_a_hybrid_run_as_served(recipe_run, tmp_path, gate_path):
+    """On a hybrid run the gate (gate_path=served) scores old items by the hybrid scorer over the generative
+    path, and its bar for new items is merged search (how they are served while in the fallback); both
+    figures equal the Retriever's own hybrid / merged search. gate_path=generative: beam search alone
+    against the fallback alone."""
+    from ace.metrics import retrieval_metrics
+
+    run = Path(shutil.copytree(recipe_run, tmp_path / "run"))
+    result = _fold(run, "gate=true", "steps=2", "checkpoint_every=1", f"gate_path={gate_path}")
+    gate = json.loads((result.fold_dir / "gate.json").read_text())
+    split = json.loads((result.fold_dir / "split.json").read_text())
+    before = json.loads((result.fold_dir / "gate_before.json").read_text())
+    assert split["val_old"] and split["val_new"]
+    r = Retriever.from_run(recipe_run, device="cpu")   # the untouched fixture: the run before the fold
+    try:
+        def metrics(rows, pairs):
+            return retrieval_metrics([[h.item_id for h in row] for row in rows], [t for _, t in pairs])
+
+        val_old, val_new = [tuple(p) for p in split["val_old"]], [tuple(p) for p in split["val_new"]]
+        if gate_path == "served":
+            merged = r.search([q for q, _ in val_new], k=5, num_beams=5)
+            fb, r.fallback = r.fallback, None     # the generative path alone, hybrid-scored
+            old = r.search_hybrid([q for q, _ in val_old], k=5, num_beams=5)
+            r.fallback = fb
+            assert gate["path"] == before["path"] == "hybrid"
+            assert gate["fallback_bar"] == "merged search (as served)"
+            assert before["new_fallback"]["R@5"] == pytest.approx(metrics(merged, val_new)["R@5"])
+        else:
+            old = r.search_generative([q for q, _ in val_old], k=5, num_beams=5)
+            alone = r.search_fallback([q for q, _ in val_new], k=5)
+            assert gate["path"] == "generative" and gate["fallback_bar"] == "fallback alone"
+            assert before["new_fallback"]["R@5"] == pytest.approx(metrics(alone, val_new)["R@5"])
+        assert before["old_before"]["R@5"] == pytest.approx(metrics(old, val_old)["R@5"])
+        assert before["old_before"]["R@1"] == pytest.approx(metrics(old, val_old)["R@1"])
+    finally:
+        r.close()
+    assert ("hybrid-scored" in (result.fold_dir / "report.md").read_text()) == (gate_path == "served")
+    _assert_every_item_served(run)

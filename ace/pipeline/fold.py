@@ -47,6 +47,7 @@ import numpy as np
 from ace.arrays import resolve_device
 from ace.config import load_config, to_dict
 from ace.pipeline import fold_gate
+from ace.pipeline.fold_config import FoldConfig
 from ace.pipeline.fold_measure import evaluate_paths, format_report, gate_after, gate_before
 from ace.pipeline.fold_train import FoldTrainingError, fine_tune
 from ace.run_folder import (LockBusy, RunFolderError, RunPaths, load_run_embeddings, read_pairs, run_media_root,
@@ -59,57 +60,6 @@ TAG = "FOLD"   # file in a staged model / identifiers folder naming its fold (te
 
 class FoldError(RuntimeError):
     """A fold cannot run: missing run folder or model, unusable items; the message says which."""
-
-
-@dataclass
-class FoldConfig:
-    """Fine-tuning and evaluation settings of a fold (``key=value`` on the command line)."""
-    steps: int = 500                  # fine-tuning steps
-    replay_ratio: float = 1.0         # old training pairs replayed per new pair
-    min_replay: int = 1000            # at least this many old pairs (all of them when fewer exist)
-    replay: str = "structured"        # "structured": every prefix the new items touch + a sample stratified
-                                      # by the first level (fold_gate.structured_replay); "random"
-    replay_per_prefix: int = 2        # old pairs replayed per touched prefix (structured)
-    distill_weight: float = 1.0       # KL(previous model || folded model) on replayed old pairs; 0: replay only
-    gate: bool = True                 # false: fold every item (the gate still measures)
-    max_old_drop: float = 1.0         # swap only when old-item R@gate_k on validation queries drops by less
-    gate_k: int | None = None         # the gate's recall cut-off, 1, 5 or 10 (None: top_k)
-    val_per_item: int = 1             # new items' generated queries held out of fine-tuning for the gate
-    val_old: int = 500                # old items' validation queries of the gate (0: none; the run's
-                                      # scorer queries when it has them, else old training pairs left out of replay)
-    batch_size: int | None = None     # None: the run's training.batch_size
-    lr: float | None = None           # None: half the run's training.lr
-    warmup_steps: int = 50
-    omega: float | None = None        # R-Drop weight; None: the run's training.omega
-    checkpoint_every: int = 100
-    eval_queries: int = 2000          # held-out old-item queries scored before/after (0: none)
-    test_queries: str | None = None   # JSON [[query, item_id], ...] held out for the added items;
-                                      # None: RUN/added_test_queries.json when it exists
-    num_beams: int = 10
-    top_k: int = 10
-    eval_batch_size: int = 100
-    device: str = "auto"
-    seed: int = 0
-    progress: bool = True
-
-    def __post_init__(self):
-        for name in ("steps", "checkpoint_every", "num_beams", "top_k", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("replay_ratio", "min_replay", "warmup_steps", "eval_queries", "replay_per_prefix",
-                     "distill_weight", "max_old_drop", "val_per_item", "val_old"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.replay not in ("structured", "random"):
-            raise ValueError(f"replay must be 'structured' or 'random', got {self.replay!r}")
-        if self.gate and self.val_per_item < 1:
-            raise ValueError("gate=true needs val_per_item >= 1 (validation queries per new item); "
-                             "set gate=false to fold every item without them")
-        k = self.gate_k if self.gate_k is not None else self.top_k
-        if k not in (1, 5, 10) or k > self.top_k:
-            raise ValueError(f"the gate's cut-off (gate_k, else top_k) must be 1, 5 or 10 and <= top_k ({self.top_k}), got {k}")
-        if self.top_k > self.num_beams:
-            raise ValueError(f"top_k ({self.top_k}) cannot exceed num_beams ({self.num_beams})")
 
 
 @dataclass
@@ -392,7 +342,10 @@ class Fold:
         codes = np.asarray([plan["identifiers"][plan["items"].index(i)] for i in items], dtype=np.int64)
         _insert_identifiers(tok, codes, items)
         split = self._split(fold_dir, [p for p in pairs if p[1] in set(items)], tok, on_path, plan)
-        before = gate_before(self.run, fold_dir, self.cfg, self.device, split)
+        def items_of(ids: list[str]) -> list:   # added / folded items: their texts give their hybrid vectors
+            return [store.get(i).to_corpus_item() for i in ids]
+
+        before = gate_before(self.run, fold_dir, self.cfg, self.device, split, tok, old_rows, items_of)
         row = {iid: i for i, iid in enumerate(tok.item_ids)}
         print(f"[fold] {len(items)} items, {len(split['train_new'])} new pairs ({len(split['val_new'])} held out for "
               f"the gate) + {len(split['replay'])} replayed old pairs ({self.cfg.replay}), {self.cfg.steps} steps, "
@@ -402,7 +355,7 @@ class Fold:
                                    old_rows + [row[i] for i in items], store)
         except FoldTrainingError as exc:
             raise FoldError(str(exc)) from None
-        decision = gate_after(self.run, fold_dir, self.cfg, self.device, tok, split, old_rows, items, before)
+        decision = gate_after(self.run, fold_dir, self.cfg, self.device, tok, split, old_rows, items, before, items_of)
         folded = decision["folded"]
         print(f"[fold] gate: {'swap' if decision['swap'] else 'no swap'} ({decision['why']}); "
               f"{len(folded)} folded, {len(decision['stayed'])} stay in the fallback")
@@ -470,10 +423,10 @@ class Fold:
         old_pairs, _ = self._held_out(active, set(candidates))
         new_pairs = _read_pairs(fold_dir / "test_pairs.json")
         before = json.loads((fold_dir / "before.json").read_text())
-        rankings = before.pop("new_fallback_rankings", [])
         mine = set(items)
-        sub = [(r, p) for r, p in zip(rankings, new_pairs) if p[1] in mine]
-        before["folded_fallback"] = fold_gate.metrics([r for r, _ in sub], [p for _, p in sub]) if sub else None
+        for key, out in (("new_fallback_rankings", "folded_fallback"), ("new_merged_rankings", "folded_merged")):
+            sub = [(r, p) for r, p in zip(before.pop(key, []), new_pairs) if p[1] in mine]
+            before[out] = fold_gate.metrics([r for r, _ in sub], [p for _, p in sub]) if sub else None
         after = evaluate_paths(self.run, old_pairs, new_pairs, self.cfg, self.device, folded=items)
         gate = json.loads((fold_dir / "gate.json").read_text())
         metrics = {"fold": int(fold_dir.name), "items": len(items), "folded": items, "stayed": record.get("stayed", []),

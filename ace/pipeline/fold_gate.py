@@ -183,6 +183,7 @@ def gate(items: list[str], generative: dict[str, float], fallback: dict[str, flo
 def format_gate_report(g: dict, cost: dict | None = None, limit: int = 20) -> str:
     """Markdown: the gate's decision, the recall it compared and what was folded / stayed."""
     k = g["k"]
+    path = "generative path, hybrid-scored" if g.get("path") == "hybrid" else "generative path"
 
     def cell(m):
         return "-" if m is None else f"{m['R@1']:.1f} / {m[f'R@{k}']:.1f} ({m['queries']} q)"
@@ -190,9 +191,12 @@ def format_gate_report(g: dict, cost: dict | None = None, limit: int = 20) -> st
     lines = ["## Gate", "", f"**{'swapped in' if g['swap'] else 'not swapped'}**: {g['why']}.", "",
              f"| validation queries (split from training queries), R@1 / R@{k} | before the fold | after fine-tuning |",
              "| --- | --- | --- |",
-             f"| old items, generative path | {cell(g.get('old_before'))} | {cell(g.get('old_after'))} |",
-             f"| new items: fallback before, generative after | {cell(g.get('new_fallback'))} | "
-             f"{cell(g.get('new_generative'))} |", "",
+             f"| old items, {path} | {cell(g.get('old_before'))} | {cell(g.get('old_after'))} |",
+             f"| new items: {g.get('fallback_bar', 'fallback alone')} before, {path} after | "
+             f"{cell(g.get('new_fallback'))} | {cell(g.get('new_generative'))} |"]
+    if g.get("new_fallback_alone") and g.get("fallback_bar", "fallback alone") != "fallback alone":
+        lines.append(f"| new items: fallback alone (ranks the added items only) | {cell(g['new_fallback_alone'])} | - |")
+    lines += ["",
              f"{len(g['folded'])} item(s) folded, {len(g['stayed'])} stay in the fallback (still served there)."]
     if cost:
         line = (f"Fine-tuning cost per candidate item: {cost.get('steps_per_item', 0):.2f} steps, "

@@ -27,8 +27,8 @@ def _recall(search, pairs: list[tuple[str, str]], k: int, num_beams: int, batch_
 def evaluate_paths(run: Path, old_pairs, new_pairs, cfg, device: str, *, folded: list[str] | None) -> dict:
     """Held-out recall through the run as served. Before the fold (``folded=None``): old items on the
     generative path and merged search, the new ones through the fallback (``new_fallback_rankings``
-    kept, to compare subsets later) and merged search. After it: folded items through the generative
-    path, items that stayed through the fallback, all new items through merged search."""
+    kept, to compare subsets later) and merged search (rankings kept too). After it: folded items through the
+    generative path and merged search, items that stayed through the fallback, all new items through merged search."""
     from ace.serving.retriever import Retriever
 
     retriever = Retriever.from_run(run, device=device)
@@ -39,15 +39,19 @@ def evaluate_paths(run: Path, old_pairs, new_pairs, cfg, device: str, *, folded:
 
     try:
         out = {"old_generative": _recall(retriever.search_generative, old_pairs, **kw),
-               "old_merged": _recall(retriever.search, old_pairs, **kw),
-               "new_merged": _recall(retriever.search, new_pairs, **kw)}
+               "old_merged": _recall(retriever.search, old_pairs, **kw)}
+        merged = _rankings(retriever.search, new_pairs, **kw)
+        out["new_merged"] = fold_gate.metrics(merged, new_pairs)
         if folded is None:
+            out["new_merged_rankings"] = merged
             rankings = _rankings(fallback, new_pairs, **kw) if retriever.fallback is not None else []
             out["new_fallback"] = fold_gate.metrics(rankings, new_pairs) if rankings else None
             out["new_fallback_rankings"] = rankings
         else:
             mine = set(folded)
             out["new_generative"] = _recall(retriever.search_generative, [p for p in new_pairs if p[1] in mine], **kw)
+            sub = [(r, p) for r, p in zip(merged, new_pairs) if p[1] in mine]
+            out["folded_merged"] = fold_gate.metrics([r for r, _ in sub], [p for _, p in sub]) if sub else None
             stayed = [p for p in new_pairs if p[1] not in mine]
             out["stayed_fallback"] = _recall(fallback, stayed, **kw) if retriever.fallback is not None else None
         return out
@@ -76,49 +80,107 @@ def gate_k(cfg) -> int:
     return cfg.gate_k if cfg.gate_k is not None else cfg.top_k
 
 
-def gate_before(run: Path, fold_dir: Path, cfg, device: str, split: dict) -> dict:
-    """Validation recall through the run as served before the fold: old items on the generative path,
-    new items through the fallback, per new item too (cached in fold_dir/gate_before.json)."""
+def gate_scorer(run: Path, cfg):
+    """The run's HybridScorer when the gate measures the path as served and the run serves hybrid
+    (RUN/hybrid); None: the gate measures the generative path (beam search alone)."""
+    from ace.newitems.hybrid import HybridScorer
+
+    if cfg.gate_path == "generative" or not (RunPaths(run).hybrid / "scorer.json").is_file():
+        return None
+    return HybridScorer.load(run)
+
+
+def hybrid_rows(run: Path, cfg, model, tok, rows: list[int], pairs, scorer, items_of) -> list[list[str]]:
+    """Hybrid rankings (identifier log-prob + w * cosine, the run's fitted scorer) of ``pairs`` by ``model``
+    over the identifiers ``rows`` of ``tok``: the generative path as a hybrid run serves it.
+    ``items_of(ids)``: CorpusItems of trie items without a stored vector (added after training)."""
+    from ace.model.tokens import IdentifierVocab, QueryTokenizer
+    from ace.newitems.hybrid import HybridIndex
+    from identifiers import FlatTrie
+
+    if not pairs:
+        return []
+    paths = RunPaths(run)
+    qtok = QueryTokenizer.load(paths.query_tokenizer)
+    trie = FlatTrie.from_codes(tok.codes[rows], tok.level_sizes, items=np.asarray(rows, dtype=np.int64))
+    index = HybridIndex(scorer, model, qtok)
+    later = items_of([tok.item_ids[r] for r in rows if tok.item_ids[r] not in scorer.vectors.row])
+    hits = index.search([q for q, _ in pairs], cfg.top_k, max(cfg.num_beams, cfg.top_k), trie=trie,
+                        table_ids=list(tok.item_ids), vocab=IdentifierVocab.load(paths.identifier_vocab),
+                        later_items=later, fallback_items=[], fallback_tokens=np.zeros((0, 1), dtype=np.int64),
+                        batch_size=cfg.eval_batch_size, table_codes=np.asarray(tok.codes))
+    return [[h.item_id for h in row] for row in hits]
+
+
+def _path_rows(run, cfg, model, tok, rows, pairs, scorer, items_of) -> list[list[str]]:
+    return (search_rows(run, cfg, model, tok, rows, pairs) if scorer is None else
+            hybrid_rows(run, cfg, model, tok, rows, pairs, scorer, items_of))
+
+
+def gate_before(run: Path, fold_dir: Path, cfg, device: str, split: dict, tok=None, old_rows: list[int] | None = None,
+                items_of=None) -> dict:
+    """Validation recall before the fold (cached in fold_dir/gate_before.json). The generative path (the
+    run's model over ``old_rows`` of ``tok``) on the old items' queries, hybrid-scored when the gate
+    measures a hybrid run as served; the new items through the fallback alone and, on a hybrid run,
+    through merged search (how they are served while in the fallback: the gate's bar in that case)."""
     path = fold_dir / "gate_before.json"
     if path.is_file():
         return json.loads(path.read_text())
+    from ace.model.modeling import AceModel
     from ace.serving.retriever import Retriever
 
+    scorer = gate_scorer(run, cfg)
+    k = gate_k(cfg)
     r = Retriever.from_run(run, device=device)
     kw = dict(k=cfg.top_k, num_beams=cfg.num_beams, batch_size=cfg.eval_batch_size)
     try:
-        old = _rankings(r.search_generative, split["val_old"], **kw)
-        new = ([] if r.fallback is None else
-               _rankings(lambda q, k, num_beams, batch_size: r.search_fallback(q, k=k), split["val_new"], **kw))
+        if scorer is None or tok is None:
+            old = _rankings(r.search_generative, split["val_old"], **kw)
+        else:
+            model = AceModel.from_pretrained(str(RunPaths(run).model)).to(device).eval()
+            old = hybrid_rows(run, cfg, model, tok, old_rows, split["val_old"], scorer, items_of)
+        alone = ([] if r.fallback is None else
+                 _rankings(lambda q, k, num_beams, batch_size: r.search_fallback(q, k=k), split["val_new"], **kw))
+        merged = _rankings(r.search, split["val_new"], **kw) if scorer is not None else []
     finally:
         r.close()
-    out = {"old_before": fold_gate.metrics(old, split["val_old"]),
-           "new_fallback": fold_gate.metrics(new, split["val_new"]) if new else None,
-           "fallback_by_item": (fold_gate.per_item_recall(fold_gate.hits(new, split["val_new"], gate_k(cfg)), split["val_new"])
-                                if new else {})}
+
+    def by_item(rankings):
+        return fold_gate.per_item_recall(fold_gate.hits(rankings, split["val_new"], k), split["val_new"]) if rankings else {}
+
+    out = {"path": "hybrid" if scorer is not None else "generative",
+           "old_before": fold_gate.metrics(old, split["val_old"]),
+           "new_fallback": fold_gate.metrics(merged or alone, split["val_new"]) if (merged or alone) else None,
+           "new_fallback_alone": fold_gate.metrics(alone, split["val_new"]) if alone else None,
+           "fallback_by_item": by_item(merged or alone),
+           "fallback_bar": "merged search (as served)" if merged else "fallback alone"}
     write_json_atomic(path, out)
     return out
 
 
 def gate_after(run: Path, fold_dir: Path, cfg, device: str, tok, split: dict, old_rows: list[int], items: list[str],
-               before: dict) -> dict:
+               before: dict, items_of=None) -> dict:
     """The fine-tuned model (fold_dir/model) on the validation queries, and the gate's decision (gate.json):
-    new items over the old items + every candidate, old items over the old items + the passing candidates."""
+    new items over the old items + every candidate, old items over the old items + the passing candidates,
+    on the path ``before`` measured (hybrid-scored or the generative path alone)."""
     from ace.model.modeling import AceModel
 
     model = AceModel.from_pretrained(str(fold_dir / RunPaths.MODEL)).to(device).eval()
+    scorer = gate_scorer(run, cfg) if before.get("path") == "hybrid" else None
     row = {iid: i for i, iid in enumerate(tok.item_ids)}
     k = gate_k(cfg)
-    new_rank = search_rows(run, cfg, model, tok, old_rows + [row[i] for i in items], split["val_new"])
+    new_rank = _path_rows(run, cfg, model, tok, old_rows + [row[i] for i in items], split["val_new"], scorer, items_of)
     generative = fold_gate.per_item_recall(fold_gate.hits(new_rank, split["val_new"], k), split["val_new"])
     args = dict(k=k, max_old_drop=cfg.max_old_drop, enabled=cfg.gate)
     first = fold_gate.gate(items, generative, before["fallback_by_item"], before["old_before"], None, **args)
     passing = [i for i in items if first["items"][i]["fold"]]
-    old_after = fold_gate.metrics(search_rows(run, cfg, model, tok, old_rows + [row[i] for i in passing],
-                                              split["val_old"]), split["val_old"])
+    old_after = fold_gate.metrics(_path_rows(run, cfg, model, tok, old_rows + [row[i] for i in passing],
+                                             split["val_old"], scorer, items_of), split["val_old"])
     decision = fold_gate.gate(items, generative, before["fallback_by_item"], before["old_before"], old_after, **args)
     decision.update(old_before=before["old_before"], old_after=old_after, new_fallback=before["new_fallback"],
-                    new_generative=fold_gate.metrics(new_rank, split["val_new"]), val_old_source=split["val_old_source"])
+                    new_generative=fold_gate.metrics(new_rank, split["val_new"]), val_old_source=split["val_old_source"],
+                    path=before.get("path", "generative"), fallback_bar=before.get("fallback_bar", "fallback alone"),
+                    new_fallback_alone=before.get("new_fallback_alone"))
     write_json_atomic(fold_dir / "gate.json", decision)
     return decision
 
@@ -128,6 +190,7 @@ def format_report(m: dict) -> str:
     rows = [("old items, generative path", "old_generative", "old_generative"),
             ("old items, merged search", "old_merged", "old_merged"),
             ("folded items: fallback before, generative after", "folded_fallback", "new_generative"),
+            ("folded items, merged search (as served)", "folded_merged", "folded_merged"),
             ("new items: fallback before / those that stayed after", "new_fallback", "stayed_fallback"),
             ("all new items, merged search", "new_merged", "new_merged")]
 
