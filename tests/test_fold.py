@@ -399,10 +399,9 @@ def torch_equal(a, b) -> bool:
 
 @pytest.mark.parametrize("gate_path", ["served", "generative"])
 def test_the_gate_measures_a_hybrid_run_as_served(recipe_run, tmp_path, gate_path):
-    """On a hybrid run the gate (gate_path=served) scores old items by the hybrid scorer over the generative
-    path, and its bar for new items is merged search (how they are served while in the fallback); both
-    figures equal the Retriever's own hybrid / merged search. gate_path=generative: beam search alone
-    against the fallback alone."""
+    """gate_path=served on a hybrid run: old and new items' validation recall through merged search as
+    served (the candidates in the fallback before the fold), with no validation query inside any item
+    vector; gate_path=generative: beam search alone against the fallback alone, as the Retriever gives them."""
     from ace.metrics import retrieval_metrics
 
     run = Path(shutil.copytree(recipe_run, tmp_path / "run"))
@@ -410,29 +409,63 @@ def test_the_gate_measures_a_hybrid_run_as_served(recipe_run, tmp_path, gate_pat
     gate = json.loads((result.fold_dir / "gate.json").read_text())
     split = json.loads((result.fold_dir / "split.json").read_text())
     before = json.loads((result.fold_dir / "gate_before.json").read_text())
-    assert split["val_old"] and split["val_new"]
+    val_old, val_new = [tuple(p) for p in split["val_old"]], [tuple(p) for p in split["val_new"]]
+    assert val_old and val_new
+    assert ("hybrid-scored" in (result.fold_dir / "report.md").read_text()) == (gate_path == "served")
+    if gate_path == "served":
+        assert gate["path"] == before["path"] == "hybrid" and gate["fallback_bar"] == "merged search (as served)"
+        return
     r = Retriever.from_run(recipe_run, device="cpu")   # the untouched fixture: the run before the fold
     try:
         def metrics(rows, pairs):
             return retrieval_metrics([[h.item_id for h in row] for row in rows], [t for _, t in pairs])
 
-        val_old, val_new = [tuple(p) for p in split["val_old"]], [tuple(p) for p in split["val_new"]]
-        if gate_path == "served":
-            merged = r.search([q for q, _ in val_new], k=5, num_beams=5)
-            fb, r.fallback = r.fallback, None     # the generative path alone, hybrid-scored
-            old = r.search_hybrid([q for q, _ in val_old], k=5, num_beams=5)
-            r.fallback = fb
-            assert gate["path"] == before["path"] == "hybrid"
-            assert gate["fallback_bar"] == "merged search (as served)"
-            assert before["new_fallback"]["R@5"] == pytest.approx(metrics(merged, val_new)["R@5"])
-        else:
-            old = r.search_generative([q for q, _ in val_old], k=5, num_beams=5)
-            alone = r.search_fallback([q for q, _ in val_new], k=5)
-            assert gate["path"] == "generative" and gate["fallback_bar"] == "fallback alone"
-            assert before["new_fallback"]["R@5"] == pytest.approx(metrics(alone, val_new)["R@5"])
-        assert before["old_before"]["R@5"] == pytest.approx(metrics(old, val_old)["R@5"])
-        assert before["old_before"]["R@1"] == pytest.approx(metrics(old, val_old)["R@1"])
+        old = r.search_generative([q for q, _ in val_old], k=5, num_beams=5)
+        alone = r.search_fallback([q for q, _ in val_new], k=5)
     finally:
         r.close()
-    assert ("hybrid-scored" in (result.fold_dir / "report.md").read_text()) == (gate_path == "served")
-    _assert_every_item_served(run)
+    assert gate["path"] == "generative" and gate["fallback_bar"] == "fallback alone"
+    assert before["new_fallback"] == pytest.approx(metrics(alone, val_new) | {"queries": len(val_new)})
+    assert before["old_before"] == pytest.approx(metrics(old, val_old) | {"queries": len(val_old)})
+
+
+def test_the_gate_view_scores_like_merged_search_and_keeps_validation_queries_out_of_item_vectors(recipe_run):
+    """fold_measure.hybrid_rows with no validation query equals the Retriever's merged search (added items
+    in the fallback); with validation queries, none of them is in the texts of its item's vector, and an
+    old item's vector is rebuilt without it (the stored one averages every training query)."""
+    from ace.model.modeling import AceModel
+    from ace.newitems.hybrid import HybridScorer, encode_texts, mean_vectors
+    from ace.pipeline.fold_measure import GateView, hybrid_rows
+    from ace.run_folder import read_pairs
+
+    cfg = FoldConfig(num_beams=5, top_k=5, progress=False)
+    scorer = HybridScorer.load(recipe_run)
+    r = Retriever.from_run(recipe_run, device="cpu")
+    try:
+        with ItemStore(recipe_run / "store.sqlite") as store:
+            def items_of(ids):
+                return [store.get(i).to_corpus_item() for i in ids]
+
+            tok = r.id_tokenizer
+            added = [it.item_id for it in store.list_active(source="added")]
+            old_rows = [r_ for r_, i in enumerate(tok.item_ids) if i not in set(added)]   # the table holds added items too
+            queries = [_captions(i)[0] for i in NEW] + [q for q, _ in read_pairs(recipe_run / "test_queries.json")[:10]]
+            pairs = [(q, "x") for q in queries]
+            served = r.search(queries, k=5, num_beams=5, mode="hybrid")
+            assert {h.source for row in served for h in row} >= {"fallback"}
+            empty = GateView(recipe_run, scorer, {"val_old": [], "val_new": []}, items_of)
+            assert hybrid_rows(recipe_run, cfg, r.model, tok, old_rows, pairs, empty, fallback=added) == \
+                [[h.item_id for h in row] for row in served]
+            old_pair = read_pairs(recipe_run / "scorer_queries.json")[0]
+            new_pair = (_captions(NEW[0])[1], NEW[0])
+            view = GateView(recipe_run, scorer, {"val_old": [old_pair], "val_new": [new_pair]}, items_of)
+            old_item, new_item = view.items_of([old_pair[1], NEW[0]])
+            assert old_pair[0] not in old_item.captions and old_item.captions
+            assert new_pair[0] not in new_item.captions and new_item.captions
+            assert old_pair[1] not in view.scorer.vectors.row and old_pair[1] in scorer.vectors.row
+            model = AceModel.from_pretrained(str(recipe_run / "model")).eval()
+            rebuilt = mean_vectors([old_item.captions], lambda t: encode_texts(model, r.query_tokenizer, t), [old_pair[1]])
+            stored = scorer.vectors.cosine(rebuilt, np.array([[scorer.vectors.row[old_pair[1]]]]))[0, 0]
+            assert stored < 0.9999                       # the stored vector also averages the held-out query
+    finally:
+        r.close()

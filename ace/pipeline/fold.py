@@ -345,7 +345,7 @@ class Fold:
         def items_of(ids: list[str]) -> list:   # added / folded items: their texts give their hybrid vectors
             return [store.get(i).to_corpus_item() for i in ids]
 
-        before = gate_before(self.run, fold_dir, self.cfg, self.device, split, tok, old_rows, items_of)
+        before = gate_before(self.run, fold_dir, self.cfg, self.device, split, tok, old_rows, items, items_of)
         row = {iid: i for i, iid in enumerate(tok.item_ids)}
         print(f"[fold] {len(items)} items, {len(split['train_new'])} new pairs ({len(split['val_new'])} held out for "
               f"the gate) + {len(split['replay'])} replayed old pairs ({self.cfg.replay}), {self.cfg.steps} steps, "

@@ -3,13 +3,16 @@ run as served (before / after), the gate's validation recall (before through the
 the fine-tuned model in memory) and the Markdown report."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from ace.pipeline import fold_gate
-from ace.run_folder import RunPaths, write_json_atomic
+from ace.run_folder import RunPaths, read_pairs, write_json_atomic
 
 
 def _rankings(search, pairs, k: int, num_beams: int, batch_size: int) -> list[list[str]]:
@@ -90,10 +93,54 @@ def gate_scorer(run: Path, cfg):
     return HybridScorer.load(run)
 
 
-def hybrid_rows(run: Path, cfg, model, tok, rows: list[int], pairs, scorer, items_of) -> list[list[str]]:
-    """Hybrid rankings (identifier log-prob + w * cosine, the run's fitted scorer) of ``pairs`` by ``model``
-    over the identifiers ``rows`` of ``tok``: the generative path as a hybrid run serves it.
-    ``items_of(ids)``: CorpusItems of trie items without a stored vector (added after training)."""
+def _strip(item, held: set[str]):
+    """``item`` without the texts in ``held`` (captions, and a metadata text that is one of them)."""
+    meta = {k: v for k, v in (item.metadata or {}).items() if not (k == "text" and v in held)}
+    return dataclasses.replace(item, captions=[c for c in item.captions if c not in held], metadata=meta)
+
+
+class GateView:
+    """What the gate scores a hybrid run with: the run's fitted scorer, with every validation query kept out
+    of the item vectors it is scored against (an item vector averages the item's texts, and the caption
+    proxy's training queries are its captions: a held-out query inside its own item's vector is found by
+    the cosine alone, which hides both forgetting and a weak generative path). Old items with validation
+    queries get vectors rebuilt from their description and training queries minus those; added items
+    (``items_of``: id -> CorpusItem from the store) lose theirs from their captions."""
+
+    def __init__(self, run: Path, scorer, split: dict, items_of):
+        from ace.data.corpus import CorpusItem
+        from ace.run_folder import load_run_corpus
+
+        held: dict[str, set[str]] = defaultdict(set)
+        for q, iid in list(split["val_old"]) + list(split["val_new"]):
+            held[iid].add(q)
+        self.held, self._items_of = held, items_of
+        old = {iid for iid in held if iid in scorer.vectors.row}
+        queries: dict[str, list[str]] = defaultdict(list)
+        for q, iid in read_pairs(RunPaths(run).train_queries, missing_ok=True):
+            if iid in old:
+                queries[iid].append(q)
+        self.old_items = {}
+        for it in load_run_corpus(run, RunPaths.CORPUS_TRAIN).items:
+            if it.item_id in old:
+                texts = [t for t in dict.fromkeys([it.description() or "", *queries[it.item_id]]) if t and t not in held[it.item_id]]
+                self.old_items[it.item_id] = CorpusItem(it.item_id, it.modality, captions=texts)
+        vectors = copy.copy(scorer.vectors)
+        vectors.row = {iid: r for iid, r in scorer.vectors.row.items() if iid not in self.old_items}
+        self.scorer = dataclasses.replace(scorer, vectors=vectors)
+
+    def items_of(self, ids: list[str]) -> list:
+        """CorpusItems of ``ids`` (items without a stored vector here) without their validation queries."""
+        store_ids = [i for i in ids if i not in self.old_items]
+        stored = dict(zip(store_ids, self._items_of(store_ids))) if store_ids else {}
+        return [self.old_items[i] if i in self.old_items else _strip(stored[i], self.held.get(i, set())) for i in ids]
+
+
+def hybrid_rows(run: Path, cfg, model, tok, rows: list[int], pairs, view: GateView,
+                fallback: list[str] = ()) -> list[list[str]]:
+    """Hybrid rankings (identifier log-prob + w * cosine, the run's fitted scorer) of ``pairs`` by ``model``:
+    the identifiers ``rows`` of ``tok`` on the generative path, the items ``fallback`` (ids in ``tok``) served
+    outside it as merged search serves added items; item vectors from ``view`` (no validation query in them)."""
     from ace.model.tokens import IdentifierVocab, QueryTokenizer
     from ace.newitems.hybrid import HybridIndex
     from identifiers import FlatTrie
@@ -101,59 +148,57 @@ def hybrid_rows(run: Path, cfg, model, tok, rows: list[int], pairs, scorer, item
     if not pairs:
         return []
     paths = RunPaths(run)
-    qtok = QueryTokenizer.load(paths.query_tokenizer)
-    trie = FlatTrie.from_codes(tok.codes[rows], tok.level_sizes, items=np.asarray(rows, dtype=np.int64))
-    index = HybridIndex(scorer, model, qtok)
-    later = items_of([tok.item_ids[r] for r in rows if tok.item_ids[r] not in scorer.vectors.row])
+    vocab = IdentifierVocab.load(paths.identifier_vocab)
+    trie = FlatTrie.from_codes(tok.codes[rows], tok.level_sizes, items=np.asarray(rows, dtype=np.int64)) if rows else None
+    index = HybridIndex(view.scorer, model, QueryTokenizer.load(paths.query_tokenizer))
+    later = view.items_of([tok.item_ids[r] for r in rows if tok.item_ids[r] not in view.scorer.vectors.row])
+    pos = {iid: r for r, iid in enumerate(tok.item_ids)}
+    fb_items = view.items_of(list(fallback))
+    tokens = (vocab.encode(np.stack([np.asarray(tok.codes[pos[i]]) for i in fallback])) if len(fallback)
+              else np.zeros((0, 1), dtype=np.int64))
     hits = index.search([q for q, _ in pairs], cfg.top_k, max(cfg.num_beams, cfg.top_k), trie=trie,
-                        table_ids=list(tok.item_ids), vocab=IdentifierVocab.load(paths.identifier_vocab),
-                        later_items=later, fallback_items=[], fallback_tokens=np.zeros((0, 1), dtype=np.int64),
-                        batch_size=cfg.eval_batch_size, table_codes=np.asarray(tok.codes))
+                        table_ids=list(tok.item_ids), vocab=vocab, later_items=later + fb_items,
+                        fallback_items=fb_items, fallback_tokens=tokens, batch_size=cfg.eval_batch_size,
+                        table_codes=np.asarray(tok.codes))
     return [[h.item_id for h in row] for row in hits]
 
 
-def _path_rows(run, cfg, model, tok, rows, pairs, scorer, items_of) -> list[list[str]]:
-    return (search_rows(run, cfg, model, tok, rows, pairs) if scorer is None else
-            hybrid_rows(run, cfg, model, tok, rows, pairs, scorer, items_of))
-
-
 def gate_before(run: Path, fold_dir: Path, cfg, device: str, split: dict, tok=None, old_rows: list[int] | None = None,
-                items_of=None) -> dict:
-    """Validation recall before the fold (cached in fold_dir/gate_before.json). The generative path (the
-    run's model over ``old_rows`` of ``tok``) on the old items' queries, hybrid-scored when the gate
-    measures a hybrid run as served; the new items through the fallback alone and, on a hybrid run,
-    through merged search (how they are served while in the fallback: the gate's bar in that case)."""
+                items: list[str] = (), items_of=None) -> dict:
+    """Validation recall before the fold (cached in fold_dir/gate_before.json). Generative run (or
+    ``gate_path=generative``): old items on the generative path, new items through the fallback alone.
+    Hybrid run: both as served, merged search with the candidates ``items`` in the fallback and no validation
+    query in any item vector (``GateView``); the new items' merged-search recall is the gate's bar, the
+    fallback alone is reported beside it."""
     path = fold_dir / "gate_before.json"
     if path.is_file():
         return json.loads(path.read_text())
     from ace.model.modeling import AceModel
     from ace.serving.retriever import Retriever
 
-    scorer = gate_scorer(run, cfg)
+    scorer = gate_scorer(run, cfg) if tok is not None else None
     k = gate_k(cfg)
     r = Retriever.from_run(run, device=device)
     kw = dict(k=cfg.top_k, num_beams=cfg.num_beams, batch_size=cfg.eval_batch_size)
     try:
-        if scorer is None or tok is None:
-            old = _rankings(r.search_generative, split["val_old"], **kw)
-        else:
-            model = AceModel.from_pretrained(str(RunPaths(run).model)).to(device).eval()
-            old = hybrid_rows(run, cfg, model, tok, old_rows, split["val_old"], scorer, items_of)
         alone = ([] if r.fallback is None else
                  _rankings(lambda q, k, num_beams, batch_size: r.search_fallback(q, k=k), split["val_new"], **kw))
-        merged = _rankings(r.search, split["val_new"], **kw) if scorer is not None else []
+        if scorer is None:
+            old, bar = _rankings(r.search_generative, split["val_old"], **kw), alone
     finally:
         r.close()
-
-    def by_item(rankings):
-        return fold_gate.per_item_recall(fold_gate.hits(rankings, split["val_new"], k), split["val_new"]) if rankings else {}
-
+    if scorer is not None:
+        view = GateView(run, scorer, split, items_of)
+        model = AceModel.from_pretrained(str(RunPaths(run).model)).to(device).eval()
+        old = hybrid_rows(run, cfg, model, tok, old_rows, split["val_old"], view, fallback=list(items))
+        bar = hybrid_rows(run, cfg, model, tok, old_rows, split["val_new"], view, fallback=list(items))
     out = {"path": "hybrid" if scorer is not None else "generative",
            "old_before": fold_gate.metrics(old, split["val_old"]),
-           "new_fallback": fold_gate.metrics(merged or alone, split["val_new"]) if (merged or alone) else None,
+           "new_fallback": fold_gate.metrics(bar, split["val_new"]) if bar else None,
            "new_fallback_alone": fold_gate.metrics(alone, split["val_new"]) if alone else None,
-           "fallback_by_item": by_item(merged or alone),
-           "fallback_bar": "merged search (as served)" if merged else "fallback alone"}
+           "fallback_by_item": (fold_gate.per_item_recall(fold_gate.hits(bar, split["val_new"], k), split["val_new"])
+                                if bar else {}),
+           "fallback_bar": "merged search (as served)" if scorer is not None else "fallback alone"}
     write_json_atomic(path, out)
     return out
 
@@ -161,21 +206,28 @@ def gate_before(run: Path, fold_dir: Path, cfg, device: str, split: dict, tok=No
 def gate_after(run: Path, fold_dir: Path, cfg, device: str, tok, split: dict, old_rows: list[int], items: list[str],
                before: dict, items_of=None) -> dict:
     """The fine-tuned model (fold_dir/model) on the validation queries, and the gate's decision (gate.json):
-    new items over the old items + every candidate, old items over the old items + the passing candidates,
-    on the path ``before`` measured (hybrid-scored or the generative path alone)."""
+    new items over the old items + every candidate, then old items with the passing candidates on the
+    generative path (on a hybrid run: merged search with the other candidates in the fallback, as served),
+    on the path ``before`` measured."""
     from ace.model.modeling import AceModel
 
     model = AceModel.from_pretrained(str(fold_dir / RunPaths.MODEL)).to(device).eval()
-    scorer = gate_scorer(run, cfg) if before.get("path") == "hybrid" else None
+    hybrid = before.get("path") == "hybrid"
+    view = GateView(run, gate_scorer(run, cfg), split, items_of) if hybrid else None
     row = {iid: i for i, iid in enumerate(tok.item_ids)}
     k = gate_k(cfg)
-    new_rank = _path_rows(run, cfg, model, tok, old_rows + [row[i] for i in items], split["val_new"], scorer, items_of)
+
+    def ranked(rows, pairs, fallback=()):
+        return (hybrid_rows(run, cfg, model, tok, rows, pairs, view, fallback=list(fallback)) if hybrid else
+                search_rows(run, cfg, model, tok, rows, pairs))
+
+    new_rank = ranked(old_rows + [row[i] for i in items], split["val_new"])
     generative = fold_gate.per_item_recall(fold_gate.hits(new_rank, split["val_new"], k), split["val_new"])
     args = dict(k=k, max_old_drop=cfg.max_old_drop, enabled=cfg.gate)
     first = fold_gate.gate(items, generative, before["fallback_by_item"], before["old_before"], None, **args)
     passing = [i for i in items if first["items"][i]["fold"]]
-    old_after = fold_gate.metrics(_path_rows(run, cfg, model, tok, old_rows + [row[i] for i in passing],
-                                             split["val_old"], scorer, items_of), split["val_old"])
+    old_after = fold_gate.metrics(ranked(old_rows + [row[i] for i in passing], split["val_old"],
+                                         [i for i in items if i not in set(passing)]), split["val_old"])
     decision = fold_gate.gate(items, generative, before["fallback_by_item"], before["old_before"], old_after, **args)
     decision.update(old_before=before["old_before"], old_after=old_after, new_fallback=before["new_fallback"],
                     new_generative=fold_gate.metrics(new_rank, split["val_new"]), val_old_source=split["val_old_source"],
