@@ -35,6 +35,24 @@ def test_gate_refuses_the_swap_when_old_items_drop_by_the_bound():
     assert g["swap"] and g["folded"] == ["a"] and g["old_drop"] == 50.0
 
 
+def test_gate_refuses_the_swap_when_the_candidates_together_do_worse_than_before():
+    """Constructed case of mscoco seed 0: most items pass one by one (both paths find their one query),
+    yet the candidates together are served worse by the generative path: nothing is swapped in."""
+    items = [f"i{n}" for n in range(10)]
+    generative = {i: 100.0 for i in items[:7]} | {i: 0.0 for i in items[7:]}
+    fallback = {i: 100.0 for i in items[:6]} | {i: 0.0 for i in items[6:7]} | {i: 100.0 for i in items[7:]}
+    old = {"R@10": 60.0, "R@1": 30.0, "queries": 10}
+    before, after = {"R@10": 90.0, "R@1": 50.0, "queries": 10}, {"R@10": 70.0, "R@1": 50.0, "queries": 10}
+    args = dict(k=10, max_old_drop=1.0, new_before=before)
+    g = fold_gate.gate(items, generative, fallback, old, old, **args, new_after=after)
+    assert not g["swap"] and g["folded"] == [] and g["stayed"] == items
+    assert g["new_drop"] == pytest.approx(20.0) and "the fallback serves them better" in g["why"]
+    g = fold_gate.gate(items, generative, fallback, old, old, **args, new_after=after, max_new_drop=25.0)
+    assert g["swap"] and g["folded"] == items[:7]                 # within the allowed drop: per-item choice
+    g = fold_gate.gate(items, generative, fallback, old, old, **args, new_after=before)
+    assert g["swap"] and g["new_drop"] == 0.0                     # level is not worse
+
+
 def test_hold_out_per_item_never_takes_an_items_last_query():
     pairs = [(f"q{i}{j}", f"item{i}") for i in range(5) for j in range(i + 1)]   # item0 has 1 query, item4 5
     kept, held = fold_gate.hold_out_per_item(pairs, 2, seed=1)

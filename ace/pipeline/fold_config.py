@@ -16,6 +16,8 @@ class FoldConfig:
     distill_weight: float = 1.0       # KL(previous model || folded model) on replayed old pairs; 0: replay only
     gate: bool = True                 # false: fold every item (the gate still measures)
     max_old_drop: float = 1.0         # swap only when old-item R@gate_k on validation queries drops by less
+    max_new_drop: float = 0.0         # ... and when all candidates' R@gate_k on their validation queries, generative
+                                      # path after vs as served before, drops by at most this
     gate_k: int | None = None         # the gate's recall cut-off, 1, 5 or 10 (None: top_k)
     gate_path: str = "served"         # "served": on a hybrid run, recall of the hybrid-scored generative path,
                                       # new items' bar = merged search while in the fallback (else as "generative");
@@ -43,7 +45,7 @@ class FoldConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("replay_ratio", "min_replay", "warmup_steps", "eval_queries", "replay_per_prefix",
-                     "distill_weight", "max_old_drop", "val_per_item", "val_old"):
+                     "distill_weight", "max_old_drop", "max_new_drop", "val_per_item", "val_old"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.gate_path not in ("served", "generative"):

@@ -6,8 +6,8 @@
   new items touch (the deepest prefix each shares with old items) gets ``per_prefix`` old pairs,
   the rest of the budget is a sample stratified by the first identifier level;
 - ``gate``: per new item, generative recall after fine-tuning vs fallback recall before it on its
-  validation queries (items below stay in the fallback), and old-item recall before vs after (the
-  swap happens only when it drops by less than ``max_old_drop`` R@k points);
+  validation queries (items below stay in the fallback); the swap happens only when the candidates
+  together lose at most ``max_new_drop`` and old items less than ``max_old_drop`` R@k points;
 - ``format_gate_report``: the Markdown part of the fold report saying what was folded, what stayed, why.
 """
 from __future__ import annotations
@@ -142,13 +142,17 @@ def metrics(rankings: list[list[str]], pairs: list[tuple[str, str]]) -> dict | N
 
 
 def gate(items: list[str], generative: dict[str, float], fallback: dict[str, float], old_before: dict | None,
-         old_after: dict | None, *, k: int, max_old_drop: float, enabled: bool = True) -> dict:
+         old_after: dict | None, *, k: int, max_old_drop: float, enabled: bool = True, new_before: dict | None = None,
+         new_after: dict | None = None, max_new_drop: float = 0.0) -> dict:
     """The fold gate's decision. ``generative`` / ``fallback``: item -> recall@k on its validation
     queries (after fine-tuning / before, through the fallback). An item is folded when its
     generative recall is not below its fallback recall; an item without validation queries stays
-    (no evidence). The swap happens when old-item R@k (``old_before`` -> ``old_after``, the
-    ``retrieval_metrics`` of the old validation queries) drops by less than ``max_old_drop``
-    points. ``enabled=False`` folds every item (the gate only measures)."""
+    (no evidence). The swap happens when (1) all candidates together (``new_before`` -> ``new_after``,
+    ``retrieval_metrics`` of their validation queries before any selection: a per-item choice on one
+    query each cannot tell that the generative path is worse overall) lose at most ``max_new_drop``
+    points of R@k, and (2) old-item R@k (``old_before`` -> ``old_after``,
+    the old validation queries) drops by less than ``max_old_drop`` points. ``enabled=False`` folds every
+    item (the gate only measures)."""
     key = f"R@{k}"
     decisions = {}
     for iid in items:
@@ -166,8 +170,13 @@ def gate(items: list[str], generative: dict[str, float], fallback: dict[str, flo
                               "generative": g, "fallback": f}
     drop = None if old_before is None or old_after is None else old_before[key] - old_after[key]
     passing = [i for i in items if decisions[i]["fold"]]
+    new_drop = None if new_before is None or new_after is None else new_before[key] - new_after[key]
     if not passing:
         swap, why = False, "no item does at least as well on the generative path as in the fallback"
+    elif enabled and new_drop is not None and new_drop > max_new_drop:
+        swap, why = False, (f"the candidates' {key} on their validation queries is {new_after[key]:.1f} on the generative "
+                            f"path after fine-tuning, {new_drop:.2f} points below the {new_before[key]:.1f} they had "
+                            f"before the fold (more than max_new_drop={max_new_drop}): the fallback serves them better")
     elif enabled and drop is not None and drop >= max_old_drop:
         swap, why = False, (f"old-item {key} on the validation queries drops by {drop:.2f} points "
                             f"({old_before[key]:.1f} -> {old_after[key]:.1f}), not less than max_old_drop={max_old_drop}")
@@ -176,6 +185,7 @@ def gate(items: list[str], generative: dict[str, float], fallback: dict[str, flo
         why = ("gate off" if not enabled else "no old-item validation queries" if drop is None else
                f"old-item {key} drop {drop:.2f} < max_old_drop={max_old_drop}")
     return {"swap": swap, "why": why, "k": k, "old_drop": drop, "max_old_drop": max_old_drop,
+            "new_drop": new_drop, "max_new_drop": max_new_drop,
             "folded": passing if swap else [], "stayed": [i for i in items if not (swap and decisions[i]["fold"])],
             "items": decisions}
 
