@@ -28,6 +28,18 @@ def cell(values: list) -> str:
     return f"{one('R@1')} / {one('R@10')}" + (f" ({len(got)} of {len(values)})" if len(got) < len(values) else "")
 
 
+def gate_cell(gate: dict) -> str:
+    """'no swap; 78.4 -> 75.8 / 65.0 -> 66.0': the gate's decision and the validation R@k it compared."""
+    if not gate:
+        return "-"
+    k = f"R@{gate.get('k', 10)}"
+
+    def pair(a, b):
+        return "-" if not (gate.get(a) and gate.get(b)) else f"{gate[a][k]:.1f} -> {gate[b][k]:.1f}"
+    return (f"{'swap' if gate.get('swap') else 'no swap'}; {pair('new_fallback', 'new_generative')} / "
+            f"{pair('old_before', 'old_after')}")
+
+
 def round_table(results: list[dict], rnd: int) -> str:
     recs = [r["rounds"][rnd] for r in results]
     first = [r["before_adds"] for r in results] if rnd == 0 else [None] * len(results)
@@ -49,7 +61,8 @@ def round_table(results: list[dict], rnd: int) -> str:
     lines = [f"Round {rnd + 1} ({len(results)} seeds; R@1 / R@10, mean ± sd)", "",
              "| held-out test queries | before adds | after adds | after the fold |", "| --- | --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    lines += ["", "| seed | candidates | folded | gate (validation) | fold s | steps | steps / folded item |",
+    lines += ["", "| seed | candidates | folded | gate: swap?; validation R@10 before -> after, candidates / old items "
+              "| fold s | steps | steps / folded item |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for res, rec in zip(results, recs):
         fold = rec.get("fold") or {}
@@ -57,7 +70,7 @@ def round_table(results: list[dict], rnd: int) -> str:
         cost = fold.get("cost") or {}
         per = cost.get("steps_per_folded_item")
         lines.append(f"| {res.get('seed', '?')} | {fold.get('candidates', '-')} | {fold.get('items', '-')} | "
-                     f"{gate.get('why', '-')} | {fold.get('seconds') or 0:.0f} | {fold.get('steps', '-')} | "
+                     f"{gate_cell(gate)} | {fold.get('seconds') or 0:.0f} | {fold.get('steps', '-')} | "
                      f"{'-' if per is None else f'{per:.2f}'} |")
     return "\n".join(lines)
 
@@ -67,8 +80,9 @@ def main(argv=None) -> None:
     ap.add_argument("results", nargs="+", help="bench_new_items.py --out JSON files, one per seed")
     args = ap.parse_args(argv)
     results = [json.loads(open(p).read()) for p in args.results]
-    for res, path in zip(results, args.results):
-        res.setdefault("seed", res.get("args", {}).get("seed", path))
+    for res, path in zip(results, args.results):   # the bench's --seed, from its recorded command line
+        words = res.get("command", "").split()
+        res["seed"] = words[words.index("--seed") + 1] if "--seed" in words[:-1] else path
     rounds = min(len(r["rounds"]) for r in results)
     print("\n\n".join(round_table(results, i) for i in range(rounds)))
 
