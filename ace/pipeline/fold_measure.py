@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ace.pipeline import fold_gate
-from ace.run_folder import RunPaths, read_pairs, write_json_atomic
+from ace.run_folder import RunPaths, write_json_atomic
 
 
 def _rankings(search, pairs, k: int, num_beams: int, batch_size: int) -> list[list[str]]:
@@ -104,26 +104,27 @@ class GateView:
     of the item vectors it is scored against (an item vector averages the item's texts, and the caption
     proxy's training queries are its captions: a held-out query inside its own item's vector is found by
     the cosine alone, which hides both forgetting and a weak generative path). Old items with validation
-    queries get vectors rebuilt from their description and training queries minus those; added items
+    queries get vectors rebuilt from their description and training queries minus those and the queries
+    derived from them (``hybrid_stage.training_queries``, the rule of the hybrid fit's vectors); added items
     (``items_of``: id -> CorpusItem from the store) lose theirs from their captions."""
 
     def __init__(self, run: Path, scorer, split: dict, items_of):
         from ace.data.corpus import CorpusItem
+        from ace.pipeline.hybrid_stage import training_queries
         from ace.run_folder import load_run_corpus
 
+        pairs = list(split["val_old"]) + list(split["val_new"])
         held: dict[str, set[str]] = defaultdict(set)
-        for q, iid in list(split["val_old"]) + list(split["val_new"]):
+        for q, iid in pairs:
             held[iid].add(q)
         self.held, self._items_of = held, items_of
         old = {iid for iid in held if iid in scorer.vectors.row}
-        queries: dict[str, list[str]] = defaultdict(list)
-        for q, iid in read_pairs(RunPaths(run).train_queries, missing_ok=True):
-            if iid in old:
-                queries[iid].append(q)
+        _, kept = training_queries(run, pairs) if old else ({}, {})   # the hybrid fit's rule for its own vectors
         self.old_items = {}
         for it in load_run_corpus(run, RunPaths.CORPUS_TRAIN).items:
             if it.item_id in old:
-                texts = [t for t in dict.fromkeys([it.description() or "", *queries[it.item_id]]) if t and t not in held[it.item_id]]
+                texts = [t for t in dict.fromkeys([it.description() or "", *kept.get(it.item_id, [])])
+                         if t and t not in held[it.item_id]]
                 self.old_items[it.item_id] = CorpusItem(it.item_id, it.modality, captions=texts)
         vectors = copy.copy(scorer.vectors)
         vectors.row = {iid: r for iid, r in scorer.vectors.row.items() if iid not in self.old_items}
@@ -163,8 +164,8 @@ def hybrid_rows(run: Path, cfg, model, tok, rows: list[int], pairs, view: GateVi
     return [[h.item_id for h in row] for row in hits]
 
 
-def gate_before(run: Path, fold_dir: Path, cfg, device: str, split: dict, tok=None, old_rows: list[int] | None = None,
-                items: list[str] = (), items_of=None) -> dict:
+def gate_before(run: Path, fold_dir: Path, cfg, device: str, split: dict, tok, old_rows: list[int], items: list[str],
+                items_of) -> dict:
     """Validation recall before the fold (cached in fold_dir/gate_before.json). Generative run (or
     ``gate_path=generative``): old items on the generative path, new items through the fallback alone.
     Hybrid run, with no validation query in any item vector (``GateView``): old items on the generative path
@@ -179,7 +180,7 @@ def gate_before(run: Path, fold_dir: Path, cfg, device: str, split: dict, tok=No
     from ace.model.modeling import AceModel
     from ace.serving.retriever import Retriever
 
-    scorer = gate_scorer(run, cfg) if tok is not None else None
+    scorer = gate_scorer(run, cfg)
     k = gate_k(cfg)
     r = Retriever.from_run(run, device=device)
     kw = dict(k=cfg.top_k, num_beams=cfg.num_beams, batch_size=cfg.eval_batch_size)
@@ -207,7 +208,7 @@ def gate_before(run: Path, fold_dir: Path, cfg, device: str, split: dict, tok=No
 
 
 def gate_after(run: Path, fold_dir: Path, cfg, device: str, tok, split: dict, old_rows: list[int], items: list[str],
-               before: dict, items_of=None) -> dict:
+               before: dict, items_of) -> dict:
     """The fine-tuned model (fold_dir/model) on the validation queries, and the gate's decision (gate.json):
     new items over the old items + every candidate, then old items over the old items + the passing
     candidates, on the path ``before`` measured (hybrid-scored on a hybrid run)."""

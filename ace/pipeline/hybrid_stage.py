@@ -16,6 +16,24 @@ from ace.run_folder import RunPaths, load_run_corpus, read_pairs, read_query_ori
 from ace.serving.retriever import Retriever
 
 
+def training_queries(run_dir: str | Path, held) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Item id -> its training queries (RUN/train_queries.json), and -> those kept when the ``held``
+    (query, item_id) pairs are left out together with the queries derived from them (lever 2): the texts
+    of an item vector that no held-out query may be found through."""
+    all_pairs = read_pairs(RunPaths(run_dir).train_queries)
+    origins = read_query_origins(run_dir)
+    held_set = set(map(tuple, held))
+    n_base = check_origins(all_pairs, origins)
+    out = excluded({k for k, p in enumerate(all_pairs[:n_base]) if p in held_set}, origins)
+    by_item_all: dict[str, list[str]] = {}
+    by_item_kept: dict[str, list[str]] = {}
+    for k, (q, iid) in enumerate(all_pairs):
+        by_item_all.setdefault(iid, []).append(q)
+        if k not in out:
+            by_item_kept.setdefault(iid, []).append(q)
+    return by_item_all, by_item_kept
+
+
 def build_run_hybrid(run_dir: str | Path, cfg: HybridConfig, *, device: str = "cpu", seed: int = 0,
                      name: str = "hybrid") -> dict:
     """Stage ``hybrid``: item vectors of the trained items + w fitted on RUN/scorer_queries.json -> RUN/hybrid/.
@@ -34,18 +52,7 @@ def build_run_hybrid(run_dir: str | Path, cfg: HybridConfig, *, device: str = "c
     tok = retriever.id_tokenizer
     ids = list(tok.trie.item_ids)
     corpus = {it.item_id: it for it in load_run_corpus(run_dir, RunPaths.CORPUS_TRAIN).items}
-    all_pairs = read_pairs(paths.train_queries)
-    origins = read_query_origins(run_dir)
-    held_set = set(map(tuple, held))
-    n_base = check_origins(all_pairs, origins)
-    # left out of the fit's item vectors: the held-out queries and the queries derived from them (lever 2)
-    out = excluded({k for k, p in enumerate(all_pairs[:n_base]) if p in held_set}, origins)
-    by_item_all: dict = {}
-    by_item_kept: dict = {}
-    for k, (q, iid) in enumerate(all_pairs):
-        by_item_all.setdefault(iid, []).append(q)
-        if k not in out:
-            by_item_kept.setdefault(iid, []).append(q)
+    by_item_all, by_item_kept = training_queries(run_dir, held)
 
     def desc(iid):
         it = corpus.get(iid)
