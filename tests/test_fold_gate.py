@@ -46,11 +46,65 @@ def test_gate_refuses_the_swap_when_the_candidates_together_do_worse_than_before
     args = dict(k=10, max_old_drop=1.0, new_before=before)
     g = fold_gate.gate(items, generative, fallback, old, old, **args, new_after=after)
     assert not g["swap"] and g["folded"] == [] and g["stayed"] == items
-    assert g["new_drop"] == pytest.approx(20.0) and "the fallback serves them better" in g["why"]
+    assert g["new_drop"] == pytest.approx(20.0) and "the fallback serves them at least as well" in g["why"]
     g = fold_gate.gate(items, generative, fallback, old, old, **args, new_after=after, max_new_drop=25.0)
     assert g["swap"] and g["folded"] == items[:7]                 # within the allowed drop: per-item choice
     g = fold_gate.gate(items, generative, fallback, old, old, **args, new_after=before)
     assert g["swap"] and g["new_drop"] == 0.0                     # level is not worse
+
+
+def test_paired_drop_is_the_mean_and_standard_error_of_the_per_query_differences():
+    before = [True, True, True, False, True, False, True, True]
+    after = [True, False, True, True, False, False, True, True]
+    drop, se = fold_gate.paired_drop(before, after)
+    d = [0, 100, 0, -100, 100, 0, 0, 0]                     # before - after, in points
+    mean = sum(d) / 8
+    assert drop == pytest.approx(mean) == pytest.approx(12.5)
+    assert se == pytest.approx((sum((x - mean) ** 2 for x in d) / 7) ** 0.5 / 8 ** 0.5)
+    assert fold_gate.paired_drop(before, before) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same queries"):
+        fold_gate.paired_drop(before, after[:-1])
+    with pytest.raises(ValueError, match="at least one"):
+        fold_gate.paired_drop([], [])
+
+
+def test_gate_refuses_a_drop_within_the_bound_that_the_validation_queries_cannot_vouch_for():
+    """200 old validation queries, a measured drop of 0.5 R@10 (< max_old_drop 1.0) made of 9 queries lost
+    and 8 gained: the standard error (~2 points) means a real loss of several points is as likely, so
+    with z = 1.645 the swap is refused; z = 0 (point estimate) swaps; the same 0.5 drop with 1 query lost
+    and none gained (error 0.5) is below the bound at z = 0.9 (upper bound 0.95) but not at 1.645 (1.32)."""
+    n = 200
+    before = [True] * 9 + [False] * 8 + [True] * 100 + [False] * 83
+    after = [False] * 9 + [True] * 8 + [True] * 100 + [False] * 83
+    old_b = {"R@10": 100.0 * sum(before) / n, "R@1": 30.0, "queries": n}
+    old_a = {"R@10": 100.0 * sum(after) / n, "R@1": 30.0, "queries": n}
+    args = dict(k=10, max_old_drop=1.0, old_hits=(before, after))
+    g = fold_gate.gate(["a"], {"a": 100.0}, {"a": 0.0}, old_b, old_a, **args, z=1.645)
+    assert g["old_drop"] == pytest.approx(0.5) and g["old_drop_se"] == pytest.approx(2.06, abs=0.01)
+    assert not g["swap"] and "standard error" in g["why"] and g["old_drop_upper"] > 1.0
+    assert fold_gate.gate(["a"], {"a": 100.0}, {"a": 0.0}, old_b, old_a, **args, z=0.0)["swap"]
+    one = [True] + [True] * 100 + [False] * 99
+    one_after = [False] + [True] * 100 + [False] * 99
+    args = dict(k=10, max_old_drop=1.0, old_hits=(one, one_after))
+    assert fold_gate.gate(["a"], {"a": 100.0}, {"a": 0.0}, old_b, old_a, **args, z=0.9)["swap"]
+    assert not fold_gate.gate(["a"], {"a": 100.0}, {"a": 0.0}, old_b, old_a, **args, z=1.645)["swap"]
+
+
+def test_gate_compares_the_candidates_drop_at_its_upper_bound():
+    """The candidates level on average (2 queries lost, 2 gained of 10) are refused with z > 0 under
+    max_new_drop 0: their validation queries cannot show the generative path is not worse; all ten
+    found both before and after (no discordant query, error 0) swap."""
+    items = [f"i{n}" for n in range(10)]
+    per_item = {i: 100.0 for i in items}
+    old = {"R@10": 60.0, "R@1": 30.0, "queries": 10}
+    level = {"R@10": 80.0, "R@1": 50.0, "queries": 10}
+    before = [True] * 8 + [False] * 2
+    after = [False] * 2 + [True] * 8
+    args = dict(k=10, max_old_drop=1.0, new_before=level, new_after=level, z=1.645)
+    g = fold_gate.gate(items, per_item, per_item, old, old, **args, new_hits=(before, after))
+    assert not g["swap"] and g["new_drop"] == 0.0 and g["new_drop_upper"] > 0
+    g = fold_gate.gate(items, per_item, per_item, old, old, **args, new_hits=([True] * 10, [True] * 10))
+    assert g["swap"] and g["new_drop_se"] == 0.0
 
 
 def test_hold_out_per_item_never_takes_an_items_last_query():

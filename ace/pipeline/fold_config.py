@@ -18,6 +18,8 @@ class FoldConfig:
     max_old_drop: float = 1.0         # swap only when old-item R@gate_k on validation queries drops by less
     max_new_drop: float = 0.0         # ... and when all candidates' R@gate_k on their validation queries, generative
                                       # path after vs as served before, drops by at most this
+    gate_z: float = 1.645             # each drop is compared at drop + gate_z x its paired standard error over the
+                                      # validation queries (1.645: one-sided 95 %); 0: the point estimate only
     gate_k: int | None = None         # the gate's recall cut-off, 1, 5 or 10 (None: top_k)
     gate_path: str = "served"         # "served": on a hybrid run, recall of the hybrid-scored generative path,
                                       # new items' bar = merged search while in the fallback (else as "generative");
@@ -45,7 +47,7 @@ class FoldConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("replay_ratio", "min_replay", "warmup_steps", "eval_queries", "replay_per_prefix",
-                     "distill_weight", "max_old_drop", "max_new_drop", "val_per_item", "val_old"):
+                     "distill_weight", "max_old_drop", "max_new_drop", "val_per_item", "val_old", "gate_z"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.gate_path not in ("served", "generative"):

@@ -7,7 +7,9 @@
   the rest of the budget is a sample stratified by the first identifier level;
 - ``gate``: per new item, generative recall after fine-tuning vs fallback recall before it on its
   validation queries (items below stay in the fallback); the swap happens only when the candidates
-  together lose at most ``max_new_drop`` and old items less than ``max_old_drop`` R@k points;
+  together lose at most ``max_new_drop`` and old items less than ``max_old_drop`` R@k points, each drop
+  taken at its upper confidence bound (``paired_drop``: drop + z x its paired standard error over the
+  same validation queries) so that a gate on a few hundred queries does not swap on noise;
 - ``format_gate_report``: the Markdown part of the fold report saying what was folded, what stayed, why.
 """
 from __future__ import annotations
@@ -141,9 +143,31 @@ def metrics(rankings: list[list[str]], pairs: list[tuple[str, str]]) -> dict | N
     return retrieval_metrics(rankings, [t for _, t in pairs]) if pairs else None
 
 
+def paired_drop(before: list[bool], after: list[bool]) -> tuple[float, float]:
+    """(drop, standard error), in recall points, of hits ``before`` -> ``after`` on the same queries (paired)."""
+    if len(before) != len(after):
+        raise ValueError(f"paired recall needs the same queries before and after: {len(before)} vs {len(after)} hits")
+    if not before:
+        raise ValueError("paired recall needs at least one query")
+    d = 100.0 * (np.asarray(before, dtype=np.float64) - np.asarray(after, dtype=np.float64))
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf")
+    return float(d.mean()), se
+
+
+def _bound(drop: float | None, hits: tuple | None, z: float) -> tuple[float | None, float | None]:
+    """(standard error of ``drop`` from its per-query ``hits`` (before, after) or None, drop + z x that error)."""
+    if drop is None:
+        return None, None
+    if not hits or z == 0:
+        return None, drop
+    _, se = paired_drop(*hits)
+    return se, drop + z * se
+
+
 def gate(items: list[str], generative: dict[str, float], fallback: dict[str, float], old_before: dict | None,
          old_after: dict | None, *, k: int, max_old_drop: float, enabled: bool = True, new_before: dict | None = None,
-         new_after: dict | None = None, max_new_drop: float = 0.0) -> dict:
+         new_after: dict | None = None, max_new_drop: float = 0.0, old_hits: tuple | None = None,
+         new_hits: tuple | None = None, z: float = 0.0) -> dict:
     """The fold gate's decision. ``generative`` / ``fallback``: item -> recall@k on its validation
     queries (after fine-tuning / before, through the fallback). An item is folded when its
     generative recall is not below its fallback recall; an item without validation queries stays
@@ -151,8 +175,11 @@ def gate(items: list[str], generative: dict[str, float], fallback: dict[str, flo
     ``retrieval_metrics`` of their validation queries before any selection: a per-item choice on one
     query each cannot tell that the generative path is worse overall) lose at most ``max_new_drop``
     points of R@k, and (2) old-item R@k (``old_before`` -> ``old_after``,
-    the old validation queries) drops by less than ``max_old_drop`` points. ``enabled=False`` folds every
-    item (the gate only measures)."""
+    the old validation queries) drops by less than ``max_old_drop`` points. With ``old_hits`` / ``new_hits``
+    (per-query hits at k, (before, after), on the same queries as those metrics) and ``z`` > 0 each drop is
+    compared at its upper bound drop + z x its paired standard error (``paired_drop``): the gate swaps only
+    when the loss is below the bound with that confidence, not when noise happens to hide it.
+    ``enabled=False`` folds every item (the gate only measures)."""
     key = f"R@{k}"
     decisions = {}
     for iid in items:
@@ -171,21 +198,29 @@ def gate(items: list[str], generative: dict[str, float], fallback: dict[str, flo
     drop = None if old_before is None or old_after is None else old_before[key] - old_after[key]
     passing = [i for i in items if decisions[i]["fold"]]
     new_drop = None if new_before is None or new_after is None else new_before[key] - new_after[key]
+    old_se, old_upper = _bound(drop, old_hits, z)
+    new_se, new_upper = _bound(new_drop, new_hits, z)
+
+    def at_bound(d, se, upper):
+        return f"{d:.2f} points" + ("" if se is None else f" (± {se:.2f} standard error; upper bound {upper:.2f} at z={z:g})")
+
     if not passing:
         swap, why = False, "no item does at least as well on the generative path as in the fallback"
-    elif enabled and new_drop is not None and new_drop > max_new_drop:
+    elif enabled and new_drop is not None and new_upper > max_new_drop:
         swap, why = False, (f"the candidates' {key} on their validation queries is {new_after[key]:.1f} on the generative "
-                            f"path after fine-tuning, {new_drop:.2f} points below the {new_before[key]:.1f} they had "
-                            f"before the fold (more than max_new_drop={max_new_drop}): the fallback serves them better")
-    elif enabled and drop is not None and drop >= max_old_drop:
-        swap, why = False, (f"old-item {key} on the validation queries drops by {drop:.2f} points "
+                            f"path after fine-tuning against {new_before[key]:.1f} before the fold: a drop of "
+                            f"{at_bound(new_drop, new_se, new_upper)}, more than max_new_drop={max_new_drop}: the "
+                            f"fallback serves them at least as well, as far as these queries can tell")
+    elif enabled and drop is not None and old_upper >= max_old_drop:
+        swap, why = False, (f"old-item {key} on the validation queries drops by {at_bound(drop, old_se, old_upper)} "
                             f"({old_before[key]:.1f} -> {old_after[key]:.1f}), not less than max_old_drop={max_old_drop}")
     else:
         swap = True
         why = ("gate off" if not enabled else "no old-item validation queries" if drop is None else
-               f"old-item {key} drop {drop:.2f} < max_old_drop={max_old_drop}")
+               f"old-item {key} drop {at_bound(drop, old_se, old_upper)} < max_old_drop={max_old_drop}")
     return {"swap": swap, "why": why, "k": k, "old_drop": drop, "max_old_drop": max_old_drop,
-            "new_drop": new_drop, "max_new_drop": max_new_drop,
+            "new_drop": new_drop, "max_new_drop": max_new_drop, "z": z, "old_drop_se": old_se,
+            "old_drop_upper": old_upper, "new_drop_se": new_se, "new_drop_upper": new_upper,
             "folded": passing if swap else [], "stayed": [i for i in items if not (swap and decisions[i]["fold"])],
             "items": decisions}
 

@@ -176,7 +176,9 @@ def gate_before(run: Path, fold_dir: Path, cfg, device: str, split: dict, tok, o
     like a gain on validation (+4 R@10, mscoco seed 0) while held-out test lost 2.8."""
     path = fold_dir / "gate_before.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        cached = json.loads(path.read_text())
+        if "old_hits" in cached:   # a file of an earlier version has no per-query hits: measure again
+            return cached
     from ace.model.modeling import AceModel
     from ace.serving.retriever import Retriever
 
@@ -202,6 +204,8 @@ def gate_before(run: Path, fold_dir: Path, cfg, device: str, split: dict, tok, o
            "new_fallback_alone": fold_gate.metrics(alone, split["val_new"]) if alone else None,
            "fallback_by_item": (fold_gate.per_item_recall(fold_gate.hits(bar, split["val_new"], k), split["val_new"])
                                 if bar else {}),
+           "old_hits": fold_gate.hits(old, split["val_old"], k),      # per query, for the gate's paired error bars
+           "new_hits": fold_gate.hits(bar, split["val_new"], k) if bar else [],
            "fallback_bar": "merged search (as served)" if scorer is not None else "fallback alone"}
     write_json_atomic(path, out)
     return out
@@ -228,10 +232,14 @@ def gate_after(run: Path, fold_dir: Path, cfg, device: str, tok, split: dict, ol
     args = dict(k=k, max_old_drop=cfg.max_old_drop, enabled=cfg.gate)
     first = fold_gate.gate(items, generative, before["fallback_by_item"], before["old_before"], None, **args)
     passing = [i for i in items if first["items"][i]["fold"]]
-    old_after = fold_gate.metrics(ranked(old_rows + [row[i] for i in passing], split["val_old"]), split["val_old"])
+    old_rank = ranked(old_rows + [row[i] for i in passing], split["val_old"])
+    old_after = fold_gate.metrics(old_rank, split["val_old"])
     new_after = fold_gate.metrics(new_rank, split["val_new"])
+    old_hits = (before["old_hits"], fold_gate.hits(old_rank, split["val_old"], k)) if split["val_old"] else None
+    new_hits = (before["new_hits"], fold_gate.hits(new_rank, split["val_new"], k)) if before["new_hits"] else None
     decision = fold_gate.gate(items, generative, before["fallback_by_item"], before["old_before"], old_after, **args,
-                              new_before=before["new_fallback"], new_after=new_after, max_new_drop=cfg.max_new_drop)
+                              new_before=before["new_fallback"], new_after=new_after, max_new_drop=cfg.max_new_drop,
+                              old_hits=old_hits, new_hits=new_hits, z=cfg.gate_z)
     decision.update(old_before=before["old_before"], old_after=old_after, new_fallback=before["new_fallback"],
                     new_generative=new_after, val_old_source=split["val_old_source"],
                     path=before.get("path", "generative"), fallback_bar=before.get("fallback_bar", "fallback alone"),
