@@ -35,6 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default=None, type=Path, help="YAML file of ServeConfig fields")
     p.add_argument("--device", default=None, help="torch device for the model (default: cuda if available, else cpu)")
     p.add_argument("--quantize", action="store_true", help="dynamic int8 quantisation of the model (CPU)")
+    p.add_argument("--encoder-engine", default="torch", choices=["torch", "ort-fp32", "ort-int8"],
+                   help="run the query encoder (a pretrained BERT) on ONNX Runtime, CPU only; needs the extra "
+                        "ace-retrieval[onnx]. ort-fp32: the same outputs, faster; ort-int8: faster still, "
+                        "small quality cost (BENCHMARKS.md, 'CPU inference engines')")
     p.add_argument("--media-root", default=None, type=Path, help="folder media are served from (default: the run's corpus root)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("overrides", nargs="*", help="ServeConfig overrides, key=value")
@@ -70,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(config.torch_threads)
 
     try:
-        retriever = Retriever.from_run(args.run, device=args.device, quantize=args.quantize, store_url=config.store.url)
+        retriever = Retriever.from_run(args.run, device=args.device, quantize=args.quantize, store_url=config.store.url,
+                                       encoder_engine=args.encoder_engine)
         app = create_app(retriever, config, media_root=args.media_root)
     except ValueError as exc:  # RetrieverError (incomplete run), missing media root, ...
         print(f"serve.py: {exc}", file=sys.stderr)

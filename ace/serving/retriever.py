@@ -111,12 +111,14 @@ class Retriever:
     @classmethod
     def from_run(cls, run_dir: str | Path, *, device: str | None = None, quantize: bool = False,
                  default_beams: int = 10, fallback: bool = True, text_encoder=None,
-                 store_url: str | None = None) -> "Retriever":
+                 store_url: str | None = None, encoder_engine: str = "torch") -> "Retriever":
         """Load model, tokenizers, identifiers and corpus of a run folder written by train.py, then
         RUN/fallback (unless ``fallback=False``) and the items added/deleted since (the item store:
         ``store_url``, else $ACE_STORE_URL, else RUN/store.sqlite).
 
         ``text_encoder``: the fallback query tower's frozen text encoder, when already loaded.
+        ``encoder_engine``: "torch", or "ort-fp32" / "ort-int8": the query encoder (a pretrained BERT) run by
+        ONNX Runtime on the CPU (``ace.model.onnx_encoder``; exported once into RUN/cache/onnx).
         """
         run_dir = Path(run_dir)
         paths = RunPaths(run_dir)
@@ -127,10 +129,16 @@ class Retriever:
         device = resolve_device(device, error=RetrieverError)
         version = model_version(run_dir)  # before loading: a fold swapping RUN/model meanwhile gives the older name
         model = AceModel.from_pretrained(str(paths.model)).to(device).eval()
+        if encoder_engine != "torch":   # exported from the float encoder, before any quantisation
+            from ace.model.onnx_encoder import OnnxEngineError, attach_ort_encoder
+            try:
+                model = attach_ort_encoder(model, encoder_engine, paths.cache / "onnx")
+            except OnnxEngineError as exc:
+                raise RetrieverError(f"encoder engine {encoder_engine!r}: {exc}") from None
         if quantize:
             if device != "cpu":
                 raise RetrieverError("dynamic int8 quantisation is for CPU serving; use device='cpu'")
-            model = quantize_dynamic_int8(model)
+            model = quantize_dynamic_int8(model)   # the copy keeps an ONNX encoder's ``encode``
         corpus = load_run_corpus(run_dir)
         fb = cal = None
         if fallback and paths.fallback.is_dir():
@@ -153,7 +161,7 @@ class Retriever:
                   store_url=url)
         out.model_version = version
         out._load_args = dict(device=device, quantize=quantize, default_beams=default_beams, fallback=fallback,
-                              text_encoder=text_encoder, store_url=url)
+                              text_encoder=text_encoder, store_url=url, encoder_engine=encoder_engine)
         if (paths.hybrid / "scorer.json").is_file():
             try:
                 out.hybrid = HybridIndex.load(run_dir, out.model, out.query_tokenizer)
