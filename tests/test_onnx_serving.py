@@ -94,6 +94,19 @@ def test_a_changed_encoder_gets_its_own_export_and_quantise_composes(minilm_run,
     assert getattr(r.model, "encoder_engine", None) == "ort-fp32" and all(len(row) == 5 for row in hits)
 
 
+def test_a_corrupt_cached_export_is_rebuilt_with_a_warning(minilm_run, tmp_path, caplog):
+    run = Path(shutil.copytree(minilm_run, tmp_path / "run"))
+    _, torch_hits = _search(run, "torch")
+    _search(run, "ort-fp32")
+    (cached,) = (run / "cache" / "onnx").glob("encoder-*-ort-fp32.onnx")
+    cached.write_bytes(cached.read_bytes()[:1000])                  # cut short, as by a crash or a full disk
+    with caplog.at_level("WARNING"):
+        _, hits = _search(run, "ort-fp32")
+    assert "does not load" in caplog.text and "exporting it again" in caplog.text
+    assert [[i for i, _ in row] for row in hits] == [[i for i, _ in row] for row in torch_hits]
+    assert cached.stat().st_size > 100_000
+
+
 def test_bad_engine_choices_name_the_problem(minilm_run, run):
     with pytest.raises(RetrieverError, match="trained from scratch"):
         Retriever.from_run(run, device="cpu", encoder_engine="ort-fp32")    # conftest's run: no BERT encoder

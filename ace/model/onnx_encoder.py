@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import logging
 import os
 from pathlib import Path
 from typing import Callable
@@ -29,6 +30,8 @@ from ace.model.modeling import pooled_query
 INPUTS = ("input_ids", "attention_mask")
 OUTPUTS = ("layer_states", "sentence")
 EXTRA = "pip install 'ace-retrieval[onnx]' (onnxruntime and onnx)"
+
+log = logging.getLogger(__name__)
 
 Engine = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -128,6 +131,23 @@ def encoder_fingerprint(bert: nn.Module, fused_layers: int) -> str:
     return h.hexdigest()[:16]
 
 
+def _build(bert: nn.Module, fused: int, path: Path, engine: str) -> None:
+    """Export (and for int8 quantise) ``bert`` to ``path`` unless it exists; each file written atomically."""
+    if path.is_file():
+        return
+    fp32 = path.with_name(path.name.replace(f"-{engine}.onnx", "-ort-fp32.onnx"))
+    if not fp32.is_file():
+        graph_bert = copy.deepcopy(bert).float().eval()
+        graph_bert.config._attn_implementation = "eager"     # the pattern the exporter and ORT handle best
+        tmp = fp32.with_name(f".{fp32.name}.{os.getpid()}.tmp")
+        export_encoder(graph_bert, tmp, fused_layers=fused)
+        os.replace(tmp, fp32)
+    if engine == "ort-int8":
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        quantize_int8(fp32, tmp)
+        os.replace(tmp, path)
+
+
 def attach_ort_encoder(model, engine: str, cache_dir: str | Path, *, threads: int | None = None):
     """``model`` (an AceModel on the CPU) with ``encode`` run by ``engine`` (``SERVING_ENGINES``; "torch" leaves
     it as it is). The file is ``cache_dir/encoder-<fingerprint>-<engine>.onnx``, exported from the model's own
@@ -145,21 +165,21 @@ def attach_ort_encoder(model, engine: str, cache_dir: str | Path, *, threads: in
     require("onnxruntime")
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    version = encoder_fingerprint(bert, model.config.encoder_layers)
-    path = cache / f"encoder-{version}-{engine}.onnx"
-    if not path.is_file():
-        fp32 = cache / f"encoder-{version}-ort-fp32.onnx"
-        if not fp32.is_file():
-            graph_bert = copy.deepcopy(bert).float().eval()
-            graph_bert.config._attn_implementation = "eager"     # the pattern the exporter and ORT handle best
-            tmp = fp32.with_name(f".{fp32.name}.{os.getpid()}.tmp")
-            export_encoder(graph_bert, tmp, fused_layers=model.config.encoder_layers)
-            os.replace(tmp, fp32)
-        if engine == "ort-int8":
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            quantize_int8(fp32, tmp)
-            os.replace(tmp, path)
-    runner = OrtEncoder(path, threads=threads or torch.get_num_threads())
+    fused = model.config.encoder_layers
+    path = cache / f"encoder-{encoder_fingerprint(bert, fused)}-{engine}.onnx"
+    _build(bert, fused, path, engine)
+    threads = threads or torch.get_num_threads()
+    try:
+        runner = OrtEncoder(path, threads=threads)
+    except Exception as exc:   # a cache file cut short (crash, full disk) or written by another onnxruntime
+        log.warning("the cached ONNX encoder %s does not load (%s: %s); exporting it again", path, type(exc).__name__, exc)
+        for stale in {path, path.with_name(path.name.replace(f"-{engine}.onnx", "-ort-fp32.onnx"))}:
+            stale.unlink(missing_ok=True)
+        _build(bert, fused, path, engine)
+        try:
+            runner = OrtEncoder(path, threads=threads)
+        except Exception as again:
+            raise OnnxEngineError(f"the exported encoder {path} does not load in onnxruntime: {again}") from again
 
     def encode(input_ids, attention_mask):
         model.check_query_inputs(input_ids, attention_mask)
