@@ -68,10 +68,18 @@ def test_ort_fp32_serves_the_torch_results_and_int8_stays_close(minilm_run, tmp_
     files = sorted(p.name for p in (run / "cache" / "onnx").iterdir())
     assert len(files) == 1 and files[0].endswith("-ort-fp32.onnx")
     mtime = (run / "cache" / "onnx" / files[0]).stat().st_mtime_ns
-    _, int8_hits = _search(run, "ort-int8")
+    r8, int8_hits = _search(run, "ort-int8")
     assert len(int8_hits) == len(QUERIES) and all(len(row) == 5 for row in int8_hits)
-    # the int8 weights change the scores a little, not the model: the first hit agrees on most queries
-    assert sum(a[0][0] == b[0][0] for a, b in zip(int8_hits, torch_hits)) >= len(QUERIES) - 1
+    # the int8 weights change the encoder's numbers a little, not the encoder: its pooled query vectors stay
+    # close to torch's (the benchmarks' criterion, cosine > 0.95 on real captions)
+    from ace.model.modeling import pooled_query
+
+    enc = r.query_tokenizer(QUERIES, max_length=r.model.config.max_query_length)
+    with torch.no_grad():
+        ref = pooled_query(r.model.encoder(input_ids=enc.input_ids, attention_mask=enc.attention_mask).layer_states,
+                           enc.attention_mask)
+        got = pooled_query(r8.model.encode(enc.input_ids, enc.attention_mask), enc.attention_mask)
+    assert float(torch.nn.functional.cosine_similarity(ref, got, dim=-1).min()) > 0.95
     assert (run / "cache" / "onnx" / files[0]).stat().st_mtime_ns == mtime      # the fp32 export is reused
     assert {p.name.rsplit("-", 2)[-2] + "-" + p.name.rsplit("-", 1)[-1] for p in (run / "cache" / "onnx").iterdir()} \
         == {"ort-fp32.onnx", "ort-int8.onnx"}
