@@ -22,8 +22,8 @@ OWN = {"ace", "identifiers", "querygen", "train", "serve", "tests", "benchmarks"
 INDIRECT = ["gguf", "multipart", "httptools", "uvloop"]
 # optional extras of pyproject.toml, not in the default install: reported, not required
 OPTIONAL = {"llama_cpp": "ace[llama] (querygen.runtime=llama_cpp)",
-            "onnxruntime": "ace[onnx] (ace.bench.onnx_engine, benchmarks/bench_onnx_engine.py)",
-            "onnx": "ace[onnx] (ace.bench.onnx_engine: torch.onnx.export)"}
+            "onnxruntime": "ace[onnx] (serve.py --encoder-engine, ace.model.onnx_encoder, benchmarks/bench_onnx_engine.py)",
+            "onnx": "ace[onnx] (ace.model.onnx_encoder: torch.onnx.export)"}
 
 
 def imported_modules() -> dict[str, str]:
