@@ -25,10 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from ace.model.onnx_encoder import SERVING_ENGINES as ENGINES  # noqa: E402
 from ace.run_folder import RunPaths, read_pairs  # noqa: E402
 from ace.serving.retriever import Retriever  # noqa: E402
-
-ENGINES = ("torch", "ort-fp32", "ort-int8")
 
 
 def main(argv=None) -> dict:

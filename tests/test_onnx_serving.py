@@ -125,6 +125,10 @@ def test_bad_engine_choices_name_the_problem(minilm_run, run):
 def test_serve_cli_takes_the_engine(minilm_run, tmp_path, capsys):
     import serve
 
+    from ace.model.onnx_encoder import SERVING_ENGINES
+
+    for engine in SERVING_ENGINES:      # serve.py's choices are the engines the Retriever knows
+        assert serve.parse_args(["--run", str(minilm_run), "--encoder-engine", engine]).encoder_engine == engine
     args = serve.parse_args(["--run", str(minilm_run), "--encoder-engine", "ort-int8"])
     assert args.encoder_engine == "ort-int8"
     assert serve.parse_args(["--run", str(minilm_run)]).encoder_engine == "torch"

@@ -131,11 +131,16 @@ def encoder_fingerprint(bert: nn.Module, fused_layers: int) -> str:
     return h.hexdigest()[:16]
 
 
-def _build(bert: nn.Module, fused: int, path: Path, engine: str) -> None:
-    """Export (and for int8 quantise) ``bert`` to ``path`` unless it exists; each file written atomically."""
+def _engine_file(cache: Path, fingerprint: str, engine: str) -> Path:
+    """Where the export of the encoder with ``fingerprint`` for ``engine`` lives in ``cache``."""
+    return cache / f"encoder-{fingerprint}-{engine}.onnx"
+
+
+def _build(bert: nn.Module, fused: int, cache: Path, fingerprint: str, engine: str) -> Path:
+    """Export (and for int8 quantise) ``bert`` unless its file exists; each file written atomically. Returns it."""
+    path, fp32 = _engine_file(cache, fingerprint, engine), _engine_file(cache, fingerprint, "ort-fp32")
     if path.is_file():
-        return
-    fp32 = path.with_name(path.name.replace(f"-{engine}.onnx", "-ort-fp32.onnx"))
+        return path
     if not fp32.is_file():
         graph_bert = copy.deepcopy(bert).float().eval()
         graph_bert.config._attn_implementation = "eager"     # the pattern the exporter and ORT handle best
@@ -146,6 +151,7 @@ def _build(bert: nn.Module, fused: int, path: Path, engine: str) -> None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         quantize_int8(fp32, tmp)
         os.replace(tmp, path)
+    return path
 
 
 def attach_ort_encoder(model, engine: str, cache_dir: str | Path, *, threads: int | None = None):
@@ -166,16 +172,16 @@ def attach_ort_encoder(model, engine: str, cache_dir: str | Path, *, threads: in
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     fused = model.config.encoder_layers
-    path = cache / f"encoder-{encoder_fingerprint(bert, fused)}-{engine}.onnx"
-    _build(bert, fused, path, engine)
+    fingerprint = encoder_fingerprint(bert, fused)
+    path = _build(bert, fused, cache, fingerprint, engine)
     threads = threads or torch.get_num_threads()
     try:
         runner = OrtEncoder(path, threads=threads)
     except Exception as exc:   # a cache file cut short (crash, full disk) or written by another onnxruntime
         log.warning("the cached ONNX encoder %s does not load (%s: %s); exporting it again", path, type(exc).__name__, exc)
-        for stale in {path, path.with_name(path.name.replace(f"-{engine}.onnx", "-ort-fp32.onnx"))}:
+        for stale in {path, _engine_file(cache, fingerprint, "ort-fp32")}:
             stale.unlink(missing_ok=True)
-        _build(bert, fused, path, engine)
+        _build(bert, fused, cache, fingerprint, engine)
         try:
             runner = OrtEncoder(path, threads=threads)
         except Exception as again:
