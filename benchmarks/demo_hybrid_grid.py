@@ -1,6 +1,7 @@
 """The hybrid scorer's weight w on a trained demo run, one row per w (issue 17, candidate b).
 
     python benchmarks/demo_hybrid_grid.py --run runs/demo [--candidates 10 50] [--levels prefix full] [--out benchmarks/out/grid.json]
+        [--dense 0 10] [--dense-logprob teacher_forced beam_floor] [--weights 16 32] [--query-sets FILE ...]
 
 For every w of the hybrid grid (HybridConfig.weights), every candidate count B and both identifier
 levels in the log-prob (prefix = k..vM, hybrid.levels' default; full = with the counter u): the generative
@@ -10,7 +11,10 @@ does (ace/newitems/hybrid.py), on
   - the run's held-out scorer queries (RUN/scorer_queries.json) with the fit's item vectors (the
     queries the model trained on only): what the pipeline's w fit sees (R@1, MRR),
   - each newcomer query set of the config's eval.query_sets (top-1 / top-5 relevant).
-w = 0 is the generative ranking of the top-B. It answers why a w fitted by MRR on the scorer queries
+w = 0 is the generative ranking of the top-B. ``--dense D``: + the D items nearest the query vector that
+the beams missed (hybrid.dense_candidates), their log-prob teacher-forced (``teacher_forced``, what hybrid
+search does) or raised to the weakest beam candidate's (``beam_floor``, a what-if rule of this script only:
+the beams cut them off, so the cosine decides among them and the weakest kept candidates). It answers why a w fitted by MRR on the scorer queries
 can cost held-out R@1, and which w the newcomer sets would want; choosing w on the check set is not
 the point (it stays the independent check).
 """
@@ -44,6 +48,15 @@ def ranks_of(ranked: np.ndarray, relevant: list[set[int]]) -> np.ndarray:
     return out
 
 
+def beam_floor(logprob: np.ndarray, beams: int) -> np.ndarray:
+    """(Q, B + D) log-probs with the D dense candidates' raised to the weakest of the B beam candidates'."""
+    gen = logprob[:, :beams]
+    floor = np.where(np.isfinite(gen), gen, np.inf).min(1, keepdims=True)
+    out = logprob.copy()
+    out[:, beams:] = np.where(np.isfinite(out[:, beams:]) & np.isfinite(floor), np.maximum(out[:, beams:], floor), out[:, beams:])
+    return out
+
+
 def summary(pos: np.ndarray) -> dict:
     return {"R@1": 100 * float((pos == 0).mean()), "R@5": 100 * float(((pos >= 0) & (pos < 5)).mean()),
             "MRR": 100 * float(np.where(pos >= 0, 1.0 / (np.maximum(pos, 0) + 1), 0.0).mean())}
@@ -55,6 +68,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--candidates", type=int, nargs="+", default=[10, 50])
     ap.add_argument("--levels", nargs="+", default=["prefix", "full"], choices=["prefix", "full"],
                     help="identifier levels in the log-prob: prefix (k..vM, the default of hybrid.levels) or full (+ u)")
+    ap.add_argument("--dense", type=int, nargs="+", default=[0], help="dense candidates D (0 = none)")
+    ap.add_argument("--dense-logprob", nargs="+", default=["teacher_forced"], choices=["teacher_forced", "beam_floor"])
+    ap.add_argument("--weights", type=float, nargs="+", default=None, help="w values (default: the hybrid grid)")
+    ap.add_argument("--query-sets", nargs="+", default=None, help="newcomer sets (default: the config's eval.query_sets)")
     ap.add_argument("--out", default=None, help="JSON of every row (default: print only)")
     args = ap.parse_args(argv)
     run = Path(args.run)
@@ -93,25 +110,29 @@ def main(argv=None) -> dict:
     if held:
         sets["scorer queries (fit)"] = ([q for q, _ in held], [{row_of[t]} for _, t in held], fit)
     items = retriever.corpus.items
-    for path in cfg.eval.query_sets:
+    for path in args.query_sets or cfg.eval.query_sets:
         qs = load_query_set(path)
         rel = relevant_sets(qs, items, source=path)
         sets[Path(path).stem] = ([q.query for q in qs], [{row_of[i] for i in r if i in row_of} for r in rel], serve)
     result: dict = {"run": str(run), "rows": []}
-    for levels, B in [(lv, b) for lv in args.levels for b in args.candidates]:
-        cand = {name: generative_candidates(model, qtok, retriever.trie(), vocab, qs, B, levels=levels)
+    codes = np.asarray(tok.trie.codes)
+    for levels, B, D in [(lv, b, d) for lv in args.levels for b in args.candidates for d in args.dense]:
+        cand = {name: generative_candidates(model, qtok, retriever.trie(), vocab, qs, B, levels=levels, dense=(serve, codes, D))
                 for name, (qs, _, _) in sets.items()}
-        for w in hcfg.weights:
-            row = {"levels": levels, "B": B, "w": w}
-            for name, (qs, rel, vset) in sets.items():
-                rows, lp, qv = cand[name]
-                ranked, _ = rerank(rows, lp, vset.cosine(qv, rows), w)
-                row[name] = summary(ranks_of(ranked, rel))
-            result["rows"].append(row)
+        for rule in (args.dense_logprob if D else ["teacher_forced"]):
+            for w in args.weights or hcfg.weights:
+                row = {"levels": levels, "B": B, "D": D, "dense_logprob": rule, "w": w}
+                for name, (qs, rel, vset) in sets.items():
+                    rows, lp, qv = cand[name]
+                    if rule == "beam_floor":
+                        lp = beam_floor(lp, B)
+                    ranked, _ = rerank(rows, lp, vset.cosine(qv, rows), w)
+                    row[name] = summary(ranks_of(ranked, rel))
+                result["rows"].append(row)
     names = list(sets)
-    print("levels B   w       " + "  ".join(f"{n[:22]:>22}" for n in names) + "   (R@1 R@5 MRR each)")
+    print("levels B   D  dense-lp       w       " + "  ".join(f"{n[:22]:>22}" for n in names) + "   (R@1 R@5 MRR each)")
     for r in result["rows"]:
-        print(f"{r['levels']:<6} {r['B']:<3} {r['w']:<7.3g} " + "  ".join(f"{r[n]['R@1']:6.1f} {r[n]['R@5']:6.1f} {r[n]['MRR']:6.1f}"
+        print(f"{r['levels']:<6} {r['B']:<3} {r['D']:<3} {r['dense_logprob']:<14} {r['w']:<7.3g} " + "  ".join(f"{r[n]['R@1']:6.1f} {r[n]['R@5']:6.1f} {r[n]['MRR']:6.1f}"
                                                       for n in names))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

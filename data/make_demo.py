@@ -414,7 +414,7 @@ def sample_attributes(rng: np.random.Generator, space: dict[str, list[str]], n: 
     return [dict(zip(names, combos[i])) for i in sorted(order)]
 
 
-EVAL_QUERY_SETS = ("demo_queries.jsonl", "demo_queries_check.jsonl")  # beside this file: the newcomer query sets
+EVAL_QUERY_SETS = ("demo_queries.jsonl", "demo_queries_check.jsonl", "demo_queries_fresh.jsonl")  # beside this file: the newcomer query sets
 
 
 def _norm(text: str) -> str:

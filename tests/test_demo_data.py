@@ -148,7 +148,7 @@ def test_cli(tmp_path, capsys):
     assert path.is_file() and "wrote 2 images, 2 sounds, 2 videos" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["demo_queries.jsonl", "demo_queries_check.jsonl"])
+@pytest.mark.parametrize("name", ["demo_queries.jsonl", "demo_queries_check.jsonl", "demo_queries_fresh.jsonl"])
 def test_newcomer_query_set_fits_the_default_demo(full_demo, name):
     """data/demo_queries*.jsonl (eval.query_sets of configs/demo.yaml): every query has relevant items in
     the default demo corpus, none is one of its captions, and each kind of query a newcomer types is there."""
@@ -181,7 +181,7 @@ def test_demo_configs_differ_only_on_the_query_side():
         assert getattr(new, section) == getattr(old, section), section
     assert dataclasses.replace(new.split, scorer_queries=0) == old.split  # + captions held out for the hybrid fit
     assert new.hybrid.enabled and new.split.scorer_queries > 0 and new.hybrid.levels == "full"
-    assert new.eval.query_sets == old.eval.query_sets and len(new.eval.query_sets) == 2
+    assert new.eval.query_sets == old.eval.query_sets and len(new.eval.query_sets) == 3
     assert new.model.pretrained_encoder == "minilm" and new.training.freeze_encoder
     assert old.model.pretrained_encoder in (None, "") and not old.training.freeze_encoder
     assert new.run_dir == "runs/demo" and new.run_dir != old.run_dir
