@@ -254,6 +254,7 @@ def test_cli_from_json_redraws_without_measuring(tiny_run, tmp_path):
     (["--ann-target", "0"], "ann_target"),
     (["--hnsw-builds", "32:x"], "M:efConstruction"),
     (["--ivf-nlist-factor", "-1"], "ivf_nlist_factor"),
+    (["--hybrid-beams", "-1"], "hybrid_beams"),
     (["--trained", "tiny-fp32"], "METHOD=RUN_DIR"),
     (["--trained", "tiny-fp32=/no/such/quality.json#ace beam 5"], "not found"),
 ])
@@ -277,3 +278,43 @@ def test_cli_ann_flags_reach_the_tuning(tmp_path):
     assert hnsw["params"]["M"] == 8 and hnsw["params"]["efConstruction"] == 10      # the first build met 0.5
     assert ivf["params"]["nlist"] == round(600 ** 0.5) and ivf["params"]["pq_m"] == 4
     assert res["config"]["hnsw_builds"] == ["8:10", "16:20"]
+
+
+def test_cli_hybrid_rows(tmp_path):
+    """--hybrid-beams B: each ACE searcher also as the hybrid operating point; its rows re-rank that
+    searcher's own top-B (log-prob + w x cosine), its bytes add the item vectors, and ratios cover it."""
+    from ace.bench.efficiency import AceHybridSearch, build_ace_searchers, identifier_config
+    from ace.newitems.hybrid import ItemVectorSet
+
+    (tmp_path / "tiny.yaml").write_text(TINY_MODEL)
+    texts = [f"a {c} dog on the {p}" for c in ("red", "blue", "green") for p in ("beach", "street", "grass", "snow")]
+    (tmp_path / "queries.txt").write_text("\n".join(texts))
+    spec = f"tiny={tmp_path / 'tiny.yaml'},dropout=0.0"
+    rc = bench_main(["efficiency", "--out", str(tmp_path / "o"), "--sizes", "200", "--dims", "32", "--ace", spec,
+                     "--queries", str(tmp_path / "queries.txt"), "--dt", "torch", "--hybrid-beams", "8",
+                     "--precisions", "fp32", *TINY_IDS, *FAST])
+    assert rc == 0
+    res = json.loads((tmp_path / "o" / "efficiency.json").read_text())
+    rows = {r["method"]: r for r in res["rows"]}
+    assert set(rows) == {"tiny-fp32", "tiny-fp32-hybrid", "DT-torch"}
+    assert rows["tiny-fp32-hybrid"]["data_bytes"] == rows["tiny-fp32"]["data_bytes"] + 200 * 32 * 4   # float32 vectors
+    assert rows["tiny-fp32-hybrid"]["fixed_bytes"] == rows["tiny-fp32"]["fixed_bytes"]
+    assert res["ace_shapes"]["tiny-fp32-hybrid"]["hybrid_storage"] == "float32"
+    assert {(r["ace"], r["dt"]) for r in res["ratios"]} == {("tiny-fp32", "DT-torch"), ("tiny-fp32-hybrid", "DT-torch")}
+
+    cfg = EfficiencyConfig(sizes=[200], dims=[32], ace=[spec], precisions=["fp32"], hybrid_beams=8,
+                           identifiers="random", id_overrides=["K=16", "codebook_size=16", "max_u=8"], threads=1)
+    level_sizes = identifier_config(cfg.id_overrides).level_sizes
+    pure, hybrid = build_ace_searchers(cfg, level_sizes, texts, "cpu")
+    assert isinstance(hybrid, AceHybridSearch) and hybrid.beams == 8 and pure.beams == 5
+    codes = random_codes(200, level_sizes, np.random.default_rng(0))
+    pure.trie = hybrid.trie = FlatTrie.from_codes(codes, level_sizes)
+    hybrid.vectors = ItemVectorSet.build([str(i) for i in range(200)], mixture_embeddings(200, 32, seed=0), "float32")
+    pure.beams = 8
+    beams = pure(texts[:4])                                                      # (4, 8) the generative top-8
+    ranked = hybrid(texts[:4])
+    assert ranked.shape == beams.shape
+    for a, b in zip(ranked.tolist(), beams.tolist()):
+        assert sorted(a) == sorted(b)                                            # a re-ranking of the same candidates
+    hybrid.weight = 0.0
+    assert np.array_equal(hybrid(texts[:4]), beams)                             # w = 0: the generative order

@@ -142,3 +142,28 @@ def test_quality_rows_and_encoder_names():
     assert set(rows) == {"ace beam 5", "dt_zero_shot"} and rows["ace beam 5"]["R@10"] == 1.0
     assert model_arch({"pretrained_encoder": "all-MiniLM-L6-v2"})["pretrained_encoder"] == "minilm"
     assert model_arch({"pretrained_encoder": None})["pretrained_encoder"] is None
+
+
+def test_hybrid_rows_take_only_the_hybrid_figure_of_their_top_b_and_storage(result, quality, tmp_path):
+    """A "-hybrid" row (--hybrid-beams) is drawn at a hybrid-mode figure of the same top-B and item-vector
+    storage; a pure figure, another B or another storage is refused, and pure rows still refuse hybrid figures."""
+    result["rows"].append(row("small-fp32-hybrid", "ACE", 30.0))
+    result["config"]["hybrid_beams"] = 50
+    result["ace_shapes"]["small-fp32-hybrid"] = {"arch": model_arch(SMALL), "hybrid_storage": "float32"}
+    data = json.loads(quality.read_text())
+    data["summary"] += [{"method": "ace_hybrid", "beams": 50, "R@1": 33.0, "R@10": 66.0, "seeds": [0]},
+                        {"method": "ace_hybrid_int8", "beams": 50, "R@1": 32.0, "R@10": 65.0, "seeds": [0]},
+                        {"method": "ace", "beams": 50, "R@1": 20.0, "R@10": 50.0, "seeds": [0]}]
+    quality.write_text(json.dumps(data))
+    figs = trained_figures(result, [f"small-fp32-hybrid={quality}#ace_hybrid beam 50"])
+    assert figs["small-fp32-hybrid"]["R@10"] == 66.0 and figs["small-fp32-hybrid"]["storage"] == "float32"
+    for spec, match in [("ace beam 50", "pure generative search's figure"),
+                        ("ace_hybrid_int8 beam 50", "int8 item vectors, this row with float32"),
+                        ("ace_hybrid beam 5", "beam 5, this run with 50")]:
+        with pytest.raises(PlotError, match=match):
+            trained_figures(result, [f"small-fp32-hybrid={quality}#{spec}"])
+    with pytest.raises(PlotError, match="hybrid mode"):
+        trained_figures(result, [f"small-fp32={quality}#ace_hybrid beam 50"])
+    run = run_folder(tmp_path, SMALL, beams=(50,), hybrid=True)
+    (run / "hybrid" / "scorer.json").write_text(json.dumps({"storage": "float32"}))
+    assert trained_figures(result, [f"small-fp32-hybrid={run}"])["small-fp32-hybrid"]["R@10"] == 85.0

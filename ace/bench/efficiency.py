@@ -88,6 +88,9 @@ class EfficiencyConfig:
     seed: int = 0
     prepare_only: bool = False       # build the cached identifiers and tuned ANN indexes, measure nothing
     trained: list[str] = field(default_factory=list)   # METHOD=RUN_DIR | quality.json#NAME (efficiency_plots)
+    hybrid_beams: int = 0            # > 0: each ACE searcher also as the hybrid operating point ("-hybrid" rows):
+                                     # its top-B re-ranked by log-prob + w x cosine (0 = no hybrid rows)
+    hybrid_storage: str = "float32"  # the hybrid rows' item vectors (bytes per item counted): float32 | int8
 
     def __post_init__(self):
         if not self.sizes or min(self.sizes) < 1:
@@ -111,6 +114,9 @@ class EfficiencyConfig:
             parse_hnsw_builds(self.hnsw_builds)
         except AnnError as exc:
             raise EfficiencyError(str(exc)) from None
+        if self.hybrid_beams < 0 or self.hybrid_storage not in ("float32", "int8"):
+            raise EfficiencyError(f"hybrid_beams must be >= 0 and hybrid_storage float32 or int8, got "
+                                  f"{self.hybrid_beams} and {self.hybrid_storage!r}")
         if self.identifiers not in ("fitted", "random"):
             raise EfficiencyError(f"identifiers must be 'fitted' or 'random', got {self.identifiers!r}")
         if self.prepare_only and not self.cache_dir:
@@ -278,12 +284,41 @@ class AceSearch:
         self.name, self.model, self.query_tokenizer, self.vocab = name, model, query_tokenizer, vocab
         self.beams, self.fixed_bytes, self.shape, self.trie = beams, fixed_bytes, shape, None
         self.max_len = model.config.max_query_length
+        self.data_bytes = 0                             # per-corpus bytes beyond the trie and the identifiers
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         from ace.model.decoding import search_texts
         rows, _, _ = search_texts(self.model, self.query_tokenizer, texts, self.trie, self.vocab, num_beams=self.beams,
                                   batch_size=len(texts), max_length=self.max_len)
         return rows
+
+
+class AceHybridSearch(AceSearch):
+    """The hybrid operating point (ace/newitems/hybrid.py): the constrained beam search's top-``beams``
+    re-ranked by log P(identifier | q) + w x cos(query vector, item vector), the query vector
+    pooled from the same encoder pass (one MiniLM pass for both). ``vectors``: an ItemVectorSet whose
+    rows are the trie's item rows, set per corpus. Speed does not depend on w."""
+
+    def __init__(self, *, weight: float = 1.0, **kw):
+        super().__init__(**kw)
+        self.weight, self.vectors = weight, None
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        from ace.model.decoding import constrained_beam_search
+        from ace.newitems.candidates import sentence_vectors
+        from ace.newitems.hybrid import rerank
+
+        device = next(self.model.parameters()).device
+        enc = self.query_tokenizer(list(texts), max_length=self.max_len)
+        ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+        state: dict = {}
+        with torch.inference_mode():
+            items, logprob = constrained_beam_search(self.model, ids, mask, self.trie, self.vocab, num_beams=self.beams,
+                                                     state=state)
+        rows = items.cpu().numpy()                                                         # (B, beams)
+        cos = self.vectors.cosine(sentence_vectors(state["last_hidden"], mask), rows)      # (B, beams)
+        ranked, _ = rerank(rows, logprob.cpu().numpy(), cos, self.weight)     # whole identifier (hybrid.levels full)
+        return ranked[:, :TOP_K]
 
 
 class DenseSearch:
@@ -347,7 +382,27 @@ def build_ace_searchers(cfg: EfficiencyConfig, level_sizes, texts: list[str], de
                 m = model
             out.append(AceSearch(name=f"{name}-{precision}", model=m, query_tokenizer=qtok, vocab=vocab,
                                  beams=cfg.beams, fixed_bytes=state_dict_bytes(m), shape=shape))
+            if cfg.hybrid_beams:
+                out.append(AceHybridSearch(name=f"{name}-{precision}-hybrid", model=m, query_tokenizer=qtok, vocab=vocab,
+                                           beams=cfg.hybrid_beams, fixed_bytes=state_dict_bytes(m),
+                                           shape=shape | {"hybrid_storage": cfg.hybrid_storage}))
     return out
+
+
+def attach_item_vectors(searchers: list[AceHybridSearch], vectors: dict, n: int, cfg: EfficiencyConfig) -> None:
+    """The hybrid rows' item vectors for the first ``n`` items, in the query encoder's dimension: the corpus
+    vectors when they have it (the identifiers come from them), else a synthetic mixture of that dimension."""
+    from ace.bench.synthetic import mixture_embeddings
+    from ace.newitems.hybrid import ItemVectorSet
+
+    built: dict = {}
+    for s in searchers:
+        d = s.model.config.d_model if s.model.encoder.bert is None else s.model.encoder.bert.config.hidden_size
+        if d not in built:
+            x = np.asarray(vectors[d][:n]) if d in vectors else mixture_embeddings(n, d, seed=cfg.seed)
+            built[d] = ItemVectorSet.build([str(i) for i in range(n)], x, cfg.hybrid_storage)
+        s.vectors = built[d]
+        s.data_bytes = int(round(built[d].bytes_per_item() * n)) + int(built[d].shared_bytes())
 
 
 def attach_dense_corpus(searchers: list[DenseSearch], vectors: np.ndarray, cfg: EfficiencyConfig) -> dict:
@@ -480,6 +535,7 @@ def run(cfg: EfficiencyConfig, *, command: str = "", partial: Path | None = None
                 for s in ace:
                     s.trie = trie
                 ace_data = trie_bytes(trie) + codes.nbytes
+                attach_item_vectors([s for s in ace if isinstance(s, AceHybridSearch)], vectors, n, cfg)
             for d in cfg.dims:
                 gen = torch.Generator().manual_seed(cfg.seed + d)
                 proj = None if encoder is None or d == encoder.dim else \
@@ -505,7 +561,8 @@ def run(cfg: EfficiencyConfig, *, command: str = "", partial: Path | None = None
                            "identifier_s": id_s if is_ace else None,
                            "recall_at_10_vs_exact": None, "recall_at_10_near_items": None,
                            **recalls.get(s.name, {}), "ann": None if is_ace else built[s.backend][2],
-                           **bytes_per_item(fixed_bytes=s.fixed_bytes, data_bytes=ace_data if is_ace else built[s.backend][1], n=n)}
+                           **bytes_per_item(fixed_bytes=s.fixed_bytes, n=n,
+                                                    data_bytes=ace_data + s.data_bytes if is_ace else built[s.backend][1])}
                     rows.append(row)
                     print(f"[{group}] {s.name}: {row['qps_median']:.0f} q/s, p50 {row['p50_ms']:.1f} ms, "
                           f"p99 {row['p99_ms']:.1f} ms", flush=True)
@@ -652,6 +709,11 @@ def parse_args(argv: list[str] | None) -> tuple[EfficiencyConfig, Path, str | No
                     help="HNSW builds tried in order until one reaches the target (default 32:40 32:100)")
     ap.add_argument("--ivf-nlist-factor", type=float, default=d.ivf_nlist_factor,
                     help="IVF lists = factor x sqrt(N) (default 4)")
+    ap.add_argument("--hybrid-beams", type=int, default=d.hybrid_beams,
+                    help="> 0: also measure each ACE shape at the hybrid operating point, its top-B re-ranked by "
+                         "log-prob + w x cosine (rows NAME-PRECISION-hybrid; HybridConfig.candidates is 50)")
+    ap.add_argument("--hybrid-storage", choices=("float32", "int8"), default=d.hybrid_storage,
+                    help="item vectors of the hybrid rows (their bytes per item are counted)")
     ap.add_argument("--identifiers", choices=("fitted", "random"), default=d.identifiers)
     ap.add_argument("--id", nargs="*", default=[], dest="id_overrides", metavar="KEY=VALUE",
                     help="IdentifierConfig overrides, e.g. --id K=64 max_u=256")

@@ -10,7 +10,8 @@ recall of the same shape, and nothing else:
   the shape comes from the quality run's saved config of that method).
 - An ACE figure must come from a model of the same architecture (``ARCH``: sizes, encoder, fused
   layers) and precision (an ``-int8`` row needs an int8 figure, an ``-fp32`` row an fp32 one) at the
-  same beam width; a pure generative row takes no hybrid-mode figure. Otherwise it is an error.
+  same beam width; a pure generative row takes no hybrid-mode figure, and a hybrid row (``...-hybrid``,
+  ``--hybrid-beams``) only a hybrid-mode figure of its top-B and item-vector storage. Otherwise it is an error.
 - A DT figure applies only to exact DT rows (torch / faiss flat) at the text encoder's own
   dimension (no random projection) with a ``dt_*`` quality method.
 - Every other row (no figure, ANN rows, projected DT rows) is drawn as throughput only (a vertical
@@ -97,8 +98,14 @@ def figure_from_quality(path: str, name: str) -> dict:
         raise PlotError(f"{name!r} is not a method of {path}; it has: {', '.join(rows) or 'none'}")
     row = rows[name]
     method = row["method"]
+    from ace.bench.quality_hybrid import HYBRID_VARIANTS
+    from ace.bench.quality_methods import INT8_VARIANTS
+
+    hybrid = "hybrid" in method
     fig = {"R@1": row.get("R@1"), "R@10": row["R@10"], "method": method, "beams": row.get("beams"),
-           "int8": "int8" in method, "hybrid": "hybrid" in method, "source": f"{path}#{name}", "arch": None}
+           "int8": method in INT8_VARIANTS if hybrid or method.startswith("ace") else "int8" in method,
+           "hybrid": hybrid, "storage": HYBRID_VARIANTS.get(method) if hybrid else None,
+           "source": f"{path}#{name}", "arch": None}
     if method.startswith("ace"):
         from ace.bench.quality import ACE_VARIANTS
         folder = ACE_VARIANTS.get(method, (method,))[0]
@@ -120,20 +127,24 @@ def figure_from_run(run_dir: str, beams: int) -> dict:
                         f"{', '.join(by_beams) or 'none'}); evaluate the run at eval.num_beams=[{beams}]")
     arch = model_arch(read_json(run / "model" / "config.json", "model config of the run"))
     m = by_beams[str(beams)]
+    hybrid = (run / "hybrid").is_dir()
+    scorer = run / "hybrid" / "scorer.json"
+    storage = read_json(scorer, "hybrid scorer of the run").get("storage") if scorer.is_file() else None
     return {"R@1": m.get("R@1"), "R@10": m["R@10"], "method": "ace", "beams": beams, "int8": False,
-            "hybrid": (run / "hybrid").is_dir(), "source": f"{run}/metrics.json", "arch": arch}
+            "hybrid": hybrid, "storage": storage, "source": f"{run}/metrics.json", "arch": arch}
 
 
 def trained_figures(result: dict, specs: list[str]) -> dict[str, dict]:
     """Method name -> trained figure, checked against the measured method (see the module doc)."""
     methods = {r["method"]: r for r in result["rows"]}
-    beams = result["config"]["beams"]
     out = {}
     for method, path, name in parse_trained(specs):
         if method not in methods:
             raise PlotError(f"--trained names {method!r}, which this run did not measure (methods: "
                             f"{', '.join(methods)})")
         row = methods[method]
+        hybrid_row = method.endswith("-hybrid")
+        beams = result["config"].get("hybrid_beams") if hybrid_row else result["config"]["beams"]
         fig = figure_from_quality(path, name) if name else figure_from_run(path, beams)
         if row["family"] == "ACE":
             shape = result["ace_shapes"].get(method, {})
@@ -146,11 +157,18 @@ def trained_figures(result: dict, specs: list[str]) -> dict[str, dict]:
             diff = [f"{k} {fig['arch'].get(k)!r} != {want.get(k)!r}" for k in ARCH if fig["arch"].get(k) != want.get(k)]
             if diff:
                 raise PlotError(f"{method}: {fig['source']} is another shape ({'; '.join(diff)})")
-            if fig["int8"] != method.endswith("-int8"):
+            if fig["int8"] != method.removesuffix("-hybrid").endswith("-int8"):
                 raise PlotError(f"{method}: {fig['source']} is a {'int8' if fig['int8'] else 'fp32'} model's figure")
-            if fig["hybrid"]:
+            if fig["hybrid"] and not hybrid_row:
                 raise PlotError(f"{method}: {fig['source']} is the hybrid mode's figure (log-prob + cosine re-rank); "
                                 f"this row measures the pure generative search")
+            if hybrid_row and not fig["hybrid"]:
+                raise PlotError(f"{method}: {fig['source']} is the pure generative search's figure; this row measures "
+                                f"the hybrid mode (log-prob + cosine re-rank)")
+            storage = shape.get("hybrid_storage")
+            if hybrid_row and fig.get("storage") != storage:
+                raise PlotError(f"{method}: {fig['source']} re-ranks with {fig.get('storage')} item vectors, this row "
+                                f"with {storage}")
             if fig["beams"] != beams:
                 raise PlotError(f"{method}: {fig['source']} was decoded with beam {fig['beams']}, this run with {beams}")
         else:
