@@ -318,3 +318,18 @@ def test_cli_hybrid_rows(tmp_path):
         assert sorted(a) == sorted(b)                                            # a re-ranking of the same candidates
     hybrid.weight = 0.0
     assert np.array_equal(hybrid(texts[:4]), beams)                             # w = 0: the generative order
+
+
+def test_a_shape_with_prototype_heads_is_built(tmp_path):
+    """A --ace shape with prototype-aware heads (configs/flickr30k_proxy.yaml has them) gets prototype tables
+    of the identifier vectors' dimension instead of failing on prototype_dim 0."""
+    from ace.bench.efficiency import build_ace_searchers, identifier_config
+
+    (tmp_path / "proto.yaml").write_text(TINY_MODEL + "  prototype_levels: 2\n")
+    cfg = EfficiencyConfig(sizes=[50], dims=[24], ace=[f"proto={tmp_path / 'proto.yaml'}"], precisions=["fp32"],
+                           identifiers="random", id_overrides=["K=16", "codebook_size=16", "max_u=8"], threads=1)
+    level_sizes = identifier_config(cfg.id_overrides).level_sizes
+    (s,) = build_ace_searchers(cfg, level_sizes, ["a red dog", "a blue cat"], "cpu")
+    assert s.model.config.prototype_levels == 2 and s.model.config.prototype_dim == 24
+    s.trie = FlatTrie.from_codes(random_codes(50, level_sizes, np.random.default_rng(0)), level_sizes)
+    assert s(["a red dog"]).shape == (1, 5)

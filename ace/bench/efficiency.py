@@ -349,7 +349,9 @@ class DenseSearch:
 
 
 def build_ace_searchers(cfg: EfficiencyConfig, level_sizes, texts: list[str], device: str) -> list[AceSearch]:
-    """One searcher per (--ace shape, precision); int8 only on CPU."""
+    """One searcher per (--ace shape, precision); int8 only on CPU. A shape with prototype-aware heads
+    (``prototype_levels``) gets prototype tables of the identifier vectors' dimension (the largest of
+    ``cfg.dims``, which the identifiers are fitted on); their values do not change the speed."""
     from ace.model.decoding import quantize_dynamic_int8
     from ace.model.modeling import AceModel
     from ace.model.config import ace_model_config
@@ -360,7 +362,7 @@ def build_ace_searchers(cfg: EfficiencyConfig, level_sizes, texts: list[str], de
     for spec in cfg.ace:
         name, path, overrides = parse_ace_spec(spec)
         section = load_model_section(path, overrides)
-        ace_cfg, enc_path = ace_model_config(section, level_sizes)
+        ace_cfg, enc_path = ace_model_config(section, level_sizes, max(cfg.dims))
         if enc_path:
             qtok = QueryTokenizer.from_pretrained(enc_path, max_length=ace_cfg.max_query_length)
         else:
