@@ -8,7 +8,8 @@ benchmark's recipe shape (``--ace``, default the 6-layer MiniLM recipe of config
 prototype heads included; random weights: the cost does not depend on training) is exported for each
 (batch, beams, position) with its inputs explicit: the beams' tokens, the per-layer fused cross-attention
 memory (computed once per query), the query mask, the pooled query (prototype heads) and the per-layer
-self-attention key/value cache. It is run by torch fp32, ORT fp32 and ORT int8 (dynamic, per channel:
+self-attention key/value cache. It is run by torch fp32, torch dynamic int8 (the efficiency benchmark's
+int8 rows, ``serve.py --quantize``), ORT fp32 and ORT int8 (dynamic, per channel:
 ``ace.model.onnx_encoder.quantize_int8``), interleaved, one thread each, on the encoder states of real
 captions; the report gives ms per step (median of ``--repeats`` interleaved passes) and how close ORT's
 logits are to torch's (max |diff|, top-1 agreement). The trie-constrained top-k and beam bookkeeping stay
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ace.bench.efficiency import EfficiencyConfig, build_ace_searchers, identifier_config, load_queries  # noqa: E402
+from ace.model.decoding import quantize_dynamic_int8  # noqa: E402
 from ace.model.onnx_encoder import quantize_int8, require  # noqa: E402
 
 
@@ -117,7 +119,8 @@ def main(argv=None) -> dict:
                     feeds = {e: {i.name: arrays[i.name] for i in sess.get_inputs()} for e, sess in sessions.items()}
                     with torch.no_grad():
                         ref = graph(*inputs)[0].numpy()
-                    runs = {"torch": lambda: graph(*inputs)}
+                    qgraph = StepGraph(quantize_dynamic_int8(model).decoder, pos, mem_spec, cache_spec if cache else None)
+                    runs = {"torch": lambda: graph(*inputs), "torch-int8": lambda: qgraph(*inputs)}
                     for e, sess in sessions.items():
                         runs[e] = (lambda s=sess, f=feeds[e]: s.run(None, f))
                     for fn in runs.values():                                # warm-up
@@ -125,19 +128,21 @@ def main(argv=None) -> dict:
                     ms = {e: [] for e in runs}
                     with torch.no_grad():
                         for r in range(args.repeats):                       # interleaved, order rotated
-                            order = list(runs)[r % 3:] + list(runs)[:r % 3]
+                            order = list(runs)[r % len(runs):] + list(runs)[:r % len(runs)]
                             for e in order:
                                 t = time.perf_counter()
                                 runs[e]()
                                 ms[e].append(1000 * (time.perf_counter() - t))
                         row = {"batch": B, "beams": W, "position": pos, "ms": {e: float(np.median(v)) for e, v in ms.items()}}
-                        for e, sess in sessions.items():
-                            out = sess.run(None, feeds[e])[0]
+                        outs = {"torch-int8": qgraph(*inputs)[0].numpy()} | {e: s.run(None, feeds[e])[0]
+                                                                             for e, s in sessions.items()}
+                        for e, out in outs.items():
                             row[f"{e} max_abs_diff"] = float(np.abs(out - ref).max())
                             row[f"{e} top1_agree"] = float((out.argmax(-1) == ref.argmax(-1)).mean())
-                    row["speedup"] = {e: row["ms"]["torch"] / row["ms"][e] for e in sessions}
+                    row["speedup"] = {e: row["ms"]["torch"] / row["ms"][e] for e in outs}
                     rows.append(row)
-                    print(f"B={B} W={W} pos={pos}: torch {row['ms']['torch']:.2f} ms, ort-fp32 {row['ms']['ort-fp32']:.2f} "
+                    print(f"B={B} W={W} pos={pos}: torch {row['ms']['torch']:.2f} ms, torch-int8 {row['ms']['torch-int8']:.2f} "
+                          f"({row['speedup']['torch-int8']:.2f}x, top-1 agree {row['torch-int8 top1_agree']:.3f}), ort-fp32 {row['ms']['ort-fp32']:.2f} "
                           f"({row['speedup']['ort-fp32']:.2f}x), ort-int8 {row['ms']['ort-int8']:.2f} "
                           f"({row['speedup']['ort-int8']:.2f}x); top-1 agree fp32 {row['ort-fp32 top1_agree']:.3f} "
                           f"int8 {row['ort-int8 top1_agree']:.3f}, max|diff| fp32 {row['ort-fp32 max_abs_diff']:.1e}",
