@@ -391,18 +391,25 @@ def build_ace_searchers(cfg: EfficiencyConfig, level_sizes, texts: list[str], de
     return out
 
 
-def attach_item_vectors(searchers: list[AceHybridSearch], vectors: dict, n: int, cfg: EfficiencyConfig) -> None:
-    """The hybrid rows' item vectors for the first ``n`` items, in the query encoder's dimension: the corpus
-    vectors when they have it (the identifiers come from them), else a synthetic mixture of that dimension."""
+def hybrid_item_vectors(dim: int, n: int, vectors: dict, storage: str, seed: int):
+    """ItemVectorSet of the first ``n`` items in the query encoder's dimension ``dim``: the corpus vectors
+    when they have it (the identifiers come from them), else a synthetic mixture of that dimension."""
     from ace.bench.synthetic import mixture_embeddings
     from ace.newitems.hybrid import ItemVectorSet
 
+    x = np.asarray(vectors[dim][:n]) if dim in vectors else mixture_embeddings(n, dim, seed=seed)
+    return ItemVectorSet.build([str(i) for i in range(n)], x, storage)
+
+
+def attach_item_vectors(searchers: list[AceHybridSearch], vectors: dict, n: int, cfg: EfficiencyConfig) -> None:
+    """Each hybrid row's item vectors (``hybrid_item_vectors``, one set per dimension) and their bytes."""
+    from ace.newitems.hybrid import query_dim
+
     built: dict = {}
     for s in searchers:
-        d = s.model.config.d_model if s.model.encoder.bert is None else s.model.encoder.bert.config.hidden_size
+        d = query_dim(s.model)
         if d not in built:
-            x = np.asarray(vectors[d][:n]) if d in vectors else mixture_embeddings(n, d, seed=cfg.seed)
-            built[d] = ItemVectorSet.build([str(i) for i in range(n)], x, cfg.hybrid_storage)
+            built[d] = hybrid_item_vectors(d, n, vectors, cfg.hybrid_storage, cfg.seed)
         s.vectors = built[d]
         s.data_bytes = int(round(built[d].bytes_per_item() * n)) + int(built[d].shared_bytes())
 

@@ -91,19 +91,19 @@ def quality_rows(data: dict) -> dict[str, dict]:
 
 
 def figure_from_quality(path: str, name: str) -> dict:
-    """{R@1, R@10, method, beams, arch (ACE only), int8, hybrid, source} of one quality.json row."""
+    """{R@1, R@10, method, beams, arch (ACE only), int8, hybrid, storage, source} of one quality.json row."""
+    from ace.bench.quality_hybrid import HYBRID_VARIANTS
+    from ace.bench.quality_methods import INT8_VARIANTS
+
     data = read_json(path, "quality JSON")
     rows = quality_rows(data)
     if name not in rows:
         raise PlotError(f"{name!r} is not a method of {path}; it has: {', '.join(rows) or 'none'}")
     row = rows[name]
     method = row["method"]
-    from ace.bench.quality_hybrid import HYBRID_VARIANTS
-    from ace.bench.quality_methods import INT8_VARIANTS
-
     hybrid = "hybrid" in method
     fig = {"R@1": row.get("R@1"), "R@10": row["R@10"], "method": method, "beams": row.get("beams"),
-           "int8": method in INT8_VARIANTS if hybrid or method.startswith("ace") else "int8" in method,
+           "int8": method in INT8_VARIANTS,        # the model's precision (a hybrid's "_int8" is its item vectors)
            "hybrid": hybrid, "storage": HYBRID_VARIANTS.get(method) if hybrid else None,
            "source": f"{path}#{name}", "arch": None}
     if method.startswith("ace"):

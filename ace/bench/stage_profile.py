@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ace.bench.efficiency import (EfficiencyConfig, EfficiencyError, build_ace_searchers, corpus_identifiers,
-                                  identifier_config, item_vectors, load_queries)
+                                  hybrid_item_vectors, identifier_config, item_vectors, load_queries)
 
 
 class StageClock:
@@ -133,9 +133,7 @@ def run(cfg: EfficiencyConfig, *, modes: list[str], hybrid_beams: int, command: 
     import faiss
 
     from ace.bench.efficiency import DenseSearch, attach_dense_corpus
-    from ace.bench.synthetic import mixture_embeddings
     from ace.data.encoders import TextEncoder
-    from ace.newitems.hybrid import ItemVectorSet
     from identifiers.trie import FlatTrie
 
     torch.set_num_threads(cfg.threads)
@@ -157,8 +155,7 @@ def run(cfg: EfficiencyConfig, *, modes: list[str], hybrid_beams: int, command: 
         for s in ace:
             d_model = s.model.config.d_model
             if "hybrid" in modes and d_model not in item_sets:
-                x = np.asarray(vectors[:n]) if d_model == dim else mixture_embeddings(n, d_model, seed=cfg.seed)
-                item_sets[d_model] = ItemVectorSet.build([str(i) for i in range(n)], x, "int8")
+                item_sets[d_model] = hybrid_item_vectors(d_model, n, {dim: vectors}, "int8", cfg.seed)
             for mode in modes:
                 beams = hybrid_beams if mode == "hybrid" else cfg.beams
                 ms = profile_ace(s, trie, batches, vectors=item_sets.get(d_model) if mode == "hybrid" else None,

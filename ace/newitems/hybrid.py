@@ -195,8 +195,13 @@ class HybridScorer:
         return identifier_length - 1 if self.levels == "prefix" else identifier_length
 
 
+def query_dim(model) -> int:
+    """Dimension of the model's query vectors (``sentence_vectors`` of its last encoder layer)."""
+    return model.config.d_model if model.encoder.bert is None else model.encoder.bert.config.hidden_size
+
+
 def check_query_dim(scorer_dim: int, model) -> None:
-    d = model.config.d_model if model.encoder.bert is None else model.encoder.bert.config.hidden_size
+    d = query_dim(model)
     if d != scorer_dim:
         raise HybridError(f"the hybrid item vectors have dimension {scorer_dim} but the model's encoder gives "
                           f"{d}-dimensional query vectors; rebuild RUN/hybrid (pipeline stage hybrid)")
