@@ -88,16 +88,20 @@ def mean_rule(level_logprob, depth, generative_logprob, generative_rows):
     return np.where(known, level_logprob, mean[:, None, None]).sum(-1)
 
 
-# rule name -> (hybrid.added_levels, the completion of the levels it leaves untrained); only "mean" is patched in
-RULES = {"best (committed)": ("trained", committed_rule), "mean": ("trained", mean_rule),
-         "no trained level": ("none", committed_rule)}
+# rule name -> (hybrid.added_levels, the completion of the levels it leaves untrained, hybrid.added_neighbour);
+# only "mean" is patched in
+RULES = {"best (committed)": ("trained", committed_rule, 0.0), "mean": ("trained", mean_rule, 0.0),
+         "no trained level": ("none", committed_rule, 0.0)}
+RULES["signature"] = ("signature", committed_rule, 0.0)
+RULES |= {f"neighbour {lam:g}": ("none", committed_rule, lam) for lam in (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)}
 
 
 def use_rule(retriever, rule: str) -> None:
     """Make ``retriever``'s merged search score added items by ``rule`` (this process only)."""
     import ace.newitems.hybrid as hybrid
 
-    retriever.hybrid.scorer.added_levels, hybrid.untrained_completion = RULES[rule]
+    scorer = retriever.hybrid.scorer
+    scorer.added_levels, hybrid.untrained_completion, scorer.added_neighbour = RULES[rule]
 
 
 def recall(hits, pairs) -> dict:

@@ -316,6 +316,113 @@ def test_added_levels_none_scores_every_added_item_at_the_best_candidates_log_pr
         HybridConfig(added_levels="some")
 
 
+def test_neighbour_completion_takes_the_log_prob_of_the_most_alike_candidate_less_the_penalty():
+    from ace.newitems.hybrid import neighbour_completion
+
+    lp = np.array([[-1.0, -3.0, -6.0, -np.inf], [-2.0, -4.0, -5.0, -7.0], [-np.inf] * 4])
+    rows = np.array([[0, 1, 2, -1], [3, 4, 5, 6], [-1] * 4])
+    sim = np.zeros((3, 2, 4))
+    sim[0, 0] = [0.2, 1.0, 0.5, 1.0]     # added item 0 of query 0 is candidate 1 (the pad's 1.0 must not count)
+    sim[0, 1] = [0.1, 0.1, 0.1, 0.1]     # added item 1 is unlike every candidate
+    sim[1, :] = [0.9, 0.0, 0.0, 0.0]
+    out = neighbour_completion(lp, rows, sim, 0.0)                   # penalty 0: the best candidate's, for every item
+    assert out[:2].tolist() == [[-1.0, -1.0], [-2.0, -2.0]] and out[2].tolist() == [0.0, 0.0]   # no candidate: 0
+    out = neighbour_completion(lp, rows, sim, 10.0)
+    assert out[0, 0] == pytest.approx(-3.0)                          # its twin's log-prob (-1 - 10 * 0.8 = -9 is less)
+    assert out[0, 1] == pytest.approx(-1.0 - 10 * 0.9)               # unlike all: the best, discounted by its distance
+    assert out[1].tolist() == pytest.approx([-3.0, -3.0])
+    assert (neighbour_completion(lp, rows, sim, 10.0)[:2] <= neighbour_completion(lp, rows, sim, 0.0)[:2]).all()
+    with pytest.raises(HybridError, match="added_neighbour"):
+        HybridConfig(added_neighbour=-0.1)
+
+
+def test_signature_completion_credits_an_added_item_with_the_candidates_its_own_texts_reach():
+    from ace.newitems.hybrid import signature_completion
+
+    lp = np.array([[np.log(0.6), np.log(0.3), np.log(0.05)], [np.log(0.5), -np.inf, -np.inf], [-np.inf] * 3])
+    cand = [["a", "b", "c"], ["b", None, None], [None, None, None]]
+    sigs = [{"a": 1.0}, {"b": 0.5, "z": 0.5}, {"z": 1.0}]
+    top = np.array([[0, 1, 2], [0, 1, 2], [0, 1, 2]])
+    out = signature_completion(lp, cand, sigs, top)
+    assert out[0, 0] == pytest.approx(np.log(0.6))          # its home is the query's top candidate: its log-prob
+    assert out[0, 1] == pytest.approx(np.log(0.3))          # home b (0.5 of its mass, as z)
+    assert out[0, 2] == pytest.approx(np.log(0.05))         # reaches nothing the query reached: the weakest candidate's
+    assert out[1].tolist() == pytest.approx([np.log(0.5), np.log(0.5), np.log(0.5)])   # floor = the one candidate
+    assert out[2].tolist() == [0.0, 0.0, 0.0]                                        # no candidate at all
+
+
+def test_merged_search_with_signatures_scores_added_items_by_their_own_texts(tiny_model):
+    import copy
+
+    from ace.newitems.hybrid import FallbackItems, item_signatures, search_merged
+
+    task, tok, qtok, model, vocab = tiny_model
+    ids = list(tok.trie.item_ids)
+    vec = _unit(np.random.default_rng(2), len(ids), 32)
+    added = ids[30:]
+    trained_tok = copy.deepcopy(tok)
+    trained_tok.remove(added)
+    trained_ids = list(trained_tok.trie.item_ids)
+    texts = {}
+    for q, iid in task.train_pairs:
+        texts.setdefault(iid, []).append(q)
+    sigs = item_signatures(model, qtok, trained_tok.trie.flat(), trained_ids, vocab, [texts[i][:3] for i in added],
+                           8, "prefix")
+    assert len(sigs) == len(added) and all(abs(sum(sg.values()) - 1) < 1e-6 and set(sg) <= set(trained_ids)
+                                           for sg in sigs)
+    fb = FallbackItems(added, vec[30:], vocab.encode(tok.codes[[ids.index(i) for i in added]]))
+    scorer = HybridScorer(ItemVectorSet.build(ids[:30], vec[:30]), 3.0, "prefix", 8, {}, added_levels="signature")
+    queries = [q for q, _ in task.val_pairs[:6]]
+    args = (model, qtok, trained_tok.trie.flat(), trained_ids, vocab, scorer, queries, 8, 40)
+    with pytest.raises(HybridError, match="signatures"):
+        search_merged(*args, fallback=fb, fallback_candidates=4)
+    fb.signatures = sigs
+    hits = search_merged(*args, fallback=fb, fallback_candidates=4)
+    n = 0
+    for row in hits:
+        gen = [h for h in row if h.source == "generative"]
+        for h in row:
+            if h.source == "fallback":
+                n += 1
+                sg = sigs[added.index(h.item_id)]
+                expect = max([g.logprob + np.log(sg[g.item_id] / max(sg.values())) for g in gen if g.item_id in sg]
+                             + [min(g.logprob for g in gen)])
+                assert h.logprob == pytest.approx(expect, abs=1e-4)
+    assert n > 0
+
+
+def test_merged_search_with_added_neighbour_discounts_added_items_unlike_the_candidates(tiny_model):
+    import copy
+
+    from ace.newitems.hybrid import FallbackItems, search_merged
+
+    task, tok, qtok, model, vocab = tiny_model
+    ids = list(tok.trie.item_ids)
+    vec = _unit(np.random.default_rng(2), len(ids), 32)
+    added = ids[30:]
+    trained_tok = copy.deepcopy(tok)
+    trained_tok.remove(added)
+    fb = FallbackItems(added, vec[30:], vocab.encode(tok.codes[[ids.index(i) for i in added]]))
+    queries = [q for q, _ in task.val_pairs[:6]]
+    args = (model, qtok, trained_tok.trie.flat(), list(trained_tok.trie.item_ids), vocab)
+
+    def fallback_hits(neighbour):
+        scorer = HybridScorer(ItemVectorSet.build(ids[:30], vec[:30]), 3.0, "prefix", 8, {}, added_levels="none",
+                              added_neighbour=neighbour)
+        hits = search_merged(*args, scorer, queries, 8, 40, fallback=fb, fallback_candidates=4)
+        return {(i, h.item_id): h for i, row in enumerate(hits) for h in row if h.source == "fallback"}
+
+    base, disc = fallback_hits(0.0), fallback_hits(0.5)
+    assert base.keys() == disc.keys() and base
+    gen = search_merged(*args, HybridScorer(ItemVectorSet.build(ids[:30], vec[:30]), 3.0, "prefix", 8, {}), queries, 8, 8)
+    for (i, iid), h in disc.items():
+        cands = [g.item_id for g in gen[i]]
+        sims = vec[[ids.index(c) for c in cands]] @ vec[ids.index(iid)]
+        expect = max(g.logprob - 0.5 * 3.0 * (1 - s) for g, s in zip(gen[i], sims))
+        assert h.logprob == pytest.approx(expect, abs=1e-4) and h.logprob <= base[(i, iid)].logprob + 1e-9
+        assert h.cosine == pytest.approx(base[(i, iid)].cosine) and h.score == pytest.approx(h.logprob + 3.0 * h.cosine)
+
+
 def test_untrained_levels_of_added_items_get_the_best_per_level_log_prob():
     from ace.newitems.candidates import trained_depth
     from ace.newitems.hybrid import untrained_completion

@@ -35,12 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ace.newitems.added_scores import (candidate_vectors, item_signatures, neighbour_completion,
+                                       signature_completion, untrained_completion)
 from ace.newitems.candidates import dense_candidates, encoder_state, sentence_vectors, trained_depth
 from ace.newitems.item_vectors import STORAGES, HybridError, ItemVectorSet, check_vectors  # noqa: F401 (re-exported)
 
 SOURCES = ("document", "doc_plus_queries")
 LEVELS = ("prefix", "full")
-ADDED_LEVELS = ("trained", "none")
+ADDED_LEVELS = ("trained", "none", "signature")
 FORMAT_VERSION = 1
 
 
@@ -57,7 +59,11 @@ class HybridConfig:
     added_levels: str = "none"               # which levels of an added item's identifier keep their own log-prob in
                                              # merged search: none (every level at the best candidate's: the cosine
                                              # decides) | trained (those it shares with a trained item; before
-                                             # session 7); see search_merged and quality.md section 12.2
+                                             # session 7) | signature (the model's own view of the item:
+                                             # ``signature_completion``); see search_merged and quality.md 12.2
+    added_neighbour: float = 0.0             # with added_levels none: an added item takes the log-prob of the query's
+                                             # candidate most like it, less added_neighbour * w * (1 - their cosine)
+                                             # (``neighbour_completion``); 0 = the best candidate's, whatever it is
     weights: list[float] = field(default_factory=lambda: [0.0] + [round(float(x), 4) for x in np.geomspace(0.25, 256, 31)])
 
     def __post_init__(self):
@@ -73,6 +79,8 @@ class HybridConfig:
             raise HybridError(f"hybrid.added_levels must be one of {ADDED_LEVELS}, got {self.added_levels!r}")
         if self.dense_candidates < 0:
             raise HybridError(f"hybrid.dense_candidates must be >= 0, got {self.dense_candidates}")
+        if not math.isfinite(self.added_neighbour) or self.added_neighbour < 0:
+            raise HybridError(f"hybrid.added_neighbour must be finite and >= 0, got {self.added_neighbour}")
         if not self.weights or any(not math.isfinite(w) or w < 0 for w in self.weights):
             raise HybridError(f"hybrid.weights must be finite and >= 0, got {self.weights}")
 
@@ -176,6 +184,7 @@ class HybridScorer:
     info: dict
     dense_candidates: int = 0   # trie items nearest the query vector added to the generative candidates
     added_levels: str = "trained"   # HybridConfig.added_levels (a scorer.json without it was built before it existed)
+    added_neighbour: float = 0.0    # HybridConfig.added_neighbour (0: the rule before it existed)
 
     @classmethod
     def load(cls, run_dir: str | Path, name: str = "hybrid") -> "HybridScorer":
@@ -189,7 +198,8 @@ class HybridScorer:
                               f"this code reads {FORMAT_VERSION}: rebuild it (pipeline stage hybrid)")
         vectors = ItemVectorSet.load(folder, info["storage"], info["dim"])
         return cls(vectors, float(info["weight"]), info["levels"], int(info["candidates"]), info,
-                   int(info.get("dense_candidates", 0)), info.get("added_levels", "trained"))
+                   int(info.get("dense_candidates", 0)), info.get("added_levels", "trained"),
+                   float(info.get("added_neighbour", 0.0)))
 
     def n_levels(self, identifier_length: int) -> int:
         return identifier_length - 1 if self.levels == "prefix" else identifier_length
@@ -227,6 +237,7 @@ class FallbackItems:
     ids: list[str]
     vectors: np.ndarray
     tokens: np.ndarray
+    signatures: list[dict[str, float]] | None = None   # added_levels signature: per item, trained id -> weight
 
     def __post_init__(self):
         if len(self.ids):
@@ -234,26 +245,6 @@ class FallbackItems:
         if not (len(self.ids) == len(self.vectors) == len(self.tokens)):
             raise HybridError(f"fallback items: {len(self.ids)} ids, {len(self.vectors)} vectors, "
                               f"{len(self.tokens)} identifiers")
-
-
-def untrained_completion(level_logprob: np.ndarray, depth: np.ndarray, generative_logprob: np.ndarray,
-                         generative_rows: np.ndarray) -> np.ndarray:
-    """Log-prob of added items' identifiers on the generative scale.
-
-    ``level_logprob`` (Q, F, levels): teacher-forced log P of each level of F added items' identifiers;
-    ``depth`` (Q, F): their trained depth (``trained_depth``). A level past that depth was never a
-    training target in that context, so its log-prob is no evidence against the item (an added item
-    scored -18 on average against -2 for a trained gold item on Flickr30K 80/20, and merged search lost
-    it: BENCHMARKS.md, new items). Such a level gets the benefit of the doubt: the best per-level
-    log-prob of the query's generative candidates (``generative_logprob`` (Q, B) summed over
-    ``levels``, rows < 0 pads; 0 with none), so the cosine decides between an added item and the
-    best trained one. Returns (Q, F)."""
-    levels = level_logprob.shape[-1]
-    valid = np.asarray(generative_rows) >= 0
-    best = np.where(valid, generative_logprob, -np.inf).max(1, initial=-np.inf)
-    per_level = np.where(np.isfinite(best), best, 0.0) / levels                             # (Q,)
-    known = np.arange(levels) < np.asarray(depth)[..., None]                                  # (Q, F, levels)
-    return np.where(known, level_logprob, per_level[:, None, None]).sum(-1)
 
 
 def search_merged(model, query_tokenizer, trie, table_ids: list[str], vocab, scorer: HybridScorer, queries: list[str],
@@ -325,14 +316,22 @@ def search_merged(model, query_tokenizer, trie, table_ids: list[str], vocab, sco
         F = min(fallback_candidates or num_beams, len(fallback.ids))
         fcos_all = qv @ fallback.vectors.T                                                 # (Q, n)
         top = np.argsort(-fcos_all, axis=1, kind="stable")[:, :F]
-        if scorer.added_levels == "none":   # no level counts as trained: no teacher-forced pass to make
-            flp, depth = np.zeros((Q, F, levels)), np.zeros((Q, F), dtype=np.int64)
+        if scorer.added_levels == "signature" and trie is not None:
+            if fallback.signatures is None:
+                raise HybridError("hybrid.added_levels signature needs the added items' signatures (FallbackItems)")
+            flp = signature_completion(lp, cand_ids, fallback.signatures, top)
+        elif scorer.added_levels in ("none", "signature"):   # no level counts as trained: no teacher-forced pass
+            sim = np.zeros((Q, F, len(cand_ids[0]) if Q else 0))
+            if scorer.added_neighbour > 0:   # (with 0 the similarity does not count)
+                sim = np.einsum("qfd,qbd->qfb", fallback.vectors[top],
+                                candidate_vectors(cand_ids, scorer.vectors, extra_vectors))
+            flp = neighbour_completion(lp, rows, sim, scorer.added_neighbour * scorer.weight)
         else:
             toks = torch.as_tensor(fallback.tokens[top], dtype=torch.long, device=device)   # (Q, F, L)
             flp = score_identifiers(model, state["memory"], state["mask"], toks, levels, query=state["query"],
                                     per_level=True).cpu().numpy().astype(np.float64)                # (Q, F, levels)
             depth = trained_depth(trie, vocab.decode(fallback.tokens[top]), levels)
-        flp = untrained_completion(flp, depth, lp, rows)
+            flp = untrained_completion(flp, depth, lp, rows)
         cand_ids = [row + [fallback.ids[t] for t in trow] for row, trow in zip(cand_ids, top.tolist())]
         lp = np.concatenate([lp, flp], 1)
         cos = np.concatenate([cos, np.take_along_axis(fcos_all, top, 1)], 1)
@@ -360,6 +359,7 @@ class HybridIndex:
         check_query_dim(scorer.vectors.dim, model)
         self.scorer, self.model, self.query_tokenizer = scorer, model, query_tokenizer
         self._vectors: dict[str, np.ndarray] = {}
+        self._signatures: dict[tuple, dict[str, float]] = {}   # (item id, identifier table) -> signature
 
     @classmethod
     def load(cls, run_dir, model, query_tokenizer) -> "HybridIndex":
@@ -375,6 +375,18 @@ class HybridIndex:
                                 [it.item_id for it in todo])
             self._vectors.update(zip([it.item_id for it in todo], vecs))
         return {it.item_id: self._vectors[it.item_id] for it in items}
+
+    def signatures(self, items, *, trie, table_ids: list[str], vocab) -> list[dict[str, float]]:
+        """``item_signatures`` of each CorpusItem (its description and captions), cached per item and table."""
+        table = hash(tuple(table_ids))
+        todo = [it for it in items if (it.item_id, table) not in self._signatures]
+        if todo:
+            source = self.scorer.info.get("item_vectors", "doc_plus_queries")
+            texts = [item_texts(it.description(), list(it.captions), source) for it in todo]
+            sigs = item_signatures(self.model, self.query_tokenizer, trie, table_ids, vocab, texts,
+                                   self.scorer.candidates, self.scorer.levels)
+            self._signatures.update(((it.item_id, table), sg) for it, sg in zip(todo, sigs))
+        return [self._signatures[(it.item_id, table)] for it in items]
 
     def search(self, queries: list[str], k: int, num_beams: int, *, trie, table_ids: list[str], vocab,
                later_items, fallback_items, fallback_tokens: np.ndarray, batch_size: int = 100,
@@ -393,8 +405,10 @@ class HybridIndex:
         fb = None
         if fallback_items:
             vec = self.vectors(fallback_items)
+            sigs = (self.signatures(fallback_items, trie=trie, table_ids=table_ids, vocab=vocab)
+                    if self.scorer.added_levels == "signature" and trie is not None else None)
             fb = FallbackItems([it.item_id for it in fallback_items],
-                               np.stack([vec[it.item_id] for it in fallback_items]), fallback_tokens)
+                               np.stack([vec[it.item_id] for it in fallback_items]), fallback_tokens, sigs)
         out: list[list[HybridHit]] = []
         for s in range(0, len(queries), batch_size):
             out += search_merged(self.model, self.query_tokenizer, trie, table_ids, vocab, self.scorer,
