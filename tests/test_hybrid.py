@@ -283,11 +283,12 @@ def test_dense_candidates_add_the_trie_items_nearest_the_query_the_beams_missed(
         HybridConfig(dense_candidates=-1)
 
 
-def test_added_levels_none_scores_every_added_item_at_the_best_candidates_log_prob(tiny_model):
+def _thirty_trained(tiny_model):
+    """The tiny model's first 30 items trained (trie), the rest added (FallbackItems), random unit vectors."""
     import copy
+    from types import SimpleNamespace
 
-    from ace.model.decoding import constrained_beam_search
-    from ace.newitems.hybrid import FallbackItems, search_merged
+    from ace.newitems.hybrid import FallbackItems
 
     task, tok, qtok, model, vocab = tiny_model
     ids = list(tok.trie.item_ids)
@@ -296,13 +297,24 @@ def test_added_levels_none_scores_every_added_item_at_the_best_candidates_log_pr
     trained_tok = copy.deepcopy(tok)
     trained_tok.remove(added)
     fb = FallbackItems(added, vec[30:], vocab.encode(tok.codes[[ids.index(i) for i in added]]))
-    queries = [q for q, _ in task.val_pairs[:6]]
-    scorer = HybridScorer(ItemVectorSet.build(ids[:30], vec[:30]), 3.0, "prefix", 8, {}, added_levels="none")
-    hits = search_merged(model, qtok, trained_tok.trie.flat(), list(trained_tok.trie.item_ids), vocab, scorer, queries,
-                         8, 12, fallback=fb, fallback_candidates=4)
+    return SimpleNamespace(task=task, model=model, qtok=qtok, vocab=vocab, ids=ids, vec=vec, added=added, fb=fb,
+                           trie=trained_tok.trie.flat(), trained_ids=list(trained_tok.trie.item_ids),
+                           queries=[q for q, _ in task.val_pairs[:6]],
+                           vectors=ItemVectorSet.build(ids[:30], vec[:30]))
+
+
+def test_added_levels_none_scores_every_added_item_at_the_best_candidates_log_prob(tiny_model):
+    from ace.model.decoding import constrained_beam_search
+    from ace.newitems.hybrid import search_merged
+
+    t = _thirty_trained(tiny_model)
+    model, qtok, vocab, queries = t.model, t.qtok, t.vocab, t.queries
+    scorer = HybridScorer(t.vectors, 3.0, "prefix", 8, {}, added_levels="none")
+    hits = search_merged(model, qtok, t.trie, t.trained_ids, vocab, scorer, queries, 8, 12, fallback=t.fb,
+                         fallback_candidates=4)
     enc = qtok(queries)
     state: dict = {}
-    constrained_beam_search(model, enc.input_ids, enc.attention_mask, trained_tok.trie.flat(), vocab, num_beams=8,
+    constrained_beam_search(model, enc.input_ids, enc.attention_mask, t.trie, vocab, num_beams=8,
                             top_k=8, state=state)
     best = state["prefix_scores"].numpy().max(1)
     n_fallback = 0
@@ -352,28 +364,18 @@ def test_signature_completion_credits_an_added_item_with_the_candidates_its_own_
 
 
 def test_merged_search_with_signatures_scores_added_items_by_their_own_texts(tiny_model):
-    import copy
+    from ace.newitems.hybrid import item_signatures, search_merged
 
-    from ace.newitems.hybrid import FallbackItems, item_signatures, search_merged
-
-    task, tok, qtok, model, vocab = tiny_model
-    ids = list(tok.trie.item_ids)
-    vec = _unit(np.random.default_rng(2), len(ids), 32)
-    added = ids[30:]
-    trained_tok = copy.deepcopy(tok)
-    trained_tok.remove(added)
-    trained_ids = list(trained_tok.trie.item_ids)
+    t = _thirty_trained(tiny_model)
     texts = {}
-    for q, iid in task.train_pairs:
+    for q, iid in t.task.train_pairs:
         texts.setdefault(iid, []).append(q)
-    sigs = item_signatures(model, qtok, trained_tok.trie.flat(), trained_ids, vocab, [texts[i][:3] for i in added],
-                           8, "prefix")
-    assert len(sigs) == len(added) and all(abs(sum(sg.values()) - 1) < 1e-6 and set(sg) <= set(trained_ids)
-                                           for sg in sigs)
-    fb = FallbackItems(added, vec[30:], vocab.encode(tok.codes[[ids.index(i) for i in added]]))
-    scorer = HybridScorer(ItemVectorSet.build(ids[:30], vec[:30]), 3.0, "prefix", 8, {}, added_levels="signature")
-    queries = [q for q, _ in task.val_pairs[:6]]
-    args = (model, qtok, trained_tok.trie.flat(), trained_ids, vocab, scorer, queries, 8, 40)
+    sigs = item_signatures(t.model, t.qtok, t.trie, t.trained_ids, t.vocab, [texts[i][:3] for i in t.added], 8, "prefix")
+    assert len(sigs) == len(t.added) and all(abs(sum(sg.values()) - 1) < 1e-6 and set(sg) <= set(t.trained_ids)
+                                             for sg in sigs)
+    fb, added = t.fb, t.added
+    scorer = HybridScorer(t.vectors, 3.0, "prefix", 8, {}, added_levels="signature")
+    args = (t.model, t.qtok, t.trie, t.trained_ids, t.vocab, scorer, t.queries, 8, 40)
     with pytest.raises(HybridError, match="signatures"):
         search_merged(*args, fallback=fb, fallback_candidates=4)
     fb.signatures = sigs
@@ -392,29 +394,20 @@ def test_merged_search_with_signatures_scores_added_items_by_their_own_texts(tin
 
 
 def test_merged_search_with_added_neighbour_discounts_added_items_unlike_the_candidates(tiny_model):
-    import copy
+    from ace.newitems.hybrid import search_merged
 
-    from ace.newitems.hybrid import FallbackItems, search_merged
-
-    task, tok, qtok, model, vocab = tiny_model
-    ids = list(tok.trie.item_ids)
-    vec = _unit(np.random.default_rng(2), len(ids), 32)
-    added = ids[30:]
-    trained_tok = copy.deepcopy(tok)
-    trained_tok.remove(added)
-    fb = FallbackItems(added, vec[30:], vocab.encode(tok.codes[[ids.index(i) for i in added]]))
-    queries = [q for q, _ in task.val_pairs[:6]]
-    args = (model, qtok, trained_tok.trie.flat(), list(trained_tok.trie.item_ids), vocab)
+    t = _thirty_trained(tiny_model)
+    ids, vec, queries, fb = t.ids, t.vec, t.queries, t.fb
+    args = (t.model, t.qtok, t.trie, t.trained_ids, t.vocab)
 
     def fallback_hits(neighbour):
-        scorer = HybridScorer(ItemVectorSet.build(ids[:30], vec[:30]), 3.0, "prefix", 8, {}, added_levels="none",
-                              added_neighbour=neighbour)
+        scorer = HybridScorer(t.vectors, 3.0, "prefix", 8, {}, added_levels="none", added_neighbour=neighbour)
         hits = search_merged(*args, scorer, queries, 8, 40, fallback=fb, fallback_candidates=4)
         return {(i, h.item_id): h for i, row in enumerate(hits) for h in row if h.source == "fallback"}
 
     base, disc = fallback_hits(0.0), fallback_hits(0.5)
     assert base.keys() == disc.keys() and base
-    gen = search_merged(*args, HybridScorer(ItemVectorSet.build(ids[:30], vec[:30]), 3.0, "prefix", 8, {}), queries, 8, 8)
+    gen = search_merged(*args, HybridScorer(t.vectors, 3.0, "prefix", 8, {}), queries, 8, 8)
     for (i, iid), h in disc.items():
         cands = [g.item_id for g in gen[i]]
         sims = vec[[ids.index(c) for c in cands]] @ vec[ids.index(iid)]
@@ -502,10 +495,12 @@ def test_hybrid_mode_is_the_default_and_every_hit_says_its_mode(hybrid_run, tmp_
         Retriever.from_run(run, device="cpu")
 
 
-def test_merged_search_with_the_shared_scorer_is_never_worse_than_either_path(hybrid_run, tmp_path):
+@pytest.mark.parametrize("added_levels", ["none", "signature"])
+def test_merged_search_with_the_shared_scorer_is_never_worse_than_either_path(hybrid_run, tmp_path, added_levels):
     """Constructed case: 6 items added after training (new colours and things). Old items' held-out
     queries through the generative path alone, new items' queries through the fallback path alone,
-    and both through merged search: with one scorer, merged search loses neither set."""
+    and both through merged search: with one scorer, merged search loses neither set (under either
+    rule for an added item's log-prob)."""
     import shutil
 
     from ace.data.corpus import CorpusItem
@@ -515,6 +510,7 @@ def test_merged_search_with_the_shared_scorer_is_never_worse_than_either_path(hy
     run = tmp_path / "run"
     shutil.copytree(hybrid_run, run, ignore=shutil.ignore_patterns("checkpoints", "cache"))
     r = Retriever.from_run(run, device="cpu")
+    r.hybrid.scorer.added_levels = added_levels
     rng = np.random.default_rng(5)
     new_items, new_pairs = [], []
     for c, t in NEW:
@@ -537,6 +533,8 @@ def test_merged_search_with_the_shared_scorer_is_never_worse_than_either_path(hy
     # every fallback hit is scored like a generative one: log-prob of its identifier prefix + w * cosine
     fb_hits = [h for row in r.search(nq, k=5, num_beams=10) for h in row if h.source == "fallback"]
     assert fb_hits and all(h.score == pytest.approx(h.raw_score + r.hybrid.scorer.weight * h.cosine) for h in fb_hits)
+    # signatures are made once per added item (and identifier table), on the first search that needs them
+    assert len(r.hybrid._signatures) == (len(new_items) if added_levels == "signature" else 0)
     r.close()
 
 
