@@ -533,8 +533,21 @@ def test_merged_search_with_the_shared_scorer_is_never_worse_than_either_path(hy
     # every fallback hit is scored like a generative one: log-prob of its identifier prefix + w * cosine
     fb_hits = [h for row in r.search(nq, k=5, num_beams=10) for h in row if h.source == "fallback"]
     assert fb_hits and all(h.score == pytest.approx(h.raw_score + r.hybrid.scorer.weight * h.cosine) for h in fb_hits)
-    # signatures are made once per added item (and identifier table), on the first search that needs them
+    # signatures are made once per added item, on the first search that needs them, and kept across later adds
+    # and modality filters (the generative items are the same); a deleted trained item makes them anew
     assert len(r.hybrid._signatures) == (len(new_items) if added_levels == "signature" else 0)
+    if added_levels == "signature":
+        first = dict(r.hybrid._signatures)
+        r.add_items([CorpusItem("grey-cup", "image", embedding=rng.standard_normal(24).astype(np.float32),
+                                captions=["a grey cup", "the cup is grey"])])
+        r.search(nq, k=5, num_beams=10)
+        r.search(nq, k=5, num_beams=10, modality="image")
+        assert len(r.hybrid._signatures) == len(new_items) + 1
+        assert all(r.hybrid._signatures[i] is sig for i, sig in first.items())
+        r.delete_items([ot[0]])
+        r.search(nq, k=5, num_beams=10)
+        assert all(r.hybrid._signatures[i] is not sig and ot[0] not in r.hybrid._signatures[i]
+                   for i, sig in first.items())
     r.close()
 
 

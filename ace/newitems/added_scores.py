@@ -38,15 +38,14 @@ def untrained_completion(level_logprob: np.ndarray, depth: np.ndarray, generativ
     return np.where(known, level_logprob, per_level[:, None, None]).sum(-1)
 
 
-def candidate_vectors(cand_ids: list[list[str | None]], vectors: ItemVectorSet, extra_vectors: dict) -> np.ndarray:
-    """(Q, C, d) unit vectors of the candidates (stored set, else ``extra_vectors``; None pads: zeros)."""
-    rows = np.asarray([[vectors.row.get(i, -1) if i is not None else -1 for i in row] for row in cand_ids],
-                      dtype=np.int64).reshape(len(cand_ids), -1)
-    out = np.where((rows >= 0)[..., None], vectors.decode(np.maximum(rows, 0)), 0.0).astype(np.float32)
-    for i, row in enumerate(cand_ids):
-        for j, iid in enumerate(row):
-            if iid is not None and rows[i, j] < 0:
-                out[i, j] = extra_vectors[iid]
+def candidate_vectors(stored: np.ndarray, cand_ids: list[list[str | None]], vectors: ItemVectorSet,
+                      extra_vectors: dict) -> np.ndarray:
+    """(Q, C, d) unit vectors of the candidates: ``stored`` (Q, C) their rows in ``vectors``; a -1 row is
+    a pad (id None: zeros) or an item trained in later (its ``extra_vectors`` entry)."""
+    out = np.where((stored >= 0)[..., None], vectors.decode(np.maximum(stored, 0)), 0.0).astype(np.float32)
+    for i, j in zip(*np.nonzero(stored < 0)):
+        if cand_ids[i][j] is not None:
+            out[i, j] = extra_vectors[cand_ids[i][j]]
     return out
 
 

@@ -312,6 +312,7 @@ def search_merged(model, query_tokenizer, trie, table_ids: list[str], vocab, sco
         cos = np.concatenate([cos, scorer.vectors.cosine(qv, drows)], 1)
         src = np.concatenate([src, np.full(drows.shape, 2, dtype=np.int8)], 1)
         rows = np.concatenate([rows, drows], 1)
+        stored = np.concatenate([stored, drows], 1)    # each candidate's row in the stored vectors (-1: none)
     if fallback is not None and len(fallback.ids):
         F = min(fallback_candidates or num_beams, len(fallback.ids))
         fcos_all = qv @ fallback.vectors.T                                                 # (Q, n)
@@ -324,7 +325,7 @@ def search_merged(model, query_tokenizer, trie, table_ids: list[str], vocab, sco
             sim = np.zeros((Q, F, len(cand_ids[0]) if Q else 0))
             if scorer.added_neighbour > 0:   # (with 0 the similarity does not count)
                 sim = np.einsum("qfd,qbd->qfb", fallback.vectors[top],
-                                candidate_vectors(cand_ids, scorer.vectors, extra_vectors))
+                                candidate_vectors(stored, cand_ids, scorer.vectors, extra_vectors))
             flp = neighbour_completion(lp, rows, sim, scorer.added_neighbour * scorer.weight)
         else:
             toks = torch.as_tensor(fallback.tokens[top], dtype=torch.long, device=device)   # (Q, F, L)
@@ -359,7 +360,8 @@ class HybridIndex:
         check_query_dim(scorer.vectors.dim, model)
         self.scorer, self.model, self.query_tokenizer = scorer, model, query_tokenizer
         self._vectors: dict[str, np.ndarray] = {}
-        self._signatures: dict[tuple, dict[str, float]] = {}   # (item id, identifier table) -> signature
+        self._signatures: dict[str, dict[str, float]] = {}     # added item id -> signature (``signatures``)
+        self._signature_trie, self._signature_items = None, frozenset()   # what the signatures were made against
 
     @classmethod
     def load(cls, run_dir, model, query_tokenizer) -> "HybridIndex":
@@ -377,24 +379,34 @@ class HybridIndex:
         return {it.item_id: self._vectors[it.item_id] for it in items}
 
     def signatures(self, items, *, trie, table_ids: list[str], vocab) -> list[dict[str, float]]:
-        """``item_signatures`` of each CorpusItem (its description and captions), cached per item and table."""
-        table = hash(tuple(table_ids))
-        todo = [it for it in items if (it.item_id, table) not in self._signatures]
+        """``item_signatures`` of each CorpusItem (its description and captions) against ``trie``, the whole
+        generative path (not one modality's; its leaves are rows of ``table_ids``). Made once per item and
+        kept while the generative items stay the same: adds and modality filters keep them, a fold or a
+        deleted trained item (another set of leaves) makes them anew."""
+        cache = self._signatures
+        if trie is not self._signature_trie:      # a rebuilt trie: compare what it holds
+            leaves = trie.leaf_item[trie.leaf_item >= 0].tolist()
+            now = frozenset(table_ids[r] for r in leaves)
+            if now != self._signature_items:
+                cache = self._signatures = {}
+            self._signature_trie, self._signature_items = trie, now
+        todo = [it for it in items if it.item_id not in cache]
         if todo:
             source = self.scorer.info.get("item_vectors", "doc_plus_queries")
             texts = [item_texts(it.description(), list(it.captions), source) for it in todo]
             sigs = item_signatures(self.model, self.query_tokenizer, trie, table_ids, vocab, texts,
                                    self.scorer.candidates, self.scorer.levels)
-            self._signatures.update(((it.item_id, table), sg) for it, sg in zip(todo, sigs))
-        return [self._signatures[(it.item_id, table)] for it in items]
+            cache.update(zip([it.item_id for it in todo], sigs))
+        return [cache[it.item_id] for it in items]
 
     def search(self, queries: list[str], k: int, num_beams: int, *, trie, table_ids: list[str], vocab,
                later_items, fallback_items, fallback_tokens: np.ndarray, batch_size: int = 100,
-               table_codes: np.ndarray | None = None) -> list[list[HybridHit]]:
+               table_codes: np.ndarray | None = None, generative_trie=None) -> list[list[HybridHit]]:
         """``search_merged`` over query batches. ``later_items``: CorpusItems added/folded after training
         that may appear (trie or fallback); ``fallback_items`` (in ``fallback_tokens`` order): the
         added ones served outside the trie; ``trie`` None = no generative items; ``table_codes`` (rows of
-        ``table_ids``): identifiers, needed by dense candidates."""
+        ``table_ids``): identifiers, needed by dense candidates; ``generative_trie``: the whole generative
+        path when ``trie`` is one modality's (``added_levels: signature``; default ``trie``)."""
         stored_codes = None
         if self.scorer.dense_candidates and table_codes is not None:
             pos = {iid: r for r, iid in enumerate(table_ids)}
@@ -405,7 +417,8 @@ class HybridIndex:
         fb = None
         if fallback_items:
             vec = self.vectors(fallback_items)
-            sigs = (self.signatures(fallback_items, trie=trie, table_ids=table_ids, vocab=vocab)
+            whole = trie if generative_trie is None else generative_trie
+            sigs = (self.signatures(fallback_items, trie=whole, table_ids=table_ids, vocab=vocab)
                     if self.scorer.added_levels == "signature" and trie is not None else None)
             fb = FallbackItems([it.item_id for it in fallback_items],
                                np.stack([vec[it.item_id] for it in fallback_items]), fallback_tokens, sigs)

@@ -328,7 +328,8 @@ class Retriever:
                 rows = self.hybrid.search(queries, k, beams, trie=trie, table_ids=tok.trie.item_ids, vocab=self.vocab,
                                           later_items=list(cat.stored.values()),
                                           fallback_items=[cat.stored[i] for i in fb_ids], fallback_tokens=tokens,
-                                          batch_size=batch_size, table_codes=tok.trie.codes)
+                                          batch_size=batch_size, table_codes=tok.trie.codes,
+                                          generative_trie=self._generative_trie(None))
             except HybridError as exc:
                 raise RetrieverError(str(exc)) from None
             return [[SearchHit(h.item_id, cat.modality.get(h.item_id, "unknown"), h.score,
