@@ -1,11 +1,13 @@
 """The hybrid scorer (ace/newitems/hybrid.py): fusion, item-vector storage, query vectors from the model's own
 encoder pass, teacher-forced identifier scores that match the beam search, and its bad-input errors."""
+import copy
 import json
 
 import numpy as np
 import pytest
 import torch
 
+from ace.newitems.candidates import DensePool
 from ace.newitems.hybrid import (HybridConfig, HybridError, HybridScorer, ItemVectorSet, encode_texts, fit_weight, fuse, item_texts,
                         mean_vectors, rerank)
 
@@ -255,10 +257,10 @@ def test_dense_candidates_add_the_trie_items_nearest_the_query_the_beams_missed(
     for i, r in enumerate(missed):
         vec[r] = qv[i]
     stored_codes = np.asarray(tok.codes)
-    stored_codes_gone = stored_codes.copy()
-    for dense, codes in [(2, stored_codes), (0, stored_codes)]:
+    for dense in (2, 0):
         scorer = HybridScorer(ItemVectorSet.build(ids, vec), 5.0, "full", 3, {}, dense_candidates=dense)
-        hits = search_merged(model, qtok, tok.trie.flat(), ids, vocab, scorer, queries, 3, 5, stored_codes=codes)
+        pool = DensePool.build(scorer.vectors, ids, stored_codes)
+        hits = search_merged(model, qtok, tok.trie.flat(), ids, vocab, scorer, queries, 3, 5, dense_pool=pool)
         for i, row in enumerate(hits):
             got = {h.item_id: h for h in row}
             assert len(got) == len(row)                                    # no item twice
@@ -272,13 +274,32 @@ def test_dense_candidates_add_the_trie_items_nearest_the_query_the_beams_missed(
                 assert sum(x.source == "dense" for x in row) <= 2
             else:
                 assert {h.source for h in row} == {"generative"}
-    # an item no longer in the table (-1 codes) is never a dense candidate
-    stored_codes_gone[missed] = -1
+    # an item whose identifier is no longer in the trie (-1 codes) is never a dense candidate
+    gone = stored_codes.copy()
+    gone[missed] = -1
     scorer = HybridScorer(ItemVectorSet.build(ids, vec), 5.0, "full", 3, {}, dense_candidates=2)
-    hits = search_merged(model, qtok, tok.trie.flat(), ids, vocab, scorer, queries, 3, 5, stored_codes=stored_codes_gone)
+    pool = DensePool(ids, vec.astype(np.float32), gone, np.arange(len(ids)))
+    hits = search_merged(model, qtok, tok.trie.flat(), ids, vocab, scorer, queries, 3, 5, dense_pool=pool)
     assert not any(h.item_id == ids[missed[i]] and h.source == "dense" for i, row in enumerate(hits) for h in row)
-    with pytest.raises(HybridError, match="stored_codes"):
+    with pytest.raises(HybridError, match="dense_pool"):
         search_merged(model, qtok, tok.trie.flat(), ids, vocab, scorer, queries, 3, 5)
+    # an item whose vector was built after training (folded; a view that withdrew its stored one) is found too,
+    # by its new vector: the stored one is not used
+    later = {ids[missed[0]]: vec[missed[0]]}
+    elsewhere = vec.copy()
+    elsewhere[missed[0]] = -vec[missed[0]]                   # the stored vector points away from the query
+    vectors = ItemVectorSet.build(ids, elsewhere)
+    withdrawn = copy.copy(vectors)
+    withdrawn.row = {i: r for i, r in vectors.row.items() if i != ids[missed[0]]}
+    pool = DensePool.build(withdrawn, ids, stored_codes, later)
+    assert pool.stored[pool.index[ids[missed[0]]]] == -1
+    scorer = HybridScorer(withdrawn, 5.0, "full", 3, {}, dense_candidates=2)
+    hits = search_merged(model, qtok, tok.trie.flat(), ids, vocab, scorer, queries, 3, 5,
+                         extra_vectors=later, dense_pool=pool)
+    h = {x.item_id: x for x in hits[0]}[ids[missed[0]]]
+    assert h.source == "dense" and h.cosine == pytest.approx(1.0, abs=1e-5)
+    assert ids[missed[0]] not in DensePool.build(withdrawn, ids, stored_codes).index      # no vector: not in the pool
+    assert ids[missed[0]] not in DensePool.build(vectors, ids, stored_codes, exclude=[ids[missed[0]]]).index
     with pytest.raises(HybridError, match="dense_candidates"):
         HybridConfig(dense_candidates=-1)
 
@@ -639,3 +660,24 @@ def test_the_eval_stage_runs_again_when_the_hybrid_stage_changed(hybrid_run, tmp
     assert "[eval] up to date" in pipeline()
     changed = pipeline("hybrid.weights=[7.0]")          # a new w: the search the eval measures changed
     assert "[hybrid] running" in changed and "[eval] running" in changed
+
+
+def test_dense_candidates_reach_items_folded_in_after_training(tiny_model):
+    """A folded item (in the trie, its vector built from its texts, none stored) is a dense candidate like a
+    trained one: a fold must not leave its items findable by the beams alone."""
+    from ace.data.corpus import CorpusItem
+    from ace.newitems.hybrid import HybridIndex
+
+    t = _thirty_trained(tiny_model)
+    task, tok, qtok, model, vocab = tiny_model
+    texts = t.queries + [q for q, _ in task.val_pairs[len(t.queries):len(t.added)]]
+    folded = [CorpusItem(iid, "image", captions=[texts[i]]) for i, iid in enumerate(t.added)]
+    found = {}
+    for dense in (0, 3):
+        index = HybridIndex(HybridScorer(t.vectors, 1.0, "full", 2, {}, dense_candidates=dense), model, qtok)
+        hits = index.search(t.queries, 5, 2, trie=tok.trie.flat(), table_ids=t.ids, vocab=vocab, later_items=folded,
+                            fallback_items=[], fallback_tokens=np.zeros((0, 1)), table_codes=np.asarray(tok.codes))
+        found[dense] = [{h.item_id: h for h in row}.get(it.item_id) for row, it in zip(hits, folded)]   # query i: item i
+    assert all(h is not None and h.cosine == pytest.approx(1.0, abs=1e-4) for h in found[3])   # its own text
+    assert any(h is None for h in found[0])          # the two beams alone miss some of them
+    assert any(h.source == "dense" for h in found[3])

@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ace.newitems.item_vectors import HybridError, ItemVectorSet
@@ -95,44 +97,97 @@ def trained_depth(trie, codes: np.ndarray, levels: int) -> np.ndarray:
     return depth
 
 
-def nearest_trie_rows(vectors: ItemVectorSet, query_vecs: np.ndarray, in_trie: np.ndarray, taken: np.ndarray,
-                      count: int) -> np.ndarray:
-    """(Q, count) rows of the stored item ``vectors`` nearest each query vector (exact scan) among the items
-    ``in_trie`` (n,) bool, skipping ``taken`` (Q, B) rows (the query's generative candidates; -1 pads);
-    -1 pads when fewer are left."""
-    n = len(vectors.ids)
-    cos = np.asarray(query_vecs, dtype=np.float32) @ vectors.decode(np.arange(n)).T      # (Q, n)
+@dataclass
+class DensePool:
+    """The items a dense scan may add as candidates: every trie item with a text-space vector. ``ids``,
+    unit ``vectors`` (n, d) float32, identifier ``codes`` (n, L), and ``stored`` (n,): each one's row in the
+    scorer's stored vectors, -1 for a vector built after training (an item folded in later)."""
+    ids: list[str]
+    vectors: np.ndarray
+    codes: np.ndarray
+    stored: np.ndarray
+
+    def __post_init__(self):
+        self.codes, self.stored = np.asarray(self.codes, dtype=np.int64), np.asarray(self.stored, dtype=np.int64)
+        if not (len(self.ids) == len(self.vectors) == len(self.codes) == len(self.stored)):
+            raise HybridError(f"dense pool: {len(self.ids)} ids, {len(self.vectors)} vectors, {len(self.codes)} "
+                              f"identifiers, {len(self.stored)} stored rows")
+        self.index = {iid: j for j, iid in enumerate(self.ids)}
+
+    @classmethod
+    def build(cls, vectors: ItemVectorSet, table_ids: list[str], table_codes: np.ndarray,
+              extra: dict[str, np.ndarray] | None = None, exclude=()) -> "DensePool":
+        """The stored ``vectors`` still in the identifier table (and still in ``vectors.row``: a view may
+        withdraw some, giving them anew in ``extra``) + the ``extra`` vectors (id -> unit vector) of other
+        table items; ``exclude``: ids never in the pool (added items, served outside the trie)."""
+        pos = {iid: r for r, iid in enumerate(table_ids)}
+        table_codes, exclude = np.asarray(table_codes), set(exclude)
+        stored = [r for r, iid in enumerate(vectors.ids) if iid in pos and iid in vectors.row and iid not in exclude]
+        later = [iid for iid in (extra or {}) if iid in pos and iid not in vectors.row and iid not in exclude]
+        ids = [vectors.ids[r] for r in stored] + later
+        vecs = [vectors.decode(np.asarray(stored, dtype=np.int64)).reshape(len(stored), vectors.dim)]
+        if later:
+            vecs.append(np.stack([np.asarray(extra[i], dtype=np.float32) for i in later]))
+        codes = np.asarray([table_codes[pos[i]] for i in ids], dtype=np.int64).reshape(len(ids), table_codes.shape[1])
+        return cls(ids, np.concatenate(vecs).astype(np.float32), codes, np.asarray(stored + [-1] * len(later)))
+
+    def positions(self, cand_ids: list[list[str | None]]) -> np.ndarray:
+        """(Q, B) pool positions of candidate ids (-1: none, or not in the pool)."""
+        return np.asarray([[self.index.get(i, -1) if i is not None else -1 for i in row] for row in cand_ids],
+                          dtype=np.int64).reshape(len(cand_ids), -1)
+
+
+def nearest_pool_items(pool: DensePool, query_vecs: np.ndarray, in_trie: np.ndarray, taken: np.ndarray,
+                       count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions (Q, count) in ``pool``, -1 pads; their cosines) of the pool items nearest each query vector
+    (exact scan) among those ``in_trie`` (n,) bool, skipping ``taken`` (Q, B) positions (the query's
+    generative candidates; -1 pads); -1 pads when fewer are left."""
+    n = len(pool.ids)
+    cos = np.asarray(query_vecs, dtype=np.float32) @ pool.vectors.T                          # (Q, n)
     cos = np.where(np.asarray(in_trie, dtype=bool)[None, :], cos, -np.inf)
     taken = np.asarray(taken)
     q_idx = np.repeat(np.arange(len(cos)), taken.shape[1])
     t = taken.ravel()
     cos[q_idx[t >= 0], t[t >= 0]] = -np.inf
     top = np.argsort(-cos, axis=1, kind="stable")[:, :min(count, n)]
-    return np.where(np.isfinite(np.take_along_axis(cos, top, 1)), top, -1)
+    best = np.take_along_axis(cos, top, 1)
+    return np.where(np.isfinite(best), top, -1), np.where(np.isfinite(best), best, 0.0)
+
+
+def pool_candidates(model, state: dict, trie, vocab, pool: DensePool, query_vecs: np.ndarray, taken: np.ndarray,
+                    count: int, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``count`` items of ``pool`` in ``trie`` nearest each query vector that are not ``taken`` (Q, B pool
+    positions), with the teacher-forced log-prob of their first ``levels`` identifier tokens (every level of
+    a trie item was trained, so it is on the beam search's scale); ``state``: the beam search's encoder pass.
+    Returns (positions (Q, count) in ``pool``, -1 pads; logprob (Q, count), -inf at pads; cosines, 0 at pads)."""
+    from ace.model.decoding import score_identifiers
+
+    if pool.codes.ndim != 2 or pool.codes.shape[1] != vocab.length:
+        raise HybridError(f"dense candidates need {vocab.length}-token identifiers, got codes of shape {pool.codes.shape}")
+    safe = np.maximum(pool.codes, 0)
+    in_trie = (pool.codes.min(1) >= 0) & (trained_depth(trie, safe, vocab.length) == vocab.length)
+    pos, cos = nearest_pool_items(pool, query_vecs, in_trie, taken, count)                  # (Q, D)
+    Q = len(pos)
+    import torch
+
+    device = next(model.parameters()).device
+    toks = torch.as_tensor(vocab.encode(safe[np.maximum(pos, 0)].reshape(-1, vocab.length)),
+                           dtype=torch.long, device=device).reshape(Q, -1, vocab.length)
+    lp = score_identifiers(model, state["memory"], state["mask"], toks, levels,
+                           query=state["query"]).cpu().numpy().astype(np.float64)                  # (Q, D)
+    return pos, np.where(pos >= 0, lp, -np.inf), cos
 
 
 def dense_candidates(model, state: dict, trie, vocab, vectors: ItemVectorSet, codes: np.ndarray, query_vecs: np.ndarray,
                      taken: np.ndarray, count: int, levels: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``count`` items of ``trie`` nearest each query vector that are not among ``taken`` (Q, B) rows of
-    ``vectors``, with the teacher-forced log-prob of their first ``levels`` identifier tokens (every level of
-    a trie item was trained, so it is on the beam search's scale). ``codes`` (n, L): the identifier of each
-    row of ``vectors``, -1 rows for items no longer in the table; ``state``: the beam search's encoder pass.
-    Returns (rows (Q, count) of ``vectors``, -1 pads; logprob (Q, count), -inf at pads)."""
-    import torch
-
-    from ace.model.decoding import score_identifiers
-
+    """``pool_candidates`` over the stored item ``vectors`` alone, whose rows are the identifier table's
+    (the hybrid fit and the quality bench): ``codes`` (n, L) the identifier of each row, -1 rows for items
+    no longer in the table; ``taken`` (Q, B) rows. Returns (rows (Q, count) of ``vectors``, -1 pads; logprob)."""
     codes = np.asarray(codes)
     if codes.ndim != 2 or len(codes) != len(vectors.ids) or codes.shape[1] != vocab.length:
         raise HybridError(f"dense candidates need the identifier of every stored item vector: got codes of shape "
                           f"{codes.shape} for {len(vectors.ids)} vectors of {vocab.length}-token identifiers")
-    safe = np.maximum(codes, 0)
-    in_trie = (codes.min(1) >= 0) & (trained_depth(trie, safe, vocab.length) == vocab.length)
-    rows = nearest_trie_rows(vectors, query_vecs, in_trie, taken, count)                           # (Q, D)
-    Q = len(rows)
-    device = next(model.parameters()).device
-    toks = torch.as_tensor(vocab.encode(safe[np.maximum(rows, 0)].reshape(-1, vocab.length)),
-                           dtype=torch.long, device=device).reshape(Q, -1, vocab.length)
-    lp = score_identifiers(model, state["memory"], state["mask"], toks, levels,
-                           query=state["query"]).cpu().numpy().astype(np.float64)                  # (Q, D)
-    return rows, np.where(rows >= 0, lp, -np.inf)
+    n = len(vectors.ids)
+    pool = DensePool(list(vectors.ids), vectors.decode(np.arange(n)).reshape(n, vectors.dim), codes, np.arange(n))
+    pos, lp, _ = pool_candidates(model, state, trie, vocab, pool, query_vecs, taken, count, levels)
+    return pos, lp

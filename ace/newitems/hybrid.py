@@ -19,8 +19,8 @@ One scorer for every candidate, whatever produced it:
 - ``w``: fitted on held-out *training* queries the model never trained on
   (``split.scorer_queries`` -> RUN/scorer_queries.json), never on test queries.
 - candidates (``ace/newitems/candidates.py``): the beam search's top-B; with ``dense_candidates`` D > 0
-  also the D trie items nearest v_q that the beams missed (an exact scan of the stored vectors: for
-  corpora where that scan is affordable), their identifiers scored teacher-forced; added items from
+  also the D trie items nearest v_q that the beams missed (an exact scan of the trie items' vectors,
+  stored or built for items folded in later: for corpora where that scan is affordable), their identifiers scored teacher-forced; added items from
   the fallback index (``search_merged``).
 
 The pipeline stage ``hybrid`` (``ace.pipeline.hybrid_stage.build_run_hybrid``) writes RUN/hybrid/: ``vectors.npz``,
@@ -37,7 +37,7 @@ import numpy as np
 
 from ace.newitems.added_scores import (candidate_vectors, item_signatures, neighbour_completion,
                                        signature_completion, untrained_completion)
-from ace.newitems.candidates import dense_candidates, encoder_state, sentence_vectors, trained_depth
+from ace.newitems.candidates import DensePool, encoder_state, pool_candidates, sentence_vectors, trained_depth
 from ace.newitems.item_vectors import STORAGES, HybridError, ItemVectorSet, check_vectors  # noqa: F401 (re-exported)
 
 SOURCES = ("document", "doc_plus_queries")
@@ -249,7 +249,7 @@ class FallbackItems:
 
 def search_merged(model, query_tokenizer, trie, table_ids: list[str], vocab, scorer: HybridScorer, queries: list[str],
                   num_beams: int, k: int, *, extra_vectors: dict | None = None, fallback: FallbackItems | None = None,
-                  fallback_candidates: int | None = None, stored_codes: np.ndarray | None = None) -> list[list[HybridHit]]:
+                  fallback_candidates: int | None = None, dense_pool: DensePool | None = None) -> list[list[HybridHit]]:
     """Hybrid search of one query batch over both paths with ONE scorer.
 
     Generative candidates: the beam search's top-``num_beams`` (trie rows -> ``table_ids``). Fallback
@@ -260,9 +260,9 @@ def search_merged(model, query_tokenizer, trie, table_ids: list[str], vocab, sco
     candidate's log-prob and only the cosine tells them apart). Every candidate's score is
     log P(its identifier levels | q) + w * cos(q, item vector); the vector of a trie item comes from
     the stored set, or from ``extra_vectors`` (id -> unit vector) for items trained in later (folded).
-    Dense candidates (``scorer.dense_candidates`` D > 0, with ``stored_codes`` (n, L): the identifier of
-    each stored item, -1 rows for items no longer in the table): the D items of the trie nearest the
-    query vector that the beam search did not return, their whole identifier scored teacher-forced
+    Dense candidates (``scorer.dense_candidates`` D > 0, with ``dense_pool``: every trie item with a vector,
+    stored or built later, ``DensePool.build``): the D items of the trie nearest the query vector that the
+    beam search did not return, their whole identifier scored teacher-forced
     (every level of a trie item was trained), source "dense"."""
     import torch
 
@@ -302,17 +302,17 @@ def search_merged(model, query_tokenizer, trie, table_ids: list[str], vocab, sco
     cos = np.where(stored >= 0, scorer.vectors.cosine(qv, stored), cos)
     src = np.zeros((Q, B), dtype=np.int8)
     if scorer.dense_candidates and trie is not None:
-        if stored_codes is None:
-            raise HybridError("dense candidates need the identifier of every stored item vector (stored_codes)")
-        drows, dlp = dense_candidates(model, state, trie, vocab, scorer.vectors, stored_codes, qv, stored,
-                                      scorer.dense_candidates, levels)
-        cand_ids = [row + [scorer.vectors.ids[r] if r >= 0 else None for r in drow]
-                    for row, drow in zip(cand_ids, drows.tolist())]
+        if dense_pool is None:
+            raise HybridError("dense candidates need the pool of trie items with vectors (dense_pool)")
+        dpos, dlp, dcos = pool_candidates(model, state, trie, vocab, dense_pool, qv, dense_pool.positions(cand_ids),
+                                          scorer.dense_candidates, levels)
+        cand_ids = [row + [dense_pool.ids[j] if j >= 0 else None for j in drow]
+                    for row, drow in zip(cand_ids, dpos.tolist())]
         lp = np.concatenate([lp, dlp], 1)
-        cos = np.concatenate([cos, scorer.vectors.cosine(qv, drows)], 1)
-        src = np.concatenate([src, np.full(drows.shape, 2, dtype=np.int8)], 1)
-        rows = np.concatenate([rows, drows], 1)
-        stored = np.concatenate([stored, drows], 1)    # each candidate's row in the stored vectors (-1: none)
+        cos = np.concatenate([cos, dcos], 1)
+        src = np.concatenate([src, np.full(dpos.shape, 2, dtype=np.int8)], 1)
+        rows = np.concatenate([rows, dpos], 1)                 # (only its -1 pads count below)
+        stored = np.concatenate([stored, np.where(dpos >= 0, dense_pool.stored[np.maximum(dpos, 0)], -1)], 1)
     if fallback is not None and len(fallback.ids):
         F = min(fallback_candidates or num_beams, len(fallback.ids))
         fcos_all = qv @ fallback.vectors.T                                                 # (Q, n)
@@ -407,13 +407,11 @@ class HybridIndex:
         added ones served outside the trie; ``trie`` None = no generative items; ``table_codes`` (rows of
         ``table_ids``): identifiers, needed by dense candidates; ``generative_trie``: the whole generative
         path when ``trie`` is one modality's (``added_levels: signature``; default ``trie``)."""
-        stored_codes = None
-        if self.scorer.dense_candidates and table_codes is not None:
-            pos = {iid: r for r, iid in enumerate(table_ids)}
-            table_codes = np.asarray(table_codes)
-            stored_codes = np.stack([table_codes[pos[i]] if i in pos else np.full(table_codes.shape[1], -1)
-                                     for i in self.scorer.vectors.ids])
         extra = self.vectors([it for it in later_items if it.item_id not in self.scorer.vectors.row])
+        pool = None
+        if self.scorer.dense_candidates and table_codes is not None:   # every trie item, folded ones too
+            pool = DensePool.build(self.scorer.vectors, table_ids, table_codes, extra,
+                                   exclude=[it.item_id for it in fallback_items])
         fb = None
         if fallback_items:
             vec = self.vectors(fallback_items)
@@ -426,5 +424,5 @@ class HybridIndex:
         for s in range(0, len(queries), batch_size):
             out += search_merged(self.model, self.query_tokenizer, trie, table_ids, vocab, self.scorer,
                                  queries[s:s + batch_size], num_beams, k, extra_vectors=extra, fallback=fb,
-                                 stored_codes=stored_codes)
+                                 dense_pool=pool)
         return out
