@@ -112,7 +112,7 @@ def dt_trained_reference(captions: str, new_ids: set[str], cache_dir: Path, seed
 
 
 def finish_trained_run(cfg: RunConfig) -> bool:
-    """When the run's train stage is done: run the stages after it (fallback, eval, report) on that model.
+    """When the run's train stage is done: run the stages after it (fallback, hybrid, eval, report) on that model.
 
     The recorded stage keys are used, so a config dataclass that gained a field since the run was
     trained (a new stage key) does not retrain it. False when the run is not trained yet.
@@ -126,6 +126,7 @@ def finish_trained_run(cfg: RunConfig) -> bool:
             return False
         pipe.keys[stage] = record["key"]
     pipe.stage_fallback()
+    pipe.stage_hybrid()   # (eval's key includes the hybrid stage's: without it an up-to-date eval runs again)
     pipe.stage_eval()
     pipe.stage_report()
     return True
