@@ -160,6 +160,8 @@ def pool_candidates(model, state: dict, trie, vocab, pool: DensePool, query_vecs
     positions), with the teacher-forced log-prob of their first ``levels`` identifier tokens (every level of
     a trie item was trained, so it is on the beam search's scale); ``state``: the beam search's encoder pass.
     Returns (positions (Q, count) in ``pool``, -1 pads; logprob (Q, count), -inf at pads; cosines, 0 at pads)."""
+    import torch
+
     from ace.model.decoding import score_identifiers
 
     if pool.codes.ndim != 2 or pool.codes.shape[1] != vocab.length:
@@ -168,8 +170,6 @@ def pool_candidates(model, state: dict, trie, vocab, pool: DensePool, query_vecs
     in_trie = (pool.codes.min(1) >= 0) & (trained_depth(trie, safe, vocab.length) == vocab.length)
     pos, cos = nearest_pool_items(pool, query_vecs, in_trie, taken, count)                  # (Q, D)
     Q = len(pos)
-    import torch
-
     device = next(model.parameters()).device
     toks = torch.as_tensor(vocab.encode(safe[np.maximum(pos, 0)].reshape(-1, vocab.length)),
                            dtype=torch.long, device=device).reshape(Q, -1, vocab.length)
