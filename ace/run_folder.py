@@ -43,7 +43,7 @@ class RunPaths:
     IDENTIFIER_VECTORS, PRETRAIN = "identifier_vectors.npy", "pretrain.json"
     SCORER_QUERIES, HYBRID = "scorer_queries.json", "hybrid"
     QUERY_ORIGINS = "query_origins.json"
-    FOLD_REPORT = "fold_report.json"
+    FOLD_REPORT, FOLDED_OFFSETS = "fold_report.json", "folded_offsets.json"
     ENCODE_SHARDS = "encode_shards"
     # what a trained run needs to be served (Retriever.from_run) or folded (+ config.yaml)
     TRAINED = (MODEL, QUERY_TOKENIZER, IDENTIFIER_VOCAB, IDENTIFIERS, CORPUS)
@@ -74,6 +74,9 @@ class RunPaths:
     reload_lock = _entry(RELOAD_LOCK, "held by the one server of the run reloading its model (SQLite store)")
     fold = _entry(FOLD, "one folder per fold of added items into the model")
     fold_report = _entry(FOLD_REPORT, "the latest fold's report: what was folded, what stayed and why")
+    folded_offsets = property(lambda self: self.model / self.FOLDED_OFFSETS,
+                              doc="RUN/model/folded_offsets.json: per folded item, the log-prob offset its fold fitted "
+                                  "(hybrid search; swapped in with the model it calibrates)")
     identifier_vectors = _entry(IDENTIFIER_VECTORS, "item + query vectors the identifiers were built from (issue 19)")
     pretrain = _entry(PRETRAIN, "what identifier-space pretraining used (issue 19)")
     query_origins = _entry(QUERY_ORIGINS, "per training pair, the base pair it derives from (issue 19 lever 2; "

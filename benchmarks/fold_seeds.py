@@ -29,15 +29,18 @@ def cell(values: list) -> str:
 
 
 def gate_cell(gate: dict) -> str:
-    """'no swap; 78.4 -> 75.8 / 65.0 -> 66.0': the gate's decision and the validation R@k it compared."""
+    """'no swap; 78.4 -> 75.8 / 65.0 -> 66.0; offset -2': the gate's decision, the validation R@k it compared and
+    the folded items' log-prob offset it fitted (a gate that calibrates)."""
     if not gate:
         return "-"
     k = f"R@{gate.get('k', 10)}"
 
     def pair(a, b):
         return "-" if not (gate.get(a) and gate.get(b)) else f"{gate[a][k]:.1f} -> {gate[b][k]:.1f}"
+    cal = gate.get("calibration")
+    offset = "" if not cal else f"; offset {cal['offset']:+g}"
     return (f"{'swap' if gate.get('swap') else 'no swap'}; {pair('new_fallback', 'new_generative')} / "
-            f"{pair('old_before', 'old_after')}")
+            f"{pair('old_before', 'old_after')}{offset}")
 
 
 def round_table(results: list[dict], rnd: int) -> str:

@@ -469,3 +469,41 @@ def test_the_gate_view_scores_like_merged_search_and_keeps_validation_queries_ou
             assert stored < 0.9999                       # the stored vector also averages the held-out query
     finally:
         r.close()
+
+
+def test_a_fold_serves_its_items_with_the_log_prob_offset_it_fitted_and_the_next_fold_keeps_it(recipe_run, tmp_path):
+    """A hybrid run's fold fits its items' log-prob offset (here a one-value grid, -3): gate.json and the report
+    record it, the swapped-in model carries it (RUN/model/folded_offsets.json) and the Retriever's hybrid search
+    adds it to those items' log-probs; a second fold keeps the first fold's offsets beside its own."""
+    run = Path(shutil.copytree(recipe_run, tmp_path / "run"))
+    first = _fold(run, "steps=2", "checkpoint_every=1", "offset_grid=[-3.0]")
+    assert sorted(first.folded) == sorted(NEW)
+    cal = json.loads((first.fold_dir / "gate.json").read_text())["calibration"]
+    assert cal["offset"] == -3.0 and cal["half_offsets"] == [-3.0, -3.0] and len(cal["table"]) == 1
+    assert "log-prob offset: -3" in (first.fold_dir / "report.md").read_text()
+    doc = json.loads((run / "model" / "folded_offsets.json").read_text())
+    assert doc["offsets"] == {i: -3.0 for i in NEW} and doc["folds"]["1"]["offset"] == -3.0
+    assert not (run / "model.prev" / "folded_offsets.json").exists()
+    r = Retriever.from_run(run, device="cpu")
+    try:
+        assert r.hybrid.offsets == {i: -3.0 for i in NEW}
+        queries = [_captions(i)[0] for i in NEW]
+        served = r.search(queries, k=5, num_beams=5, mode="hybrid")
+        r.hybrid.offsets = {}
+        plain = r.search(queries, k=5, num_beams=5, mode="hybrid")
+        pairs = [(a, b) for row_a, row_b in zip(served, plain) for a in row_a for b in row_b if a.item_id == b.item_id]
+        assert any(a.item_id in NEW for a, _ in pairs)
+        for a, b in pairs:
+            assert a.raw_score == pytest.approx(b.raw_score + (-3.0 if a.item_id in NEW else 0.0), abs=1e-5)
+        emb = np.load(run / "embeddings.npy")
+        r.hybrid.offsets = {i: -3.0 for i in NEW}
+        r.add_items([CorpusItem(iid, "image", captions=[f"a {iid.split('-')[0]} {iid.split('-')[1]}",
+                                                        f"photo of a {iid.replace('-', ' ')}"],
+                                embedding=(emb[3 * j] + emb[3 * j + 7]) / np.linalg.norm(emb[3 * j] + emb[3 * j + 7]))
+                     for j, iid in enumerate(MORE)])
+    finally:
+        r.close()
+    second = _fold(run, "steps=2", "checkpoint_every=1", "offset_grid=[-1.0]")
+    assert sorted(second.folded) == sorted(MORE)
+    doc = json.loads((run / "model" / "folded_offsets.json").read_text())
+    assert doc["offsets"] == {i: -3.0 for i in NEW} | {i: -1.0 for i in MORE} and set(doc["folds"]) == {"1", "2"}

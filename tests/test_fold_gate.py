@@ -2,6 +2,7 @@
 from collections import Counter
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from ace.pipeline import fold_gate
@@ -154,3 +155,59 @@ def test_make_split_uses_the_scorer_queries_as_old_validation_and_never_replays_
     assert len(split["val_new"]) == 1 and len(split["train_new"]) == 2
     split = fold_gate.make_split(new_pairs, pool, [], tok, [(0, 0, 9)], cfg, lambda i: True)
     assert len(split["val_old"]) == 9 and not set(split["replay"]) & set(split["val_old"])
+
+
+def _scored(rows):
+    return [[(iid, float(s)) for iid, s in row] for row in rows]
+
+
+def test_fit_offset_lowers_folded_items_that_crowd_old_items_out():
+    """Constructed case, k = 1: a folded item "f" outscores the old gold by 1 on the old queries and leads its
+    own queries by 3; an offset in (-3, -1) ranks both golds first, 0 loses the old ones, -4 the new ones."""
+    from ace.pipeline.fold_gate import fit_offset, shifted_rankings
+
+    old_pairs = [("q1", "o1"), ("q2", "o2")]
+    old_scored = _scored([[("f", 5), ("o1", 4)], [("f", 2), ("o2", 1)]])
+    new_pairs = [("q3", "f")]
+    new_scored = _scored([[("f", 6), ("o1", 3)]])
+    kw = dict(k=1, max_old_drop=1.0, max_new_drop=0.0, z=0.0)
+    fit = fit_offset([0.0, -2.0, -4.0], {"f"}, ([True, True], old_scored, old_pairs), ([True], new_scored, new_pairs), **kw)
+    assert fit["offset"] == -2.0
+    table = {r["offset"]: r for r in fit["table"]}
+    assert table[0.0]["old_drop"] == 100.0 and table[0.0]["new_drop"] == 0.0
+    assert table[-2.0]["old_drop"] == 0.0 and table[-2.0]["new_drop"] == 0.0 and table[-2.0]["margin"] == 0.0
+    assert table[-4.0]["new_drop"] == 100.0
+    assert shifted_rankings(old_scored, {"f"}, -2.0, 2) == [["o1", "f"], ["o2", "f"]]
+    assert shifted_rankings(old_scored, set(), -2.0, 1) == [["f"], ["f"]]       # only the shifted items move
+    # ties of the margin go to the offset nearest 0; an empty side does not count
+    tie = fit_offset([-8.0, 2.5, -2.0], {"f"}, ([], [], []), ([True], new_scored, new_pairs), **kw)
+    assert tie["offset"] == -2.0 and tie["table"][0]["old_drop"] is None
+
+
+def test_cross_fit_ranks_each_half_with_the_offset_fitted_on_the_other_half():
+    from ace.pipeline.fold_gate import cross_fit_offset, fit_offset, half_of, shifted_rankings
+
+    items = [f"o{i}" for i in range(40)]
+    rng = np.random.default_rng(0)
+    old_pairs = [(f"q{i}", iid) for i, iid in enumerate(items)]
+    # per old query: the folded item "f" ahead of the gold by a random margin in (0, 4)
+    old_scored = _scored([[("f", 10.0), (iid, 10.0 - m)] for iid, m in zip(items, rng.uniform(0, 4, len(items)))])
+    new_pairs = [(f"n{i}", "f") for i in range(10)]
+    new_scored = _scored([[("f", 10.0), ("o0", 10.0 - m)] for m in rng.uniform(2.5, 6, 10)])
+    grid = [0.0, -1.0, -2.0, -3.0, -4.0, -5.0]
+    kw = dict(k=1, max_old_drop=1.0, max_new_drop=0.0, z=0.0)
+    old = ([True] * len(old_pairs), old_scored, old_pairs)
+    new = ([True] * len(new_pairs), new_scored, new_pairs)
+    old_rank, new_rank, rec = cross_fit_offset(grid, {"f"}, old, new, **kw)
+    assert {half_of(i) for i in items} == {0, 1}
+    assert rec["offset"] == fit_offset(grid, {"f"}, old, new, **kw)["offset"] and len(rec["table"]) == len(grid)
+    for h in (0, 1):
+        other = [i for i, (_, iid) in enumerate(old_pairs) if half_of(iid) != h]
+        want = fit_offset(grid, {"f"}, ([True] * len(other), [old_scored[i] for i in other], [old_pairs[i] for i in other]),
+                          new if half_of("f") != h else ([], [], []), **kw)["offset"]
+        assert rec["half_offsets"][h] == want
+        for i, (_, iid) in enumerate(old_pairs):
+            if half_of(iid) == h:
+                assert old_rank[i] == shifted_rankings([old_scored[i]], {"f"}, want, 1)[0]
+    same = cross_fit_offset([0.0], {"f"}, old, new, **kw)    # grid [0]: the candidates' own order
+    assert same[0] == [[row[0][0]] for row in old_scored] and same[2]["offset"] == 0.0

@@ -681,3 +681,51 @@ def test_dense_candidates_reach_items_folded_in_after_training(tiny_model):
     assert all(h is not None and h.cosine == pytest.approx(1.0, abs=1e-4) for h in found[3])   # its own text
     assert any(h is None for h in found[0])          # the two beams alone miss some of them
     assert any(h.source == "dense" for h in found[3])
+
+
+def test_folded_items_offsets_shift_their_log_prob_and_nothing_else(tiny_model):
+    """search_merged with ``offsets``: an offset item's log-prob is the model's plus its offset, its score
+    log-prob + w x cosine; every other candidate scores as without offsets."""
+    from ace.newitems.hybrid import search_merged
+
+    task, tok, qtok, model, vocab = tiny_model
+    ids = list(tok.trie.item_ids)
+    vec = _unit(np.random.default_rng(3), len(ids), 32)
+    scorer = HybridScorer(ItemVectorSet.build(ids, vec), 3.0, "prefix", 8, {})
+    queries = [q for q, _ in task.val_pairs[:6]]
+    plain = search_merged(model, qtok, tok.trie.flat(), ids, vocab, scorer, queries, 8, 8)
+    shifted = {h.item_id: -2.5 for h in plain[0][:3]} | {plain[1][0].item_id: 1.0}
+    moved = search_merged(model, qtok, tok.trie.flat(), ids, vocab, scorer, queries, 8, 8, offsets=shifted)
+    for a, b in zip(plain, moved):
+        assert {h.item_id for h in a} == {h.item_id for h in b}      # the same candidates, re-ranked
+        was = {h.item_id: h for h in a}
+        for h in b:
+            assert h.logprob == pytest.approx(was[h.item_id].logprob + shifted.get(h.item_id, 0.0), abs=1e-9)
+            assert h.score == pytest.approx(h.logprob + 3.0 * h.cosine, abs=1e-9)
+        assert [h.score for h in b] == sorted((h.score for h in b), reverse=True)
+    assert [h.item_id for h in moved[0]] != [h.item_id for h in plain[0]]   # the shift re-ranks this query
+
+
+def test_folded_offsets_file_reads_back_and_bad_files_give_clear_errors(tmp_path):
+    import json
+
+    from ace.newitems.hybrid import offsets_document, read_offsets
+
+    path = tmp_path / "folded_offsets.json"
+    assert read_offsets(path) == {} and read_offsets(path, folds=True) == ({}, {})
+    path.write_text(json.dumps(offsets_document({"a": -2.0, "b\u00e9": 1}, {"1": {"offset": -2.0}})))
+    assert read_offsets(path) == {"a": -2.0, "b\u00e9": 1.0}
+    assert read_offsets(path, folds=True)[1] == {"1": {"offset": -2.0}}
+    with pytest.raises(HybridError, match="must be finite"):
+        offsets_document({"a": float("nan")}, {})
+    for text, match in [("{not json", "not readable JSON"), ("[1, 2]", "format_version"),
+                        ('{"format_version": 1, "offsets": {"a": "x"}}', "not finite numbers"),
+                        ('{"format_version": 1, "offsets": {"a": NaN}}', "not finite numbers"),
+                        ('{"format_version": 1, "offsets": {"a": true}}', "not finite numbers"),
+                        ('{"format_version": 9, "offsets": {}}', "format_version")]:
+        path.write_text(text)
+        with pytest.raises(HybridError, match=match):
+            read_offsets(path)
+    path.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(HybridError, match="not readable JSON"):
+        read_offsets(path)

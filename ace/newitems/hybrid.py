@@ -18,6 +18,9 @@ One scorer for every candidate, whatever produced it:
   int8 (per-row scale) or product-quantisation codes (``storage``).
 - ``w``: fitted on held-out *training* queries the model never trained on
   (``split.scorer_queries`` -> RUN/scorer_queries.json), never on test queries.
+- folded items' offsets: an item folded in after training may carry an additive log-prob offset its fold
+  fitted on validation queries (a freshly fine-tuned decoder leans towards the items it was just trained
+  on; ``ace.pipeline.fold_gate.fit_offset``), read from RUN/model/folded_offsets.json (``read_offsets``).
 - candidates (``ace/newitems/candidates.py``): the beam search's top-B; with ``dense_candidates`` D > 0
   also the D trie items nearest v_q that the beams missed (an exact scan of the trie items' vectors,
   stored or built for items folded in later: for corpora where that scan is affordable), their identifiers scored teacher-forced; added items from
@@ -205,6 +208,41 @@ class HybridScorer:
         return identifier_length - 1 if self.levels == "prefix" else identifier_length
 
 
+OFFSETS_FORMAT = 1
+
+
+def read_offsets(path: str | Path, *, folds: bool = False):
+    """Item id -> log-prob offset of the items folded in after training (RUN/model/folded_offsets.json,
+    written by ``train.py fold``); {} when the file does not exist (no fold fitted one). ``folds``: return
+    (offsets, fold -> the record of its fit)."""
+    path = Path(path)
+    if not path.is_file():
+        return ({}, {}) if folds else {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HybridError(f"{path} is not readable JSON ({exc}); restore it from the fold that wrote it "
+                          f"(RUN/fold/<n>/gate.json records each fold's offset)") from None
+    offsets = data.get("offsets") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or data.get("format_version") != OFFSETS_FORMAT or not isinstance(offsets, dict):
+        raise HybridError(f"{path} must hold {{'format_version': {OFFSETS_FORMAT}, 'offsets': {{item_id: offset}}}}")
+    bad = [k for k, v in offsets.items() if isinstance(v, bool) or not isinstance(v, (int, float))
+           or not math.isfinite(v)]
+    if bad:
+        raise HybridError(f"{path}: the offsets of {len(bad)} item(s) are not finite numbers, e.g. {bad[:5]}")
+    out = {str(k): float(v) for k, v in offsets.items()}
+    return (out, dict(data.get("folds") or {})) if folds else out
+
+
+def offsets_document(offsets: dict[str, float], folds: dict) -> dict:
+    """The JSON document ``read_offsets`` reads: ``offsets`` (item id -> log-prob offset) and ``folds``
+    (fold -> the record of its fit)."""
+    bad = [k for k, v in offsets.items() if not math.isfinite(v)]
+    if bad:
+        raise HybridError(f"folded items' log-prob offsets must be finite, got {bad[:5]}")
+    return {"format_version": OFFSETS_FORMAT, "offsets": {k: float(v) for k, v in offsets.items()}, "folds": folds}
+
+
 def query_dim(model) -> int:
     """Dimension of the model's query vectors (``sentence_vectors`` of its last encoder layer)."""
     return model.config.d_model if model.encoder.bert is None else model.encoder.bert.config.hidden_size
@@ -249,7 +287,8 @@ class FallbackItems:
 
 def search_merged(model, query_tokenizer, trie, table_ids: list[str], vocab, scorer: HybridScorer, queries: list[str],
                   num_beams: int, k: int, *, extra_vectors: dict | None = None, fallback: FallbackItems | None = None,
-                  fallback_candidates: int | None = None, dense_pool: DensePool | None = None) -> list[list[HybridHit]]:
+                  fallback_candidates: int | None = None, dense_pool: DensePool | None = None,
+                  offsets: dict[str, float] | None = None) -> list[list[HybridHit]]:
     """Hybrid search of one query batch over both paths with ONE scorer.
 
     Generative candidates: the beam search's top-``num_beams`` (trie rows -> ``table_ids``). Fallback
@@ -263,7 +302,9 @@ def search_merged(model, query_tokenizer, trie, table_ids: list[str], vocab, sco
     Dense candidates (``scorer.dense_candidates`` D > 0, with ``dense_pool``: every trie item with a vector,
     stored or built later, ``DensePool.build``): the D items of the trie nearest the query vector that the
     beam search did not return, their whole identifier scored teacher-forced
-    (every level of a trie item was trained), source "dense"."""
+    (every level of a trie item was trained), source "dense". ``offsets`` (item id -> log-prob offset, items
+    folded in later, ``read_offsets``) are added to those items' log-probs wherever they are candidates,
+    before an added item's log-prob is taken from them."""
     import torch
 
     from ace.model.decoding import constrained_beam_search, score_identifiers
@@ -313,6 +354,9 @@ def search_merged(model, query_tokenizer, trie, table_ids: list[str], vocab, sco
         src = np.concatenate([src, np.full(dpos.shape, 2, dtype=np.int8)], 1)
         rows = np.concatenate([rows, dpos], 1)                 # (only its -1 pads count below)
         stored = np.concatenate([stored, np.where(dpos >= 0, dense_pool.stored[np.maximum(dpos, 0)], -1)], 1)
+    if offsets:
+        lp = lp + np.array([[offsets.get(iid, 0.0) if iid is not None else 0.0 for iid in row] for row in cand_ids],
+                           dtype=np.float64).reshape(lp.shape)
     if fallback is not None and len(fallback.ids):
         F = min(fallback_candidates or num_beams, len(fallback.ids))
         fcos_all = qv @ fallback.vectors.T                                                 # (Q, n)
@@ -356,16 +400,17 @@ class HybridIndex:
     came after training (added: served from outside the trie; folded: trained in later), built from
     their texts by the model's encoder on first use and cached per item id."""
 
-    def __init__(self, scorer: HybridScorer, model, query_tokenizer):
+    def __init__(self, scorer: HybridScorer, model, query_tokenizer, *, offsets: dict[str, float] | None = None):
         check_query_dim(scorer.vectors.dim, model)
         self.scorer, self.model, self.query_tokenizer = scorer, model, query_tokenizer
+        self.offsets = dict(offsets or {})     # folded item id -> log-prob offset (``read_offsets``)
         self._vectors: dict[str, np.ndarray] = {}
         self._signatures: dict[str, dict[str, float]] = {}     # added item id -> signature (``signatures``)
         self._signature_trie, self._signature_items = None, frozenset()   # what the signatures were made against
 
     @classmethod
-    def load(cls, run_dir, model, query_tokenizer) -> "HybridIndex":
-        return cls(HybridScorer.load(run_dir), model, query_tokenizer)
+    def load(cls, run_dir, model, query_tokenizer, *, offsets: dict[str, float] | None = None) -> "HybridIndex":
+        return cls(HybridScorer.load(run_dir), model, query_tokenizer, offsets=offsets)
 
     def vectors(self, items) -> dict[str, np.ndarray]:
         """id -> unit vector of each CorpusItem (its description and captions, as the scorer's item vectors)."""
@@ -424,5 +469,5 @@ class HybridIndex:
         for s in range(0, len(queries), batch_size):
             out += search_merged(self.model, self.query_tokenizer, trie, table_ids, vocab, self.scorer,
                                  queries[s:s + batch_size], num_beams, k, extra_vectors=extra, fallback=fb,
-                                 dense_pool=pool)
+                                 dense_pool=pool, offsets=self.offsets)
         return out

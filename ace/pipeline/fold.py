@@ -20,6 +20,8 @@ marked ``"folded"`` in the store with the fold marker: running servers reload it
     RUN/fold/<n>/before.json      held-out test recall before the fold; gate.json the gate's measurements and decision
     RUN/fold/<n>/metrics.json + report.md when done; RUN/fold_report.json the latest fold's
     RUN/model.prev/, RUN/identifiers.prev/   the previous model and identifiers
+    RUN/model/folded_offsets.json  on a hybrid run: the folded items' log-prob offsets (``calibrate``: fitted
+                                   by the gate, ``fold_gate.cross_fit_offset``), earlier folds' items included
 
 Commit protocol (``state.json`` records the phase): the new model and identifiers are written in
 RUN/fold/<n>/ (phase ``staged``); phase ``swapping``; RUN/model -> RUN/model.prev and the staged
@@ -281,6 +283,21 @@ class Fold:
                     shutil.rmtree(prev)
                 staged.rename(prev)
 
+    def _stage_offsets(self, fold_dir: Path, folded: list[str], calibration: dict | None) -> None:
+        """The staged model's folded_offsets.json: the live model's (earlier folds' items) + this fold's offset
+        for the items it folds (none on the generative path, or when it fitted 0)."""
+        from ace.newitems.hybrid import HybridError, offsets_document, read_offsets
+
+        try:
+            offsets, folds = read_offsets(self.paths.folded_offsets, folds=True)
+        except HybridError as exc:
+            raise FoldError(str(exc)) from None
+        if calibration is not None:
+            offsets.update({i: calibration["offset"] for i in folded if calibration["offset"] != 0})
+            folds[fold_dir.name] = {k: calibration[k] for k in ("offset", "half_offsets", "grid")} | {"items": len(folded)}
+        if offsets or folds:
+            write_json_atomic(fold_dir / RunPaths.MODEL / RunPaths.FOLDED_OFFSETS, offsets_document(offsets, folds))
+
     # ---- driver ------------------------------------------------------------------------------
     def run_fold(self) -> FoldResult:
         """Fold the active added items (or finish an interrupted fold); one fold at a time per run."""
@@ -363,6 +380,7 @@ class Fold:
             if (fold_dir / name).exists() and (not folded or name == RunPaths.IDENTIFIERS):
                 shutil.rmtree(fold_dir / name)
         if folded:   # identifiers: the current ones + the folded items only
+            self._stage_offsets(fold_dir, folded, decision.get("calibration"))
             staged = SemanticIdTokenizer.load(self.paths.identifiers, device="cpu")
             _insert_identifiers(staged, np.asarray([plan["identifiers"][plan["items"].index(i)] for i in folded],
                                                    dtype=np.int64), folded)

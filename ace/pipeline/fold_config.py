@@ -1,7 +1,8 @@
 """``FoldConfig``: the settings of ``train.py fold`` (ace/pipeline/fold.py), ``key=value`` on its command line."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -24,6 +25,11 @@ class FoldConfig:
     gate_path: str = "served"         # "served": on a hybrid run, recall of the hybrid-scored generative path,
                                       # new items' bar = merged search while in the fallback (else as "generative");
                                       # "generative": beam search alone, bar = the fallback alone
+    calibrate: bool = True            # on a hybrid run (gate_path served): fit a log-prob offset for the folded
+                                      # items on the validation queries (cross-fitted, fold_gate.cross_fit_offset),
+                                      # served from RUN/model/folded_offsets.json; false: offset 0
+    offset_grid: list[float] = field(default_factory=lambda: [2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0,
+                                                              -6.0, -8.0, -12.0, -16.0])
     val_per_item: int = 1             # new items' generated queries held out of fine-tuning for the gate
     val_old: int = 500                # old items' validation queries of the gate (0: none; the run's
                                       # scorer queries when it has them, else old training pairs left out of replay)
@@ -50,6 +56,8 @@ class FoldConfig:
                      "distill_weight", "max_old_drop", "max_new_drop", "val_per_item", "val_old", "gate_z"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.offset_grid or any(not math.isfinite(x) for x in self.offset_grid):
+            raise ValueError(f"offset_grid must be a non-empty list of finite numbers, got {self.offset_grid}")
         if self.gate_path not in ("served", "generative"):
             raise ValueError(f"gate_path must be 'served' or 'generative', got {self.gate_path!r}")
         if self.replay not in ("structured", "random"):

@@ -10,10 +10,15 @@
   together lose at most ``max_new_drop`` and old items less than ``max_old_drop`` R@k points, each drop
   taken at its upper confidence bound (``paired_drop``: drop + z x its paired standard error over the
   same validation queries) so that a gate on a few hundred queries does not swap on noise;
+- ``fit_offset`` / ``cross_fit_offset``: a log-prob offset for the folded items on a hybrid run (a freshly
+  fine-tuned decoder leans towards the items it was just trained on, and they crowd old items out of the
+  top k), the one of a grid the gate is most likely to pass with, fitted on one half of the validation
+  queries and measured on the other so that the gate does not select on the queries it tests;
 - ``format_gate_report``: the Markdown part of the fold report saying what was folded, what stayed, why.
 """
 from __future__ import annotations
 
+import zlib
 from collections import defaultdict
 
 import numpy as np
@@ -225,6 +230,78 @@ def gate(items: list[str], generative: dict[str, float], fallback: dict[str, flo
             "items": decisions}
 
 
+def shifted_rankings(scored: list[list[tuple[str, float]]], shifted: set[str], offset: float, k: int) -> list[list[str]]:
+    """Top-k item ids of each query's scored candidates ``[(item_id, score), ...]`` with ``offset`` added to the
+    scores of the items in ``shifted`` (a stable sort: ties keep the candidates' order)."""
+    out = []
+    for row in scored:
+        score = [s + offset if iid in shifted else s for iid, s in row]
+        order = sorted(range(len(row)), key=lambda j: -score[j])
+        out.append([row[j][0] for j in order[:k]])
+    return out
+
+
+def _side(before: list[bool], scored, pairs, shifted, offset, k, bound, z) -> tuple[float, float, float] | None:
+    """(drop, upper bound, bound - upper) of one side's validation queries at ``offset``; None without queries."""
+    if not pairs or not before:
+        return None
+    after = hits(shifted_rankings(scored, shifted, offset, k), pairs, k)
+    drop, se = paired_drop(before, after)
+    upper = drop + z * se if z and np.isfinite(se) else drop
+    return drop, upper, bound - upper
+
+
+def fit_offset(grid, shifted: set[str], old: tuple, new: tuple, *, k: int, max_old_drop: float, max_new_drop: float,
+               z: float) -> dict:
+    """The offset of ``grid`` the gate is most likely to pass with. ``old`` / ``new``: (per-query hits before,
+    scored candidates after [(item_id, score), ...] per query, (query, item_id) pairs) of the old items' and the
+    candidates' validation queries. Per offset, each side's drop at its upper bound as ``gate`` takes it; the
+    offset with the largest margin min(max_old_drop - old upper, max_new_drop - new upper) wins (a side without
+    queries does not count), ties to the offset nearest 0. Returns {"offset", "table": one row per offset}."""
+    table = []
+    for off in grid:
+        o = _side(*old, shifted, off, k, max_old_drop, z)
+        n = _side(*new, shifted, off, k, max_new_drop, z)
+        margins = [x[2] for x in (o, n) if x is not None]
+        table.append({"offset": float(off), "old_drop": o and o[0], "old_upper": o and o[1],
+                      "new_drop": n and n[0], "new_upper": n and n[1],
+                      "margin": min(margins) if margins else 0.0})
+    best = max(table, key=lambda r: (round(r["margin"], 9), -abs(r["offset"])))
+    return {"offset": best["offset"], "table": table}
+
+
+def half_of(item_id: str) -> int:
+    """0 or 1: the half of the validation queries an item's queries belong to (a stable hash of its id)."""
+    return zlib.crc32(item_id.encode("utf-8", "surrogatepass")) & 1
+
+
+def cross_fit_offset(grid, shifted: set[str], old: tuple, new: tuple, *, k: int, max_old_drop: float,
+                     max_new_drop: float, z: float) -> tuple[list[list[str]], list[list[str]], dict]:
+    """(old rankings, new rankings, record): ``fit_offset`` cross-fitted. The validation queries are split in two
+    halves by item (``half_of``); each half is ranked with the offset fitted on the other, so the figures the
+    gate compares were not used to choose the offset that produced them. The record holds the offset fitted on
+    all the queries (the one to serve), each half's, and the table over all the queries."""
+    kw = dict(k=k, max_old_drop=max_old_drop, max_new_drop=max_new_drop, z=z)
+
+    def part(side, h):
+        before, scored, pairs = side
+        keep = [i for i, (_, iid) in enumerate(pairs) if half_of(iid) == h]
+        return [before[i] for i in keep] if before else [], [scored[i] for i in keep], [pairs[i] for i in keep]
+
+    ranks = {"old": [None] * len(old[2]), "new": [None] * len(new[2])}
+    halves = []
+    for h in (0, 1):
+        fitted = fit_offset(grid, shifted, part(old, 1 - h), part(new, 1 - h), **kw)["offset"]
+        halves.append(fitted)
+        for name, (_, scored, pairs) in (("old", old), ("new", new)):
+            for i, (_, iid) in enumerate(pairs):
+                if half_of(iid) == h:
+                    ranks[name][i] = shifted_rankings([scored[i]], shifted, fitted, k)[0]
+    whole = fit_offset(grid, shifted, old, new, **kw)
+    return ranks["old"], ranks["new"], {"offset": whole["offset"], "half_offsets": halves, "table": whole["table"],
+                                        "grid": [float(g) for g in grid]}
+
+
 def format_gate_report(g: dict, cost: dict | None = None, limit: int = 20) -> str:
     """Markdown: the gate's decision, the recall it compared and what was folded / stayed."""
     k = g["k"]
@@ -241,6 +318,19 @@ def format_gate_report(g: dict, cost: dict | None = None, limit: int = 20) -> st
              f"{cell(g.get('new_fallback'))} | {cell(g.get('new_generative'))} |"]
     if g.get("new_fallback_alone") and g.get("fallback_bar", "fallback alone") != "fallback alone":
         lines.append(f"| new items: fallback alone (ranks the added items only) | {cell(g['new_fallback_alone'])} | - |")
+    cal = g.get("calibration")
+    if cal:
+        lines += ["", f"Folded items' log-prob offset: {cal['offset']:+g} (fitted on all the validation queries; "
+                      f"the figures above rank each half of them with the offset fitted on the other half, "
+                      f"{cal['half_offsets'][0]:+g} / {cal['half_offsets'][1]:+g}). Per offset, on all the queries:", "",
+                  "| offset | old items: drop (upper bound) | candidates: drop (upper bound) | margin |",
+                  "| --- | --- | --- | --- |"]
+
+        def drop(d, u):
+            return "-" if d is None else f"{d:.2f} ({u:.2f})"
+
+        lines += [f"| {r['offset']:+g} | {drop(r['old_drop'], r['old_upper'])} | {drop(r['new_drop'], r['new_upper'])} "
+                  f"| {r['margin']:.2f} |" for r in cal["table"]]
     lines += ["",
              f"{len(g['folded'])} item(s) folded, {len(g['stayed'])} stay in the fallback (still served there)."]
     if cost:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ace.newitems.hybrid import read_offsets
 from ace.pipeline import fold_gate
 from ace.run_folder import RunPaths, write_json_atomic
 
@@ -138,10 +139,18 @@ class GateView:
 
 
 def hybrid_rows(run: Path, cfg, model, tok, rows: list[int], pairs, view: GateView,
-                fallback: list[str] = ()) -> list[list[str]]:
+                fallback: list[str] = (), offsets: dict[str, float] | None = None) -> list[list[str]]:
     """Hybrid rankings (identifier log-prob + w * cosine, the run's fitted scorer) of ``pairs`` by ``model``:
     the identifiers ``rows`` of ``tok`` on the generative path, the items ``fallback`` (ids in ``tok``) served
-    outside it as merged search serves added items; item vectors from ``view`` (no validation query in them)."""
+    outside it as merged search serves added items; item vectors from ``view`` (no validation query in them);
+    ``offsets``: the folded items' log-prob offsets (as served, ``read_offsets``)."""
+    return [[iid for iid, _ in row[:cfg.top_k]]
+            for row in hybrid_scored(run, cfg, model, tok, rows, pairs, view, fallback, offsets)]
+
+
+def hybrid_scored(run: Path, cfg, model, tok, rows: list[int], pairs, view: GateView, fallback: list[str] = (),
+                  offsets: dict[str, float] | None = None) -> list[list[tuple[str, float]]]:
+    """``hybrid_rows``' every candidate with its fused score, best first: [(item_id, score), ...] per query."""
     from ace.model.tokens import IdentifierVocab, QueryTokenizer
     from ace.newitems.hybrid import HybridIndex
     from identifiers import FlatTrie
@@ -151,17 +160,19 @@ def hybrid_rows(run: Path, cfg, model, tok, rows: list[int], pairs, view: GateVi
     paths = RunPaths(run)
     vocab = IdentifierVocab.load(paths.identifier_vocab)
     trie = FlatTrie.from_codes(tok.codes[rows], tok.level_sizes, items=np.asarray(rows, dtype=np.int64)) if rows else None
-    index = HybridIndex(view.scorer, model, QueryTokenizer.load(paths.query_tokenizer))
+    index = HybridIndex(view.scorer, model, QueryTokenizer.load(paths.query_tokenizer), offsets=offsets)
     later = view.items_of([tok.item_ids[r] for r in rows if tok.item_ids[r] not in view.scorer.vectors.row])
     pos = {iid: r for r, iid in enumerate(tok.item_ids)}
     fb_items = view.items_of(list(fallback))
     tokens = (vocab.encode(np.stack([np.asarray(tok.codes[pos[i]]) for i in fallback])) if len(fallback)
               else np.zeros((0, 1), dtype=np.int64))
-    hits = index.search([q for q, _ in pairs], cfg.top_k, max(cfg.num_beams, cfg.top_k), trie=trie,
+    beams = max(cfg.num_beams, cfg.top_k)
+    every = beams + view.scorer.dense_candidates + len(fallback)    # no candidate is cut
+    hits = index.search([q for q, _ in pairs], every, beams, trie=trie,
                         table_ids=list(tok.item_ids), vocab=vocab, later_items=later + fb_items,
                         fallback_items=fb_items, fallback_tokens=tokens, batch_size=cfg.eval_batch_size,
                         table_codes=np.asarray(tok.codes))
-    return [[h.item_id for h in row] for row in hits]
+    return [[(h.item_id, h.score) for h in row] for row in hits]
 
 
 def gate_before(run: Path, fold_dir: Path, cfg, device: str, split: dict, tok, old_rows: list[int], items: list[str],
@@ -196,8 +207,9 @@ def gate_before(run: Path, fold_dir: Path, cfg, device: str, split: dict, tok, o
     if scorer is not None:
         view = GateView(run, scorer, split, items_of)
         model = AceModel.from_pretrained(str(RunPaths(run).model)).to(device).eval()
-        old = hybrid_rows(run, cfg, model, tok, old_rows, split["val_old"], view)
-        bar = hybrid_rows(run, cfg, model, tok, old_rows, split["val_new"], view, fallback=list(items))
+        offsets = read_offsets(RunPaths(run).folded_offsets)    # earlier folds' items, as served
+        old = hybrid_rows(run, cfg, model, tok, old_rows, split["val_old"], view, offsets=offsets)
+        bar = hybrid_rows(run, cfg, model, tok, old_rows, split["val_new"], view, fallback=list(items), offsets=offsets)
     out = {"path": "hybrid" if scorer is not None else "generative",
            "old_before": fold_gate.metrics(old, split["val_old"]),
            "new_fallback": fold_gate.metrics(bar, split["val_new"]) if bar else None,
@@ -213,9 +225,13 @@ def gate_before(run: Path, fold_dir: Path, cfg, device: str, split: dict, tok, o
 
 def gate_after(run: Path, fold_dir: Path, cfg, device: str, tok, split: dict, old_rows: list[int], items: list[str],
                before: dict, items_of) -> dict:
-    """The fine-tuned model (fold_dir/model) on the validation queries, and the gate's decision (gate.json):
-    new items over the old items + every candidate, then old items over the old items + the passing
-    candidates, on the path ``before`` measured (hybrid-scored on a hybrid run)."""
+    """The fine-tuned model (fold_dir/model) on the validation queries, and the gate's decision (gate.json),
+    on the path ``before`` measured. Generative path: new items over the old items + every candidate, then
+    old items over the old items + the passing candidates. Hybrid-scored (a hybrid run): both over the old
+    items + every candidate (the candidates that stay compete from the fallback when served), and with
+    ``calibrate`` the candidates' log-prob offset cross-fitted on the validation queries
+    (``fold_gate.cross_fit_offset``: each half ranked with the offset fitted on the other half); the offset
+    fitted on all of them is recorded (``calibration``) for the staged model."""
     from ace.model.modeling import AceModel
 
     model = AceModel.from_pretrained(str(fold_dir / RunPaths.MODEL)).to(device).eval()
@@ -223,16 +239,25 @@ def gate_after(run: Path, fold_dir: Path, cfg, device: str, tok, split: dict, ol
     view = GateView(run, gate_scorer(run, cfg), split, items_of) if hybrid else None
     row = {iid: i for i, iid in enumerate(tok.item_ids)}
     k = gate_k(cfg)
-
-    def ranked(rows, pairs):
-        return hybrid_rows(run, cfg, model, tok, rows, pairs, view) if hybrid else search_rows(run, cfg, model, tok, rows, pairs)
-
-    new_rank = ranked(old_rows + [row[i] for i in items], split["val_new"])
-    generative = fold_gate.per_item_recall(fold_gate.hits(new_rank, split["val_new"], k), split["val_new"])
     args = dict(k=k, max_old_drop=cfg.max_old_drop, enabled=cfg.gate)
-    first = fold_gate.gate(items, generative, before["fallback_by_item"], before["old_before"], None, **args)
-    passing = [i for i in items if first["items"][i]["fold"]]
-    old_rank = ranked(old_rows + [row[i] for i in passing], split["val_old"])
+    calibration = None
+    if hybrid:
+        offsets = read_offsets(RunPaths(run).folded_offsets)    # earlier folds' items, as served
+        every = old_rows + [row[i] for i in items]
+        new_scored, old_scored = (hybrid_scored(run, cfg, model, tok, every, split[name], view, offsets=offsets)
+                                  for name in ("val_new", "val_old"))
+        grid = cfg.offset_grid if cfg.calibrate else [0.0]
+        old_rank, new_rank, calibration = fold_gate.cross_fit_offset(
+            grid, set(items), (before["old_hits"], old_scored, split["val_old"]),
+            (before["new_hits"], new_scored, split["val_new"]), k=cfg.top_k, max_old_drop=cfg.max_old_drop,
+            max_new_drop=cfg.max_new_drop, z=cfg.gate_z)
+        generative = fold_gate.per_item_recall(fold_gate.hits(new_rank, split["val_new"], k), split["val_new"])
+    else:
+        new_rank = search_rows(run, cfg, model, tok, old_rows + [row[i] for i in items], split["val_new"])
+        generative = fold_gate.per_item_recall(fold_gate.hits(new_rank, split["val_new"], k), split["val_new"])
+        first = fold_gate.gate(items, generative, before["fallback_by_item"], before["old_before"], None, **args)
+        passing = [i for i in items if first["items"][i]["fold"]]
+        old_rank = search_rows(run, cfg, model, tok, old_rows + [row[i] for i in passing], split["val_old"])
     old_after = fold_gate.metrics(old_rank, split["val_old"])
     new_after = fold_gate.metrics(new_rank, split["val_new"])
     old_hits = (before["old_hits"], fold_gate.hits(old_rank, split["val_old"], k)) if split["val_old"] else None
@@ -243,7 +268,7 @@ def gate_after(run: Path, fold_dir: Path, cfg, device: str, tok, split: dict, ol
     decision.update(old_before=before["old_before"], old_after=old_after, new_fallback=before["new_fallback"],
                     new_generative=new_after, val_old_source=split["val_old_source"],
                     path=before.get("path", "generative"), fallback_bar=before.get("fallback_bar", "fallback alone"),
-                    new_fallback_alone=before.get("new_fallback_alone"))
+                    new_fallback_alone=before.get("new_fallback_alone"), calibration=calibration)
     write_json_atomic(fold_dir / "gate.json", decision)
     return decision
 

@@ -43,7 +43,7 @@ from ace.model.decoding import quantize_dynamic_int8, search_texts
 from ace.model.modeling import AceModel
 from ace.model.tokens import IdentifierVocab, QueryTokenizer
 from ace.newitems.calibration import Calibration, load_calibration, merge_rankings
-from ace.newitems.hybrid import HybridError, HybridIndex
+from ace.newitems.hybrid import HybridError, HybridIndex, read_offsets
 from ace.newitems.index import FallbackIndex
 from ace.newitems.query_tower import run_text_tower
 from ace.run_folder import RunPaths, load_run_corpus, load_run_embeddings, model_version, read_encoder_config
@@ -164,7 +164,8 @@ class Retriever:
                               text_encoder=text_encoder, store_url=url, encoder_engine=encoder_engine)
         if (paths.hybrid / "scorer.json").is_file():
             try:
-                out.hybrid = HybridIndex.load(run_dir, out.model, out.query_tokenizer)
+                out.hybrid = HybridIndex.load(run_dir, out.model, out.query_tokenizer,
+                                              offsets=read_offsets(paths.folded_offsets))
             except HybridError as exc:
                 raise RetrieverError(str(exc)) from None
         if out.catalog.has_store():
