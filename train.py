@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Train an ACE generative retriever end to end.",
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--config", help="YAML config (configs/*.yaml)")
-    ap.add_argument("--until", default="report", help="last stage to run: corpus, encode, identifiers, querygen, train, fallback, eval, report")
+    ap.add_argument("--until", default="report", help="last stage to run: corpus, encode, querygen, identifiers, train, fallback, hybrid, eval, report")
     ap.add_argument("--force", default=None, help="re-run this stage and every later one")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides (dotted for sections)")
