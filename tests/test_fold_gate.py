@@ -211,3 +211,5 @@ def test_cross_fit_ranks_each_half_with_the_offset_fitted_on_the_other_half():
                 assert old_rank[i] == shifted_rankings([old_scored[i]], {"f"}, want, 1)[0]
     same = cross_fit_offset([0.0], {"f"}, old, new, **kw)    # grid [0]: the candidates' own order
     assert same[0] == [[row[0][0]] for row in old_scored] and same[2]["offset"] == 0.0
+    deep = cross_fit_offset(grid, {"f"}, old, new, **kw, depth=2)   # fitted at k = 1, rankings of 2
+    assert deep[2] == rec and all(len(r) == 2 and r[:1] == o for r, o in zip(deep[0], old_rank))

@@ -276,11 +276,12 @@ def half_of(item_id: str) -> int:
 
 
 def cross_fit_offset(grid, shifted: set[str], old: tuple, new: tuple, *, k: int, max_old_drop: float,
-                     max_new_drop: float, z: float) -> tuple[list[list[str]], list[list[str]], dict]:
+                     max_new_drop: float, z: float, depth: int | None = None) -> tuple[list[list[str]], list[list[str]], dict]:
     """(old rankings, new rankings, record): ``fit_offset`` cross-fitted. The validation queries are split in two
     halves by item (``half_of``); each half is ranked with the offset fitted on the other, so the figures the
     gate compares were not used to choose the offset that produced them. The record holds the offset fitted on
-    all the queries (the one to serve), each half's, and the table over all the queries."""
+    all the queries (the one to serve), each half's, and the table over all the queries. The offsets are fitted on
+    recall at ``k`` (the gate's); the rankings keep the top ``depth`` (default ``k``)."""
     kw = dict(k=k, max_old_drop=max_old_drop, max_new_drop=max_new_drop, z=z)
 
     def part(side, h):
@@ -296,7 +297,7 @@ def cross_fit_offset(grid, shifted: set[str], old: tuple, new: tuple, *, k: int,
         for name, (_, scored, pairs) in (("old", old), ("new", new)):
             for i, (_, iid) in enumerate(pairs):
                 if half_of(iid) == h:
-                    ranks[name][i] = shifted_rankings([scored[i]], shifted, fitted, k)[0]
+                    ranks[name][i] = shifted_rankings([scored[i]], shifted, fitted, depth or k)[0]
     whole = fit_offset(grid, shifted, old, new, **kw)
     return ranks["old"], ranks["new"], {"offset": whole["offset"], "half_offsets": halves, "table": whole["table"],
                                         "grid": [float(g) for g in grid]}

@@ -249,8 +249,8 @@ def gate_after(run: Path, fold_dir: Path, cfg, device: str, tok, split: dict, ol
         grid = cfg.offset_grid if cfg.calibrate else [0.0]
         old_rank, new_rank, calibration = fold_gate.cross_fit_offset(
             grid, set(items), (before["old_hits"], old_scored, split["val_old"]),
-            (before["new_hits"], new_scored, split["val_new"]), k=cfg.top_k, max_old_drop=cfg.max_old_drop,
-            max_new_drop=cfg.max_new_drop, z=cfg.gate_z)
+            (before["new_hits"], new_scored, split["val_new"]), k=k, max_old_drop=cfg.max_old_drop,
+            max_new_drop=cfg.max_new_drop, z=cfg.gate_z, depth=cfg.top_k)
         generative = fold_gate.per_item_recall(fold_gate.hits(new_rank, split["val_new"], k), split["val_new"])
     else:
         new_rank = search_rows(run, cfg, model, tok, old_rows + [row[i] for i in items], split["val_new"])
