@@ -365,11 +365,11 @@ def recipe_run(tmp_path_factory) -> Path:
     return base / "run"
 
 
-def test_fold_on_the_recipe_model_moves_only_the_decoder_and_fills_the_prototype_tables(recipe_run, tmp_path):
+def test_fold_on_the_recipe_model_moves_only_the_decoder_fills_the_prototype_tables_and_serves_its_offset(recipe_run, tmp_path):
     from ace.model.modeling import AceModel, prefix_prototypes
 
     run = Path(shutil.copytree(recipe_run, tmp_path / "run"))   # the fixture stays unfolded for the other tests
-    result = _fold(run, "steps=20")
+    result = _fold(run, "steps=20", "offset_grid=[-3.0]")
     assert sorted(result.folded) == sorted(NEW) and result.metrics["frozen_encoder"] is True
     new, old = (AceModel.from_pretrained(str(run / name)).state_dict() for name in ("model", "model.prev"))
     assert all(torch_equal(new[k], old[k]) for k in new if k.startswith("encoder."))
@@ -389,6 +389,7 @@ def test_fold_on_the_recipe_model_moves_only_the_decoder_and_fills_the_prototype
     assert np.allclose(new["decoder.prototypes.level0"].numpy(), level0, atol=1e-6)
     assert np.allclose(new["decoder.prototypes.level1"].numpy(), level1, atol=1e-6)
     assert not np.allclose(old["decoder.prototypes.level1"].numpy(), level1, atol=1e-6)
+    _check_folded_offsets(run, result)   # (the hybrid run's folds fit a log-prob offset: one fold more)
 
 
 def torch_equal(a, b) -> bool:
@@ -471,13 +472,10 @@ def test_the_gate_view_scores_like_merged_search_and_keeps_validation_queries_ou
         r.close()
 
 
-def test_a_fold_serves_its_items_with_the_log_prob_offset_it_fitted_and_the_next_fold_keeps_it(recipe_run, tmp_path):
-    """A hybrid run's fold fits its items' log-prob offset (here a one-value grid, -3): gate.json and the report
-    record it, the swapped-in model carries it (RUN/model/folded_offsets.json) and the Retriever's hybrid search
-    adds it to those items' log-probs; a second fold keeps the first fold's offsets beside its own."""
-    run = Path(shutil.copytree(recipe_run, tmp_path / "run"))
-    first = _fold(run, "steps=2", "checkpoint_every=1", "offset_grid=[-3.0]")
-    assert sorted(first.folded) == sorted(NEW)
+def _check_folded_offsets(run: Path, first) -> None:
+    """After a first fold of a hybrid run with offset_grid=[-3]: gate.json and the report record the offset, the
+    swapped-in model carries it (RUN/model/folded_offsets.json) and the Retriever's hybrid search adds it to
+    those items' log-probs; a second fold (offset_grid=[-1]) keeps the first fold's offsets beside its own."""
     cal = json.loads((first.fold_dir / "gate.json").read_text())["calibration"]
     assert cal["offset"] == -3.0 and cal["half_offsets"] == [-3.0, -3.0] and len(cal["table"]) == 1
     assert "log-prob offset: -3" in (first.fold_dir / "report.md").read_text()
