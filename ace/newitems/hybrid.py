@@ -19,8 +19,8 @@ One scorer for every candidate, whatever produced it:
 - ``w``: fitted on held-out *training* queries the model never trained on
   (``split.scorer_queries`` -> RUN/scorer_queries.json), never on test queries.
 - folded items' offsets: an item folded in after training may carry an additive log-prob offset its fold
-  fitted on validation queries (a freshly fine-tuned decoder leans towards the items it was just trained
-  on; ``ace.pipeline.fold_gate.fit_offset``), read from RUN/model/folded_offsets.json (``read_offsets``).
+  fitted on validation queries (a freshly fine-tuned decoder's log-probs of the items it was just trained
+  on need not be on the old items' scale; ``ace.pipeline.fold_gate.fit_offset``), read from RUN/model/folded_offsets.json (``read_offsets``).
 - candidates (``ace/newitems/candidates.py``): the beam search's top-B; with ``dense_candidates`` D > 0
   also the D trie items nearest v_q that the beams missed (an exact scan of the trie items' vectors,
   stored or built for items folded in later: for corpora where that scan is affordable), their identifiers scored teacher-forced; added items from

@@ -11,8 +11,8 @@
   taken at its upper confidence bound (``paired_drop``: drop + z x its paired standard error over the
   same validation queries) so that a gate on a few hundred queries does not swap on noise;
 - ``fit_offset`` / ``cross_fit_offset``: a log-prob offset for the folded items on a hybrid run (a freshly
-  fine-tuned decoder leans towards the items it was just trained on, and they crowd old items out of the
-  top k), the one of a grid the gate is most likely to pass with, fitted on one half of the validation
+  fine-tuned decoder's log-probs of the items it was just trained on need not be on the old items' scale:
+  too high crowds old items out of the top k, too low hides the new ones), the one of a grid the gate is most likely to pass with, fitted on one half of the validation
   queries and measured on the other so that the gate does not select on the queries it tests;
 - ``format_gate_report``: the Markdown part of the fold report saying what was folded, what stayed, why.
 """
@@ -246,8 +246,8 @@ def _side(before: list[bool], scored, pairs, shifted, offset, k, bound, z) -> tu
     if not pairs or not before:
         return None
     after = hits(shifted_rankings(scored, shifted, offset, k), pairs, k)
-    drop, se = paired_drop(before, after)
-    upper = drop + z * se if z and np.isfinite(se) else drop
+    drop, _ = paired_drop(before, after)
+    _, upper = _bound(drop, (before, after), z)
     return drop, upper, bound - upper
 
 
