@@ -430,6 +430,54 @@ def test_the_gate_measures_a_hybrid_run_as_served(recipe_run, tmp_path, gate_pat
     assert before["old_before"] == pytest.approx(metrics(old, val_old) | {"queries": len(val_old)})
 
 
+def test_old_bar_served_measures_old_items_with_the_candidates_in_the_fallback(recipe_run, tmp_path):
+    """old_bar=served: the old items' validation queries before the fold go through merged search with the
+    candidates in the fallback (the gate's own hybrid_rows, validation queries out of the vectors); an added
+    competitor can only push a gold item down, so no query is found that the unshared bar misses."""
+    from ace.model.modeling import AceModel
+    from ace.newitems.hybrid import HybridScorer
+    from ace.pipeline import fold_gate
+    from ace.pipeline.fold_measure import GateView, hybrid_rows
+
+    run = Path(shutil.copytree(recipe_run, tmp_path / "run"))
+    result = _fold(run, "gate=true", "steps=2", "checkpoint_every=1", "old_bar=served")
+    before = json.loads((result.fold_dir / "gate_before.json").read_text())
+    split = json.loads((result.fold_dir / "split.json").read_text())
+    split = {k: [tuple(p) for p in split[k]] for k in ("val_old", "val_new")}
+    items = json.loads((result.fold_dir / "plan.json").read_text())["items"]
+    assert before["old_bar"] == "served" and split["val_old"]
+    cfg = FoldConfig(num_beams=5, top_k=5, progress=False)     # FOLD's
+    r = Retriever.from_run(recipe_run, device="cpu")   # the run before the fold
+    try:
+        with ItemStore(recipe_run / "store.sqlite") as store:
+            view = GateView(recipe_run, HybridScorer.load(recipe_run), split,
+                            lambda ids: [store.get(i).to_corpus_item() for i in ids])
+            tok = r.id_tokenizer
+            old_rows = [i for i, iid in enumerate(tok.item_ids) if iid not in set(items)]
+            model = AceModel.from_pretrained(str(recipe_run / "model")).eval()
+            hits = {bar: fold_gate.hits(hybrid_rows(recipe_run, cfg, model, tok, old_rows, split["val_old"], view,
+                                                    fallback=shared), split["val_old"], 5)
+                    for bar, shared in (("served", items), ("unshared", []))}
+    finally:
+        r.close()
+    assert before["old_hits"] == hits["served"]
+    assert all(u or not s for s, u in zip(hits["served"], hits["unshared"]))
+    assert "old_bar must be 'unshared' or 'served'" in train_main_error(run, "old_bar=everyone")
+
+
+def train_main_error(run: Path, *overrides: str) -> str:
+    """What train.py fold prints to stderr for ``overrides`` (exit code 2 checked)."""
+    import contextlib
+    import io
+
+    import train
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert train.main(["fold", "--run", str(run), *overrides]) == 2
+    return err.getvalue()
+
+
 def test_the_gate_view_scores_like_merged_search_and_keeps_validation_queries_out_of_item_vectors(recipe_run):
     """fold_measure.hybrid_rows with no validation query equals the Retriever's merged search (added items
     in the fallback); with validation queries, none of them is in the texts of its item's vector, and an
