@@ -445,7 +445,8 @@ def test_old_bar_served_measures_old_items_with_the_candidates_in_the_fallback(r
     split = json.loads((result.fold_dir / "split.json").read_text())
     split = {k: [tuple(p) for p in split[k]] for k in ("val_old", "val_new")}
     items = json.loads((result.fold_dir / "plan.json").read_text())["items"]
-    assert before["old_bar"] == "served" and split["val_old"]
+    gate = json.loads((result.fold_dir / "gate.json").read_text())
+    assert before["old_bar"] == gate["old_bar"] == "served" and split["val_old"]
     cfg = FoldConfig(num_beams=5, top_k=5, progress=False)     # FOLD's
     r = Retriever.from_run(recipe_run, device="cpu")   # the run before the fold
     try:

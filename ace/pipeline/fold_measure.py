@@ -275,6 +275,7 @@ def gate_after(run: Path, fold_dir: Path, cfg, device: str, tok, split: dict, ol
     decision.update(old_before=before["old_before"], old_after=old_after, new_fallback=before["new_fallback"],
                     new_generative=new_after, val_old_source=split["val_old_source"],
                     path=before.get("path", "generative"), fallback_bar=before.get("fallback_bar", "fallback alone"),
+                    old_bar=before.get("old_bar", "unshared"),
                     new_fallback_alone=before.get("new_fallback_alone"), calibration=calibration)
     write_json_atomic(fold_dir / "gate.json", decision)
     return decision
