@@ -20,21 +20,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ace.metrics import retrieval_metrics  # noqa: E402
 from ace.model.modeling import AceModel  # noqa: E402
 from ace.newitems.hybrid import read_offsets  # noqa: E402
+from ace.pipeline import fold_gate  # noqa: E402
 from ace.pipeline.fold import Fold  # noqa: E402
 from ace.pipeline.fold_config import FoldConfig  # noqa: E402
 from ace.pipeline.fold_measure import GateView, gate_scorer, hybrid_scored  # noqa: E402
 from ace.run_folder import RunPaths  # noqa: E402
 from ace.serving.store import open_run_store  # noqa: E402
 from identifiers import SemanticIdTokenizer  # noqa: E402
-
-
-def shifted_recall(scored: list[list[tuple[str, float]]], pairs, shift: dict[str, float], k: int = 10) -> dict:
-    """retrieval_metrics of ``scored`` (per query: (item_id, score)) after adding ``shift`` to its items' scores."""
-    ranked = [[i for i, _ in sorted(row, key=lambda h: -(h[1] + shift.get(h[0], 0.0)))][:k] for row in scored]
-    return retrieval_metrics(ranked, [t for _, t in pairs])
 
 
 def main(argv=None) -> None:
@@ -76,21 +70,24 @@ def main(argv=None) -> None:
                                   for pairs in (old, new))
     finally:
         store.close()
-    base = {i: served.get(i, 0.0) for i in folded}
-    print(f"{fold_dir}: {len(folded)} folded items; served offset(s) {sorted(set(base.values()))}; "
+    base = {served.get(i, 0.0) for i in folded}     # one fold stages one offset for all its items
+    if len(base) != 1:
+        sys.exit(f"{fold_dir}: the folded items are served with several offsets {sorted(base)}; expected one")
+    base = base.pop()
+    print(f"{fold_dir}: {len(folded)} folded items; served offset {base:+g}; "
           f"{len(old)} old-item and {len(new)} folded-item test queries; beam {args.beams}")
     print(f"before the fold: old items {before['old_merged']['R@1']:.1f} / {before['old_merged']['R@10']:.1f}, "
           f"these items {before['new_merged']['R@1']:.1f} / {before['new_merged']['R@10']:.1f} (merged search, R@1 / R@10)")
     rows = []
     for off in args.offsets:
-        shift = {i: off - base[i] for i in folded}
-        o, n = shifted_recall(old_scored, old, shift), shifted_recall(new_scored, new, shift)
+        o, n = (fold_gate.metrics(fold_gate.shifted_rankings(scored, folded, off - base, 10), pairs)
+                for scored, pairs in ((old_scored, old), (new_scored, new)))
         rows.append({"offset": off, "old": o, "folded": n})
         print(f"offset {off:+g}: old items {o['R@1']:.1f} / {o['R@10']:.1f}   folded items {n['R@1']:.1f} / {n['R@10']:.1f}",
               flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"run": str(run), "fold": fold_dir.name, "before": {
-            k: before[k] for k in ("old_merged", "new_merged")}, "served_offsets": sorted(set(base.values())),
+            k: before[k] for k in ("old_merged", "new_merged")}, "served_offset": base,
             "rows": rows}, indent=1))
 
 
