@@ -83,6 +83,8 @@ class RunPaths:
                                           "ace/pipeline/query_pairs.py); absent = no derived queries")
     scorer_queries = _entry(SCORER_QUERIES, "[[query, item_id], ...] training queries held out of training (hybrid w)")
     hybrid = _entry(HYBRID, "hybrid scorer: item vectors + fitted weight (ace/newitems/hybrid.py)")
+    hybrid_scorer = property(lambda self: self.hybrid / "scorer.json",
+                             doc="RUN/hybrid/scorer.json: present when the run serves hybrid search (its fitted w, storage, ...)")
     encode_shards = _entry(ENCODE_SHARDS, "the encode stage's shards while it runs (ace/pipeline/encode_stage.py)")
 
     def __init__(self, path: str | Path):

@@ -194,6 +194,8 @@ def test_bad_input_gives_clear_errors(run, tmp_path, capsys):
     assert "replay must be 'structured' or 'random'" in capsys.readouterr().err
     assert train.main(["fold", "--run", str(run), "old_bar=everyone"]) == 2
     assert "old_bar must be 'unshared' or 'served'" in capsys.readouterr().err
+    assert train.main(["fold", "--run", str(run), "old_bar=served"]) == 2   # not a hybrid run: refused up front
+    assert "needs a hybrid run" in capsys.readouterr().err and not (run / "fold").exists()
     assert train.main(["fold", "--run", str(run), "max_old_drop=-1"]) == 2
     assert "max_old_drop must be >= 0" in capsys.readouterr().err
     assert train.main(["fold", "--run", str(run), "val_per_item=0"]) == 2

@@ -89,7 +89,7 @@ def gate_scorer(run: Path, cfg):
     (RUN/hybrid); None: the gate measures the generative path (beam search alone)."""
     from ace.newitems.hybrid import HybridScorer
 
-    if cfg.gate_path == "generative" or not (RunPaths(run).hybrid / "scorer.json").is_file():
+    if cfg.gate_path == "generative" or not RunPaths(run).hybrid_scorer.is_file():
         return None
     return HybridScorer.load(run)
 

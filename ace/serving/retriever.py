@@ -162,7 +162,7 @@ class Retriever:
         out.model_version = version
         out._load_args = dict(device=device, quantize=quantize, default_beams=default_beams, fallback=fallback,
                               text_encoder=text_encoder, store_url=url, encoder_engine=encoder_engine)
-        if (paths.hybrid / "scorer.json").is_file():
+        if paths.hybrid_scorer.is_file():
             try:
                 out.hybrid = HybridIndex.load(run_dir, out.model, out.query_tokenizer,
                                               offsets=read_offsets(paths.folded_offsets))
