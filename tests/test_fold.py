@@ -544,3 +544,29 @@ def _check_folded_offsets(run: Path, first) -> None:
     assert sorted(second.folded) == sorted(MORE)
     doc = json.loads((run / "model" / "folded_offsets.json").read_text())
     assert doc["offsets"] == {i: -3.0 for i in NEW} | {i: -1.0 for i in MORE} and set(doc["folds"]) == {"1", "2"}
+
+
+def test_fold_texts_probe_reproduces_the_fold_report_as_served(recipe_run, tmp_path, capsys):
+    """benchmarks/fold_texts_probe.py re-runs the gate's hybrid scoring before (RUN/model.prev, the candidates in
+    the fallback) and after a fold: with the candidates' vectors built from all their texts it must give the
+    fold report's own held-out figures (merged search as served), and a vector without a text must differ
+    from one with it somewhere (else the probe measures nothing)."""
+    import importlib.util
+
+    run = Path(shutil.copytree(recipe_run, tmp_path / "run"))
+    new = json.loads((recipe_run.parent / "new.json").read_text())
+    (run / "added_test_queries.json").write_text(json.dumps([[r["captions"][-1], r["item_id"]] for r in new]))
+    result = _fold(run, "gate=false", "steps=20", "offset_grid=[-3.0]")
+    assert sorted(result.folded) == sorted(NEW)
+    spec = importlib.util.spec_from_file_location("fold_texts_probe", Path(__file__).parents[1] / "benchmarks" / "fold_texts_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    probe.main([str(run), "--out", str(tmp_path / "probe.json")])
+    rows = {(r["queries"], r["vectors"]): r for r in json.loads((tmp_path / "probe.json").read_text())["rows"]}
+    metrics = json.loads((result.fold_dir / "metrics.json").read_text())
+    served = rows[("test", "all texts")]
+    assert served["n"] == len(new)
+    assert served["before"] == pytest.approx(metrics["before"]["folded_merged"])
+    assert served["after"] == pytest.approx(metrics["after"]["folded_merged"])
+    assert rows[("validation", "gate (val)")]["n"] == len(json.loads((result.fold_dir / "split.json").read_text())["val_new"])
+    assert "one more out" in capsys.readouterr().out
