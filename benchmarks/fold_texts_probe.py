@@ -6,14 +6,16 @@ of texts in the candidates' item vectors.
 A diagnostic on a run just after fold N swapped in. A validation query is one of its item's training texts, so
 the gate must keep it out of the item's vector: on validation a candidate's vector averages one text fewer than
 it does when served. This re-runs the gate's hybrid scoring (``fold_measure.hybrid_scored``, as merged search
-serves) before the fold (RUN/model.prev, every candidate in the fallback) and after it (RUN/model, the folded
-items on the generative path with their served offset, the rest in the fallback) on
+serves) before the fold (RUN/model.prev, every candidate in the fallback) and after it (RUN/model) on
 
-- the folded items' held-out test queries (fold_dir/test_pairs.json), with the candidates' vectors built from
-  all their texts (as served: the fold report's figures), without their validation query (as the gate sees
-  them), and without one more text;
-- the candidates' validation queries (fold_dir/split.json), without their validation query (the gate's figures,
-  here at the served offset instead of the cross-fitted halves) and without one more text.
+- the folded items' held-out test queries (fold_dir/test_pairs.json), as served after the fold (the folded
+  items on the generative path with their served offset, the rest in the fallback; also re-ranked at
+  ``--offsets``), with the candidates' vectors built from all their texts (the fold report's figures),
+  without their validation query (as the gate sees them), and without one more text; the fold report's old-item
+  test queries, after the fold at each offset;
+- the candidates' validation queries (fold_dir/split.json) as the gate measured them (every candidate on the
+  path, the offset cross-fitted by ``fold_gate.cross_fit_offset``; gate.json's figures), and again with one more
+  text out of each candidate's vector.
 
 If the test change with one text fewer matches the validation change, the gap between the gate's figure and
 held-out test is the vectors' text count, not the queries.
@@ -32,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ace.model.modeling import AceModel  # noqa: E402
 from ace.newitems.hybrid import read_offsets  # noqa: E402
 from ace.pipeline import fold_gate  # noqa: E402
+from ace.pipeline.fold import Fold  # noqa: E402
 from ace.pipeline.fold_config import FoldConfig  # noqa: E402
-from ace.pipeline.fold_measure import GateView, gate_scorer, hybrid_scored  # noqa: E402
+from ace.pipeline.fold_measure import GateView, gate_k, gate_scorer, hybrid_scored  # noqa: E402
 from ace.run_folder import RunPaths  # noqa: E402
 from ace.serving.store import open_run_store  # noqa: E402
 from identifiers import SemanticIdTokenizer  # noqa: E402
@@ -54,7 +57,11 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run")
     ap.add_argument("--fold", type=int, default=None, help="the fold (default: the latest)")
-    ap.add_argument("--out", default=None, help="JSON of the table")
+    ap.add_argument("--offsets", type=float, nargs="*", default=None,
+                    help="test: the folded items' offsets to re-rank the served search at, besides the served one "
+                         "(default: the fold's offset_grid)")
+    ap.add_argument("--out", default=None, help="JSON: the figures, and the validation queries' per-query hits "
+                                                "and scored candidates (to re-run the gate on them)")
     args = ap.parse_args(argv)
     run = Path(args.run)
     paths = RunPaths(run)
@@ -95,24 +102,78 @@ def main(argv=None) -> None:
         before_model = AceModel.from_pretrained(str(prev_model)).eval()
         after_model = AceModel.from_pretrained(str(paths.model)).eval()
         before_off, after_off = read_offsets(prev_model / RunPaths.FOLDED_OFFSETS), read_offsets(paths.folded_offsets)
-        plan_rows = [("test", test, ("all texts", "no val query", "one more out")),
-                     ("validation", split["val_new"], ("gate (val)", "gate, one more out"))]
-        out = []
-        for name, pairs, keys in plan_rows:
-            for key in keys if pairs else ():
-                b = hybrid_scored(run, cfg, before_model, tok, old_rows, pairs, views[key], fallback=candidates,
-                                  offsets=before_off)
-                a = hybrid_scored(run, cfg, after_model, tok, old_rows + [row[i] for i in sorted(folded)], pairs,
-                                  views[key], fallback=stayed, offsets=after_off)
-                mb, ma = (fold_gate.metrics([[i for i, _ in r[:cfg.top_k]] for r in s], pairs) for s in (b, a))
-                out.append({"queries": name, "vectors": key, "n": len(pairs), "before": mb, "after": ma})
-                print(f"{name:10s} {key:20s} {len(pairs):5d} q  before {mb['R@1']:5.1f} / {mb['R@10']:5.1f}  "
-                      f"after {ma['R@1']:5.1f} / {ma['R@10']:5.1f}  change {ma['R@1'] - mb['R@1']:+5.1f} / "
-                      f"{ma['R@10'] - mb['R@10']:+5.1f}", flush=True)
+        served = {after_off.get(i, 0.0) for i in folded}     # one fold stages one offset for all its items
+        if len(served) != 1:
+            sys.exit(f"{fold_dir}: the folded items are served with several offsets {sorted(served)}; expected one")
+        served = served.pop()
+        k, depth = gate_k(cfg), cfg.top_k
+        offsets = sorted({served, *(cfg.offset_grid if args.offsets is None else args.offsets)}, reverse=True)
+        out = {"run": str(run), "fold": fold_dir.name, "served_offset": served, "test": [], "validation": []}
+
+        def before(pairs, view):   # as served before the fold: every candidate in the fallback
+            return hybrid_scored(run, cfg, before_model, tok, old_rows, pairs, view, fallback=candidates, offsets=before_off)
+
+        def top(scored):
+            return [[i for i, _ in r[:depth]] for r in scored]
+
+        print(f"{fold_dir}: {len(folded)} folded, {len(stayed)} stayed; served offset {served:+g}; "
+              f"{len(test)} test and {len(split['val_new'])} validation queries of the candidates")
+        for key in ("all texts", "no val query", "one more out") if test else ():
+            mb = fold_gate.metrics(top(before(test, views[key])), test)
+            after = hybrid_scored(run, cfg, after_model, tok, old_rows + [row[i] for i in sorted(folded)], test,
+                                  views[key], fallback=stayed, offsets=after_off)   # as served after the fold
+            by_offset = {off: fold_gate.metrics(fold_gate.shifted_rankings(after, folded, off - served, depth), test)
+                         for off in offsets}
+            out["test"].append({"vectors": key, "n": len(test), "before": mb, "after": by_offset[served],
+                                "after_by_offset": {f"{o:g}": m for o, m in by_offset.items()}})
+            _line("test", key, len(test), mb, by_offset[served], k)
+            print("    after at offset " + "  ".join(f"{o:+g}: {m['R@1']:.1f} / {m[f'R@{k}']:.1f}" for o, m in by_offset.items()))
+        old_test, _ = Fold(run, cfg)._held_out(lambda iid: True, set(candidates))   # the fold report's old-item queries
+        if old_test:
+            after = hybrid_scored(run, cfg, after_model, tok, old_rows + [row[i] for i in sorted(folded)], old_test,
+                                  views["all texts"], fallback=stayed, offsets=after_off)
+            by_offset = {f"{o:g}": m for o, m in ((off, fold_gate.metrics(fold_gate.shifted_rankings(
+                after, folded, off - served, depth), old_test)) for off in offsets)}
+            out["test_old"] = {"n": len(old_test), "after_by_offset": by_offset}
+            print("test, old items: after at offset " + "  ".join(f"{o}: {m['R@1']:.1f} / {m[f'R@{k}']:.1f}"
+                                                                  for o, m in by_offset.items()))
+        every = old_rows + [row[i] for i in candidates]   # the gate's "after": every candidate on the path
+        for key in ("gate (val)", "gate, one more out"):
+            view = views[key]
+            sides = []
+            for name in ("val_old", "val_new"):
+                b = top(before(split[name], view)) if name == "val_new" or cfg.old_bar == "served" else None
+                scored = hybrid_scored(run, cfg, after_model, tok, every, split[name], view, offsets=before_off)
+                sides.append((b, scored))
+            if sides[0][0] is None:   # old_bar=unshared: the old items among themselves
+                sides[0] = (top(hybrid_scored(run, cfg, before_model, tok, old_rows, split["val_old"], view,
+                                              offsets=before_off)), sides[0][1])
+            (ob, o_scored), (nb, n_scored) = sides
+            old_rank, new_rank, cal = fold_gate.cross_fit_offset(
+                cfg.offset_grid if cfg.calibrate else [0.0], set(candidates),
+                (fold_gate.hits(ob, split["val_old"], k), o_scored, split["val_old"]),
+                (fold_gate.hits(nb, split["val_new"], k), n_scored, split["val_new"]), k=k,
+                max_old_drop=cfg.max_old_drop, max_new_drop=cfg.max_new_drop, z=cfg.gate_z, depth=depth)
+            mb, ma = fold_gate.metrics(nb, split["val_new"]), fold_gate.metrics(new_rank, split["val_new"])
+            out["validation"].append({"vectors": key, "n": len(split["val_new"]), "before": mb, "after": ma,
+                                      "old_before": fold_gate.metrics(ob, split["val_old"]),
+                                      "old_after": fold_gate.metrics(old_rank, split["val_old"]),
+                                      "offset": cal["offset"], "half_offsets": cal["half_offsets"], "table": cal["table"],
+                                      "hits": {"new_before": fold_gate.hits(nb, split["val_new"], k),
+                                               "new_scored": n_scored, "old_before": fold_gate.hits(ob, split["val_old"], k),
+                                               "old_scored": o_scored}})
+            _line("validation", key, len(split["val_new"]), mb, ma, k)
+            print(f"    cross-fitted offset {cal['offset']:+g} (halves {cal['half_offsets'][0]:+g} / {cal['half_offsets'][1]:+g})")
     finally:
         store.close()
     if args.out:
-        Path(args.out).write_text(json.dumps({"run": str(run), "fold": fold_dir.name, "rows": out}, indent=1))
+        Path(args.out).write_text(json.dumps(out))
+
+
+def _line(queries: str, vectors: str, n: int, before: dict, after: dict, k: int) -> None:
+    print(f"{queries:10s} {vectors:20s} {n:5d} q  before {before['R@1']:5.1f} / {before[f'R@{k}']:5.1f}  after "
+          f"{after['R@1']:5.1f} / {after[f'R@{k}']:5.1f}  change {after['R@1'] - before['R@1']:+5.1f} / "
+          f"{after[f'R@{k}'] - before[f'R@{k}']:+5.1f}", flush=True)
 
 
 if __name__ == "__main__":

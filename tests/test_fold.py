@@ -549,8 +549,8 @@ def _check_folded_offsets(run: Path, first) -> None:
 def test_fold_texts_probe_reproduces_the_fold_report_as_served(recipe_run, tmp_path, capsys):
     """benchmarks/fold_texts_probe.py re-runs the gate's hybrid scoring before (RUN/model.prev, the candidates in
     the fallback) and after a fold: with the candidates' vectors built from all their texts it must give the
-    fold report's own held-out figures (merged search as served), and a vector without a text must differ
-    from one with it somewhere (else the probe measures nothing)."""
+    fold report's own held-out figures (merged search as served), and on the validation queries the gate's own
+    figures (gate.json: both sides before and after, the cross-fitted offset)."""
     import importlib.util
 
     run = Path(shutil.copytree(recipe_run, tmp_path / "run"))
@@ -562,11 +562,17 @@ def test_fold_texts_probe_reproduces_the_fold_report_as_served(recipe_run, tmp_p
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
     probe.main([str(run), "--out", str(tmp_path / "probe.json")])
-    rows = {(r["queries"], r["vectors"]): r for r in json.loads((tmp_path / "probe.json").read_text())["rows"]}
+    out = json.loads((tmp_path / "probe.json").read_text())
     metrics = json.loads((result.fold_dir / "metrics.json").read_text())
-    served = rows[("test", "all texts")]
-    assert served["n"] == len(new)
+    gate = json.loads((result.fold_dir / "gate.json").read_text())
+    served = out["test"][0]
+    assert served["vectors"] == "all texts" and served["n"] == len(new)
+    assert [r["vectors"] for r in out["test"][1:]] == ["no val query", "one more out"]
+    assert out["test_old"]["after_by_offset"][f"{out['served_offset']:g}"] == pytest.approx(metrics["after"]["old_merged"])
     assert served["before"] == pytest.approx(metrics["before"]["folded_merged"])
     assert served["after"] == pytest.approx(metrics["after"]["folded_merged"])
-    assert rows[("validation", "gate (val)")]["n"] == len(json.loads((result.fold_dir / "split.json").read_text())["val_new"])
+    val = out["validation"][0]
+    assert val["vectors"] == "gate (val)" and val["offset"] == gate["calibration"]["offset"] == out["served_offset"]
+    assert (val["before"], val["after"]) == (pytest.approx(gate["new_fallback"]), pytest.approx(gate["new_generative"]))
+    assert (val["old_before"], val["old_after"]) == (pytest.approx(gate["old_before"]), pytest.approx(gate["old_after"]))
     assert "one more out" in capsys.readouterr().out
