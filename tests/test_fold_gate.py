@@ -120,6 +120,25 @@ def test_hold_out_per_item_never_takes_an_items_last_query():
     assert fold_gate.hold_out_per_item(pairs, 0) == (pairs, [])
 
 
+def test_a_candidates_document_is_never_its_validation_query():
+    """The query that is its item's document (what its embedding, identifier and hybrid vector stand on) stays in
+    training: held out, the fold scores it far above a query a user would write. Over many seeds every item's
+    validation query is one of its other queries; an item whose only query is its document has none."""
+    cfg = SimpleNamespace(val_per_item=1, val_old=0, min_replay=0, replay_ratio=1.0, replay="random", replay_per_prefix=2)
+    tok = SimpleNamespace(item_ids=[], codes=[])
+    pairs = [(f"doc{i}", f"item{i}") for i in range(6)] + [(f"q{i}{j}", f"item{i}") for i in range(6) for j in range(i % 3)]
+    documents = {f"item{i}": f"doc{i}" for i in range(6)}
+    for seed in range(20):
+        split = fold_gate.make_split(pairs, [], [], tok, [], SimpleNamespace(**vars(cfg), seed=seed), lambda i: True,
+                                     documents=documents)
+        assert not {q for q, _ in split["val_new"]} & set(documents.values())
+        assert {i for _, i in split["val_new"]} == {f"item{i}" for i in range(6) if i % 3}   # item0, item3: document only
+        assert sorted(split["train_new"] + split["val_new"]) == sorted(pairs)
+    held = {q for seed in range(20) for q, _ in fold_gate.make_split(
+        pairs, [], [], tok, [], SimpleNamespace(**vars(cfg), seed=seed), lambda i: True)["val_new"]}
+    assert held & set(documents.values())   # without documents any query may be held out (the case it guards)
+
+
 def test_structured_replay_covers_every_touched_prefix_then_stratifies():
     # 40 old items: k in 0..3, v1 in 0..4, u in 0..1 -> prefixes (k, v1) with 2 items each, 3 queries per item
     codes = {f"o{k}{v}{u}": (k, v, u) for k in range(4) for v in range(5) for u in range(2)}

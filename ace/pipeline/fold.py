@@ -255,14 +255,16 @@ class Fold:
         new = [p for p in _read_pairs(src) if p[1] in fold_items]
         return old, new
 
-    def _split(self, fold_dir: Path, pairs, tok, on_path, plan: dict) -> dict:
+    def _split(self, fold_dir: Path, pairs, tok, on_path, plan: dict, store) -> dict:
         """Training / validation pairs of the new items, the replay sample, the old validation pairs
         (fixed in split.json when first computed, so that a resumed fold trains on the same pairs)."""
         path = fold_dir / "split.json"
         if path.is_file():
             return {k: ([tuple(p) for p in v] if isinstance(v, list) else v) for k, v in json.loads(path.read_text()).items()}
         scorer = [tuple(p) for p in _read_pairs(self.paths.scorer_queries)]
-        out = fold_gate.make_split(pairs, self._replay_pool(on_path), scorer, tok, plan["identifiers"], self.cfg, on_path)
+        documents = {i: store.get(i).to_corpus_item().description() for i in {i for _, i in pairs}}
+        out = fold_gate.make_split(pairs, self._replay_pool(on_path), scorer, tok, plan["identifiers"], self.cfg, on_path,
+                                   documents=documents)
         write_json_atomic(path, out)
         return out
 
@@ -362,7 +364,7 @@ class Fold:
         old_rows = [r for r, iid in enumerate(tok.item_ids) if on_path(iid)]
         codes = np.asarray([plan["identifiers"][plan["items"].index(i)] for i in items], dtype=np.int64)
         _insert_identifiers(tok, codes, items)
-        split = self._split(fold_dir, [p for p in pairs if p[1] in set(items)], tok, on_path, plan)
+        split = self._split(fold_dir, [p for p in pairs if p[1] in set(items)], tok, on_path, plan, store)
         def items_of(ids: list[str]) -> list:   # added / folded items: their texts give their hybrid vectors
             return [store.get(i).to_corpus_item() for i in ids]
 
