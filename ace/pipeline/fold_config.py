@@ -37,7 +37,8 @@ class FoldConfig:
                                                               -12.0, -16.0])
                                       # up to +16: folded items come out of a short fine-tuning under-scored (on
                                       # mscoco 80/20 held-out test they match their fallback recall near +6)
-    val_per_item: int = 1             # new items' generated queries held out of fine-tuning for the gate
+    val_per_item: int = 1             # new items' generated queries held out of fine-tuning for the gate (never
+                                      # an item's last one, nor its document: fold_gate.make_split)
     val_old: int = 500                # old items' validation queries of the gate (0: none; the run's
                                       # scorer queries when it has them, else old training pairs left out of replay)
     batch_size: int | None = None     # None: the run's training.batch_size
