@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ace.model.modeling import AceModel  # noqa: E402
 from ace.newitems.hybrid import read_offsets  # noqa: E402
 from ace.pipeline import fold_gate  # noqa: E402
-from ace.pipeline.fold import Fold  # noqa: E402
+from ace.pipeline.fold import Fold, FoldError, swapped_fold  # noqa: E402
 from ace.pipeline.fold_config import FoldConfig  # noqa: E402
 from ace.pipeline.fold_measure import GateView, gate_scorer, hybrid_scored  # noqa: E402
 from ace.run_folder import RunPaths  # noqa: E402
@@ -41,13 +41,11 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     run = Path(args.run)
     paths = RunPaths(run)
-    fold_dir = paths.fold / str(args.fold or max(int(p.name) for p in paths.fold.iterdir() if p.name.isdigit()))
-    state = json.loads((fold_dir / "state.json").read_text())
-    if state.get("phase") != "done" or not state.get("items"):
-        sys.exit(f"{fold_dir}: not a finished fold that swapped items in (phase {state.get('phase')})")
+    try:
+        fold_dir, state, plan, cfg = swapped_fold(run, args.fold)
+    except FoldError as exc:
+        sys.exit(str(exc))
     folded = set(state["items"])
-    plan = json.loads((fold_dir / "plan.json").read_text())
-    cfg = FoldConfig(**{k: v for k, v in plan["config"].items() if k in FoldConfig.__dataclass_fields__})
     fold = Fold(run, cfg)
     old, _ = fold._held_out(lambda iid: True, set(plan["items"]))
     new = [tuple(p) for p in json.loads((fold_dir / "test_pairs.json").read_text()) if p[1] in folded]

@@ -34,8 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ace.model.modeling import AceModel  # noqa: E402
 from ace.newitems.hybrid import read_offsets  # noqa: E402
 from ace.pipeline import fold_gate  # noqa: E402
-from ace.pipeline.fold import Fold  # noqa: E402
-from ace.pipeline.fold_config import FoldConfig  # noqa: E402
+from ace.pipeline.fold import Fold, FoldError, swapped_fold  # noqa: E402
 from ace.pipeline.fold_measure import GateView, gate_k, gate_scorer, hybrid_scored  # noqa: E402
 from ace.run_folder import RunPaths  # noqa: E402
 from ace.serving.store import open_run_store  # noqa: E402
@@ -63,19 +62,16 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None, help="JSON: the figures, and the validation queries' per-query hits "
                                                 "and scored candidates (to re-run the gate on them)")
     args = ap.parse_args(argv)
-    run = Path(args.run)
-    paths = RunPaths(run)
-    fold_dir = paths.fold / str(args.fold or max(int(p.name) for p in paths.fold.iterdir() if p.name.isdigit()))
-    state = json.loads((fold_dir / "state.json").read_text())
-    if state.get("phase") != "done" or not state.get("items"):
-        sys.exit(f"{fold_dir}: not a finished fold that swapped items in (phase {state.get('phase')})")
+    run, paths = Path(args.run), RunPaths(args.run)
+    try:
+        fold_dir, state, plan, cfg = swapped_fold(run, args.fold)
+    except FoldError as exc:
+        sys.exit(str(exc))
     prev_model, prev_ids = run / f"{RunPaths.MODEL}.prev", run / f"{RunPaths.IDENTIFIERS}.prev"
     if not (prev_model.is_dir() and prev_ids.is_dir()):
         sys.exit(f"{run}: the model before fold {fold_dir.name} ({prev_model}, {prev_ids}) is gone")
-    plan = json.loads((fold_dir / "plan.json").read_text())
     split = {k: [tuple(p) for p in v] for k, v in json.loads((fold_dir / "split.json").read_text()).items()
              if k in ("val_new", "val_old")}
-    cfg = FoldConfig(**{k: v for k, v in plan["config"].items() if k in FoldConfig.__dataclass_fields__})
     folded = set(state["items"])
     candidates = state.get("candidates", sorted(folded))
     stayed = [i for i in candidates if i not in folded]

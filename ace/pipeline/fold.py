@@ -472,6 +472,21 @@ def _info(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in ("phase", "time")}
 
 
+def swapped_fold(run_dir: str | Path, fold: int | None = None) -> tuple[Path, dict, dict, FoldConfig]:
+    """(fold folder, state.json, plan.json, the FoldConfig it ran with) of fold ``fold`` of a run (default: the
+    latest), which must be finished with items swapped in (for the diagnostics that re-measure a fold)."""
+    dirs = dict(_fold_dirs(Path(run_dir)))
+    if not dirs or (fold is not None and fold not in dirs):
+        raise FoldError(f"{run_dir} has no fold {fold if fold is not None else ''}".rstrip())
+    fold_dir = dirs[fold if fold is not None else max(dirs)]
+    state = json.loads((fold_dir / "state.json").read_text())
+    if state.get("phase") != "done" or not state.get("items"):
+        raise FoldError(f"{fold_dir}: not a finished fold that swapped items in (phase {state.get('phase')})")
+    plan = json.loads((fold_dir / "plan.json").read_text())
+    cfg = FoldConfig(**{k: v for k, v in plan["config"].items() if k in FoldConfig.__dataclass_fields__})
+    return fold_dir, state, plan, cfg
+
+
 def fold_run(run_dir: str | Path, cfg: FoldConfig | None = None) -> FoldResult:
     """Fold the run's active added items into its generative model (see the module docstring)."""
     return Fold(run_dir, cfg).run_fold()
