@@ -15,7 +15,9 @@ serves) before the fold (RUN/model.prev, every candidate in the fallback) and af
   test queries, after the fold at each offset;
 - the candidates' validation queries (fold_dir/split.json) as the gate measured them (every candidate on the
   path, the offset cross-fitted by ``fold_gate.cross_fit_offset``; gate.json's figures), and again with one more
-  text out of each candidate's vector.
+  text out of each candidate's vector; split by whether the validation query is its item's document (the
+  text its caption-proxy embedding, identifier and vector stand on; ``fold_gate.make_split`` no longer holds
+  those out).
 
 If the test change with one text fewer matches the validation change, the gap between the gate's figure and
 held-out test is the vectors' text count, not the queries.
@@ -89,6 +91,7 @@ def main(argv=None) -> None:
         scorer = gate_scorer(run, cfg)
         if scorer is None:
             sys.exit(f"{run} has no hybrid scorer (RUN/hybrid)")
+        documents = {it.item_id: it.description() for it in items_of(candidates)}
         extra = one_more_text(items_of(candidates), {iid: {q} for q, iid in split["val_new"]}, cfg.seed)
         views = {"all texts": GateView(run, scorer, {"val_old": [], "val_new": []}, items_of),
                  "no val query": GateView(run, scorer, {"val_old": [], "val_new": split["val_new"]}, items_of),
@@ -159,6 +162,13 @@ def main(argv=None) -> None:
                                                "new_scored": n_scored, "old_before": fold_gate.hits(ob, split["val_old"], k),
                                                "old_scored": o_scored}})
             _line("validation", key, len(split["val_new"]), mb, ma, k)
+            for label, mine in (("query = its document", True), ("other queries", False)):   # the document leak
+                sub = [j for j, (q, iid) in enumerate(split["val_new"]) if (q == documents.get(iid)) == mine]
+                if sub:
+                    pick = [split["val_new"][j] for j in sub]
+                    sb, sa = (fold_gate.metrics([r[j] for j in sub], pick) for r in (nb, new_rank))
+                    out["validation"][-1][label] = {"n": len(sub), "before": sb, "after": sa}
+                    _line("", f"  {label}", len(sub), sb, sa, k)
             print(f"    cross-fitted offset {cal['offset']:+g} (halves {cal['half_offsets'][0]:+g} / {cal['half_offsets'][1]:+g})")
     finally:
         store.close()

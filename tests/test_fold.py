@@ -575,4 +575,6 @@ def test_fold_texts_probe_reproduces_the_fold_report_as_served(recipe_run, tmp_p
     assert val["vectors"] == "gate (val)" and val["offset"] == gate["calibration"]["offset"] == out["served_offset"]
     assert (val["before"], val["after"]) == (pytest.approx(gate["new_fallback"]), pytest.approx(gate["new_generative"]))
     assert (val["old_before"], val["old_after"]) == (pytest.approx(gate["old_before"]), pytest.approx(gate["old_after"]))
+    # the fold never holds out an item's document: every validation query is another one
+    assert "query = its document" not in val and val["other queries"]["n"] == val["n"]
     assert "one more out" in capsys.readouterr().out
