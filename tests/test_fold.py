@@ -193,7 +193,7 @@ def test_bad_input_gives_clear_errors(run, tmp_path, capsys):
     assert train.main(["fold", "--run", str(run), "replay=everything"]) == 2
     assert "replay must be 'structured' or 'random'" in capsys.readouterr().err
     assert train.main(["fold", "--run", str(run), "old_bar=everyone"]) == 2
-    assert "old_bar must be 'unshared' or 'served'" in capsys.readouterr().err
+    assert "old_bar must be 'auto', 'unshared' or 'served'" in capsys.readouterr().err
     assert train.main(["fold", "--run", str(run), "old_bar=served"]) == 2   # not a hybrid run: refused up front
     assert "needs a hybrid run" in capsys.readouterr().err and not (run / "fold").exists()
     assert train.main(["fold", "--run", str(run), "max_old_drop=-1"]) == 2
@@ -432,6 +432,16 @@ def test_the_gate_measures_a_hybrid_run_as_served(recipe_run, tmp_path, gate_pat
     assert gate["path"] == "generative" and gate["fallback_bar"] == "fallback alone"
     assert before["new_fallback"] == pytest.approx(metrics(alone, val_new) | {"queries": len(val_new)})
     assert before["old_before"] == pytest.approx(metrics(old, val_old) | {"queries": len(val_old)})
+
+
+def test_old_bar_auto_is_served_on_a_hybrid_run_and_unshared_elsewhere(recipe_run, base_run):
+    """old_bar=auto (the default): merged search as served where the run has a hybrid scorer and the gate measures
+    it (gate_path=served); the old items alone on a run without one, or with gate_path=generative."""
+    assert FoldConfig().old_bar == "auto"
+    assert Fold(recipe_run, FoldConfig()).cfg.old_bar == "served"
+    assert Fold(recipe_run, FoldConfig(gate_path="generative")).cfg.old_bar == "unshared"
+    assert Fold(base_run, FoldConfig()).cfg.old_bar == "unshared"
+    assert Fold(recipe_run, FoldConfig(old_bar="unshared")).cfg.old_bar == "unshared"   # an explicit choice stays
 
 
 def test_old_bar_served_measures_old_items_with_the_candidates_in_the_fallback(recipe_run, tmp_path):

@@ -180,6 +180,9 @@ class Fold:
         self.device = resolve_device(self.cfg.device, error=FoldError)
         if self.cfg.test_queries and not Path(self.cfg.test_queries).is_file():
             raise FoldError(f"test_queries file not found: {self.cfg.test_queries}")
+        if self.cfg.old_bar == "auto":   # as served where the run serves merged search by one score
+            served = self.paths.hybrid_scorer.is_file() and self.cfg.gate_path == "served"
+            self.cfg = dataclasses.replace(self.cfg, old_bar="served" if served else "unshared")
         if self.cfg.old_bar == "served" and not self.paths.hybrid_scorer.is_file():
             # checked here, before the fold's held-out "before" evaluation, not only when the gate needs it
             raise FoldError(f"old_bar=served measures old items through merged search as served: it needs a hybrid "

@@ -25,10 +25,12 @@ class FoldConfig:
     gate_path: str = "served"         # "served": on a hybrid run, recall of the hybrid-scored generative path,
                                       # new items' bar = merged search while in the fallback (else as "generative");
                                       # "generative": beam search alone, bar = the fallback alone
-    old_bar: str = "unshared"         # the old items' "before" on a hybrid run (gate_path served): "unshared", the
-                                      # hybrid-scored generative path over the old items alone (the adds' own cost
-                                      # is charged to the fold); "served", merged search with the candidates in
-                                      # the fallback, as users have it before the fold
+    old_bar: str = "auto"             # the old items' "before" on a hybrid run (gate_path served): "served", merged
+                                      # search with the candidates in the fallback, as users have it before the
+                                      # fold; "unshared", the hybrid-scored generative path over the old items
+                                      # alone (the adds' own cost is charged to the fold); "auto": served on a
+                                      # hybrid run with gate_path served, else unshared (resolved by Fold and
+                                      # recorded in plan.json)
     calibrate: bool = True            # on a hybrid run (gate_path served): fit a log-prob offset for the folded
                                       # items on the validation queries (cross-fitted, fold_gate.cross_fit_offset),
                                       # served from RUN/model/folded_offsets.json; false: offset 0
@@ -68,8 +70,8 @@ class FoldConfig:
             raise ValueError(f"offset_grid must be a non-empty list of finite numbers, got {self.offset_grid}")
         if self.gate_path not in ("served", "generative"):
             raise ValueError(f"gate_path must be 'served' or 'generative', got {self.gate_path!r}")
-        if self.old_bar not in ("unshared", "served"):
-            raise ValueError(f"old_bar must be 'unshared' or 'served', got {self.old_bar!r}")
+        if self.old_bar not in ("auto", "unshared", "served"):
+            raise ValueError(f"old_bar must be 'auto', 'unshared' or 'served', got {self.old_bar!r}")
         if self.old_bar == "served" and self.gate_path != "served":
             raise ValueError("old_bar=served measures old items through merged search as served: it needs gate_path=served")
         if self.replay not in ("structured", "random"):
