@@ -91,8 +91,9 @@ def main(argv=None) -> None:
         scorer = gate_scorer(run, cfg)
         if scorer is None:
             sys.exit(f"{run} has no hybrid scorer (RUN/hybrid)")
-        documents = {it.item_id: it.description() for it in items_of(candidates)}
-        extra = one_more_text(items_of(candidates), {iid: {q} for q, iid in split["val_new"]}, cfg.seed)
+        candidate_items = items_of(candidates)
+        documents = {it.item_id: it.description() for it in candidate_items}
+        extra = one_more_text(candidate_items, {iid: {q} for q, iid in split["val_new"]}, cfg.seed)
         views = {"all texts": GateView(run, scorer, {"val_old": [], "val_new": []}, items_of),
                  "no val query": GateView(run, scorer, {"val_old": [], "val_new": split["val_new"]}, items_of),
                  "one more out": GateView(run, scorer, {"val_old": [], "val_new": split["val_new"] + extra}, items_of),
@@ -106,6 +107,7 @@ def main(argv=None) -> None:
             sys.exit(f"{fold_dir}: the folded items are served with several offsets {sorted(served)}; expected one")
         served = served.pop()
         k, depth = gate_k(cfg), cfg.top_k
+        served_rows = old_rows + [row[i] for i in sorted(folded)]   # after the fold: the folded items on the path
         offsets = sorted({served, *(cfg.offset_grid if args.offsets is None else args.offsets)}, reverse=True)
         out = {"run": str(run), "fold": fold_dir.name, "served_offset": served, "test": [], "validation": []}
 
@@ -119,8 +121,8 @@ def main(argv=None) -> None:
               f"{len(test)} test and {len(split['val_new'])} validation queries of the candidates")
         for key in ("all texts", "no val query", "one more out") if test else ():
             mb = fold_gate.metrics(top(before(test, views[key])), test)
-            after = hybrid_scored(run, cfg, after_model, tok, old_rows + [row[i] for i in sorted(folded)], test,
-                                  views[key], fallback=stayed, offsets=after_off)   # as served after the fold
+            after = hybrid_scored(run, cfg, after_model, tok, served_rows, test, views[key], fallback=stayed,
+                                  offsets=after_off)   # as served after the fold
             by_offset = {off: fold_gate.metrics(fold_gate.shifted_rankings(after, folded, off - served, depth), test)
                          for off in offsets}
             out["test"].append({"vectors": key, "n": len(test), "before": mb, "after": by_offset[served],
@@ -129,8 +131,8 @@ def main(argv=None) -> None:
             print("    after at offset " + "  ".join(f"{o:+g}: {m['R@1']:.1f} / {m[f'R@{k}']:.1f}" for o, m in by_offset.items()))
         old_test, _ = Fold(run, cfg)._held_out(lambda iid: True, set(candidates))   # the fold report's old-item queries
         if old_test:
-            after = hybrid_scored(run, cfg, after_model, tok, old_rows + [row[i] for i in sorted(folded)], old_test,
-                                  views["all texts"], fallback=stayed, offsets=after_off)
+            after = hybrid_scored(run, cfg, after_model, tok, served_rows, old_test, views["all texts"],
+                                  fallback=stayed, offsets=after_off)
             by_offset = {f"{o:g}": m for o, m in ((off, fold_gate.metrics(fold_gate.shifted_rankings(
                 after, folded, off - served, depth), old_test)) for off in offsets)}
             out["test_old"] = {"n": len(old_test), "after_by_offset": by_offset}

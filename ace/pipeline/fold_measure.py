@@ -181,10 +181,11 @@ def gate_before(run: Path, fold_dir: Path, cfg, device: str, split: dict, tok, o
     ``gate_path=generative``): old items on the generative path, new items through the fallback alone.
     Hybrid run, with no validation query in any item vector (``GateView``): old items on the generative path
     re-scored by the fused score; new items as served, merged search with the candidates ``items`` in the
-    fallback (the gate's bar; the fallback alone is reported beside it). ``old_bar=unshared`` (the resolved default
-    ``auto`` on a run without a hybrid scorer): old items over the old items alone, which charges the fold with the adds' own crowding (on mscoco 80/20 test,
-    old items gained 0.6-1.7 R@10 from forced folds the gate measured as -1.8 / -2.2). ``old_bar=served`` (``auto`` on a
-    hybrid run): merged search with the candidates in the fallback, as served. Held-out training queries belong to items
+    fallback (the gate's bar; the fallback alone is reported beside it). ``old_bar=unshared`` (what ``auto``
+    resolves to on a run without a hybrid scorer): old items over the old items alone, which charges the fold
+    with the adds' own crowding (on mscoco 80/20 test, old items gained 0.6-1.7 R@10 from forced folds the gate
+    measured as -1.8 / -2.2). ``old_bar=served`` (``auto`` on a hybrid run): merged search with the candidates
+    in the fallback, as served. Held-out training queries belong to items
     with one training query fewer, which the fallback's items crowd out more than test queries' items: with an
     earlier model that looked like +4 R@10 on validation while held-out test lost 2.8; on the session-14 runs
     validation read 0-1.5 points above test."""
