@@ -80,6 +80,7 @@ def dump(run_dir: Path, beams: int, out: Path):
     vecs["doc"] = mean_vectors([item_texts(desc[i], [], "document") for i in ids], enc, ids)
     # every text of an item (for max-sim): per item, a list of rows into one text matrix
     res = {k: v for k, v in vecs.items()}
+    res.update(item_priors(model, qtok, r, tokens_all, levels, [q for qs in kept.values() for q in qs]))
     for split, pairs, qmap in (("val", held, kept), ("test", test, allq)):
         qs = [q for q, _ in pairs]
         gold = np.asarray([row[i] for _, i in pairs])
@@ -108,6 +109,29 @@ def dump(run_dir: Path, beams: int, out: Path):
         res[f"{split}_maxsim"] = np.concatenate(MAXS)
         res[f"{split}_gold"] = gold
     np.savez(out, **res)
+
+
+@torch.inference_mode()
+def item_priors(model, qtok, r, tokens_all, levels, train_queries, n_queries=32, seed=0):
+    """Each item's identifier log-prob without a query of its own (a popularity prior, for a PMI-style fusion
+    ``lp - b * prior``): ``prior_null`` under the one-word query "a" (an empty query is refused); ``prior_mean``: the mean over ``n_queries``
+    training queries drawn at random (seeded). Both (N,), teacher-forced, softmax temperature 1."""
+    from ace.model.decoding import constrained_beam_search
+
+    rng = np.random.default_rng(seed)
+    drawn = [train_queries[i] for i in rng.choice(len(train_queries), n_queries, replace=False)]
+    out = {}
+    for name, qs in (("prior_null", ["a"]), ("prior_mean", drawn)):
+        acc = np.zeros(len(tokens_all))
+        for q in qs:
+            e = qtok([q], max_length=model.config.max_query_length)
+            st: dict = {}
+            constrained_beam_search(model, e.input_ids, e.attention_mask, r.trie(), r.vocab, num_beams=1, top_k=1,
+                                    state=st)
+            lp = per_level_logprobs(model, st["memory"], st["mask"], tokens_all[None], levels, st["query"], temps=(1.0,))
+            acc += lp[0, 0].sum(-1).numpy()
+        out[name] = acc / len(qs)
+    return out
 
 
 def add_projected_queries(run_dir: Path, npz: Path):
@@ -216,6 +240,14 @@ def analyse(npz: Path):
         f = lambda s, p: lp(s) + p[0] * cos[s] + p[1] * cp[s]
         f.grid = [(w, v) for w in grid[::2] for v in [0, 16, 32, 64, 128, 256]]
         fit_and_test("lp + w cos_dq + v cos(P q, dq)", f)
+    if "prior_null" in z:  # PMI: the identifier's log-prob given the query minus b times its prior
+        for pr in ("prior_null", "prior_mean"):
+            prior = {s: z[pr][np.maximum(z[f"{s}_rows"], 0)] for s in ("val", "test")}
+            f = lambda s, p, prior=prior: lp(s) - p[0] * prior[s]; f.grid = [(b,) for b in (0, .25, .5, .75, 1.)]
+            fit_and_test(f"lp - b {pr} (pure, PMI)", f)
+            f = lambda s, p, prior=prior: lp(s) - p[1] * prior[s] + p[0] * cos[s]
+            f.grid = [(w, b) for w in grid[::2] for b in (0, .25, .5, .75, 1.)]
+            fit_and_test(f"lp - b {pr} + w cos_dq", f)
     # reciprocal-rank fusion of the generative order and the cosine order
     def rrf(s, p):
         rows = z[f"{s}_rows"]
