@@ -1,7 +1,8 @@
 """Probe of the hybrid operating point on a trained caption-proxy run (issue 19): which fused score
 ranks the generative top-B best? Dumps, for the held-out scorer queries (validation) and the test
 queries, the candidates, their per-level log-probabilities at several softmax temperatures and
-cosines against several item vectors, then fits each fusion on validation and scores it on test.
+cosines against several item vectors, and every item's prior log-prob (for a PMI fusion), then fits
+each fusion on validation and scores it on test.
 
     python benchmarks/hybrid_probe.py RUN_DIR [--beams 50] [--out probe.npz] [--dt-captions FILE]
 
@@ -114,8 +115,9 @@ def dump(run_dir: Path, beams: int, out: Path):
 @torch.inference_mode()
 def item_priors(model, qtok, r, tokens_all, levels, train_queries, n_queries=32, seed=0):
     """Each item's identifier log-prob without a query of its own (a popularity prior, for a PMI-style fusion
-    ``lp - b * prior``): ``prior_null`` under the one-word query "a" (an empty query is refused); ``prior_mean``: the mean over ``n_queries``
-    training queries drawn at random (seeded). Both (N,), teacher-forced, softmax temperature 1."""
+    ``lp - b * prior``): ``prior_null`` under the one-word query "a" (an empty query is refused); ``prior_mean``:
+    the mean over ``n_queries`` training queries drawn at random (seeded). Both (N,), teacher-forced, softmax
+    temperature 1."""
     from ace.model.decoding import constrained_beam_search
 
     rng = np.random.default_rng(seed)
