@@ -130,7 +130,8 @@ def item_priors(model, qtok, r, tokens_all, levels, train_queries, n_queries=32,
             st: dict = {}
             constrained_beam_search(model, e.input_ids, e.attention_mask, r.trie(), r.vocab, num_beams=1, top_k=1,
                                     state=st)
-            lp = per_level_logprobs(model, st["memory"], st["mask"], tokens_all[None], levels, st["query"], temps=(1.0,))
+            lp = per_level_logprobs(model, st["memory"], st["mask"], tokens_all[None], levels, st["query"],
+                                    temps=(1.0,))
             acc += lp[0, 0].sum(-1).numpy()
         out[name] = acc / len(qs)
     return out
