@@ -81,7 +81,7 @@ def dump(run_dir: Path, beams: int, out: Path):
     vecs["doc"] = mean_vectors([item_texts(desc[i], [], "document") for i in ids], enc, ids)
     # every text of an item (for max-sim): per item, a list of rows into one text matrix
     res = {k: v for k, v in vecs.items()}
-    res.update(item_priors(model, qtok, r, tokens_all, levels, [q for qs in kept.values() for q in qs]))
+    res.update(item_priors(model, qtok, tokens_all, levels, [q for qs in kept.values() for q in qs]))
     for split, pairs, qmap in (("val", held, kept), ("test", test, allq)):
         qs = [q for q, _ in pairs]
         gold = np.asarray([row[i] for _, i in pairs])
@@ -113,12 +113,12 @@ def dump(run_dir: Path, beams: int, out: Path):
 
 
 @torch.inference_mode()
-def item_priors(model, qtok, r, tokens_all, levels, train_queries, n_queries=32, seed=0):
+def item_priors(model, qtok, tokens_all, levels, train_queries, n_queries=32, seed=0):
     """Each item's identifier log-prob without a query of its own (a popularity prior, for a PMI-style fusion
     ``lp - b * prior``): ``prior_null`` under the one-word query "a" (an empty query is refused); ``prior_mean``:
     the mean over ``n_queries`` training queries drawn at random (seeded). Both (N,), teacher-forced, softmax
     temperature 1."""
-    from ace.model.decoding import constrained_beam_search
+    from ace.newitems.candidates import encoder_state
 
     rng = np.random.default_rng(seed)
     drawn = [train_queries[i] for i in rng.choice(len(train_queries), n_queries, replace=False)]
@@ -127,9 +127,7 @@ def item_priors(model, qtok, r, tokens_all, levels, train_queries, n_queries=32,
         acc = np.zeros(len(tokens_all))
         for q in qs:
             e = qtok([q], max_length=model.config.max_query_length)
-            st: dict = {}
-            constrained_beam_search(model, e.input_ids, e.attention_mask, r.trie(), r.vocab, num_beams=1, top_k=1,
-                                    state=st)
+            st = encoder_state(model, e.input_ids, e.attention_mask)   # (no decoding: the teacher-forced pass only)
             lp = per_level_logprobs(model, st["memory"], st["mask"], tokens_all[None], levels, st["query"],
                                     temps=(1.0,))
             acc += lp[0, 0].sum(-1).numpy()
