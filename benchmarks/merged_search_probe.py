@@ -14,7 +14,10 @@ file is added through ``Retriever.add_items`` (as benchmarks/bench_new_items.py 
    trained`` (levels past the trained depth at the best per-level log-prob of the query's candidates,
    ``untrained_completion``), "mean" = the same with the mean per-level log-prob, "no trained level" =
    ``added_levels: none``;
-3. for scale, DT document+queries over all items of the file on the added items' test queries.
+3. for scale, DT document+queries over all items of the file on the added items' test queries;
+4. with ``--boosts B ...``: each rule's merged rankings again with B nats added to every fallback (added)
+   item's fused score, a sweep on the test queries themselves (a diagnostic of the trade between the two
+   query sets, not a fitted operating point), with the item-weighted mean of both sets per boost.
 """
 from __future__ import annotations
 
@@ -110,6 +113,27 @@ def recall(hits, pairs) -> dict:
     return {k: round(m[k], 1) for k in ("R@1", "R@10", "queries")}
 
 
+def boosted(hits, boost: float, k: int = 10) -> list[list[str]]:
+    """Top-k item ids of each query's merged hits with ``boost`` added to the fallback (added) items' scores."""
+    return [[h.item_id for h in sorted(row, key=lambda h: -(h.score + (boost if h.source == "fallback" else 0.0)))[:k]]
+            for row in hits]
+
+
+def boost_sweep(hits: dict, pairs: dict, weights: dict, boosts: list[float]) -> list[dict]:
+    """One row per boost: R@1 / R@10 of each query set (``hits`` / ``pairs`` keyed "old", "added") and their mean
+    weighted by ``weights`` (items per set: each item has the same number of test queries)."""
+    rows = []
+    for b in boosts:
+        row: dict = {"boost": float(b)}
+        for name in ("old", "added"):
+            m = retrieval_metrics(boosted(hits[name], b), [g for _, g in pairs[name]])
+            row[name] = {k: round(m[k], 2) for k in ("R@1", "R@10")}
+        total = sum(weights.values())
+        row["items_weighted"] = {k: round(sum(weights[n] * row[n][k] for n in weights) / total, 2) for k in ("R@1", "R@10")}
+        rows.append(row)
+    return rows
+
+
 def dt_on(captions: str, ids: set) -> dict:
     """DT document+queries (the quality bench's baseline) over every item, on the test queries of ``ids``."""
     from ace.bench.baselines import dt_doc_plus_queries, encode_split, query_targets
@@ -132,6 +156,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--beams", type=int, default=50)
     ap.add_argument("--rules", nargs="+", default=["best (committed)", "mean"],
                     choices=list(RULES), help="untrained-level rules to measure")
+    ap.add_argument("--boosts", nargs="*", type=float, default=[],
+                    help="nats added to added items' fused scores: a sweep on the test queries (needs beams + dense + "
+                         "fallback candidates <= 64)")
+    ap.add_argument("--skip-logprobs", action="store_true", help="no per-level gold log-probs (part 1)")
     args = ap.parse_args(argv)
 
     from ace.serving.retriever import Retriever
@@ -146,7 +174,7 @@ def main(argv=None) -> dict:
     codes = dict(zip(tok.trie.item_ids, np.asarray(tok.trie.codes)))
     old_codes = np.stack([codes[i] for i in trained])
     result: dict = {"gold_level_logprob": {}, "merged": {}}
-    for name, pairs in (("added", new), ("old", old)):
+    for name, pairs in (() if args.skip_logprobs else (("added", new), ("old", old))):
         result["gold_level_logprob"][name] = gold_level_logprobs(r, pairs).mean(0).round(2).tolist()
     gold_new = [codes[g] for _, g in new]
     result["added_prefix_shared_with_trained"] = {
@@ -156,11 +184,16 @@ def main(argv=None) -> dict:
     result["alone"] = {"generative, old items": recall(r.search_generative([q for q, _ in old], k=10,
                                                                           num_beams=args.beams), old),
                        "fallback, added items": recall(r.search([q for q, _ in new], k=10, mode="fallback"), new)}
+    pairs_of = {"added": new, "old": old}
     for rule in args.rules:
         use_rule(r, rule)
-        for name, pairs in (("added", new), ("old", old)):
-            hits = r.search([q for q, _ in pairs], k=10, num_beams=args.beams)
-            result["merged"][f"{rule}, {name} items"] = recall(hits, pairs)
+        hits = {name: r.search([q for q, _ in pairs], k=64 if args.boosts else 10, num_beams=args.beams)
+                for name, pairs in pairs_of.items()}
+        for name, pairs in pairs_of.items():   # the first 10 of 64 are the 10 a k=10 search returns
+            result["merged"][f"{rule}, {name} items"] = recall([row[:10] for row in hits[name]], pairs)
+        if args.boosts:
+            weights = {"old": len(trained), "added": len({g for _, g in new})}
+            result.setdefault("boost_sweep", {})[rule] = boost_sweep(hits, pairs_of, weights, args.boosts)
     use_rule(r, "best (committed)")
     r.close()
     result["dt_doc_plus_queries_all_items_added_queries"] = dt_on(args.captions, {g for _, g in new})
