@@ -41,12 +41,14 @@ from ace.pipeline.stages import load_source_corpus, split_captions  # noqa: E402
 from ace.run_folder import RunPaths, copy_trained_run, read_encoder_config, read_pairs  # noqa: E402
 
 
-def added_run(captions: str, cfg: RunConfig, work: Path) -> list[list[str]]:
-    """``work`` = the trained run + every other item of ``captions`` added; the added items' test pairs."""
+def added_run(captions: str, cfg: RunConfig, work: Path, *, hold_out_last: bool = False) -> list[list[str]]:
+    """``work`` = the trained run + every other item of ``captions`` added; the added items' test pairs. With
+    ``hold_out_last`` each item is added without its last generated query, and those queries are the pairs
+    returned (validation queries no item vector has seen)."""
     from ace.data.encoders import build_encoder
     from ace.serving.retriever import Retriever
 
-    pairs_file = work / "added_test_queries.json"
+    pairs_file = work / ("added_validation_queries.json" if hold_out_last else "added_test_queries.json")
     if pairs_file.is_file():
         return json.loads(pairs_file.read_text())
     copy_trained_run(ROOT / cfg.run_dir, work)
@@ -54,6 +56,11 @@ def added_run(captions: str, cfg: RunConfig, work: Path) -> list[list[str]]:
     items, test = split_captions(type(full)(items=full.items[cfg.corpus.limit:], root=full.root, source=full.source),
                                  cfg.split)
     items = [dataclasses.replace(it, embedding=None) for it in items.items]
+    if hold_out_last:
+        if any(len(it.captions) < 2 for it in items):
+            sys.exit("--fit-boost: every added item needs a generated query besides its document to hold out")
+        test = [(it.captions[-1], it.item_id) for it in items]
+        items = [dataclasses.replace(it, captions=it.captions[:-1]) for it in items]
     r = Retriever.from_run(work, device="cpu")
     emb = build_encoder(read_encoder_config(work)).encode(items)
     r.add_items([dataclasses.replace(it, embedding=e, media=None) for it, e in zip(items, emb)])
@@ -134,6 +141,15 @@ def boost_sweep(hits: dict, pairs: dict, weights: dict, boosts: list[float]) -> 
     return rows
 
 
+def fit_boost(rows_val: list[dict], bars: dict) -> dict:
+    """The boost of a validation sweep (``boost_sweep`` rows) with the largest margin min(old R@10 - generative alone,
+    added R@10 - fallback alone) over the bars ``{"old": R@10, "added": R@10}``; ties to the boost nearest 0."""
+    def margin(row):
+        return min(row["old"]["R@10"] - bars["old"], row["added"]["R@10"] - bars["added"])
+    best = max(rows_val, key=lambda row: (round(margin(row), 9), -abs(row["boost"])))
+    return {"boost": best["boost"], "margin": round(margin(best), 2), "bars": bars}
+
+
 def dt_on(captions: str, ids: set) -> dict:
     """DT document+queries (the quality bench's baseline) over every item, on the test queries of ``ids``."""
     from ace.bench.baselines import dt_doc_plus_queries, encode_split, query_targets
@@ -145,6 +161,30 @@ def dt_on(captions: str, ids: set) -> dict:
     rows = [j for j, t in enumerate(query_targets(split)) if t in ids]
     m = retrieval_metrics([rankings[j] for j in rows], [query_targets(split)[j] for j in rows])
     return {k: round(m[k], 1) for k in ("R@1", "R@10", "queries")}
+
+
+def fit_on_validation(args, cfg: RunConfig, work: Path, weights: dict) -> dict:
+    """Per rule, ``fit_boost`` on validation: a copy of the trained run with the items added without their last
+    generated query; old items' queries = the run's held-out scorer queries, added items' = the queries held out."""
+    from ace.serving.retriever import Retriever
+
+    work_val = work.parent / f"{work.name}_validation"
+    pairs = {"added": added_run(args.captions, cfg, work_val, hold_out_last=True),
+             "old": read_pairs(RunPaths(work_val).scorer_queries)}
+    r = Retriever.from_run(work_val, device="cpu")
+    bars = {"old": recall(r.search_generative([q for q, _ in pairs["old"]], k=10, num_beams=args.beams),
+                          pairs["old"])["R@10"],
+            "added": recall(r.search([q for q, _ in pairs["added"]], k=10, mode="fallback"), pairs["added"])["R@10"]}
+    out = {}
+    for rule in args.rules:
+        use_rule(r, rule)
+        hits = {name: r.search([q for q, _ in p], k=64, num_beams=args.beams) for name, p in pairs.items()}
+        rows = boost_sweep(hits, pairs, weights, args.boosts)
+        out[rule] = fit_boost(rows, bars) | {"validation_queries": {n: len(p) for n, p in pairs.items()},
+                                             "validation_sweep": rows}
+    use_rule(r, "best (committed)")
+    r.close()
+    return out
 
 
 def main(argv=None) -> dict:
@@ -159,6 +199,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--boosts", nargs="*", type=float, default=[],
                     help="nats added to added items' fused scores: a sweep on the test queries (needs beams + dense + "
                          "fallback candidates <= 64)")
+    ap.add_argument("--fit-boost", action="store_true",
+                    help="fit the boost on validation (a second copy with each added item's last generated query held "
+                         "out: those queries and the run's held-out scorer queries) and report test at it")
+    ap.add_argument("--skip-dt", action="store_true", help="no DT document+queries figure (part 3)")
     ap.add_argument("--skip-logprobs", action="store_true", help="no per-level gold log-probs (part 1)")
     args = ap.parse_args(argv)
 
@@ -185,6 +229,7 @@ def main(argv=None) -> dict:
                                                                           num_beams=args.beams), old),
                        "fallback, added items": recall(r.search([q for q, _ in new], k=10, mode="fallback"), new)}
     pairs_of = {"added": new, "old": old}
+    weights = {"old": len(trained), "added": len({g for _, g in new})}   # items per set, for the weighted mean
     for rule in args.rules:
         use_rule(r, rule)
         hits = {name: r.search([q for q, _ in pairs], k=64 if args.boosts else 10, num_beams=args.beams)
@@ -192,11 +237,15 @@ def main(argv=None) -> dict:
         for name, pairs in pairs_of.items():   # the first 10 of 64 are the 10 a k=10 search returns
             result["merged"][f"{rule}, {name} items"] = recall([row[:10] for row in hits[name]], pairs)
         if args.boosts:
-            weights = {"old": len(trained), "added": len({g for _, g in new})}
             result.setdefault("boost_sweep", {})[rule] = boost_sweep(hits, pairs_of, weights, args.boosts)
     use_rule(r, "best (committed)")
     r.close()
-    result["dt_doc_plus_queries_all_items_added_queries"] = dt_on(args.captions, {g for _, g in new})
+    if args.fit_boost and args.boosts:
+        result["boost_fit"] = fit_on_validation(args, cfg, work, weights)
+        for rule, fit in result["boost_fit"].items():
+            fit["test"] = next(row for row in result["boost_sweep"][rule] if row["boost"] == fit["boost"])
+    if not args.skip_dt:
+        result["dt_doc_plus_queries_all_items_added_queries"] = dt_on(args.captions, {g for _, g in new})
     print(json.dumps(result, indent=2))
     return result
 

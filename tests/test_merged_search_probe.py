@@ -32,3 +32,15 @@ def test_boost_sweep_weights_each_query_set_by_its_items():
     assert rows[0]["items_weighted"]["R@1"] == 75.0
     assert rows[1]["old"]["R@1"] == 0.0 and rows[1]["added"]["R@1"] == 100.0
     assert rows[1]["items_weighted"]["R@1"] == 25.0 and rows[1]["items_weighted"]["R@10"] == 100.0
+
+
+def test_fit_boost_takes_the_largest_margin_over_both_bars_nearest_zero():
+    def row(b, old, added):
+        return {"boost": b, "old": {"R@1": 0.0, "R@10": old}, "added": {"R@1": 0.0, "R@10": added}}
+    rows = [row(0.0, 75.0, 78.0), row(1.0, 74.5, 79.5), row(2.0, 74.0, 80.5), row(3.0, 73.0, 81.0),
+            row(-1.0, 75.0, 77.0)]
+    fit = probe.fit_boost(rows, {"old": 72.0, "added": 80.0})
+    assert fit["boost"] == 3.0 and fit["margin"] == 1.0          # margins -2, -0.5, 0.5, 1.0, -3
+    tie = probe.fit_boost([row(2.0, 74.0, 81.0), row(-1.0, 74.0, 81.0), row(0.5, 74.0, 81.0)],
+                          {"old": 72.0, "added": 80.0})
+    assert tie["boost"] == 0.5                                    # equal margins: the boost nearest 0
