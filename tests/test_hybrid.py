@@ -414,6 +414,32 @@ def test_merged_search_with_signatures_scores_added_items_by_their_own_texts(tin
     assert n > 0
 
 
+def test_added_boost_lifts_every_added_items_log_prob_by_the_same_nats(tiny_model):
+    from ace.newitems.hybrid import search_merged
+
+    t = _thirty_trained(tiny_model)
+    args = (t.model, t.qtok, t.trie, t.trained_ids, t.vocab)
+
+    def hits_with(boost):
+        scorer = HybridScorer(t.vectors, 3.0, "prefix", 8, {}, added_levels="none", added_boost=boost)
+        return search_merged(*args, scorer, t.queries, 8, 40, fallback=t.fb, fallback_candidates=4)
+
+    base, lifted = hits_with(0.0), hits_with(2.5)
+    for row_b, row_l in zip(base, lifted):
+        b = {(h.item_id, h.source): h for h in row_b}
+        assert b.keys() == {(h.item_id, h.source) for h in row_l}          # the same candidates
+        for h in row_l:
+            expect = b[h.item_id, h.source].logprob + (2.5 if h.source == "fallback" else 0.0)
+            assert h.logprob == pytest.approx(expect, abs=1e-5)
+            assert h.score == pytest.approx(h.logprob + 3.0 * h.cosine, abs=1e-5)   # the hand-computed fusion
+        order = sorted(row_b, key=lambda h: -(h.score + (2.5 if h.source == "fallback" else 0.0)))
+        assert [h.item_id for h in row_l] == [h.item_id for h in order]
+    assert any(h.source == "fallback" for row in lifted for h in row)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(HybridError, match="added_boost"):
+            HybridConfig(added_boost=bad)
+
+
 def test_merged_search_with_added_neighbour_discounts_added_items_unlike_the_candidates(tiny_model):
     from ace.newitems.hybrid import search_merged
 
@@ -615,10 +641,11 @@ def test_a_run_built_with_dense_candidates_serves_them_and_says_so(hybrid_run, t
     run = tmp_path / "run"
     shutil.copytree(hybrid_run, run, ignore=shutil.ignore_patterns("checkpoints", "cache"))
     info = build_run_hybrid(run, dataclasses.replace(HybridConfig(enabled=True), candidates=3, dense_candidates=4,
-                                                     levels="full"), device="cpu", seed=0)
+                                                     levels="full", added_boost=1.5), device="cpu", seed=0)
     assert info["dense_candidates"] == 4 and info["added_levels"] == "none"      # the default since session 7
     r = Retriever.from_run(run, device="cpu")
     assert r.hybrid.scorer.dense_candidates == 4 and r.hybrid.scorer.added_levels == "none"
+    assert info["added_boost"] == r.hybrid.scorer.added_boost == 1.5            # recorded and read back
     q = ["a red car", "the dog is blue", "a green kite"]
     r.hybrid.scorer.weight = w = 100.0          # the cosine decides, so the nearest items show up
     hits = r.search(q, k=10, num_beams=10, mode="hybrid")

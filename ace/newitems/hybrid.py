@@ -67,6 +67,9 @@ class HybridConfig:
     added_neighbour: float = 0.0             # with added_levels none: an added item takes the log-prob of the query's
                                              # candidate most like it, less added_neighbour * w * (1 - their cosine)
                                              # (``neighbour_completion``); 0 = the best candidate's, whatever it is
+    added_boost: float = 0.0                 # nats added to every added (fallback) item's log-prob in merged search:
+                                             # how far added items are favoured over trained ones; fit it on
+                                             # validation (benchmarks/merged_search_probe.py --fit-boost, quality.md 15)
     weights: list[float] = field(default_factory=lambda: [0.0] + [round(float(x), 4) for x in np.geomspace(0.25, 256, 31)])
 
     def __post_init__(self):
@@ -82,6 +85,8 @@ class HybridConfig:
             raise HybridError(f"hybrid.added_levels must be one of {ADDED_LEVELS}, got {self.added_levels!r}")
         if self.dense_candidates < 0:
             raise HybridError(f"hybrid.dense_candidates must be >= 0, got {self.dense_candidates}")
+        if not math.isfinite(self.added_boost):
+            raise HybridError(f"hybrid.added_boost must be a finite number of nats, got {self.added_boost}")
         if not math.isfinite(self.added_neighbour) or self.added_neighbour < 0:
             raise HybridError(f"hybrid.added_neighbour must be finite and >= 0, got {self.added_neighbour}")
         if not self.weights or any(not math.isfinite(w) or w < 0 for w in self.weights):
@@ -188,6 +193,7 @@ class HybridScorer:
     dense_candidates: int = 0   # trie items nearest the query vector added to the generative candidates
     added_levels: str = "trained"   # HybridConfig.added_levels (a scorer.json without it was built before it existed)
     added_neighbour: float = 0.0    # HybridConfig.added_neighbour (0: the rule before it existed)
+    added_boost: float = 0.0        # HybridConfig.added_boost (0: before it existed)
 
     @classmethod
     def load(cls, run_dir: str | Path, name: str = "hybrid") -> "HybridScorer":
@@ -202,7 +208,7 @@ class HybridScorer:
         vectors = ItemVectorSet.load(folder, info["storage"], info["dim"])
         return cls(vectors, float(info["weight"]), info["levels"], int(info["candidates"]), info,
                    int(info.get("dense_candidates", 0)), info.get("added_levels", "trained"),
-                   float(info.get("added_neighbour", 0.0)))
+                   float(info.get("added_neighbour", 0.0)), float(info.get("added_boost", 0.0)))
 
     def n_levels(self, identifier_length: int) -> int:
         return identifier_length - 1 if self.levels == "prefix" else identifier_length
@@ -304,7 +310,8 @@ def search_merged(model, query_tokenizer, trie, table_ids: list[str], vocab, sco
     beam search did not return, their whole identifier scored teacher-forced
     (every level of a trie item was trained), source "dense". ``offsets`` (item id -> log-prob offset, items
     folded in later, ``read_offsets``) are added to those items' log-probs wherever they are candidates,
-    before an added item's log-prob is taken from them."""
+    before an added item's log-prob is taken from them. ``scorer.added_boost`` is added to every added item's
+    log-prob last."""
     import torch
 
     from ace.model.decoding import constrained_beam_search, score_identifiers
@@ -377,6 +384,7 @@ def search_merged(model, query_tokenizer, trie, table_ids: list[str], vocab, sco
                                     per_level=True).cpu().numpy().astype(np.float64)                # (Q, F, levels)
             depth = trained_depth(trie, vocab.decode(fallback.tokens[top]), levels)
             flp = untrained_completion(flp, depth, lp, rows)
+        flp = flp + scorer.added_boost
         cand_ids = [row + [fallback.ids[t] for t in trow] for row, trow in zip(cand_ids, top.tolist())]
         lp = np.concatenate([lp, flp], 1)
         cos = np.concatenate([cos, np.take_along_axis(fcos_all, top, 1)], 1)

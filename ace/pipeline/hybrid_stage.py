@@ -84,6 +84,7 @@ def build_run_hybrid(run_dir: str | Path, cfg: HybridConfig, *, device: str = "c
     info = {"format_version": FORMAT_VERSION, "weight": fit["weight"], "levels": cfg.levels, "storage": cfg.storage,
             "item_vectors": cfg.item_vectors, "dim": int(serve_vecs.shape[1]), "candidates": cfg.candidates,
             "dense_candidates": cfg.dense_candidates, "added_levels": cfg.added_levels, "added_neighbour": cfg.added_neighbour,
+            "added_boost": cfg.added_boost,
             "items": len(ids), "bytes_per_item": serve_set.bytes_per_item(), "shared_bytes": serve_set.shared_bytes(),
             "fit": fit}
     write_json_atomic(tmp / "scorer.json", info)
