@@ -165,12 +165,22 @@ def dt_on(captions: str, ids: set) -> dict:
 
 def fit_on_validation(args, cfg: RunConfig, work: Path, weights: dict) -> dict:
     """Per rule, ``fit_boost`` on validation: a copy of the trained run with the items added without their last
-    generated query; old items' queries = the run's held-out scorer queries, added items' = the queries held out."""
+    generated query and the trained items' vectors without their held-out scorer query (the hybrid stage's fit
+    set); old items' queries = those scorer queries, added items' = the queries held out. Each side's gold
+    vector lacks one text, as alike as the two sides can be made."""
     from ace.serving.retriever import Retriever
+
+    from ace.pipeline.hybrid_stage import item_vector_sets
 
     work_val = work.parent / f"{work.name}_validation"
     pairs = {"added": added_run(args.captions, cfg, work_val, hold_out_last=True),
              "old": read_pairs(RunPaths(work_val).scorer_queries)}
+    r = Retriever.from_run(work_val, device="cpu")
+    # the trained items' stored vectors include the scorer queries (the serving set): here they are the fit set,
+    # without them, so neither side's validation queries are in their gold item's vector
+    fit_set, _ = item_vector_sets(r, work_val, cfg.hybrid, pairs["old"], seed=cfg.seed, ids=r.hybrid.scorer.vectors.ids)
+    fit_set.save(work_val / RunPaths.HYBRID)
+    r.close()
     r = Retriever.from_run(work_val, device="cpu")
     bars = {"old": recall(r.search_generative([q for q, _ in pairs["old"]], k=10, num_beams=args.beams),
                           pairs["old"])["R@10"],

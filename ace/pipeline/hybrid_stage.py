@@ -34,6 +34,36 @@ def training_queries(run_dir: str | Path, held) -> tuple[dict[str, list[str]], d
     return by_item_all, by_item_kept
 
 
+def item_vector_sets(retriever, run_dir: str | Path, cfg: HybridConfig, held, *, seed: int = 0,
+                     ids: list[str] | None = None):
+    """(fit set, serving set) of the trained items' vectors (``ItemVectorSet``, rows in ``ids`` order, default the
+    trie's: a run without added items): the fit set
+    from the texts the model trained on only (no ``held`` (query, item_id) pair is in it), the serving set
+    from every training query."""
+    run_dir = Path(run_dir)
+    ids = list(retriever.id_tokenizer.trie.item_ids) if ids is None else list(ids)
+    corpus = {it.item_id: it for it in load_run_corpus(run_dir, RunPaths.CORPUS_TRAIN).items}
+    by_item_all, by_item_kept = training_queries(run_dir, held)
+
+    def desc(iid):
+        it = corpus.get(iid)
+        return it.description() if it is not None else None
+
+    cache: dict = {}
+
+    def encode(texts):
+        new = [t for t in dict.fromkeys(texts) if t not in cache]
+        if new:
+            for t, v in zip(new, encode_texts(retriever.model, retriever.query_tokenizer, new)):
+                cache[t] = v
+        return np.stack([cache[t] for t in texts])
+
+    fit_vecs = mean_vectors([item_texts(desc(i), by_item_kept.get(i, []), cfg.item_vectors) for i in ids], encode, ids)
+    serve_vecs = mean_vectors([item_texts(desc(i), by_item_all.get(i, []), cfg.item_vectors) for i in ids], encode, ids)
+    return tuple(ItemVectorSet.build(ids, v, cfg.storage, pq_bytes=cfg.pq_bytes, seed=seed)
+                 for v in (fit_vecs, serve_vecs))
+
+
 def build_run_hybrid(run_dir: str | Path, cfg: HybridConfig, *, device: str = "cpu", seed: int = 0,
                      name: str = "hybrid") -> dict:
     """Stage ``hybrid``: item vectors of the trained items + w fitted on RUN/scorer_queries.json -> RUN/hybrid/.
@@ -50,27 +80,7 @@ def build_run_hybrid(run_dir: str | Path, cfg: HybridConfig, *, device: str = "c
     retriever = Retriever.from_run(run_dir, device=device, fallback=False)
     model, qtok, vocab = retriever.model, retriever.query_tokenizer, retriever.vocab
     tok = retriever.id_tokenizer
-    ids = list(tok.trie.item_ids)
-    corpus = {it.item_id: it for it in load_run_corpus(run_dir, RunPaths.CORPUS_TRAIN).items}
-    by_item_all, by_item_kept = training_queries(run_dir, held)
-
-    def desc(iid):
-        it = corpus.get(iid)
-        return it.description() if it is not None else None
-
-    cache: dict = {}
-
-    def encode(texts):
-        new = [t for t in dict.fromkeys(texts) if t not in cache]
-        if new:
-            for t, v in zip(new, encode_texts(model, qtok, new)):
-                cache[t] = v
-        return np.stack([cache[t] for t in texts])
-
-    fit_vecs = mean_vectors([item_texts(desc(i), by_item_kept.get(i, []), cfg.item_vectors) for i in ids], encode, ids)
-    serve_vecs = mean_vectors([item_texts(desc(i), by_item_all.get(i, []), cfg.item_vectors) for i in ids], encode, ids)
-    fit_set = ItemVectorSet.build(ids, fit_vecs, cfg.storage, pq_bytes=cfg.pq_bytes, seed=seed)
-    serve_set = ItemVectorSet.build(ids, serve_vecs, cfg.storage, pq_bytes=cfg.pq_bytes, seed=seed)
+    fit_set, serve_set = item_vector_sets(retriever, run_dir, cfg, held, seed=seed)
 
     queries, targets = [q for q, _ in held], fit_set.rows_of([iid for _, iid in held])
     rows, lp, qv = generative_candidates(model, qtok, retriever.trie(), vocab, queries, cfg.candidates,
@@ -82,10 +92,10 @@ def build_run_hybrid(run_dir: str | Path, cfg: HybridConfig, *, device: str = "c
         shutil.rmtree(tmp)
     serve_set.save(tmp)
     info = {"format_version": FORMAT_VERSION, "weight": fit["weight"], "levels": cfg.levels, "storage": cfg.storage,
-            "item_vectors": cfg.item_vectors, "dim": int(serve_vecs.shape[1]), "candidates": cfg.candidates,
+            "item_vectors": cfg.item_vectors, "dim": int(serve_set.dim), "candidates": cfg.candidates,
             "dense_candidates": cfg.dense_candidates, "added_levels": cfg.added_levels, "added_neighbour": cfg.added_neighbour,
             "added_boost": cfg.added_boost,
-            "items": len(ids), "bytes_per_item": serve_set.bytes_per_item(), "shared_bytes": serve_set.shared_bytes(),
+            "items": len(serve_set.ids), "bytes_per_item": serve_set.bytes_per_item(), "shared_bytes": serve_set.shared_bytes(),
             "fit": fit}
     write_json_atomic(tmp / "scorer.json", info)
     if folder.exists():
