@@ -68,8 +68,8 @@ class HybridConfig:
                                              # candidate most like it, less added_neighbour * w * (1 - their cosine)
                                              # (``neighbour_completion``); 0 = the best candidate's, whatever it is
     added_boost: float = 0.0                 # nats added to every added (fallback) item's log-prob in merged search:
-                                             # how far added items are favoured over trained ones; fit it on
-                                             # validation (benchmarks/merged_search_probe.py --fit-boost, quality.md 15)
+                                             # how far added items are favoured over trained ones (quality.md 15:
+                                             # a test window exists; the probe's validation fit reads it too high)
     weights: list[float] = field(default_factory=lambda: [0.0] + [round(float(x), 4) for x in np.geomspace(0.25, 256, 31)])
 
     def __post_init__(self):
